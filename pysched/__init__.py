@@ -1,0 +1,77 @@
+"""pysched: decide which worker node runs each job, in microseconds.
+
+A management layer owns nodes, pools and the language index behind one lock
+and publishes immutable runtime snapshots; dispatch reads the current
+snapshot without locking, scores candidates in a compiled kernel, and lets a
+reservation backend make the final, atomic capacity decision.
+
+>>> import pysched
+>>> sched = pysched.Scheduler(seed=1)
+>>> sched.register_node("node-1", languages=["zh", "en"])
+>>> a = sched.dispatch("session-1", "zh", "en")
+>>> a.node_id, a.pool_id
+('node-1', 1)
+>>> sched.release(a.job_id)
+True
+"""
+
+from pysched._kernel import COMPILED
+from pysched.errors import (
+    NoNodeAvailable,
+    NoPoolForLanguagePair,
+    ReservationBackendUnavailable,
+    SchedulerError,
+    UnknownJob,
+    UnknownNode,
+)
+from pysched.language_index import PoolLanguageIndex
+from pysched.languages import AUTO, DEFAULT_SERVICES, LANGUAGE_ALIASES, normalize_language
+from pysched.pools import PoolConfig, PoolInfo
+from pysched.reservations import Candidate, LocalReservations, Reservation, ReservationBackend
+from pysched.scheduler import Assignment, DispatchRequest, Explanation, Scheduler
+from pysched.snapshot import RuntimeSnapshot
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Redis classes import redis-py lazily, so `import pysched` works without it.
+    if name == "RedisReservations":
+        from pysched.redis_reservations import RedisReservations
+
+        return RedisReservations
+    if name == "RedisFleet":
+        from pysched.redis_fleet import RedisFleet
+
+        return RedisFleet
+    raise AttributeError(f"module 'pysched' has no attribute {name!r}")
+
+
+__all__ = [
+    "AUTO",
+    "Assignment",
+    "COMPILED",
+    "Candidate",
+    "DEFAULT_SERVICES",
+    "DispatchRequest",
+    "Explanation",
+    "LANGUAGE_ALIASES",
+    "LocalReservations",
+    "NoNodeAvailable",
+    "NoPoolForLanguagePair",
+    "PoolConfig",
+    "PoolInfo",
+    "PoolLanguageIndex",
+    "RedisFleet",
+    "RedisReservations",
+    "Reservation",
+    "ReservationBackend",
+    "ReservationBackendUnavailable",
+    "RuntimeSnapshot",
+    "Scheduler",
+    "SchedulerError",
+    "UnknownJob",
+    "UnknownNode",
+    "normalize_language",
+    "__version__",
+]

@@ -1,0 +1,663 @@
+# cython: language_level=3
+"""pysched's compiled kernel: eligibility, scoring and ranking over a snapshot.
+
+Everything here works on raw pointers captured once, when a snapshot is
+published (:class:`SnapshotKernel`); a typed memoryview of a structured
+array costs ~0.44 us to acquire, more than a whole 100-node scan, so no
+entry point takes arrays. Arguments are validated once at the boundary,
+then ``noexcept nogil`` helpers do the work. The GIL is held for ordinary
+pools (releasing it for one small decision costs more than it saves) and
+released for pools of at least ``nogil_min_pool`` members.
+
+``pysched._pycore`` is the pure-Python twin of this module: same names,
+same results (including the random tie-breaks), used as the test oracle.
+"""
+
+cimport cython
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, free
+
+import numpy as np
+
+cnp.import_array()
+
+from pysched import _layout
+from pysched._layout import LOAD_DTYPE, NODE_DTYPE, REASONS, STATUS_CODES, validate_kernel_arrays
+
+cdef enum:
+    MAX_STACK_EXCLUDE = 32
+
+cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
+
+
+cdef node_rec _rec_probe
+cdef node_load _load_probe
+
+
+def _check_layout():
+    """Fail at import if the numpy dtypes drift from the C structs."""
+    cdef char* base = <char*>&_rec_probe
+    rec_offsets = {
+        "service_mask": <char*>&_rec_probe.service_mask - base,
+        "max_concurrency": <char*>&_rec_probe.max_concurrency - base,
+        "status": <char*>&_rec_probe.status - base,
+        "flags": <char*>&_rec_probe.flags - base,
+        "pad_": <char*>&_rec_probe.pad_ - base,
+    }
+    base = <char*>&_load_probe
+    load_offsets = {
+        "last_heartbeat": <char*>&_load_probe.last_heartbeat - base,
+        "cpu": <char*>&_load_probe.cpu - base,
+        "gpu": <char*>&_load_probe.gpu - base,
+        "mem": <char*>&_load_probe.mem - base,
+        "running": <char*>&_load_probe.running - base,
+    }
+    for dtype, size, offsets in (
+        (NODE_DTYPE, sizeof(node_rec), rec_offsets),
+        (LOAD_DTYPE, sizeof(node_load), load_offsets),
+    ):
+        if dtype.itemsize != size:
+            raise ImportError(f"pysched._core: dtype itemsize {dtype.itemsize} != sizeof {size}")
+        for name, off in offsets.items():
+            if dtype.fields[name][1] != off:
+                raise ImportError(f"pysched._core: field {name} at {dtype.fields[name][1]}, C has {off}")
+    c_codes = (STATUS_READY, STATUS_REGISTERING, STATUS_DEGRADED, STATUS_DRAINING, STATUS_OFFLINE, STATUS_ABSENT,
+               FLAG_HAS_GPU, FLAG_PUBLIC, NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE,
+               R_OK, R_OFFLINE, R_NOT_READY, R_NO_GPU, R_NOT_PUBLIC, R_MISSING_SERVICE, R_EXCLUDED, R_FULL,
+               R_OVERLOADED, N_REASONS)
+    py_codes = (_layout.STATUS_READY, _layout.STATUS_REGISTERING, _layout.STATUS_DEGRADED, _layout.STATUS_DRAINING,
+                _layout.STATUS_OFFLINE, _layout.STATUS_ABSENT, _layout.FLAG_HAS_GPU, _layout.FLAG_PUBLIC,
+                _layout.NEED_GPU, _layout.NEED_PUBLIC, _layout.NEED_UNKNOWN_SERVICE,
+                _layout.R_OK, _layout.R_OFFLINE, _layout.R_NOT_READY, _layout.R_NO_GPU, _layout.R_NOT_PUBLIC,
+                _layout.R_MISSING_SERVICE, _layout.R_EXCLUDED, _layout.R_FULL, _layout.R_OVERLOADED,
+                len(_layout.REASONS))
+    if c_codes != py_codes:
+        raise ImportError("pysched._core: C codes differ from pysched._layout")
+    if GOLDEN != _layout.GOLDEN:
+        raise ImportError("pysched._core: GOLDEN differs from pysched._layout")
+
+
+_check_layout()
+
+COMPILED = True
+
+
+cdef inline uint64_t _splitmix64(uint64_t x) noexcept nogil:
+    x += GOLDEN
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL
+    return x ^ (x >> 31)
+
+
+cdef inline uint64_t _xorshift64(uint64_t* state) noexcept nogil:
+    cdef uint64_t x = state[0]
+    x ^= x << 13
+    x ^= x >> 7
+    x ^= x << 17
+    state[0] = x
+    return x
+
+
+@cython.final
+cdef class Rng:
+    """Seeded tie-break randomness: decision *k* draws from stream *k*.
+
+    Each decision derives its own stream from ``(seed, k)`` instead of
+    consuming a shared sequence, so a batch that visits requests grouped
+    differently still makes exactly the decisions of one-by-one dispatch.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
+        self.decisions = 0
+
+    cdef uint64_t next_stream(self) noexcept:
+        cdef uint64_t s = _splitmix64(self.seed ^ _splitmix64(self.decisions))
+        self.decisions += 1
+        return s if s != 0 else GOLDEN
+
+
+@cython.final
+cdef class Counters:
+    """Outcome counters; an increment is one C statement, atomic under the GIL."""
+
+    def __init__(self):
+        cdef int i
+        for i in range(16):
+            self.values[i] = 0
+
+    def add(self, int index, int64_t amount=1):
+        if index < 0 or index >= 16:
+            raise IndexError(f"counter index {index} out of range")
+        self.values[index] += amount
+
+    def to_list(self) -> list:
+        return [self.values[i] for i in range(16)]
+
+
+@cython.final
+cdef class LoadTable:
+    """The mutable per-slot load figures, written in place by heartbeats.
+
+    Only the management layer writes (under its lock); the kernel reads.
+    Growing returns a new table and leaves this one untouched, so a kernel
+    holding the old pointer keeps reading valid (if stale) memory.
+    """
+
+    def __init__(self, Py_ssize_t n):
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.array = np.zeros(n, dtype=LOAD_DTYPE)
+        self.loads = <node_load*>cnp.PyArray_DATA(self.array)
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def grown(self, Py_ssize_t n) -> LoadTable:
+        cdef LoadTable bigger = LoadTable(max(n, self.n))
+        bigger.array[: self.n] = self.array
+        return bigger
+
+    def update(self, Py_ssize_t slot, double now, double cpu, double gpu, double mem, int32_t running):
+        """Write one heartbeat; a NaN (or running < 0) keeps the old figure."""
+        if slot < 0 or slot >= self.n:
+            raise IndexError(f"slot {slot} out of range [0, {self.n})")
+        cdef node_load* l = &self.loads[slot]
+        l.last_heartbeat = now
+        if cpu == cpu:
+            l.cpu = <float>cpu
+        if gpu == gpu:
+            l.gpu = <float>gpu
+        if mem == mem:
+            l.mem = <float>mem
+        if running >= 0:
+            l.running = running
+
+    def get(self, Py_ssize_t slot) -> tuple:
+        if slot < 0 or slot >= self.n:
+            raise IndexError(f"slot {slot} out of range [0, {self.n})")
+        cdef node_load* l = &self.loads[slot]
+        return (l.last_heartbeat, l.cpu, l.gpu, l.mem, l.running)
+
+
+@cython.final
+cdef class SlotCounts:
+    """Per-slot in-flight counts with check-and-add in one C call.
+
+    A method runs start to finish without releasing the GIL, so ``try_add``
+    is atomic against other Python threads; the reservation backend still
+    wraps it in its own lock to keep its job table consistent with it.
+    """
+
+    cdef readonly object array   # numpy int32, one count per slot
+    cdef int32_t* counts
+    cdef Py_ssize_t n
+
+    def __init__(self, Py_ssize_t n):
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.array = np.zeros(n, dtype=np.int32)
+        self.counts = <int32_t*>cnp.PyArray_DATA(self.array)
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def grown(self, Py_ssize_t n) -> SlotCounts:
+        cdef SlotCounts bigger = SlotCounts(max(n, self.n))
+        bigger.array[: self.n] = self.array
+        return bigger
+
+    def try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) -> bool:
+        """Add one if ``max(count, running) < limit``; report whether it did."""
+        if slot < 0 or slot >= self.n:
+            raise IndexError(f"slot {slot} out of range [0, {self.n})")
+        cdef int64_t held = self.counts[slot]
+        if (held if held > running else running) >= limit:
+            return False
+        self.counts[slot] += 1
+        return True
+
+    def add(self, Py_ssize_t slot, int32_t delta) -> int:
+        if slot < 0 or slot >= self.n:
+            raise IndexError(f"slot {slot} out of range [0, {self.n})")
+        self.counts[slot] += delta
+        return self.counts[slot]
+
+    def set(self, Py_ssize_t slot, int32_t value) -> None:
+        if slot < 0 or slot >= self.n:
+            raise IndexError(f"slot {slot} out of range [0, {self.n})")
+        self.counts[slot] = value
+
+    def get(self, Py_ssize_t slot) -> int:
+        if slot < 0 or slot >= self.n:
+            raise IndexError(f"slot {slot} out of range [0, {self.n})")
+        return self.counts[slot]
+
+
+cdef inline int _reason(
+    const node_rec* rec,
+    const node_load* load,
+    int32_t inflight,
+    int32_t slot,
+    const request_t* req,
+    double heartbeat_timeout,
+    float threshold,
+) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int32_t effective
+    if rec.status >= STATUS_OFFLINE or req.now - load.last_heartbeat > heartbeat_timeout:
+        return R_OFFLINE
+    if rec.status != STATUS_READY:
+        return R_NOT_READY
+    if (req.need & NEED_GPU) and not (rec.flags & FLAG_HAS_GPU):
+        return R_NO_GPU
+    if (req.need & NEED_PUBLIC) and not (rec.flags & FLAG_PUBLIC):
+        return R_NOT_PUBLIC
+    if (req.need & NEED_UNKNOWN_SERVICE) or (rec.service_mask & req.service_mask) != req.service_mask:
+        return R_MISSING_SERVICE
+    for i in range(req.n_exclude):
+        if req.exclude[i] == slot:
+            return R_EXCLUDED
+    effective = inflight if inflight > load.running else load.running
+    if effective >= <int64_t>rec.max_concurrency:
+        return R_FULL
+    if load.cpu >= threshold or load.gpu >= threshold or load.mem >= threshold:
+        return R_OVERLOADED
+    return R_OK
+
+
+cdef int _fill_request(
+    request_t* req, uint64_t service_mask, int need, double now, object exclude, int32_t* stack
+) except -1:
+    """Boundary conversion of (mask, need, now, exclude) into a request_t.
+
+    Up to MAX_STACK_EXCLUDE excluded slots go into the caller's stack
+    buffer; more are malloc'ed, and the caller frees ``req.exclude`` when it
+    is not ``stack``.
+    """
+    cdef Py_ssize_t n, i
+    cdef int32_t* buf = stack
+    req.service_mask = service_mask
+    req.need = need
+    req.now = now
+    req.exclude = stack
+    req.n_exclude = 0
+    if not exclude:
+        return 0
+    n = len(exclude)
+    if n > MAX_STACK_EXCLUDE:
+        buf = <int32_t*>malloc(n * sizeof(int32_t))
+        if buf == NULL:
+            raise MemoryError()
+    try:
+        for i in range(n):
+            buf[i] = exclude[i]
+    except BaseException:
+        if buf != stack:
+            free(buf)
+        raise
+    req.exclude = buf
+    req.n_exclude = n
+    return 0
+
+
+cdef inline void _free_request(request_t* req, int32_t* stack) noexcept:
+    if req.exclude != stack:
+        free(<void*>req.exclude)
+        req.exclude = stack
+
+
+cdef inline int _better(int64_t eff, int64_t mx, float gpu, int64_t best_eff, int64_t best_max, float best_gpu) noexcept nogil:
+    """1 if (eff/mx, gpu) is strictly lower than the best, 0 on a tie, -1 if worse."""
+    cdef int64_t lhs = eff * best_max
+    cdef int64_t rhs = best_eff * mx
+    if lhs < rhs:
+        return 1
+    if lhs > rhs:
+        return -1
+    if gpu < best_gpu:
+        return 1
+    if gpu > best_gpu:
+        return -1
+    return 0
+
+
+@cython.final
+cdef class SnapshotKernel:
+    """Raw-pointer view of one published snapshot, plus the kernel entry points.
+
+    Pools and languages are addressed by dense indices; the management
+    layer maps pool ids and language codes to them. Slots index the node
+    record, load and in-flight arrays.
+    """
+
+    def __init__(
+        self,
+        cnp.ndarray recs,
+        LoadTable loads,
+        cnp.ndarray inflight,
+        cnp.ndarray pool_off,
+        cnp.ndarray pool_members,
+        cnp.ndarray pair_off,
+        cnp.ndarray pair_pools,
+        Py_ssize_t n_langs,
+        Rng rng,
+        double heartbeat_timeout,
+        double threshold,
+        Py_ssize_t nogil_min_pool=4096,
+        list node_ids=None,
+    ):
+        validate_kernel_arrays(recs, len(loads), inflight, pool_off, pool_members, pair_off, pair_pools,
+                               n_langs, heartbeat_timeout)
+        n_slots = recs.shape[0]
+        n_pools = pool_off.shape[0] - 1
+        self.recs = <const node_rec*>cnp.PyArray_DATA(recs)
+        self.loads = loads.loads
+        self.inflight = <int32_t*>cnp.PyArray_DATA(inflight)
+        self.pool_off = <const int32_t*>cnp.PyArray_DATA(pool_off)
+        self.pool_members = <const int32_t*>cnp.PyArray_DATA(pool_members)
+        self.pair_off = <const int32_t*>cnp.PyArray_DATA(pair_off)
+        self.pair_pools = <const int32_t*>cnp.PyArray_DATA(pair_pools)
+        self.n_slots = n_slots
+        self.n_pools = n_pools
+        self.n_langs = n_langs
+        self.heartbeat_timeout = heartbeat_timeout
+        self.threshold = <float>threshold
+        self.nogil_min_pool = nogil_min_pool
+        self.rng = rng
+        self.node_ids = node_ids
+        self.refs = (recs, loads, inflight, pool_off, pool_members, pair_off, pair_pools)
+
+    @property
+    def n_pools(self) -> int:
+        return self.n_pools
+
+    @property
+    def n_langs(self) -> int:
+        return self.n_langs
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_slots
+
+    # -- helpers -----------------------------------------------------------
+    cdef Py_ssize_t _pair_key(self, Py_ssize_t src_id, Py_ssize_t tgt_id) except -2:
+        if src_id < 0 or src_id > self.n_langs or tgt_id < 0 or tgt_id >= self.n_langs:
+            return -1
+        return src_id * self.n_langs + tgt_id
+
+    cdef int _check_pool(self, Py_ssize_t pool) except -1:
+        if pool < 0 or pool >= self.n_pools:
+            raise IndexError(f"pool index {pool} out of range [0, {self.n_pools})")
+        return 0
+
+    cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil:
+        # Everything the loop touches is copied to locals first: CPython builds
+        # with -fno-strict-aliasing, so otherwise every store to the RNG state
+        # would force the compiler to reload each field from ``self``.
+        cdef const node_rec* recs = self.recs
+        cdef const node_load* loads = self.loads
+        cdef const int32_t* inflight = self.inflight
+        cdef const int32_t* members = self.pool_members
+        cdef double timeout = self.heartbeat_timeout
+        cdef float threshold = self.threshold
+        cdef Py_ssize_t j, end = self.pool_off[pool + 1]
+        cdef int32_t slot, best = -1, held
+        cdef int64_t eff, mx, best_eff = 0, best_max = 1, ties = 0, lhs, rhs
+        cdef float gpu, best_gpu = 0
+        cdef const node_rec* rec
+        cdef const node_load* load
+        cdef uint64_t draw, rng = state[0]
+        cdef bint better, tie, take
+        for j in range(self.pool_off[pool], end):
+            slot = members[j]
+            rec = &recs[slot]
+            load = &loads[slot]
+            held = inflight[slot]
+            if _reason(rec, load, held, slot, req, timeout, threshold) != R_OK:
+                continue
+            eff = held if held > load.running else load.running
+            mx = rec.max_concurrency
+            gpu = load.gpu
+            # Every eligible node draws, tie or not, so the loop has no random
+            # branch to mispredict: an idle fleet is all ties.
+            rng ^= rng << 13
+            rng ^= rng >> 7
+            rng ^= rng << 17
+            draw = rng
+            lhs = eff * best_max
+            rhs = best_eff * mx
+            better = best < 0 or lhs < rhs or (lhs == rhs and gpu < best_gpu)
+            tie = (not better) and lhs == rhs and gpu == best_gpu
+            ties = 1 if better else ties + tie
+            # reservoir sampling: a tie replaces the best with probability 1/ties
+            # (multiply-shift rather than a 64-bit modulo, which costs ~30 cycles)
+            take = better or (tie and ((draw >> 32) * <uint64_t>ties) >> 32 == 0)
+            best = slot if take else best
+            best_eff = eff if take else best_eff
+            best_max = mx if take else best_max
+            best_gpu = gpu if take else best_gpu
+        state[0] = rng
+        return best
+
+    cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept:
+        cdef int32_t found
+        if self.pool_off[pool + 1] - self.pool_off[pool] >= self.nogil_min_pool:
+            with nogil:
+                found = self.scan_pool(pool, req, state)
+            return found
+        return self.scan_pool(pool, req, state)
+
+    # -- entry points --------------------------------------------------------
+    def pools_for(self, Py_ssize_t src_id, Py_ssize_t tgt_id) -> tuple:
+        """Pool indices serving (src, tgt), most specific first; ``src_id == n_langs`` is "auto"."""
+        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id), j
+        if key < 0:
+            return ()
+        return tuple([self.pair_pools[j] for j in range(self.pair_off[key], self.pair_off[key + 1])])
+
+    def select(
+        self,
+        Py_ssize_t src_id,
+        Py_ssize_t tgt_id,
+        Py_ssize_t preferred,
+        uint64_t service_mask,
+        int need,
+        double now,
+        exclude=(),
+    ) -> int:
+        """Best eligible node for the pair: the preferred pool first, then index order.
+
+        Returns ``pool_index << 32 | slot``; -1 when pools serve the pair but
+        none has an eligible node; -2 when no pool serves the pair.
+        """
+        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id), j, begin, end
+        cdef int32_t pool, found
+        cdef request_t req
+        cdef int32_t stack[MAX_STACK_EXCLUDE]
+        cdef uint64_t state
+        if key < 0:
+            return -2
+        begin = self.pair_off[key]
+        end = self.pair_off[key + 1]
+        if begin == end:
+            return -2
+        _fill_request(&req, service_mask, need, now, exclude, stack)
+        state = self.rng.next_stream()
+        try:
+            if preferred >= 0:
+                for j in range(begin, end):
+                    if self.pair_pools[j] == preferred:
+                        found = self._scan(preferred, &req, &state)
+                        if found >= 0:
+                            return (<int64_t>preferred << 32) | found
+                        break
+            for j in range(begin, end):
+                pool = self.pair_pools[j]
+                if pool == preferred:
+                    continue
+                found = self._scan(pool, &req, &state)
+                if found >= 0:
+                    return (<int64_t>pool << 32) | found
+            return -1
+        finally:
+            _free_request(&req, stack)
+
+    def pick(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> int:
+        """Best eligible slot of one pool, or -1."""
+        self._check_pool(pool)
+        cdef request_t req
+        cdef int32_t stack[MAX_STACK_EXCLUDE]
+        _fill_request(&req, service_mask, need, now, exclude, stack)
+        cdef uint64_t state = self.rng.next_stream()
+        cdef int32_t found = self._scan(pool, &req, &state)
+        _free_request(&req, stack)
+        return found
+
+    def noop(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> int:
+        """Same signature as :meth:`pick`, does nothing: the call-overhead baseline."""
+        return -1
+
+    def rank(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=(), Py_ssize_t k=4) -> list:
+        """Up to ``k`` eligible slots of one pool, best first (ties in random order)."""
+        self._check_pool(pool)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        cdef request_t req
+        cdef int32_t stack[MAX_STACK_EXCLUDE]
+        _fill_request(&req, service_mask, need, now, exclude, stack)
+        cdef uint64_t state = self.rng.next_stream()
+        cdef Py_ssize_t j, j2, m, n = 0
+        cdef int32_t slot
+        cdef int64_t eff
+        cdef uint64_t key
+        cdef const node_rec* rec
+        cdef const node_load* load
+        cdef int cmp
+        cdef int32_t* top_slot = <int32_t*>malloc(k * sizeof(int32_t))
+        cdef int64_t* top_eff = <int64_t*>malloc(k * sizeof(int64_t))
+        cdef int64_t* top_max = <int64_t*>malloc(k * sizeof(int64_t))
+        cdef float* top_gpu = <float*>malloc(k * sizeof(float))
+        cdef uint64_t* top_key = <uint64_t*>malloc(k * sizeof(uint64_t))
+        if not (top_slot and top_eff and top_max and top_gpu and top_key):
+            free(top_slot); free(top_eff); free(top_max); free(top_gpu); free(top_key)
+            _free_request(&req, stack)
+            raise MemoryError()
+        try:
+            for j in range(self.pool_off[pool], self.pool_off[pool + 1]):
+                slot = self.pool_members[j]
+                rec = &self.recs[slot]
+                load = &self.loads[slot]
+                if _reason(rec, load, self.inflight[slot], slot, &req, self.heartbeat_timeout, self.threshold) != R_OK:
+                    continue
+                eff = self.inflight[slot] if self.inflight[slot] > load.running else load.running
+                key = _xorshift64(&state)
+                # insertion into the sorted top-k; position m = first entry we beat
+                m = n
+                while m > 0:
+                    cmp = _better(eff, rec.max_concurrency, load.gpu, top_eff[m - 1], top_max[m - 1], top_gpu[m - 1])
+                    if cmp > 0 or (cmp == 0 and key < top_key[m - 1]):
+                        m -= 1
+                    else:
+                        break
+                if m >= k:
+                    continue
+                if n < k:
+                    n += 1
+                for j2 in range(n - 1, m, -1):
+                    top_slot[j2] = top_slot[j2 - 1]
+                    top_eff[j2] = top_eff[j2 - 1]
+                    top_max[j2] = top_max[j2 - 1]
+                    top_gpu[j2] = top_gpu[j2 - 1]
+                    top_key[j2] = top_key[j2 - 1]
+                top_slot[m] = slot
+                top_eff[m] = eff
+                top_max[m] = rec.max_concurrency
+                top_gpu[m] = load.gpu
+                top_key[m] = key
+            return [top_slot[j] for j in range(n)]
+        finally:
+            free(top_slot); free(top_eff); free(top_max); free(top_gpu); free(top_key)
+            _free_request(&req, stack)
+
+    def reasons(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> bytes:
+        """One reason code per member of ``pool``, in member order."""
+        self._check_pool(pool)
+        cdef request_t req
+        cdef int32_t stack[MAX_STACK_EXCLUDE]
+        _fill_request(&req, service_mask, need, now, exclude, stack)
+        cdef Py_ssize_t begin = self.pool_off[pool], n = self.pool_off[pool + 1] - begin, j
+        cdef bytearray out = bytearray(n)
+        cdef int32_t slot
+        for j in range(n):
+            slot = self.pool_members[begin + j]
+            out[j] = _reason(&self.recs[slot], &self.loads[slot], self.inflight[slot], slot, &req,
+                             self.heartbeat_timeout, self.threshold)
+        _free_request(&req, stack)
+        return bytes(out)
+
+    def capacity(self, Py_ssize_t slot) -> tuple:
+        """(max_concurrency, reported running) of a slot: what a reservation checks."""
+        if slot < 0 or slot >= self.n_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
+        return (self.recs[slot].max_concurrency, self.loads[slot].running)
+
+    def candidate(self, Py_ssize_t slot) -> tuple:
+        """``(slot, node_id, max_concurrency, running)``: a reservation candidate, in one call."""
+        if slot < 0 or slot >= self.n_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
+        return (slot, self.node_ids[slot], self.recs[slot].max_concurrency, self.loads[slot].running)
+
+    def members(self, Py_ssize_t pool) -> list:
+        """The slots of ``pool``, in member order."""
+        self._check_pool(pool)
+        cdef Py_ssize_t j
+        return [self.pool_members[j] for j in range(self.pool_off[pool], self.pool_off[pool + 1])]
+
+    def free_capacity(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> int:
+        """Sum of (max - effective load) over the eligible nodes of ``pool``."""
+        self._check_pool(pool)
+        cdef request_t req
+        cdef int32_t stack[MAX_STACK_EXCLUDE]
+        _fill_request(&req, service_mask, need, now, exclude, stack)
+        cdef int64_t total = self._free(pool, &req)
+        _free_request(&req, stack)
+        return total
+
+    cdef int64_t _free(self, Py_ssize_t pool, const request_t* req) noexcept:
+        cdef Py_ssize_t j
+        cdef int32_t slot
+        cdef int64_t total = 0, eff
+        for j in range(self.pool_off[pool], self.pool_off[pool + 1]):
+            slot = self.pool_members[j]
+            if _reason(&self.recs[slot], &self.loads[slot], self.inflight[slot], slot, req,
+                       self.heartbeat_timeout, self.threshold) != R_OK:
+                continue
+            eff = self.inflight[slot] if self.inflight[slot] > self.loads[slot].running else self.loads[slot].running
+            total += <int64_t>self.recs[slot].max_concurrency - eff
+        return total
+
+    def most_free_pool(
+        self, Py_ssize_t src_id, Py_ssize_t tgt_id, uint64_t service_mask, int need, double now, exclude=()
+    ) -> int:
+        """The pool serving the pair with the most free capacity (earliest on ties); -1 if none."""
+        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id), j
+        cdef int32_t pool, best = -1
+        cdef int64_t free_now, best_free = -1
+        cdef request_t req
+        cdef int32_t stack[MAX_STACK_EXCLUDE]
+        if key < 0:
+            return -1
+        _fill_request(&req, service_mask, need, now, exclude, stack)
+        for j in range(self.pair_off[key], self.pair_off[key + 1]):
+            pool = self.pair_pools[j]
+            free_now = self._free(pool, &req)
+            if free_now > best_free:
+                best_free = free_now
+                best = pool
+        _free_request(&req, stack)
+        return best
+

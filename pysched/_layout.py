@@ -1,0 +1,102 @@
+"""Layouts and codes shared by the compiled kernel and its pure-Python twin.
+
+The C structs in ``_core.pxd`` are the source of truth; ``_core`` checks at
+import that the dtypes below match them byte for byte.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: one record per node slot, immutable once published (``node_rec`` in _core.pxd)
+NODE_DTYPE = np.dtype(
+    [("service_mask", "<u8"), ("max_concurrency", "<u4"), ("status", "u1"), ("flags", "u1"), ("pad_", "<u2")]
+)
+#: one record per node slot, written in place by heartbeats (``node_load``)
+LOAD_DTYPE = np.dtype(
+    [("last_heartbeat", "<f8"), ("cpu", "<f4"), ("gpu", "<f4"), ("mem", "<f4"), ("running", "<i4")]
+)
+
+STATUS_READY = 0
+STATUS_REGISTERING = 1
+STATUS_DEGRADED = 2
+STATUS_DRAINING = 3
+STATUS_OFFLINE = 4
+STATUS_ABSENT = 5
+STATUS_CODES = {
+    "ready": STATUS_READY,
+    "registering": STATUS_REGISTERING,
+    "degraded": STATUS_DEGRADED,
+    "draining": STATUS_DRAINING,
+    "offline": STATUS_OFFLINE,
+    "absent": STATUS_ABSENT,
+}
+
+FLAG_HAS_GPU = 1
+FLAG_PUBLIC = 2
+
+NEED_GPU = 1
+NEED_PUBLIC = 2
+NEED_UNKNOWN_SERVICE = 4
+
+#: reason codes, in eligibility order: a node's reason is its first failing check
+REASONS = (
+    "ok",
+    "offline",
+    "not_ready",
+    "no_gpu",
+    "not_public",
+    "missing_service",
+    "excluded",
+    "full",
+    "overloaded",
+)
+R_OK, R_OFFLINE, R_NOT_READY, R_NO_GPU, R_NOT_PUBLIC, R_MISSING_SERVICE, R_EXCLUDED, R_FULL, R_OVERLOADED = range(9)
+
+MASK64 = 0xFFFFFFFFFFFFFFFF
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def validate_kernel_arrays(
+    recs: np.ndarray,
+    n_loads: int,
+    inflight: np.ndarray,
+    pool_off: np.ndarray,
+    pool_members: np.ndarray,
+    pair_off: np.ndarray,
+    pair_pools: np.ndarray,
+    n_langs: int,
+    heartbeat_timeout: float,
+) -> None:
+    """Check once, at the boundary, everything the kernel will trust blindly."""
+    for arr, dtype, name in (
+        (recs, NODE_DTYPE, "recs"),
+        (inflight, np.dtype(np.int32), "inflight"),
+        (pool_off, np.dtype(np.int32), "pool_off"),
+        (pool_members, np.dtype(np.int32), "pool_members"),
+        (pair_off, np.dtype(np.int32), "pair_off"),
+        (pair_pools, np.dtype(np.int32), "pair_pools"),
+    ):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}")
+        if arr.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype}, got {arr.dtype}")
+        if arr.ndim != 1 or not arr.flags.c_contiguous or not arr.flags.aligned:
+            raise ValueError(f"{name} must be a one-dimensional, aligned, C-contiguous array")
+    n_slots = len(recs)
+    if n_loads < n_slots or len(inflight) < n_slots:
+        raise ValueError("loads and inflight must cover every slot of recs")
+    if len(pool_off) < 1 or pool_off[0] != 0 or pool_off[len(pool_off) - 1] != len(pool_members):
+        raise ValueError("pool_off must start at 0 and end at len(pool_members)")
+    if np.any(np.diff(pool_off) < 0):
+        raise ValueError("pool_off must be non-decreasing")
+    if len(pool_members) and (pool_members.min() < 0 or pool_members.max() >= n_slots):
+        raise ValueError("pool_members holds a slot outside recs")
+    if n_langs < 0 or len(pair_off) != (n_langs + 1) * n_langs + 1:
+        raise ValueError(f"pair_off must have (n_langs+1)*n_langs+1 entries for n_langs={n_langs}")
+    if pair_off[0] != 0 or pair_off[len(pair_off) - 1] != len(pair_pools) or np.any(np.diff(pair_off) < 0):
+        raise ValueError("pair_off must be non-decreasing from 0 to len(pair_pools)")
+    if len(pair_pools) and (pair_pools.min() < 0 or pair_pools.max() >= len(pool_off) - 1):
+        raise ValueError("pair_pools holds a pool index outside pool_off")
+    if not heartbeat_timeout > 0:
+        raise ValueError(f"heartbeat_timeout must be > 0, got {heartbeat_timeout!r}")

@@ -1,0 +1,79 @@
+"""Exceptions raised by pysched's public API.
+
+Bad arguments raise the built-in ``ValueError`` / ``TypeError`` with a
+message naming the argument and the offending value; a failed call never
+changes any state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "SchedulerError",
+    "NoPoolForLanguagePair",
+    "NoNodeAvailable",
+    "UnknownNode",
+    "UnknownJob",
+    "ReservationBackendUnavailable",
+]
+
+
+class SchedulerError(Exception):
+    """Base class of pysched's dispatch errors."""
+
+
+class NoPoolForLanguagePair(SchedulerError, LookupError):
+    """No pool serves the requested (source, target) language pair."""
+
+    def __init__(self, src: str, tgt: str) -> None:
+        super().__init__(f"no pool serves the language pair {src!r} -> {tgt!r}")
+        self.src = src
+        self.tgt = tgt
+
+
+class NoNodeAvailable(SchedulerError, LookupError):
+    """Pools serve the pair, but no node in them can take the job now.
+
+    ``breakdown`` maps a reason code (``"offline"``, ``"full"``, ...) to the
+    number of distinct candidate nodes, over every eligible pool, that failed
+    with that reason; ``best_reason`` is the most frequent one (the earliest
+    in eligibility order on ties, ``"no_nodes"`` when the pools are empty).
+    """
+
+    def __init__(self, src: str, tgt: str, breakdown: Mapping[str, int], best_reason: str) -> None:
+        parts = ", ".join(f"{k}={v}" for k, v in breakdown.items()) or "no candidate nodes"
+        super().__init__(f"no node available for {src!r} -> {tgt!r} ({best_reason}: {parts})")
+        self.src = src
+        self.tgt = tgt
+        self.breakdown = dict(breakdown)
+        self.best_reason = best_reason
+
+
+class UnknownNode(SchedulerError, KeyError):
+    """The node id is not registered."""
+
+    def __init__(self, node_id: object) -> None:
+        super().__init__(node_id)
+        self.node_id = node_id
+
+    def __str__(self) -> str:
+        return f"unknown node {self.node_id!r}"
+
+
+class UnknownJob(SchedulerError, KeyError):
+    """The job id holds no reservation (never dispatched, released or expired)."""
+
+    def __init__(self, job_id: object) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"unknown job {self.job_id!r}"
+
+
+class ReservationBackendUnavailable(SchedulerError, ConnectionError):
+    """The shared reservation backend (Redis) could not be reached in time.
+
+    Nothing was reserved and no local state changed; the call may be retried.
+    """

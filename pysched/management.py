@@ -1,0 +1,574 @@
+"""The management layer: nodes, pools and the language index behind one lock.
+
+Everything slow happens here (validation, registration, heartbeats, pool
+changes, index rebuilds) under a single ``threading.Lock``, and every
+structural change ends by publishing a new :class:`RuntimeSnapshot` with one
+reference assignment. Dispatch never takes this lock; it reads
+``registry.snapshot`` once and works on that.
+
+Heartbeats that only carry load figures write them in place into the shared
+load table and publish nothing. Management code never touches sessions; it
+does tell the reservation backend about node slots (registration, removal,
+capacity growth), with the lock order management -> reservation, which no
+reservation code ever reverses.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from pysched._kernel import core
+from pysched._layout import (
+    FLAG_HAS_GPU,
+    FLAG_PUBLIC,
+    NODE_DTYPE,
+    STATUS_ABSENT,
+    STATUS_CODES,
+)
+from pysched.errors import UnknownNode
+from pysched.language_index import PoolLanguageIndex
+from pysched.languages import MAX_SERVICES, normalize_languages, normalize_services
+from pysched.pools import PoolConfig, auto_pool_name
+from pysched.reservations import ReservationBackend
+from pysched.snapshot import PoolMeta, RuntimeSnapshot
+
+__all__ = ["ManagementRegistry", "NodeState", "UNHEALTHY_LIMIT"]
+
+#: consecutive ``healthy=False`` heartbeats that turn a ready node degraded
+UNHEALTHY_LIMIT = 3
+
+_STATUS_NAMES = {code: name for name, code in STATUS_CODES.items()}
+
+
+class NodeState:
+    """Management's own record of one node (never seen by dispatch)."""
+
+    __slots__ = ("node_id", "slot", "languages", "services", "max_concurrency", "has_gpu", "public", "status",
+                 "unhealthy_streak", "pool_ids", "registered_at")
+
+    def __init__(self, node_id: str, slot: int) -> None:
+        self.node_id = node_id
+        self.slot = slot
+        self.languages: frozenset[str] = frozenset()
+        self.services: frozenset[str] = frozenset()
+        self.max_concurrency = 1
+        self.has_gpu = True
+        self.public = True
+        self.status = "ready"
+        self.unhealthy_streak = 0
+        self.pool_ids: tuple[int, ...] = ()
+        self.registered_at = 0.0
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if type(value) is not int and not isinstance(value, np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if value < minimum or value > 2**31 - 1:
+        raise ValueError(f"{name} must be in [{minimum}, {2**31 - 1}], got {value!r}")
+    return int(value)
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if type(value) is not bool and not isinstance(value, np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+    return bool(value)
+
+
+def _check_percent(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    number = float(value)
+    if math.isnan(number) or not 0.0 <= number <= 100.0:
+        raise ValueError(f"{name} must be a percentage in [0, 100], got {value!r}")
+    return number
+
+
+def check_node_id(node_id: object) -> str:
+    """Validate a node id: a non-empty str of printable characters."""
+    if not isinstance(node_id, str):
+        raise TypeError(f"node_id must be a str, got {type(node_id).__name__}: {node_id!r}")
+    if not node_id or len(node_id) > 256 or not node_id.isprintable():
+        raise ValueError(f"node_id must be 1-256 printable characters, got {node_id!r}")
+    return node_id
+
+
+class ManagementRegistry:
+    """Owns nodes, pools and the language index; publishes snapshots.
+
+    All public methods are thread-safe. ``snapshot`` is the current
+    :class:`RuntimeSnapshot`; reading it needs no lock.
+    """
+
+    def __init__(
+        self,
+        *,
+        pools: str | Sequence[PoolConfig],
+        heartbeat_timeout: float,
+        resource_threshold: float,
+        max_pools: int,
+        clock: Callable[[], float],
+        rng: object,
+        reservations: ReservationBackend,
+        nogil_min_pool: int = 4096,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._rng = rng
+        self._reservations = reservations
+        self._heartbeat_timeout = heartbeat_timeout
+        self._threshold = resource_threshold
+        self._max_pools = max_pools
+        self._nogil_min_pool = nogil_min_pool
+
+        self._nodes: dict[str, NodeState] = {}
+        # slot -> node id and back; a slot belongs to one node id for life, so a
+        # node that is removed and registers again finds its old slot (and any
+        # reservations it still holds there).
+        self._node_ids: list[str] = []
+        self._slot_of: dict[str, int] = {}
+        self._loads = core.LoadTable(0)
+        self._recs = np.zeros(0, dtype=NODE_DTYPE)
+        self._recs_shared = True  # the current recs array belongs to a published snapshot
+        self._service_bits: dict[str, int] = {}
+
+        # pools
+        self._auto = True
+        self._manual: tuple[PoolConfig, ...] = ()
+        self._auto_ids: dict[frozenset[str], int] = {}
+        self._next_pool_id = 1
+        self._meta: dict[int, PoolMeta] = {}
+        self._members: dict[int, np.ndarray] = {}  # active pool id -> sorted slots
+        self._unpooled: dict[str, None] = {}  # insertion-ordered set of node ids
+        self._index_dirty = True
+        self._members_dirty = True
+        self._index: PoolLanguageIndex | None = None
+        self._pool_off = np.zeros(1, dtype=np.int32)
+        self._pool_members = np.zeros(0, dtype=np.int32)
+
+        self.version = 0
+        self.snapshot: RuntimeSnapshot
+        with self._lock:
+            if isinstance(pools, str):
+                if pools != "auto":
+                    raise ValueError(f"pools must be 'auto' or a sequence of PoolConfig, got {pools!r}")
+            else:
+                self._set_manual_locked(self._check_pool_configs(pools))
+            self._publish_locked()
+
+    # ------------------------------------------------------------------ reads
+    @property
+    def service_bits(self) -> dict[str, int]:
+        """Service name -> bit index. Grows only; safe to read without the lock."""
+        return self._service_bits
+
+    @property
+    def slot_of(self) -> dict[str, int]:
+        return self._slot_of
+
+    def node_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._nodes)
+
+    def node_info(self, node_id: str) -> dict:
+        """Management's view of one node (status, languages, services, pools, loads)."""
+        with self._lock:
+            st = self._nodes.get(node_id)
+            if st is None:
+                raise UnknownNode(node_id)
+            last, cpu, gpu, mem, running = self._loads.get(st.slot)
+            return {
+                "node_id": st.node_id,
+                "status": self._effective_status(st, last, self._clock()),
+                "languages": st.languages,
+                "services": st.services,
+                "max_concurrency": st.max_concurrency,
+                "has_gpu": st.has_gpu,
+                "accept_public_jobs": st.public,
+                "pool_ids": st.pool_ids,
+                "running": running,
+                "cpu": cpu,
+                "gpu": gpu,
+                "mem": mem,
+                "last_heartbeat": last,
+            }
+
+    def _effective_status(self, st: NodeState, last_heartbeat: float, now: float) -> str:
+        if st.status != "offline" and now - last_heartbeat > self._heartbeat_timeout:
+            return "offline"
+        return st.status
+
+    def stats(self) -> dict:
+        """Nodes by status, pools with member counts, nodes without a pool."""
+        with self._lock:
+            now = self._clock()
+            by_status = {name: 0 for name in ("ready", "registering", "degraded", "draining", "offline")}
+            for st in self._nodes.values():
+                by_status[self._effective_status(st, self._loads.get(st.slot)[0], now)] += 1
+            pools = {
+                pid: {"name": self._meta[pid].name, "members": int(len(self._members[pid]))}
+                for pid in sorted(self._members)
+            }
+            return {
+                "nodes": by_status,
+                "nodes_total": len(self._nodes),
+                "pools": pools,
+                "unpooled": list(self._unpooled),
+                "snapshot_version": self.version,
+                "mode": "auto" if self._auto else "manual",
+            }
+
+    def pool_configs(self) -> list[tuple[PoolMeta, tuple[str, ...]]]:
+        with self._lock:
+            return [
+                (self._meta[pid], tuple(self._node_ids[s] for s in self._members[pid]))
+                for pid in sorted(self._members)
+            ]
+
+    # ------------------------------------------------------------ registration
+    def register(
+        self,
+        node_id: str,
+        languages: Iterable[str],
+        services: Iterable[str],
+        max_concurrency: int,
+        has_gpu: bool,
+        accept_public_jobs: bool,
+    ) -> None:
+        node_id = check_node_id(node_id)
+        langs = normalize_languages(languages, "languages")
+        servs = normalize_services(services, "services")
+        max_concurrency = _check_int(max_concurrency, "max_concurrency", 1)
+        has_gpu = _check_bool(has_gpu, "has_gpu")
+        public = _check_bool(accept_public_jobs, "accept_public_jobs")
+        with self._lock:
+            self._check_service_room_locked(servs)
+            slot = self._slot_of.get(node_id)
+            new_slot = slot is None
+            if new_slot:
+                slot = len(self._node_ids)
+            # The backend may fail (Redis down): ask it before changing anything.
+            self._reservations.ensure_capacity(slot + 1)
+            self._reservations.bind_node(slot, node_id, max_concurrency)
+            if new_slot:
+                self._node_ids.append(node_id)
+                self._slot_of[node_id] = slot
+            self._ensure_slots_locked(slot + 1)
+            self._assign_service_bits_locked(servs)
+            st = self._nodes.get(node_id)
+            if st is None:
+                st = self._nodes[node_id] = NodeState(node_id, slot)
+            now = self._clock()
+            st.languages, st.services = langs, servs
+            st.max_concurrency, st.has_gpu, st.public = max_concurrency, has_gpu, public
+            st.status, st.unhealthy_streak, st.registered_at = "ready", 0, now
+            # A (re-)registration is a fresh start: the node reports nothing running yet.
+            self._loads.update(slot, now, 0.0, 0.0, 0.0, 0)
+            self._write_rec_locked(st)
+            self._place_locked(st)
+            self._publish_locked()
+
+    def remove(self, node_id: str) -> None:
+        with self._lock:
+            st = self._nodes.get(node_id)
+            if st is None:
+                raise UnknownNode(node_id)
+            self._reservations.unbind_node(st.slot, node_id)
+            del self._nodes[node_id]
+            self._unpooled.pop(node_id, None)
+            recs = self._writable_recs_locked()
+            recs[st.slot] = (0, 0, STATUS_ABSENT, 0, 0)
+            self._leave_pools_locked(st, (), st.pool_ids)
+            st.pool_ids = ()
+            self._retry_unpooled_locked()
+            self._publish_locked()
+
+    # -------------------------------------------------------------- heartbeats
+    def heartbeat(
+        self,
+        node_id: str,
+        running: int | None = None,
+        cpu: float | None = None,
+        gpu: float | None = None,
+        mem: float | None = None,
+        services: Iterable[str] | None = None,
+        languages: Iterable[str] | None = None,
+        healthy: bool | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
+        running_v = -1 if running is None else _check_int(running, "running", 0)
+        cpu_v = math.nan if cpu is None else _check_percent(cpu, "cpu")
+        gpu_v = math.nan if gpu is None else _check_percent(gpu, "gpu")
+        mem_v = math.nan if mem is None else _check_percent(mem, "mem")
+        servs = None if services is None else normalize_services(services, "services")
+        langs = None if languages is None else normalize_languages(languages, "languages")
+        healthy_v = None if healthy is None else _check_bool(healthy, "healthy")
+        max_v = None if max_concurrency is None else _check_int(max_concurrency, "max_concurrency", 1)
+        with self._lock:
+            st = self._nodes.get(node_id)
+            if st is None:
+                raise UnknownNode(node_id)
+            if servs is not None:
+                self._check_service_room_locked(servs)
+            if max_v is not None and max_v != st.max_concurrency:
+                self._reservations.bind_node(st.slot, node_id, max_v)
+            structural = False
+            if servs is not None and servs != st.services:
+                self._assign_service_bits_locked(servs)
+                st.services = servs
+                structural = True
+            if max_v is not None and max_v != st.max_concurrency:
+                st.max_concurrency = max_v
+                structural = True
+            status = st.status
+            if status == "offline":
+                status = "ready"  # a node marked offline that reports again is back
+            if healthy_v is False:
+                st.unhealthy_streak += 1
+                if st.unhealthy_streak >= UNHEALTHY_LIMIT and status == "ready":
+                    status = "degraded"
+            elif healthy_v is True:
+                st.unhealthy_streak = 0
+                if status == "degraded":
+                    status = "ready"
+            if status != st.status:
+                st.status = status
+                structural = True
+            self._loads.update(st.slot, self._clock(), cpu_v, gpu_v, mem_v, running_v)
+            if langs is not None and langs != st.languages:
+                st.languages = langs
+                self._place_locked(st)
+                structural = True
+            if structural:
+                self._write_rec_locked(st)
+                self._publish_locked()
+
+    def set_status(self, node_id: str, status: str) -> None:
+        """Operator status change: ``draining``, ``offline`` or back to ``ready``."""
+        if status not in ("ready", "draining", "offline"):
+            raise ValueError(f"status must be 'ready', 'draining' or 'offline', got {status!r}")
+        with self._lock:
+            st = self._nodes.get(node_id)
+            if st is None:
+                raise UnknownNode(node_id)
+            if st.status == status and not (status == "ready" and st.unhealthy_streak):
+                return
+            st.status = status
+            st.unhealthy_streak = 0
+            if status == "ready":
+                # "resume" also counts as a sign of life
+                self._loads.update(st.slot, self._clock(), math.nan, math.nan, math.nan, -1)
+            self._write_rec_locked(st)
+            self._publish_locked()
+
+    # ------------------------------------------------------------------ pools
+    def set_pools(self, pools: str | Sequence[PoolConfig]) -> None:
+        if isinstance(pools, str):
+            if pools != "auto":
+                raise ValueError(f"pools must be 'auto' or a sequence of PoolConfig, got {pools!r}")
+            configs = None
+        else:
+            configs = self._check_pool_configs(pools)
+        with self._lock:
+            if configs is None:
+                self._auto = True
+                self._manual = ()
+                self._meta = {}
+                self._members = {}
+            else:
+                self._set_manual_locked(configs)
+            self._unpooled.clear()
+            self._index_dirty = self._members_dirty = True
+            for st in self._nodes.values():
+                st.pool_ids = ()
+            for st in self._nodes.values():
+                self._place_locked(st)
+            self._publish_locked()
+
+    def _check_pool_configs(self, pools: object) -> tuple[PoolConfig, ...]:
+        if isinstance(pools, (str, bytes)) or not isinstance(pools, Iterable):
+            raise TypeError(f"pools must be 'auto' or a sequence of PoolConfig, got {type(pools).__name__}")
+        configs = tuple(pools)
+        ids: set[int] = set()
+        for cfg in configs:
+            if not isinstance(cfg, PoolConfig):
+                raise TypeError(f"pools must hold PoolConfig objects, got {type(cfg).__name__}: {cfg!r}")
+            if cfg.pool_id in ids:
+                raise ValueError(f"pools: duplicate pool_id {cfg.pool_id}")
+            ids.add(cfg.pool_id)
+        if len(configs) > self._max_pools:
+            raise ValueError(f"pools: {len(configs)} pools configured, more than max_pools={self._max_pools}")
+        return configs
+
+    def _set_manual_locked(self, configs: tuple[PoolConfig, ...]) -> None:
+        self._check_service_room_locked(frozenset(s for c in configs for s in c.required_services))
+        self._auto = False
+        self._manual = configs
+        for c in configs:
+            self._assign_service_bits_locked(c.required_services)
+        self._meta = {
+            c.pool_id: PoolMeta(c.pool_id, c.name, c.languages, c.required_services, False) for c in configs
+        }
+        self._members = {c.pool_id: np.zeros(0, dtype=np.int32) for c in configs}
+        # auto ids continue above every id ever used, so they are never reused
+        if configs:
+            self._next_pool_id = max(self._next_pool_id, max(c.pool_id for c in configs) + 1)
+        self._index_dirty = self._members_dirty = True
+
+    def _place_locked(self, st: NodeState) -> None:
+        """(Re)compute the pools of one node and move it there."""
+        old = st.pool_ids
+        if self._auto:
+            pid = self._auto_ids.get(st.languages)
+            if pid is None or old != (pid,):
+                # Leave first: the old pool may retire and make room under max_pools.
+                self._leave_pools_locked(st, (), old)
+                old = st.pool_ids = ()
+                pid = self._auto_pool_for_locked(st.languages)
+            new = () if pid is None else (pid,)
+        else:
+            new = tuple(
+                c.pool_id for c in self._manual
+                if c.languages <= st.languages and c.required_services <= st.services
+            )
+            self._leave_pools_locked(st, new, old)
+        for pid in new:
+            if pid not in old:
+                self._join_pool_locked(pid, st.slot)
+        st.pool_ids = new
+        if new:
+            self._unpooled.pop(st.node_id, None)
+        else:
+            self._unpooled[st.node_id] = None
+        self._retry_unpooled_locked()
+
+    def _join_pool_locked(self, pid: int, slot: int) -> None:
+        members = self._members[pid]
+        self._members[pid] = np.insert(members, np.searchsorted(members, slot), slot).astype(np.int32)
+        self._members_dirty = True
+
+    def _leave_pools_locked(self, st: NodeState, keep: tuple[int, ...], old: tuple[int, ...]) -> None:
+        for pid in old:
+            if pid in keep:
+                continue
+            members = self._members[pid]
+            self._members[pid] = members[members != st.slot]
+            self._members_dirty = True
+            if self._auto and len(self._members[pid]) == 0:
+                # An empty auto pool is retired from the index; its set keeps the id.
+                del self._members[pid]
+                del self._meta[pid]
+                self._index_dirty = True
+
+    def _auto_pool_for_locked(self, languages: frozenset[str]) -> int | None:
+        pid = self._auto_ids.get(languages)
+        if pid is not None and pid in self._members:
+            return pid
+        if len(self._members) >= self._max_pools:
+            return None
+        if pid is None:
+            pid = self._next_pool_id
+            self._next_pool_id += 1
+            self._auto_ids[languages] = pid
+        self._meta[pid] = PoolMeta(pid, auto_pool_name(languages), languages, frozenset(), True)
+        self._members[pid] = np.zeros(0, dtype=np.int32)
+        self._index_dirty = True
+        return pid
+
+    def _retry_unpooled_locked(self) -> None:
+        """Give waiting nodes a pool once an auto pool retired and made room."""
+        if not self._auto or not self._unpooled or len(self._members) >= self._max_pools:
+            return
+        for node_id in list(self._unpooled):
+            st = self._nodes[node_id]
+            pid = self._auto_pool_for_locked(st.languages)
+            if pid is None:
+                break
+            self._join_pool_locked(pid, st.slot)
+            st.pool_ids = (pid,)
+            del self._unpooled[node_id]
+
+    # -------------------------------------------------------------- internals
+    def _check_service_room_locked(self, services: frozenset[str]) -> None:
+        new = [s for s in services if s not in self._service_bits]
+        if len(self._service_bits) + len(new) > MAX_SERVICES:
+            raise ValueError(
+                f"services: {sorted(new)!r} would exceed the limit of {MAX_SERVICES} distinct service names"
+            )
+
+    def _assign_service_bits_locked(self, services: Iterable[str]) -> None:
+        for name in sorted(services):
+            if name not in self._service_bits:
+                self._service_bits[name] = len(self._service_bits)
+
+    def service_mask(self, services: Iterable[str]) -> int | None:
+        """Bit mask of the services, or None if one was never announced by anybody."""
+        mask = 0
+        bits = self._service_bits
+        for name in services:
+            bit = bits.get(name)
+            if bit is None:
+                return None
+            mask |= 1 << bit
+        return mask
+
+    def _ensure_slots_locked(self, n: int) -> None:
+        if n <= len(self._recs):
+            return
+        cap = max(n, 2 * len(self._recs), 64)
+        recs = np.zeros(cap, dtype=NODE_DTYPE)
+        recs["status"] = STATUS_ABSENT
+        recs[: len(self._recs)] = self._recs
+        self._recs = recs
+        self._recs_shared = False
+        self._loads = self._loads.grown(cap)
+        self._reservations.ensure_capacity(cap)
+
+    def _writable_recs_locked(self) -> np.ndarray:
+        if self._recs_shared:
+            # A raw byte copy: numpy copies structured arrays field by field,
+            # 16-56x slower than the memcpy this is.
+            self._recs = self._recs.view(np.uint8).copy().view(NODE_DTYPE)
+            self._recs_shared = False
+        return self._recs
+
+    def _write_rec_locked(self, st: NodeState) -> None:
+        recs = self._writable_recs_locked()
+        mask = self.service_mask(st.services) or 0
+        flags = (FLAG_HAS_GPU if st.has_gpu else 0) | (FLAG_PUBLIC if st.public else 0)
+        recs[st.slot] = (mask, st.max_concurrency, STATUS_CODES[st.status], flags, 0)
+
+    def _publish_locked(self) -> None:
+        if self._index_dirty:
+            order = sorted(self._members)
+            self._index = PoolLanguageIndex([(pid, self._meta[pid].languages) for pid in order])
+            self._index_dirty = False
+            self._members_dirty = True
+        index = self._index
+        if self._members_dirty:
+            arrays = [self._members[pid] for pid in index.pool_ids]
+            sizes = np.array([len(a) for a in arrays], dtype=np.int64)
+            self._pool_off = np.zeros(len(arrays) + 1, dtype=np.int32)
+            self._pool_off[1:] = np.cumsum(sizes)
+            self._pool_members = (
+                np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
+            )
+            self._members_dirty = False
+        recs = self._recs
+        recs.flags.writeable = False
+        self._recs_shared = True
+        inflight = self._reservations.inflight
+        kernel = core.SnapshotKernel(
+            recs, self._loads, inflight, self._pool_off, self._pool_members, index.pair_off, index.pair_pools,
+            index.n_langs, self._rng, self._heartbeat_timeout, self._threshold, self._nogil_min_pool,
+            self._node_ids,
+        )
+        self.version += 1
+        unpooled = tuple((nid, self._nodes[nid].languages) for nid in self._unpooled)
+        self.snapshot = RuntimeSnapshot(
+            self.version, recs, self._loads.array, inflight, self._pool_off, self._pool_members, index,
+            {pid: self._meta[pid] for pid in index.pool_ids}, unpooled, kernel, self._node_ids, self._slot_of,
+        )

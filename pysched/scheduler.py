@@ -1,0 +1,578 @@
+"""The public facade: :class:`Scheduler`.
+
+Dispatch follows the design's ten steps and takes no management lock:
+
+1. read the published snapshot (one attribute read);
+2. take the session's own lock;
+3. decide the language pair and the preferred pool;
+4. release it;
+5. look the pair up in the language index;
+6. take the candidates from the pool members in the snapshot;
+7. filter and score them in the compiled kernel;
+8. reserve the best candidate;
+9. if that fails, reserve the next candidate, then try the next eligible pool;
+10. bind the session to the pool that served it.
+
+Lock order, always: snapshot read -> session lock -> reservation. The
+management layer (registration, heartbeats, pools) never touches sessions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pysched._kernel import COMPILED, core
+from pysched._layout import NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE, R_OK, REASONS
+from pysched.errors import (
+    NoNodeAvailable,
+    NoPoolForLanguagePair,
+    ReservationBackendUnavailable,
+    UnknownJob,
+)
+from pysched.languages import AUTO, DEFAULT_SERVICES, normalize_language, normalize_services
+from pysched.management import ManagementRegistry
+from pysched.pools import PoolConfig, PoolInfo
+from pysched.reservations import LocalReservations, Reservation, ReservationBackend
+from pysched.sessions import SessionManager
+from pysched.snapshot import RuntimeSnapshot
+
+__all__ = ["Scheduler", "Assignment", "Explanation", "DispatchRequest"]
+
+# Indices of the dispatch outcome counters (reason codes 1..8 keep their own index).
+_OUT_OK = 0
+_OUT_NO_POOL = 9
+_OUT_NO_NODES = 10
+_OUT_BACKEND = 11
+_OUTCOME_NAMES = {_OUT_OK: "ok", _OUT_NO_POOL: "no_pool", _OUT_NO_NODES: "no_nodes",
+                  _OUT_BACKEND: "backend_unavailable"}
+_OUTCOME_NAMES.update({i: REASONS[i] for i in range(1, len(REASONS))})
+_REASON_INDEX = {name: i for i, name in enumerate(REASONS)}
+
+
+class Assignment:
+    """Where a job goes: ``node_id`` in ``pool_id``, under ``job_id``."""
+
+    __slots__ = ("node_id", "pool_id", "job_id", "session_id", "src", "tgt")
+
+    def __init__(self, node_id: str, pool_id: int, job_id: str, session_id: str, src: str, tgt: str) -> None:
+        self.node_id = node_id
+        self.pool_id = pool_id
+        self.job_id = job_id
+        self.session_id = session_id
+        self.src = src
+        self.tgt = tgt
+
+    def __repr__(self) -> str:
+        return (f"Assignment(node_id={self.node_id!r}, pool_id={self.pool_id}, job_id={self.job_id!r}, "
+                f"session_id={self.session_id!r}, src={self.src!r}, tgt={self.tgt!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Assignment):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why each node could or could not take a job for a language pair.
+
+    ``pools`` are the eligible pool ids in dispatch order; ``nodes`` maps
+    every distinct node of those pools to its reason code (``"ok"`` when it
+    is eligible), plus ``"no_pool"`` for nodes that speak the pair but could
+    not get a pool; ``unpooled`` lists every node without a pool.
+    """
+
+    src: str
+    tgt: str
+    pools: tuple[int, ...]
+    nodes: dict[str, str] = field(default_factory=dict)
+    unpooled: tuple[str, ...] = ()
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        """Reason -> number of nodes."""
+        out: dict[str, int] = {}
+        for reason in self.nodes.values():
+            out[reason] = out.get(reason, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class DispatchRequest:
+    """A validated request, as :meth:`Scheduler.dispatch_many` sees it."""
+
+    session_id: str
+    src: str
+    tgt: str
+    job_id: str | None = None
+    exclude: tuple[str, ...] = ()
+    tenant: str | None = None
+    services: tuple[str, ...] = DEFAULT_SERVICES
+
+
+def _check_positive(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_str(value: object, name: str) -> str:
+    if type(value) is not str:
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}: {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be a non-empty str, got {value!r}")
+    return value
+
+
+class Scheduler:
+    """Decides which worker node runs each job.
+
+    Args:
+        pools: ``"auto"`` (one pool per distinct node language set) or a
+            sequence of :class:`PoolConfig` (manual pools).
+        heartbeat_timeout: seconds without a heartbeat after which a node is offline.
+        reservation_ttl: seconds an uncommitted reservation holds capacity.
+        resource_threshold: cpu/gpu/mem percentage at which a node is overloaded.
+        max_pools: the most pools auto mode creates (and manual mode accepts).
+        session_ttl: seconds after which an idle session is forgotten.
+        tenant_pools: tenant -> pool id that a new session of that tenant prefers.
+        clock: monotonic time source in seconds (inject one in tests).
+        seed: seed of the random tie-break; the same seed and calls give the same decisions.
+        reservations: a :class:`ReservationBackend`; in-process
+            :class:`LocalReservations` by default.
+    """
+
+    def __init__(
+        self,
+        pools: str | Sequence[PoolConfig] = "auto",
+        heartbeat_timeout: float = 45.0,
+        reservation_ttl: float = 90.0,
+        resource_threshold: float = 85.0,
+        max_pools: int = 50,
+        session_ttl: float = 3600.0,
+        tenant_pools: Mapping[str, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+        *,
+        reservations: ReservationBackend | None = None,
+    ) -> None:
+        heartbeat_timeout = _check_positive(heartbeat_timeout, "heartbeat_timeout")
+        reservation_ttl = _check_positive(reservation_ttl, "reservation_ttl")
+        session_ttl = _check_positive(session_ttl, "session_ttl")
+        if isinstance(resource_threshold, bool) or not isinstance(resource_threshold, (int, float)):
+            raise TypeError(f"resource_threshold must be a number, got {resource_threshold!r}")
+        if not 0 < resource_threshold <= 100:
+            raise ValueError(f"resource_threshold must be in (0, 100], got {resource_threshold!r}")
+        if type(max_pools) is not int or max_pools < 1:
+            raise ValueError(f"max_pools must be an int >= 1, got {max_pools!r}")
+        if not callable(clock):
+            raise TypeError(f"clock must be callable, got {clock!r}")
+        self._tenant_pools = self._check_tenant_pools(tenant_pools)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        elif type(seed) is not int:
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}: {seed!r}")
+        if reservations is None:
+            reservations = LocalReservations()
+        elif not isinstance(reservations, ReservationBackend):
+            raise TypeError(f"reservations must be a ReservationBackend, got {type(reservations).__name__}")
+        reservations.configure(reservation_ttl, clock)
+
+        self.heartbeat_timeout = heartbeat_timeout
+        self.reservation_ttl = reservation_ttl
+        self.resource_threshold = float(resource_threshold)
+        self.max_pools = max_pools
+        self.session_ttl = session_ttl
+        self.seed = seed
+        self._clock = clock
+        self._reservations = reservations
+        self._rng = core.Rng(seed)
+        self._outcomes = core.Counters()
+        self._mgmt = ManagementRegistry(
+            pools=pools,
+            heartbeat_timeout=heartbeat_timeout,
+            resource_threshold=float(resource_threshold),
+            max_pools=max_pools,
+            clock=clock,
+            rng=self._rng,
+            reservations=reservations,
+        )
+        self._sessions = SessionManager(session_ttl, clock)
+        self._job_prefix = f"{random.Random(seed).getrandbits(32):08x}-"
+        self._job_seq = itertools.count(1)
+        self._mask_cache: dict[object, int] = {}
+        self._shortlist = max(1, int(getattr(reservations, "shortlist", 1)))
+
+    # ------------------------------------------------------------ properties
+    @property
+    def snapshot(self) -> RuntimeSnapshot:
+        """The current immutable :class:`RuntimeSnapshot`."""
+        return self._mgmt.snapshot
+
+    @property
+    def reservations(self) -> ReservationBackend:
+        return self._reservations
+
+    @property
+    def compiled(self) -> bool:
+        """True when the compiled kernel (not the pure-Python twin) is in use."""
+        return COMPILED
+
+    # ------------------------------------------------------------ management
+    def register_node(
+        self,
+        node_id: str,
+        languages: Iterable[str],
+        services: Iterable[str] = ("asr", "nmt", "tts", "semantic"),
+        max_concurrency: int = 4,
+        has_gpu: bool = True,
+        accept_public_jobs: bool = True,
+    ) -> None:
+        """Register (or re-register) a node; it starts ``ready`` with no load."""
+        self._mgmt.register(node_id, languages, services, max_concurrency, has_gpu, accept_public_jobs)
+
+    def heartbeat(
+        self,
+        node_id: str,
+        *,
+        running: int | None = None,
+        cpu: float | None = None,
+        gpu: float | None = None,
+        mem: float | None = None,
+        services: Iterable[str] | None = None,
+        languages: Iterable[str] | None = None,
+        healthy: bool | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
+        """Record a heartbeat. Load-only heartbeats publish nothing.
+
+        Three consecutive ``healthy=False`` make a ready node ``degraded``; a
+        ``healthy=True`` makes it ready again. A heartbeat from a node marked
+        offline brings it back. Raises :class:`UnknownNode`.
+        """
+        self._mgmt.heartbeat(node_id, running, cpu, gpu, mem, services, languages, healthy, max_concurrency)
+
+    def drain_node(self, node_id: str) -> None:
+        """Stop sending new jobs to a node (running ones are unaffected)."""
+        self._mgmt.set_status(node_id, "draining")
+
+    def mark_offline(self, node_id: str) -> None:
+        """Mark a node offline until it heartbeats or is resumed."""
+        self._mgmt.set_status(node_id, "offline")
+
+    def resume_node(self, node_id: str) -> None:
+        """Return a drained, degraded or offline node to ``ready``."""
+        self._mgmt.set_status(node_id, "ready")
+
+    def remove_node(self, node_id: str) -> None:
+        """Forget a node. Its outstanding reservations can still be released."""
+        self._mgmt.remove(node_id)
+
+    def node(self, node_id: str) -> dict:
+        """Management's view of one node."""
+        return self._mgmt.node_info(node_id)
+
+    def set_pools(self, pools: str | Sequence[PoolConfig]) -> None:
+        """Replace the pool configuration (manual pools), or ``"auto"``."""
+        self._mgmt.set_pools(pools)
+
+    def pools(self) -> list[PoolInfo]:
+        """The active pools, by id, with their member node ids."""
+        return [
+            PoolInfo(meta.pool_id, meta.name, meta.languages, meta.required_services, members, meta.auto)
+            for meta, members in self._mgmt.pool_configs()
+        ]
+
+    def close_session(self, session_id: str) -> bool:
+        """Forget a session's binding; False if it was not known."""
+        return self._sessions.close(session_id)
+
+    def sweep_sessions(self) -> int:
+        """Forget idle sessions now (dispatch also does it periodically)."""
+        return self._sessions.sweep()
+
+    # ------------------------------------------------------------ reservations
+    def commit(self, job_id: str) -> None:
+        """The node accepted the job: its reservation stops expiring.
+
+        Raises :class:`UnknownJob` if the job holds no reservation.
+        """
+        _check_str(job_id, "job_id")
+        if not self._reservations.commit(job_id):
+            raise UnknownJob(job_id)
+
+    def release(self, job_id: str) -> bool:
+        """The job is done, failed or cancelled: return its capacity.
+
+        Idempotent; returns False when nothing was held.
+        """
+        _check_str(job_id, "job_id")
+        return self._reservations.release(job_id)
+
+    # ------------------------------------------------------------ dispatch
+    def _required(self, services: object) -> tuple[int, int]:
+        """(service mask, need bits) of a ``services`` argument."""
+        hashable = isinstance(services, (tuple, frozenset))
+        if hashable:
+            mask = self._mask_cache.get(services)
+            if mask is not None:
+                return mask, 0
+        servs = normalize_services(services, "services")
+        mask = self._mgmt.service_mask(servs)
+        if mask is None:
+            # a service nobody announced yet; not cached, it may appear later
+            return 0, NEED_UNKNOWN_SERVICE
+        if hashable and len(self._mask_cache) < 1024:
+            # bits are never reassigned, so a known mask stays valid for life
+            self._mask_cache[services] = mask
+        return mask, 0
+
+    def _exclude_slots(self, snap: RuntimeSnapshot, exclude: object) -> tuple[int, ...]:
+        if exclude is None:
+            return ()
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
+            raise TypeError(f"exclude must be an iterable of node ids, got {type(exclude).__name__}: {exclude!r}")
+        slots = []
+        for node_id in exclude:
+            if type(node_id) is not str:
+                raise TypeError(f"exclude must hold node id strs, got {type(node_id).__name__}: {node_id!r}")
+            slot = snap.slot(node_id)
+            if slot is not None:
+                slots.append(slot)
+        return tuple(slots)
+
+    def dispatch(
+        self,
+        session_id: str,
+        src: str,
+        tgt: str,
+        *,
+        job_id: str | None = None,
+        exclude: Iterable[str] | None = None,
+        tenant: str | None = None,
+        services: Iterable[str] = DEFAULT_SERVICES,
+        require_gpu: bool = True,
+    ) -> Assignment:
+        """Pick a node for one job of ``session_id`` and reserve capacity on it.
+
+        ``src`` may be ``"auto"`` (any source). A ``job_id`` that already holds
+        a reservation returns its existing assignment (safe retries). Jobs
+        without a ``tenant`` are public: only nodes accepting public jobs
+        take them. Raises :class:`NoPoolForLanguagePair`,
+        :class:`NoNodeAvailable`, :class:`ReservationBackendUnavailable`, or
+        ``ValueError``/``TypeError`` for bad arguments; a failed call changes
+        nothing.
+        """
+        snap = self._mgmt.snapshot
+        if type(session_id) is not str or not session_id:
+            _check_str(session_id, "session_id")
+        s = normalize_language(src, "src", allow_auto=True)
+        t = normalize_language(tgt, "tgt")
+        if job_id is not None:
+            _check_str(job_id, "job_id")
+            existing = self._reservations.get(job_id)
+            if existing is not None:
+                return Assignment(existing.node_id, existing.pool_id, job_id, existing.session_id, s, t)
+        if tenant is not None:
+            _check_str(tenant, "tenant")
+        mask, need = self._required(services)
+        if require_gpu:
+            need |= NEED_GPU
+        if tenant is None:
+            need |= NEED_PUBLIC
+        excl = self._exclude_slots(snap, exclude)
+        now = self._clock()
+        return self._dispatch(snap, session_id, s, t, job_id, excl, tenant, mask, need, now)
+
+    def _dispatch(
+        self,
+        snap: RuntimeSnapshot,
+        session_id: str,
+        s: str,
+        t: str,
+        job_id: str | None,
+        excl: tuple[int, ...],
+        tenant: str | None,
+        mask: int,
+        need: int,
+        now: float,
+    ) -> Assignment:
+        ids = snap.index.kernel_ids(s, t)
+        if ids is None:
+            self._outcomes.add(_OUT_NO_POOL)
+            raise NoPoolForLanguagePair(s, t)
+        src_id, tgt_id = ids
+        kernel = snap.kernel
+        pair = (s, t)
+
+        # Steps 2-4: the session's binding, read under its own lock.
+        session = self._sessions.get(session_id)
+        bound = None
+        if session is not None:
+            with session.lock:
+                if session.pair == pair:
+                    bound = session.pool_id
+                session.last_used = now
+        preferred = -1 if bound is None else snap.pool_index.get(bound, -1)
+        if preferred < 0:
+            preferred = self._choose_pool(snap, tenant, src_id, tgt_id, mask, need, now, excl)
+
+        # Steps 5-9: kernel selection, then the reservation decides.
+        if job_id is None:
+            job_id = self._job_prefix + format(next(self._job_seq), "x")
+        refused: dict[int, str] = {}
+        shortlist = self._shortlist
+        while True:
+            packed = kernel.select(src_id, tgt_id, preferred, mask, need, now, excl)
+            if packed < 0:
+                if packed == -2:
+                    self._outcomes.add(_OUT_NO_POOL)
+                    raise NoPoolForLanguagePair(s, t)
+                self._raise_no_node(snap, s, t, src_id, tgt_id, mask, need, now, excl, refused)
+            pool_index = packed >> 32
+            slot = packed & 0xFFFFFFFF
+            if shortlist > 1:
+                slots = kernel.rank(pool_index, mask, need, now, excl, shortlist)
+            else:
+                slots = (slot,)
+            candidates = [kernel.candidate(c) for c in slots]
+            pool_id = snap.pool_ids[pool_index]
+            try:
+                result = self._reservations.try_reserve(job_id, candidates, pool_id, session_id)
+            except ReservationBackendUnavailable:
+                self._outcomes.add(_OUT_BACKEND)
+                raise
+            if isinstance(result, Reservation):
+                break
+            for cand, reason in zip(candidates, result):
+                refused[cand[0]] = reason
+            excl = excl + tuple(c[0] for c in candidates)
+
+        # Step 10: bind the session to the pool that served it.
+        served = result.pool_id
+        if session is None or served != bound:
+            if session is None:
+                session = self._sessions.entry(session_id, now)
+            with session.lock:
+                session.pair = pair
+                session.pool_id = served
+                session.last_used = now
+        elif now >= self._sessions.next_sweep:
+            self._sessions.maybe_sweep(now)
+        self._outcomes.add(_OUT_OK)
+        return Assignment(result.node_id, served, result.job_id, session_id, s, t)
+
+    def _choose_pool(self, snap: RuntimeSnapshot, tenant: str | None, src_id: int, tgt_id: int, mask: int,
+                     need: int, now: float, excl: tuple[int, ...]) -> int:
+        """A new binding: the tenant's pool if eligible, else the one with the most free capacity."""
+        if tenant is not None:
+            pid = self._tenant_pools.get(tenant)
+            if pid is not None:
+                index = snap.pool_index.get(pid, -1)
+                if index >= 0 and index in snap.kernel.pools_for(src_id, tgt_id):
+                    return index
+        return snap.kernel.most_free_pool(src_id, tgt_id, mask, need, now, excl)
+
+    def _raise_no_node(self, snap: RuntimeSnapshot, s: str, t: str, src_id: int, tgt_id: int, mask: int,
+                       need: int, now: float, excl: tuple[int, ...], refused: Mapping[int, str]) -> None:
+        reasons = self._node_reasons(snap, src_id, tgt_id, mask, need, now, excl, refused)
+        breakdown: dict[str, int] = {}
+        for reason in reasons.values():
+            breakdown[reason] = breakdown.get(reason, 0) + 1
+        if breakdown:
+            # most frequent; ties go to the earliest check in eligibility order
+            best = min(breakdown, key=lambda r: (-breakdown[r], _REASON_INDEX.get(r, len(REASONS))))
+            self._outcomes.add(_REASON_INDEX.get(best, _OUT_NO_NODES))
+        else:
+            best = "no_nodes"
+            self._outcomes.add(_OUT_NO_NODES)
+        raise NoNodeAvailable(s, t, breakdown, best)
+
+    def _node_reasons(self, snap: RuntimeSnapshot, src_id: int, tgt_id: int, mask: int, need: int, now: float,
+                      excl: tuple[int, ...], refused: Mapping[int, str]) -> dict[int, str]:
+        """slot -> reason code over every distinct node of every eligible pool."""
+        kernel = snap.kernel
+        out: dict[int, str] = {}
+        for pool in kernel.pools_for(src_id, tgt_id):
+            codes = kernel.reasons(pool, mask, need, now, excl)
+            for slot, code in zip(kernel.members(pool), codes):
+                if slot not in out:
+                    out[slot] = refused.get(slot) or REASONS[code]
+        return out
+
+    # ------------------------------------------------------------ inspection
+    def explain(
+        self,
+        src: str,
+        tgt: str,
+        *,
+        exclude: Iterable[str] | None = None,
+        tenant: str | None = None,
+        services: Iterable[str] = DEFAULT_SERVICES,
+        require_gpu: bool = True,
+    ) -> Explanation:
+        """Eligible pools for the pair, and each candidate node's reason code."""
+        snap = self._mgmt.snapshot
+        s = normalize_language(src, "src", allow_auto=True)
+        t = normalize_language(tgt, "tgt")
+        if tenant is not None:
+            _check_str(tenant, "tenant")
+        mask, need = self._required(services)
+        need |= (NEED_GPU if require_gpu else 0) | (NEED_PUBLIC if tenant is None else 0)
+        excl = self._exclude_slots(snap, exclude)
+        now = self._clock()
+        nodes: dict[str, str] = {}
+        ids = snap.index.kernel_ids(s, t)
+        if ids is not None:
+            reasons = self._node_reasons(snap, ids[0], ids[1], mask, need, now, excl, {})
+            nodes = {snap.node_id(slot): reason for slot, reason in reasons.items()}
+        for node_id, langs in snap.unpooled:
+            if t in langs and (s == AUTO or s in langs):
+                nodes.setdefault(node_id, "no_pool")
+        return Explanation(s, t, snap.index.lookup(s, t), nodes, tuple(n for n, _ in snap.unpooled))
+
+    def stats(self) -> dict:
+        """Nodes by status, pools with member counts, unpooled nodes, sessions,
+        snapshot version, reservations held, and dispatch outcomes by reason."""
+        out = self._mgmt.stats()
+        values = self._outcomes.to_list()
+        out["sessions"] = len(self._sessions)
+        out["reservations"] = self._reservations.count()
+        out["dispatch"] = {name: values[i] for i, name in sorted(_OUTCOME_NAMES.items())}
+        out["compiled"] = COMPILED
+        return out
+
+    # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _check_tenant_pools(tenant_pools: object) -> dict[str, int]:
+        if tenant_pools is None:
+            return {}
+        if not isinstance(tenant_pools, Mapping):
+            raise TypeError(f"tenant_pools must be a mapping tenant -> pool id, got {type(tenant_pools).__name__}")
+        out = {}
+        for tenant, pid in tenant_pools.items():
+            _check_str(tenant, "tenant_pools key")
+            if type(pid) is not int or pid < 0:
+                raise ValueError(f"tenant_pools[{tenant!r}] must be a pool id (int >= 0), got {pid!r}")
+            out[tenant] = pid
+        return out
+
+    def close(self) -> None:
+        """Release the reservation backend's resources."""
+        self._reservations.close()
+
+    def __enter__(self) -> "Scheduler":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,91 @@
+"""Per-session state, each session behind its own lock.
+
+A session remembers the language pair it is bound to and the pool that
+serves it. Both are decided under the session's own lock, with no I/O and
+no management lock inside, so sessions never wait on each other or on
+heartbeats. Sessions idle for ``session_ttl`` seconds are forgotten.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+__all__ = ["SessionState", "SessionManager"]
+
+
+class SessionState:
+    """One session's binding. Read and write its fields only under ``lock``."""
+
+    __slots__ = ("lock", "pair", "pool_id", "last_used")
+
+    def __init__(self, now: float) -> None:
+        self.lock = threading.Lock()
+        self.pair: tuple[str, str] | None = None
+        self.pool_id: int | None = None
+        self.last_used = now
+
+
+class SessionManager:
+    """Session id -> :class:`SessionState`, without a global lock.
+
+    Creating an entry is one atomic ``dict.setdefault``; two threads racing
+    on a new session end up with the same entry. Idle entries are swept at
+    most every ``sweep_interval`` seconds, by whichever dispatch notices first.
+    """
+
+    def __init__(self, session_ttl: float, clock: Callable[[], float]) -> None:
+        self._ttl = session_ttl
+        self._clock = clock
+        self._entries: dict[str, SessionState] = {}
+        self._sweep_interval = min(max(session_ttl / 8.0, 0.05), 60.0)
+        self.next_sweep = clock() + self._sweep_interval
+        self._sweep_lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._entries
+
+    def get(self, session_id: str) -> SessionState | None:
+        return self._entries.get(session_id)
+
+    def entry(self, session_id: str, now: float) -> SessionState:
+        """The session's state, created on first use."""
+        if now >= self.next_sweep:
+            self.maybe_sweep(now)
+        state = self._entries.get(session_id)
+        if state is None:
+            state = self._entries.setdefault(session_id, SessionState(now))
+        return state
+
+    def close(self, session_id: str) -> bool:
+        """Forget a session; False if it was not known."""
+        return self._entries.pop(session_id, None) is not None
+
+    def sweep(self, now: float | None = None) -> int:
+        """Forget every session idle for longer than the TTL; return how many."""
+        now = self._clock() if now is None else now
+        cutoff = now - self._ttl
+        dropped = 0
+        entries = self._entries
+        for session_id, state in list(entries.items()):
+            if state.last_used < cutoff:
+                with state.lock:
+                    # re-check under the session's lock: a dispatch may just have used it
+                    if state.last_used < cutoff and entries.get(session_id) is state:
+                        del entries[session_id]
+                        dropped += 1
+        return dropped
+
+    def maybe_sweep(self, now: float) -> None:
+        """Sweep if the interval has passed and no other thread is sweeping."""
+        if not self._sweep_lock.acquire(blocking=False):
+            return
+        try:
+            if now >= self.next_sweep:
+                self.next_sweep = now + self._sweep_interval
+                self.sweep(now)
+        finally:
+            self._sweep_lock.release()
