@@ -269,6 +269,36 @@ cdef inline int _reason(
     return R_OK
 
 
+cdef inline bint _eligible(
+    const node_rec* rec,
+    const node_load* load,
+    int32_t held,
+    int32_t slot,
+    const request_t* req,
+    double heartbeat_timeout,
+    float threshold,
+) noexcept nogil:
+    """``_reason(...) == R_OK``, computed without telling the reasons apart.
+
+    NEED_GPU/NEED_PUBLIC share their bits with FLAG_HAS_GPU/FLAG_PUBLIC, so
+    both flag checks are one mask test; the hot scan pays for ~6 branches
+    per node instead of ~12.
+    """
+    cdef Py_ssize_t i
+    cdef int32_t effective = held if held > load.running else load.running
+    if (rec.status != STATUS_READY
+            or (req.need & ~rec.flags & (NEED_GPU | NEED_PUBLIC | NEED_UNKNOWN_SERVICE))
+            or (req.service_mask & ~rec.service_mask)
+            or effective >= <int64_t>rec.max_concurrency
+            or req.now - load.last_heartbeat > heartbeat_timeout
+            or load.cpu >= threshold or load.gpu >= threshold or load.mem >= threshold):
+        return False
+    for i in range(req.n_exclude):
+        if req.exclude[i] == slot:
+            return False
+    return True
+
+
 cdef int _fill_request(
     request_t* req, uint64_t service_mask, int need, double now, object exclude, int32_t* stack
 ) except -1:
@@ -410,36 +440,40 @@ cdef class SnapshotKernel:
         cdef float gpu, best_gpu = 0
         cdef const node_rec* rec
         cdef const node_load* load
-        cdef uint64_t draw, rng = state[0]
-        cdef bint better, tie, take
+        cdef uint64_t rng = state[0]
         for j in range(self.pool_off[pool], end):
             slot = members[j]
             rec = &recs[slot]
             load = &loads[slot]
             held = inflight[slot]
-            if _reason(rec, load, held, slot, req, timeout, threshold) != R_OK:
+            if not _eligible(rec, load, held, slot, req, timeout, threshold):
                 continue
             eff = held if held > load.running else load.running
             mx = rec.max_concurrency
             gpu = load.gpu
-            # Every eligible node draws, tie or not, so the loop has no random
-            # branch to mispredict: an idle fleet is all ties.
-            rng ^= rng << 13
-            rng ^= rng >> 7
-            rng ^= rng << 17
-            draw = rng
-            lhs = eff * best_max
-            rhs = best_eff * mx
-            better = best < 0 or lhs < rhs or (lhs == rhs and gpu < best_gpu)
-            tie = (not better) and lhs == rhs and gpu == best_gpu
-            ties = 1 if better else ties + tie
-            # reservoir sampling: a tie replaces the best with probability 1/ties
-            # (multiply-shift rather than a 64-bit modulo, which costs ~30 cycles)
-            take = better or (tie and ((draw >> 32) * <uint64_t>ties) >> 32 == 0)
-            best = slot if take else best
-            best_eff = eff if take else best_eff
-            best_max = mx if take else best_max
-            best_gpu = gpu if take else best_gpu
+            if best >= 0:
+                # compare eff/mx with best_eff/best_max exactly, by cross-multiplying
+                lhs = eff * best_max
+                rhs = best_eff * mx
+                if lhs > rhs or (lhs == rhs and gpu > best_gpu):
+                    continue
+                if lhs == rhs and gpu == best_gpu:
+                    # a tie replaces the best with probability 1/ties (reservoir
+                    # sampling; multiply-shift rather than a ~30-cycle modulo)
+                    ties += 1
+                    rng ^= rng << 13
+                    rng ^= rng >> 7
+                    rng ^= rng << 17
+                    if ((rng >> 32) * <uint64_t>ties) >> 32 != 0:
+                        continue
+                else:
+                    ties = 1
+            else:
+                ties = 1
+            best = slot
+            best_eff = eff
+            best_max = mx
+            best_gpu = gpu
         state[0] = rng
         return best
 
@@ -551,7 +585,7 @@ cdef class SnapshotKernel:
                 slot = self.pool_members[j]
                 rec = &self.recs[slot]
                 load = &self.loads[slot]
-                if _reason(rec, load, self.inflight[slot], slot, &req, self.heartbeat_timeout, self.threshold) != R_OK:
+                if not _eligible(rec, load, self.inflight[slot], slot, &req, self.heartbeat_timeout, self.threshold):
                     continue
                 eff = self.inflight[slot] if self.inflight[slot] > load.running else load.running
                 key = _xorshift64(&state)
@@ -633,8 +667,8 @@ cdef class SnapshotKernel:
         cdef int64_t total = 0, eff
         for j in range(self.pool_off[pool], self.pool_off[pool + 1]):
             slot = self.pool_members[j]
-            if _reason(&self.recs[slot], &self.loads[slot], self.inflight[slot], slot, req,
-                       self.heartbeat_timeout, self.threshold) != R_OK:
+            if not _eligible(&self.recs[slot], &self.loads[slot], self.inflight[slot], slot, req,
+                             self.heartbeat_timeout, self.threshold):
                 continue
             eff = self.inflight[slot] if self.inflight[slot] > self.loads[slot].running else self.loads[slot].running
             total += <int64_t>self.recs[slot].max_concurrency - eff

@@ -26,4 +26,19 @@ else:
 
 COMPILED: bool = core.COMPILED
 
-__all__ = ["core", "COMPILED"]
+__all__ = ["core", "COMPILED", "resolve"]
+
+
+def resolve(kernel: str = "auto"):
+    """The kernel module for a ``kernel=`` argument: "auto", "compiled" or "python"."""
+    if kernel == "auto":
+        return core
+    if kernel == "python":
+        from pysched import _pycore
+
+        return _pycore
+    if kernel == "compiled":
+        from pysched import _core
+
+        return _core
+    raise ValueError(f"kernel must be 'auto', 'compiled' or 'python', got {kernel!r}")

@@ -284,16 +284,15 @@ class SnapshotKernel:
             if self._reason(slot, mask, need, now, exclude) != R_OK:
                 continue
             score = self._score(slot)
-            draw = stream.next()  # every eligible node draws, as in the compiled scan
             cmp = 1 if best < 0 else _better(*score, *best_score)
-            if cmp > 0:
-                ties = 1
-            elif cmp == 0:
-                ties += 1
-                if ((draw >> 32) * ties) >> 32 != 0:
+            if cmp < 0:
+                continue
+            if cmp == 0:
+                ties += 1  # reservoir sampling: the newcomer wins with probability 1/ties
+                if ((stream.next() >> 32) * ties) >> 32 != 0:
                     continue
             else:
-                continue
+                ties = 1
             best = slot
             best_score = score
         return best

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from pysched._kernel import core
+from pysched._kernel import core as default_core
 from pysched._layout import (
     FLAG_HAS_GPU,
     FLAG_PUBLIC,
@@ -32,7 +32,7 @@ from pysched._layout import (
 from pysched.errors import UnknownNode
 from pysched.language_index import PoolLanguageIndex
 from pysched.languages import MAX_SERVICES, normalize_languages, normalize_services
-from pysched.pools import PoolConfig, auto_pool_name
+from pysched.pools import MAX_POOL_ID, PoolConfig, auto_pool_name
 from pysched.reservations import ReservationBackend
 from pysched.snapshot import PoolMeta, RuntimeSnapshot
 
@@ -114,8 +114,10 @@ class ManagementRegistry:
         rng: object,
         reservations: ReservationBackend,
         nogil_min_pool: int = 4096,
+        core=default_core,
     ) -> None:
         self._lock = threading.Lock()
+        self._core = core
         self._clock = clock
         self._rng = rng
         self._reservations = reservations
@@ -148,6 +150,11 @@ class ManagementRegistry:
         self._index: PoolLanguageIndex | None = None
         self._pool_off = np.zeros(1, dtype=np.int32)
         self._pool_members = np.zeros(0, dtype=np.int32)
+
+        #: auto mode: language set -> new pool id. The default counts up locally;
+        #: a fleet of processes installs one that allocates ids in shared storage
+        #: so that every process gives the same set the same id.
+        self.pool_id_allocator: Callable[[frozenset[str]], int] | None = None
 
         self.version = 0
         self.snapshot: RuntimeSnapshot
@@ -246,6 +253,8 @@ class ManagementRegistry:
         public = _check_bool(accept_public_jobs, "accept_public_jobs")
         with self._lock:
             self._check_service_room_locked(servs)
+            if self._auto:
+                self._reserve_pool_id_locked(langs)
             slot = self._slot_of.get(node_id)
             new_slot = slot is None
             if new_slot:
@@ -313,6 +322,8 @@ class ManagementRegistry:
                 raise UnknownNode(node_id)
             if servs is not None:
                 self._check_service_room_locked(servs)
+            if langs is not None and self._auto:
+                self._reserve_pool_id_locked(langs)
             if max_v is not None and max_v != st.max_concurrency:
                 self._reservations.bind_node(st.slot, node_id, max_v)
             structural = False
@@ -470,12 +481,30 @@ class ManagementRegistry:
         if len(self._members) >= self._max_pools:
             return None
         if pid is None:
-            pid = self._next_pool_id
-            self._next_pool_id += 1
-            self._auto_ids[languages] = pid
+            pid = self._reserve_pool_id_locked(languages)
         self._meta[pid] = PoolMeta(pid, auto_pool_name(languages), languages, frozenset(), True)
         self._members[pid] = np.zeros(0, dtype=np.int32)
         self._index_dirty = True
+        return pid
+
+    def _reserve_pool_id_locked(self, languages: frozenset[str]) -> int:
+        """The id of a language set, allocating it (for life) on first sight.
+
+        Callers run this before changing anything else, so an allocator that
+        fails (shared storage down) leaves the registry as it was.
+        """
+        pid = self._auto_ids.get(languages)
+        if pid is not None:
+            return pid
+        if self.pool_id_allocator is not None:
+            pid = int(self.pool_id_allocator(languages))
+            if pid in self._meta or pid in self._auto_ids.values() or not 0 <= pid <= MAX_POOL_ID:
+                raise RuntimeError(f"pool id allocator returned {pid} for {sorted(languages)}: already used")
+            self._next_pool_id = max(self._next_pool_id, pid + 1)
+        else:
+            pid = self._next_pool_id
+            self._next_pool_id += 1
+        self._auto_ids[languages] = pid
         return pid
 
     def _retry_unpooled_locked(self) -> None:
@@ -561,7 +590,7 @@ class ManagementRegistry:
         recs.flags.writeable = False
         self._recs_shared = True
         inflight = self._reservations.inflight
-        kernel = core.SnapshotKernel(
+        kernel = self._core.SnapshotKernel(
             recs, self._loads, inflight, self._pool_off, self._pool_members, index.pair_off, index.pair_pools,
             index.n_langs, self._rng, self._heartbeat_timeout, self._threshold, self._nogil_min_pool,
             self._node_ids,

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pysched._kernel import core
+from pysched._kernel import core as default_core
 
 __all__ = [
     "Candidate",
@@ -144,6 +144,13 @@ class ReservationBackend:
         """Reservations held (for one node, or in total)."""
         raise NotImplementedError
 
+    def expire_due(self, now: float) -> None:
+        """Cheap check, called before every dispatch: sweep if something expired by ``now``.
+
+        Expired capacity must be visible to the kernel's scoring before it
+        picks, or it would call a node full that has room again.
+        """
+
     def close(self) -> None:
         """Release any resources held (threads, connections)."""
 
@@ -158,7 +165,13 @@ class LocalReservations(ReservationBackend):
     a FIFO queue replaces a heap.
     """
 
-    def __init__(self, reservation_ttl: float | None = None, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        reservation_ttl: float | None = None,
+        clock: Callable[[], float] | None = None,
+        *,
+        core=default_core,
+    ) -> None:
         self._lock = threading.Lock()
         self._ttl = reservation_ttl
         self._clock = clock
@@ -205,8 +218,9 @@ class LocalReservations(ReservationBackend):
         pool_id: int,
         session_id: str,
     ) -> Reservation | list[str]:
-        now = self._clock()
         with self._lock:
+            # read under the lock: the expiry queue relies on arriving in time order
+            now = self._clock()
             expiry = self._expiry
             if expiry and expiry[0][0] <= now:
                 self._expire_locked(now)
@@ -264,6 +278,12 @@ class LocalReservations(ReservationBackend):
     def expire(self) -> int:
         with self._lock:
             return self._expire_locked(self._clock())
+
+    def expire_due(self, now: float) -> None:
+        expiry = self._expiry
+        if expiry and expiry[0][0] <= now:
+            with self._lock:
+                self._expire_locked(now)
 
     def count(self, node_id: str | None = None) -> int:
         if node_id is None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pysched._kernel import COMPILED, core
+from pysched._kernel import resolve
 from pysched._layout import NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE, R_OK, REASONS
 from pysched.errors import (
     NoNodeAvailable,
@@ -34,7 +34,7 @@ from pysched.errors import (
     ReservationBackendUnavailable,
     UnknownJob,
 )
-from pysched.languages import AUTO, DEFAULT_SERVICES, normalize_language, normalize_services
+from pysched.languages import AUTO, DEFAULT_SERVICES, normalize_language, normalize_languages, normalize_services
 from pysched.management import ManagementRegistry
 from pysched.pools import PoolConfig, PoolInfo
 from pysched.reservations import LocalReservations, Reservation, ReservationBackend
@@ -149,6 +149,9 @@ class Scheduler:
         seed: seed of the random tie-break; the same seed and calls give the same decisions.
         reservations: a :class:`ReservationBackend`; in-process
             :class:`LocalReservations` by default.
+        kernel: ``"auto"`` (the compiled kernel unless ``PYSCHED_PURE_PYTHON``
+            is set), ``"compiled"``, or ``"python"`` (the pure-Python twin,
+            for comparison and debugging).
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class Scheduler:
         seed: int | None = None,
         *,
         reservations: ReservationBackend | None = None,
+        kernel: str = "auto",
     ) -> None:
         heartbeat_timeout = _check_positive(heartbeat_timeout, "heartbeat_timeout")
         reservation_ttl = _check_positive(reservation_ttl, "reservation_ttl")
@@ -181,8 +185,9 @@ class Scheduler:
             seed = int.from_bytes(os.urandom(8), "little")
         elif type(seed) is not int:
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}: {seed!r}")
+        core = resolve(kernel)
         if reservations is None:
-            reservations = LocalReservations()
+            reservations = LocalReservations(core=core)
         elif not isinstance(reservations, ReservationBackend):
             raise TypeError(f"reservations must be a ReservationBackend, got {type(reservations).__name__}")
         reservations.configure(reservation_ttl, clock)
@@ -205,12 +210,15 @@ class Scheduler:
             clock=clock,
             rng=self._rng,
             reservations=reservations,
+            core=core,
         )
+        self._core = core
         self._sessions = SessionManager(session_ttl, clock)
         self._job_prefix = f"{random.Random(seed).getrandbits(32):08x}-"
         self._job_seq = itertools.count(1)
         self._mask_cache: dict[object, int] = {}
         self._shortlist = max(1, int(getattr(reservations, "shortlist", 1)))
+        self._listeners: list[Callable[[str, str, dict], None]] = []
 
     # ------------------------------------------------------------ properties
     @property
@@ -225,7 +233,42 @@ class Scheduler:
     @property
     def compiled(self) -> bool:
         """True when the compiled kernel (not the pure-Python twin) is in use."""
-        return COMPILED
+        return self._core.COMPILED
+
+    # ------------------------------------------------------------ listeners
+    def add_listener(self, listener: Callable[[str, str, dict], None]) -> None:
+        """Call ``listener(event, node_id, fields)`` after every successful node change.
+
+        Events: ``"register"`` (fields: the register_node arguments),
+        ``"heartbeat"`` (the keywords given), ``"drain"``, ``"offline"``,
+        ``"resume"``, ``"remove"``. Listeners run on the caller's thread,
+        after the management lock is released; they must be quick (queue
+        the work) and must not raise. :class:`pysched.RedisFleet` uses this
+        to share node events between processes.
+        """
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {listener!r}")
+        self._listeners = [*self._listeners, listener]
+
+    def remove_listener(self, listener: Callable[[str, str, dict], None]) -> None:
+        """Stop calling a listener added with :meth:`add_listener`."""
+        self._listeners = [x for x in self._listeners if x is not listener]
+
+    def _notify(self, event: str, node_id: str, fields: dict) -> None:
+        for listener in self._listeners:
+            listener(event, node_id, fields)
+
+    def set_pool_id_allocator(self, allocator: Callable[[frozenset[str]], int] | None) -> None:
+        """Auto mode: have ``allocator(language_set)`` pick each new pool id.
+
+        Several processes sharing a fleet install one backed by shared
+        storage so the same language set gets the same id everywhere. It is
+        called under the management lock, once per new language set; its
+        ids must be unique and are kept for life.
+        """
+        if allocator is not None and not callable(allocator):
+            raise TypeError(f"allocator must be callable or None, got {allocator!r}")
+        self._mgmt.pool_id_allocator = allocator
 
     # ------------------------------------------------------------ management
     def register_node(
@@ -239,6 +282,13 @@ class Scheduler:
     ) -> None:
         """Register (or re-register) a node; it starts ``ready`` with no load."""
         self._mgmt.register(node_id, languages, services, max_concurrency, has_gpu, accept_public_jobs)
+        if self._listeners:
+            info = self._mgmt.node_info(node_id)
+            self._notify("register", node_id, {
+                "languages": sorted(info["languages"]), "services": sorted(info["services"]),
+                "max_concurrency": info["max_concurrency"], "has_gpu": info["has_gpu"],
+                "accept_public_jobs": info["accept_public_jobs"],
+            })
 
     def heartbeat(
         self,
@@ -260,22 +310,39 @@ class Scheduler:
         offline brings it back. Raises :class:`UnknownNode`.
         """
         self._mgmt.heartbeat(node_id, running, cpu, gpu, mem, services, languages, healthy, max_concurrency)
+        if self._listeners:
+            fields = {k: v for k, v in (("running", running), ("cpu", cpu), ("gpu", gpu), ("mem", mem),
+                                        ("healthy", healthy), ("max_concurrency", max_concurrency))
+                      if v is not None}
+            if services is not None:
+                fields["services"] = sorted(normalize_services(services))
+            if languages is not None:
+                fields["languages"] = sorted(normalize_languages(languages))
+            self._notify("heartbeat", node_id, fields)
 
     def drain_node(self, node_id: str) -> None:
         """Stop sending new jobs to a node (running ones are unaffected)."""
         self._mgmt.set_status(node_id, "draining")
+        if self._listeners:
+            self._notify("drain", node_id, {})
 
     def mark_offline(self, node_id: str) -> None:
         """Mark a node offline until it heartbeats or is resumed."""
         self._mgmt.set_status(node_id, "offline")
+        if self._listeners:
+            self._notify("offline", node_id, {})
 
     def resume_node(self, node_id: str) -> None:
         """Return a drained, degraded or offline node to ``ready``."""
         self._mgmt.set_status(node_id, "ready")
+        if self._listeners:
+            self._notify("resume", node_id, {})
 
     def remove_node(self, node_id: str) -> None:
         """Forget a node. Its outstanding reservations can still be released."""
         self._mgmt.remove(node_id)
+        if self._listeners:
+            self._notify("remove", node_id, {})
 
     def node(self, node_id: str) -> dict:
         """Management's view of one node."""
@@ -427,6 +494,8 @@ class Scheduler:
             preferred = self._choose_pool(snap, tenant, src_id, tgt_id, mask, need, now, excl)
 
         # Steps 5-9: kernel selection, then the reservation decides.
+        self._reservations.expire_due(now)
+        supplied = job_id is not None
         if job_id is None:
             job_id = self._job_prefix + format(next(self._job_seq), "x")
         refused: dict[int, str] = {}
@@ -434,6 +503,12 @@ class Scheduler:
         while True:
             packed = kernel.select(src_id, tgt_id, preferred, mask, need, now, excl)
             if packed < 0:
+                if supplied:
+                    # A concurrent retry of the same job may have taken the last
+                    # slot since the caller's check: answer with its assignment.
+                    existing = self._reservations.get(job_id)
+                    if existing is not None:
+                        return Assignment(existing.node_id, existing.pool_id, job_id, existing.session_id, s, t)
                 if packed == -2:
                     self._outcomes.add(_OUT_NO_POOL)
                     raise NoPoolForLanguagePair(s, t)
@@ -548,7 +623,7 @@ class Scheduler:
         out["sessions"] = len(self._sessions)
         out["reservations"] = self._reservations.count()
         out["dispatch"] = {name: values[i] for i, name in sorted(_OUTCOME_NAMES.items())}
-        out["compiled"] = COMPILED
+        out["compiled"] = self._core.COMPILED
         return out
 
     # ------------------------------------------------------------ helpers

@@ -12,7 +12,7 @@ import pytest
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+    sys.path.append(_ROOT)  # after site-packages: the installed pysched wins
 
 from benchmarks.legacy import (  # noqa: E402
     BREAKDOWN_KEYS,

@@ -1,0 +1,45 @@
+"""Shared fleet builders for the asv suite (numpy ``benchmarks/`` style)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pysched  # noqa: E402
+
+LANGUAGES = ["en", "zh", "de", "fr", "es", "ja", "ko", "ru", "pt", "it", "ar", "hi"]
+
+
+def language_sets(n_sets: int, seed: int = 1) -> list[tuple[str, ...]]:
+    """``n_sets`` distinct, realistic language sets (2-3 languages, English-heavy)."""
+    rng = random.Random(seed)
+    sets: list[tuple[str, ...]] = []
+    while len(sets) < n_sets:
+        k = rng.choice([2, 2, 3])
+        langs = tuple(sorted({"en", *rng.sample(LANGUAGES, k - 1)} if rng.random() < 0.7 else rng.sample(LANGUAGES, k)))
+        if len(langs) >= 2 and langs not in sets:
+            sets.append(langs)
+    return sets
+
+
+def build_fleet(n_nodes: int, n_pools: int = 50, max_concurrency: int = 1_000_000, seed: int = 1, **kwargs):
+    """A scheduler with ``n_nodes`` nodes spread evenly over ``n_pools`` auto pools.
+
+    Returns ``(scheduler, sets, pairs)``; the huge default max concurrency keeps
+    long benchmark loops from ever filling a node.
+    """
+    kwargs.setdefault("max_pools", max(50, n_pools))
+    sched = pysched.Scheduler(seed=seed, **kwargs)
+    sets = language_sets(n_pools, seed)
+    for i in range(n_nodes):
+        sched.register_node(f"node-{i}", languages=sets[i % n_pools], max_concurrency=max_concurrency)
+    pairs = [(a, b) for s in sets for a in s for b in s if a != b]
+    return sched, sets, pairs
+
+
+def sessions_for(pairs, n_sessions: int, seed: int = 2) -> list[tuple[str, str, str]]:
+    """One fixed language pair per session, as real sessions mostly have."""
+    rng = random.Random(seed)
+    return [(f"sess-{i:08x}", *rng.choice(pairs)) for i in range(n_sessions)]
