@@ -64,6 +64,7 @@ ctypedef struct request_t:
     double now                 # clock() time of the decision
     const int32_t* exclude     # slots the caller excluded (sorted not required)
     Py_ssize_t n_exclude
+    const int32_t* inflight    # in-flight counts to score with: the live array, or a batch's scratch copy
 
 
 cdef class Rng:
@@ -104,4 +105,6 @@ cdef class SnapshotKernel:
     cdef int _check_pool(self, Py_ssize_t pool) except -1
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
-    cdef int64_t _free(self, Py_ssize_t pool, const request_t* req) noexcept
+    cdef int64_t _free(self, Py_ssize_t pool, const request_t* req) noexcept nogil
+    cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t preferred, const request_t* req, uint64_t* state) noexcept
+    cdef int32_t _most_free(self, Py_ssize_t key, const request_t* req) noexcept nogil

@@ -17,6 +17,7 @@ cimport cython
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -186,14 +187,17 @@ cdef class LoadTable:
 cdef class SlotCounts:
     """Per-slot in-flight counts with check-and-add in one C call.
 
-    A method runs start to finish without releasing the GIL, so ``try_add``
-    is atomic against other Python threads; the reservation backend still
-    wraps it in its own lock to keep its job table consistent with it.
+    Every method runs start to finish without releasing the GIL, so each is
+    atomic against other Python threads: the local reservation backend needs
+    no lock on its hot path. Growing copies the counts into a bigger table
+    and forwards this one to it in the same atomic step, so a thread still
+    holding the old table keeps updating the live counts.
     """
 
     cdef readonly object array   # numpy int32, one count per slot
     cdef int32_t* counts
     cdef Py_ssize_t n
+    cdef SlotCounts successor    # set once grown: every update goes there
 
     def __init__(self, Py_ssize_t n):
         if n < 0:
@@ -201,40 +205,54 @@ cdef class SlotCounts:
         self.array = np.zeros(n, dtype=np.int32)
         self.counts = <int32_t*>cnp.PyArray_DATA(self.array)
         self.n = n
+        self.successor = None
+
+    cdef SlotCounts _live(self):
+        cdef SlotCounts c = self
+        while c.successor is not None:
+            c = c.successor
+        return c
 
     def __len__(self):
-        return self.n
+        return self._live().n
 
     def grown(self, Py_ssize_t n) -> SlotCounts:
-        cdef SlotCounts bigger = SlotCounts(max(n, self.n))
-        bigger.array[: self.n] = self.array
+        cdef SlotCounts live = self._live()
+        cdef SlotCounts bigger = SlotCounts(max(n, live.n))
+        if live.n:
+            memcpy(bigger.counts, live.counts, live.n * sizeof(int32_t))  # no GIL release: atomic
+        live.successor = bigger
         return bigger
 
     def try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) -> bool:
         """Add one if ``max(count, running) < limit``; report whether it did."""
-        if slot < 0 or slot >= self.n:
-            raise IndexError(f"slot {slot} out of range [0, {self.n})")
-        cdef int64_t held = self.counts[slot]
+        cdef SlotCounts c = self._live()
+        if slot < 0 or slot >= c.n:
+            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        cdef int64_t held = c.counts[slot]
         if (held if held > running else running) >= limit:
             return False
-        self.counts[slot] += 1
+        c.counts[slot] += 1
         return True
 
     def add(self, Py_ssize_t slot, int32_t delta) -> int:
-        if slot < 0 or slot >= self.n:
-            raise IndexError(f"slot {slot} out of range [0, {self.n})")
-        self.counts[slot] += delta
-        return self.counts[slot]
+        cdef SlotCounts c = self._live()
+        if slot < 0 or slot >= c.n:
+            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        c.counts[slot] += delta
+        return c.counts[slot]
 
     def set(self, Py_ssize_t slot, int32_t value) -> None:
-        if slot < 0 or slot >= self.n:
-            raise IndexError(f"slot {slot} out of range [0, {self.n})")
-        self.counts[slot] = value
+        cdef SlotCounts c = self._live()
+        if slot < 0 or slot >= c.n:
+            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        c.counts[slot] = value
 
     def get(self, Py_ssize_t slot) -> int:
-        if slot < 0 or slot >= self.n:
-            raise IndexError(f"slot {slot} out of range [0, {self.n})")
-        return self.counts[slot]
+        cdef SlotCounts c = self._live()
+        if slot < 0 or slot >= c.n:
+            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        return c.counts[slot]
 
 
 cdef inline int _reason(
@@ -300,7 +318,8 @@ cdef inline bint _eligible(
 
 
 cdef int _fill_request(
-    request_t* req, uint64_t service_mask, int need, double now, object exclude, int32_t* stack
+    request_t* req, uint64_t service_mask, int need, double now, object exclude, int32_t* stack,
+    const int32_t* inflight
 ) except -1:
     """Boundary conversion of (mask, need, now, exclude) into a request_t.
 
@@ -315,6 +334,7 @@ cdef int _fill_request(
     req.now = now
     req.exclude = stack
     req.n_exclude = 0
+    req.inflight = inflight
     if not exclude:
         return 0
     n = len(exclude)
@@ -430,7 +450,7 @@ cdef class SnapshotKernel:
         # would force the compiler to reload each field from ``self``.
         cdef const node_rec* recs = self.recs
         cdef const node_load* loads = self.loads
-        cdef const int32_t* inflight = self.inflight
+        cdef const int32_t* inflight = req.inflight
         cdef const int32_t* members = self.pool_members
         cdef double timeout = self.heartbeat_timeout
         cdef float threshold = self.threshold
@@ -508,44 +528,116 @@ cdef class SnapshotKernel:
         Returns ``pool_index << 32 | slot``; -1 when pools serve the pair but
         none has an eligible node; -2 when no pool serves the pair.
         """
-        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id), j, begin, end
-        cdef int32_t pool, found
+        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
         cdef uint64_t state
-        if key < 0:
+        cdef int64_t found
+        if key < 0 or self.pair_off[key] == self.pair_off[key + 1]:
             return -2
-        begin = self.pair_off[key]
-        end = self.pair_off[key + 1]
-        if begin == end:
-            return -2
-        _fill_request(&req, service_mask, need, now, exclude, stack)
+        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
         state = self.rng.next_stream()
-        try:
-            if preferred >= 0:
-                for j in range(begin, end):
-                    if self.pair_pools[j] == preferred:
-                        found = self._scan(preferred, &req, &state)
-                        if found >= 0:
-                            return (<int64_t>preferred << 32) | found
-                        break
+        found = self._select(key, preferred, &req, &state)
+        _free_request(&req, stack)
+        return found
+
+    cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t preferred, const request_t* req, uint64_t* state) noexcept:
+        cdef Py_ssize_t j, begin = self.pair_off[key], end = self.pair_off[key + 1]
+        cdef int32_t pool, found
+        if preferred >= 0:
             for j in range(begin, end):
-                pool = self.pair_pools[j]
-                if pool == preferred:
-                    continue
-                found = self._scan(pool, &req, &state)
-                if found >= 0:
-                    return (<int64_t>pool << 32) | found
-            return -1
-        finally:
-            _free_request(&req, stack)
+                if self.pair_pools[j] == preferred:
+                    found = self._scan(preferred, req, state)
+                    if found >= 0:
+                        return (<int64_t>preferred << 32) | found
+                    break
+        for j in range(begin, end):
+            pool = self.pair_pools[j]
+            if pool == preferred:
+                continue
+            found = self._scan(pool, req, state)
+            if found >= 0:
+                return (<int64_t>pool << 32) | found
+        return -1
+
+    def select_batch(
+        self,
+        const int32_t[::1] src_ids,
+        const int32_t[::1] tgt_ids,
+        const uint64_t[::1] service_masks,
+        const int32_t[::1] needs,
+        const int32_t[::1] tenant_pools,
+        const int32_t[::1] session_of,
+        int64_t[::1] bound_key,
+        int32_t[::1] bound_pool,
+        const int32_t[::1] exclude_off,
+        const int32_t[::1] exclude,
+        int32_t[::1] scratch,
+        double now,
+        int64_t[::1] out,
+    ):
+        """Place a whole batch in one pass, exactly as one-by-one dispatch would.
+
+        Requests are visited in order. Each one: its session's binding (from
+        ``bound_key``/``bound_pool``, indexed by ``session_of``) is the
+        preferred pool when it was made for the same pair; otherwise the
+        tenant's pool (``tenant_pools``, -1 for none), otherwise the pool with
+        the most free capacity. It then draws the next decision stream,
+        selects like :meth:`select`, and on success adds one to ``scratch``
+        (a copy of the in-flight counts) and rebinds the session, so later
+        requests see the load and bindings earlier ones created. ``out[i]``
+        gets what ``select`` would return. ``exclude_off`` (n+1 offsets) and
+        ``exclude`` hold each request's excluded slots.
+        """
+        cdef Py_ssize_t n = src_ids.shape[0], i, key, sess
+        cdef request_t req
+        cdef uint64_t state
+        cdef int64_t found
+        cdef Py_ssize_t pref
+        if not (tgt_ids.shape[0] == n and service_masks.shape[0] == n and needs.shape[0] == n
+                and tenant_pools.shape[0] == n and session_of.shape[0] == n and out.shape[0] == n
+                and exclude_off.shape[0] == n + 1):
+            raise ValueError("select_batch: every per-request array must have one entry per request")
+        if bound_key.shape[0] != bound_pool.shape[0]:
+            raise ValueError("select_batch: bound_key and bound_pool must have one entry per session")
+        if scratch.shape[0] < self.n_slots:
+            raise ValueError("select_batch: scratch must cover every slot")
+        if n and (exclude_off[0] != 0 or exclude_off[n] > exclude.shape[0]):
+            raise ValueError("select_batch: exclude_off must run from 0 to at most len(exclude)")
+        for i in range(n):
+            if session_of[i] < 0 or session_of[i] >= bound_key.shape[0]:
+                raise ValueError(f"select_batch: session_of[{i}] out of range")
+            if tenant_pools[i] >= self.n_pools or exclude_off[i] > exclude_off[i + 1]:
+                raise ValueError(f"select_batch: request {i} has a bad tenant pool or exclude range")
+        for i in range(n):
+            key = self._pair_key(src_ids[i], tgt_ids[i])
+            if key < 0 or self.pair_off[key] == self.pair_off[key + 1]:
+                out[i] = -2
+                continue
+            req.service_mask = service_masks[i]
+            req.need = needs[i]
+            req.now = now
+            req.exclude = &exclude[exclude_off[i]] if exclude_off[i + 1] > exclude_off[i] else NULL
+            req.n_exclude = exclude_off[i + 1] - exclude_off[i]
+            req.inflight = &scratch[0]
+            sess = session_of[i]
+            pref = bound_pool[sess] if bound_key[sess] == key else -1
+            if pref < 0:
+                pref = tenant_pools[i] if tenant_pools[i] >= 0 else self._most_free(key, &req)
+            state = self.rng.next_stream()
+            found = self._select(key, pref, &req, &state)
+            out[i] = found
+            if found >= 0:
+                scratch[found & 0xFFFFFFFF] += 1
+                bound_key[sess] = key
+                bound_pool[sess] = <int32_t>(found >> 32)
 
     def pick(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> int:
         """Best eligible slot of one pool, or -1."""
         self._check_pool(pool)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
-        _fill_request(&req, service_mask, need, now, exclude, stack)
+        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
         cdef uint64_t state = self.rng.next_stream()
         cdef int32_t found = self._scan(pool, &req, &state)
         _free_request(&req, stack)
@@ -562,7 +654,7 @@ cdef class SnapshotKernel:
             raise ValueError(f"k must be >= 1, got {k}")
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
-        _fill_request(&req, service_mask, need, now, exclude, stack)
+        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
         cdef uint64_t state = self.rng.next_stream()
         cdef Py_ssize_t j, j2, m, n = 0
         cdef int32_t slot
@@ -585,9 +677,9 @@ cdef class SnapshotKernel:
                 slot = self.pool_members[j]
                 rec = &self.recs[slot]
                 load = &self.loads[slot]
-                if not _eligible(rec, load, self.inflight[slot], slot, &req, self.heartbeat_timeout, self.threshold):
+                if not _eligible(rec, load, req.inflight[slot], slot, &req, self.heartbeat_timeout, self.threshold):
                     continue
-                eff = self.inflight[slot] if self.inflight[slot] > load.running else load.running
+                eff = req.inflight[slot] if req.inflight[slot] > load.running else load.running
                 key = _xorshift64(&state)
                 # insertion into the sorted top-k; position m = first entry we beat
                 m = n
@@ -622,7 +714,7 @@ cdef class SnapshotKernel:
         self._check_pool(pool)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
-        _fill_request(&req, service_mask, need, now, exclude, stack)
+        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
         cdef Py_ssize_t begin = self.pool_off[pool], n = self.pool_off[pool + 1] - begin, j
         cdef bytearray out = bytearray(n)
         cdef int32_t slot
@@ -656,42 +748,49 @@ cdef class SnapshotKernel:
         self._check_pool(pool)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
-        _fill_request(&req, service_mask, need, now, exclude, stack)
+        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
         cdef int64_t total = self._free(pool, &req)
         _free_request(&req, stack)
         return total
 
-    cdef int64_t _free(self, Py_ssize_t pool, const request_t* req) noexcept:
+    cdef int64_t _free(self, Py_ssize_t pool, const request_t* req) noexcept nogil:
         cdef Py_ssize_t j
-        cdef int32_t slot
+        cdef int32_t slot, held
         cdef int64_t total = 0, eff
         for j in range(self.pool_off[pool], self.pool_off[pool + 1]):
             slot = self.pool_members[j]
-            if not _eligible(&self.recs[slot], &self.loads[slot], self.inflight[slot], slot, req,
+            held = req.inflight[slot]
+            if not _eligible(&self.recs[slot], &self.loads[slot], held, slot, req,
                              self.heartbeat_timeout, self.threshold):
                 continue
-            eff = self.inflight[slot] if self.inflight[slot] > self.loads[slot].running else self.loads[slot].running
+            eff = held if held > self.loads[slot].running else self.loads[slot].running
             total += <int64_t>self.recs[slot].max_concurrency - eff
         return total
+
+    cdef int32_t _most_free(self, Py_ssize_t key, const request_t* req) noexcept nogil:
+        cdef Py_ssize_t j
+        cdef int32_t pool, best = -1
+        cdef int64_t free_now, best_free = -1
+        for j in range(self.pair_off[key], self.pair_off[key + 1]):
+            pool = self.pair_pools[j]
+            free_now = self._free(pool, req)
+            if free_now > best_free:
+                best_free = free_now
+                best = pool
+        return best
 
     def most_free_pool(
         self, Py_ssize_t src_id, Py_ssize_t tgt_id, uint64_t service_mask, int need, double now, exclude=()
     ) -> int:
         """The pool serving the pair with the most free capacity (earliest on ties); -1 if none."""
-        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id), j
-        cdef int32_t pool, best = -1
-        cdef int64_t free_now, best_free = -1
+        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
+        cdef int32_t best
         if key < 0:
             return -1
-        _fill_request(&req, service_mask, need, now, exclude, stack)
-        for j in range(self.pair_off[key], self.pair_off[key + 1]):
-            pool = self.pair_pools[j]
-            free_now = self._free(pool, &req)
-            if free_now > best_free:
-                best_free = free_now
-                best = pool
+        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
+        best = self._most_free(key, &req)
         _free_request(&req, stack)
         return best
 

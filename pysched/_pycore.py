@@ -141,45 +141,56 @@ class LoadTable:
 class SlotCounts:
     """Per-slot in-flight counts (the compiled version is atomic under the GIL; this one locks)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, _lock: threading.Lock | None = None) -> None:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self.array = np.zeros(n, dtype=np.int32)
-        self._lock = threading.Lock()
+        self._lock = _lock or threading.Lock()  # shared with successors
+        self._successor: SlotCounts | None = None
+
+    def _live(self) -> "SlotCounts":
+        c = self
+        while c._successor is not None:
+            c = c._successor
+        return c
 
     def __len__(self) -> int:
-        return len(self.array)
+        return len(self._live().array)
 
-    def _check(self, slot: int) -> None:
-        if slot < 0 or slot >= len(self.array):
-            raise IndexError(f"slot {slot} out of range [0, {len(self.array)})")
+    def _checked(self, slot: int) -> np.ndarray:
+        arr = self._live().array
+        if slot < 0 or slot >= len(arr):
+            raise IndexError(f"slot {slot} out of range [0, {len(arr)})")
+        return arr
 
     def grown(self, n: int) -> "SlotCounts":
-        bigger = SlotCounts(max(n, len(self.array)))
-        bigger.array[: len(self.array)] = self.array
-        return bigger
+        with self._lock:
+            live = self._live()
+            bigger = SlotCounts(max(n, len(live.array)), self._lock)
+            bigger.array[: len(live.array)] = live.array
+            live._successor = bigger
+            return bigger
 
     def try_add(self, slot: int, limit: int, running: int) -> bool:
-        self._check(slot)
         with self._lock:
-            if max(int(self.array[slot]), running) >= limit:
+            arr = self._checked(slot)
+            if max(int(arr[slot]), running) >= limit:
                 return False
-            self.array[slot] += 1
+            arr[slot] += 1
             return True
 
     def add(self, slot: int, delta: int) -> int:
-        self._check(slot)
         with self._lock:
-            self.array[slot] += delta
-            return int(self.array[slot])
+            arr = self._checked(slot)
+            arr[slot] += delta
+            return int(arr[slot])
 
     def set(self, slot: int, value: int) -> None:
-        self._check(slot)
-        self.array[slot] = value
+        with self._lock:
+            self._checked(slot)[slot] = value
 
     def get(self, slot: int) -> int:
-        self._check(slot)
-        return int(self.array[slot])
+        return int(self._checked(slot)[slot])
 
 
 def _better(eff: int, mx: int, gpu: float, best_eff: int, best_max: int, best_gpu: float) -> int:
@@ -317,6 +328,56 @@ class SnapshotKernel:
             if found >= 0:
                 return (pool << 32) | found
         return -1
+
+    def select_batch(self, src_ids, tgt_ids, service_masks, needs, tenant_pools, session_of, bound_key,
+                     bound_pool, exclude_off, exclude, scratch, now, out) -> None:
+        n = len(src_ids)
+        if not all(len(a) == n for a in (tgt_ids, service_masks, needs, tenant_pools, session_of, out)) \
+                or len(exclude_off) != n + 1:
+            raise ValueError("select_batch: every per-request array must have one entry per request")
+        if len(bound_key) != len(bound_pool):
+            raise ValueError("select_batch: bound_key and bound_pool must have one entry per session")
+        if len(scratch) < self.n_slots:
+            raise ValueError("select_batch: scratch must cover every slot")
+        if n and (exclude_off[0] != 0 or exclude_off[n] > len(exclude)):
+            raise ValueError("select_batch: exclude_off must run from 0 to at most len(exclude)")
+        for i in range(n):
+            if not 0 <= session_of[i] < len(bound_key):
+                raise ValueError(f"select_batch: session_of[{i}] out of range")
+            if tenant_pools[i] >= self.n_pools or exclude_off[i] > exclude_off[i + 1]:
+                raise ValueError(f"select_batch: request {i} has a bad tenant pool or exclude range")
+        live = self._inflight
+        self._inflight = scratch  # score with the batch's running copy
+        try:
+            for i in range(n):
+                src, tgt = int(src_ids[i]), int(tgt_ids[i])
+                key = self._pair_key(src, tgt)
+                pools = self.pools_for(src, tgt)
+                if key < 0 or not pools:
+                    out[i] = -2
+                    continue
+                mask, need = int(service_masks[i]), int(needs[i])
+                excl = set(int(x) for x in exclude[exclude_off[i]:exclude_off[i + 1]])
+                sess = int(session_of[i])
+                pref = int(bound_pool[sess]) if int(bound_key[sess]) == key else -1
+                if pref < 0:
+                    pref = int(tenant_pools[i]) if tenant_pools[i] >= 0 else self.most_free_pool(
+                        src, tgt, mask, need, now, tuple(excl))
+                stream = self._rng.next_stream()
+                found = -1
+                order = ([pref] if pref in pools else []) + [p for p in pools if p != pref]
+                for pool in order:
+                    slot = self._scan(pool, mask, need, now, excl, stream)
+                    if slot >= 0:
+                        found = (pool << 32) | slot
+                        break
+                out[i] = found
+                if found >= 0:
+                    scratch[found & 0xFFFFFFFF] += 1
+                    bound_key[sess] = key
+                    bound_pool[sess] = found >> 32
+        finally:
+            self._inflight = live
 
     def pick(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> int:
         self._check_pool(pool)

@@ -95,6 +95,8 @@ _EVENTS = frozenset(("register", "heartbeat", "remove", *_STATUS_EVENTS))
 # Exponential back-off after a Redis error (seconds).
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 1.0
+#: how late Redis may end a blocking read (its timer runs every 1/hz s; hz=10 by default)
+_BLOCK_SLACK = 0.11
 
 
 class _Lua:
@@ -246,8 +248,8 @@ class RedisFleet:
         from ``client``'s connection settings with a small private pool.
     :param block: seconds one ``XREAD`` waits for new events.
     :param max_queue: events kept while Redis is unreachable; the oldest are
-        dropped beyond it (counted in ``stats()["dropped"]``; the next heal
-        re-publishes the full state anyway).
+        dropped beyond it (counted in ``stats()["dropped"]``), and once Redis
+        answers again the full state of this process's nodes is re-published.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`.
     """
@@ -348,6 +350,8 @@ class RedisFleet:
 
         self._own: set[str] = set()  # nodes registered through this process
         self._remote: set[str] = set()  # nodes learnt from other processes
+        self._nodes_lock = threading.Lock()  # guards both sets (listeners run on any thread)
+        self._overflowed = False
         self._known_pools: dict[str, int] = {}  # language-set key -> pool id
         self._pools_lock = threading.Lock()
         self._epoch: str | None = None
@@ -357,8 +361,9 @@ class RedisFleet:
         self._stats_lock = threading.Lock()
         self._counters = dict.fromkeys(
             ("published", "applied", "skipped", "refreshes", "heals", "resyncs", "errors", "dropped",
-             "pool_allocations"), 0)
+             "pool_id_lookups"), 0)
         self._last_error: str | None = None
+        self._failing: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> RedisFleet:
@@ -373,7 +378,9 @@ class RedisFleet:
                 return self
             if not self._started_once and not self._checked_empty:
                 stats = self._sched.stats()
-                if stats["nodes_total"] or stats["pools"]:
+                # Auto mode: any registration so far (even one since removed)
+                # gave a language set a local pool id the fleet does not know.
+                if stats["nodes_total"] or (stats["mode"] == "auto" and self._sched.snapshot.version > 1):
                     raise ValueError(
                         "start the RedisFleet before registering nodes: pool ids allocated locally "
                         "would not agree with the fleet's"
@@ -467,12 +474,14 @@ class RedisFleet:
         with self._stats_lock:
             out: dict[str, Any] = dict(self._counters)
             out["last_error"] = self._last_error
+        with self._nodes_lock:
+            own, remote = len(self._own), len(self._remote)
         out.update(
             process_id=self.process_id,
             running=self._running,
             pending=len(self._queue),
-            own_nodes=len(self._own),
-            remote_nodes=len(self._remote),
+            own_nodes=own,
+            remote_nodes=remote,
             last_id=self._last_id,
         )
         return out
@@ -482,11 +491,22 @@ class RedisFleet:
         with self._stats_lock:
             self._counters[name] += n
 
-    def _error(self, where: str, exc: BaseException) -> None:
+    def _error(self, where: str, exc: BaseException, *, loop: bool = False) -> None:
+        """Count an error. ``loop``: a thread's failed round, retried (warn once per outage)."""
+        first = True
         with self._stats_lock:
             self._counters["errors"] += 1
             self._last_error = f"{where}: {type(exc).__name__}: {exc}"
-        log.warning("pysched fleet %s: %s", where, exc)
+            if loop:
+                first = where not in self._failing
+                self._failing.add(where)
+        log.log(logging.WARNING if first else logging.DEBUG, "pysched fleet %s: %s", where, exc)
+
+    def _ok(self, where: str) -> None:
+        if where in self._failing:
+            with self._stats_lock:
+                self._failing.discard(where)
+            log.warning("pysched fleet %s: Redis reachable again", where)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn``; redis outages become :class:`ReservationBackendUnavailable`."""
@@ -538,7 +558,7 @@ class RedisFleet:
                              [self._k_pool_ids, self._k_pool_seq], [key, floor]))
         with self._pools_lock:
             self._known_pools[key] = pid
-        self._count("pool_allocations")
+        self._count("pool_id_lookups")
         return pid
 
     # ------------------------------------------------------------------ listener
@@ -547,13 +567,17 @@ class RedisFleet:
         if getattr(self._local, "applying", False):
             return  # a remote event being replayed here: do not echo it
         if event == "register":
-            self._own.add(node_id)
-            self._remote.discard(node_id)
+            with self._nodes_lock:
+                self._own.add(node_id)
+                self._remote.discard(node_id)
         elif event == "remove":
-            self._own.discard(node_id)
-            self._remote.discard(node_id)
+            with self._nodes_lock:
+                self._own.discard(node_id)
+                self._remote.discard(node_id)
         if len(self._queue) == self._queue.maxlen:
+            # The deque drops the oldest event: re-publish full state later.
             self._count("dropped")
+            self._overflowed = True
         self._queue.append((next(self._seq), event, node_id, fields))
         self._wake.set()
 
@@ -581,9 +605,16 @@ class RedisFleet:
             try:
                 self._call(self._send, events)
             except Exception as exc:  # noqa: BLE001 - the thread must survive anything
-                # Put the events back in front, in order, and retry later.
+                # Put the events back in front, in order, and retry later. A
+                # full queue keeps the newest: the oldest are dropped, and the
+                # full state is re-published once Redis answers.
+                room = (self._queue.maxlen or 0) - len(self._queue)
+                if len(events) > room:
+                    self._count("dropped", len(events) - max(room, 0))
+                    self._overflowed = True
+                    events = events[len(events) - room:] if room > 0 else []
                 self._queue.extendleft(reversed(events))
-                self._error("publish", exc)
+                self._error("publish", exc, loop=True)
                 self._check_now = True
                 if stopping:
                     self._count("dropped", len(self._queue))
@@ -593,6 +624,8 @@ class RedisFleet:
                 self._wake.set()
                 continue
             backoff = _BACKOFF_MIN
+            if self._failing:
+                self._ok("publish")
             self._count("published", len(events))
             with self._published_cond:
                 self._published_seq = max(self._published_seq, max(e[0] for e in events))
@@ -676,20 +709,33 @@ class RedisFleet:
                     self._call(self._backend.refresh_inflight)
                     self._count("refreshes")
                     next_refresh = time.monotonic() + self.refresh_interval
-                wait = max(0.001, min(self.block, next_refresh - time.monotonic()))
-                self._call(self._read_and_apply, wait)
+                # Redis times blocked reads out on its cron (every 1/hz s,
+                # 100 ms by default), so a BLOCK may overrun by that much:
+                # block only while the refresh is not due within that slack,
+                # else poll, so refreshes keep their period.
+                remaining = next_refresh - time.monotonic()
+                if remaining > _BLOCK_SLACK + 0.01:
+                    self._call(self._read_and_apply, min(self.block, remaining - _BLOCK_SLACK))
+                elif not self._call(self._read_and_apply, None):
+                    self._stop.wait(min(0.01, max(0.0, remaining)))
+                if self._failing:
+                    self._ok("apply")
                 backoff = _BACKOFF_MIN
             except Exception as exc:  # noqa: BLE001 - the thread must survive anything
-                self._error("apply", exc)
+                self._error("apply", exc, loop=True)
                 self._check_now = True  # Redis may have restarted: check its epoch first
                 self._stop.wait(backoff)
                 backoff = min(_BACKOFF_MAX, backoff * 2)
 
-    def _read_and_apply(self, wait: float) -> None:
-        reply = self._blocking_client.xread({self._k_events: self._last_id}, count=1000,
-                                            block=max(1, int(wait * 1000)))
+    def _read_and_apply(self, wait: float | None) -> int:
+        """Apply the next events of the stream (waiting up to ``wait`` s; None: no wait).
+
+        Returns how many entries were read.
+        """
+        block = None if wait is None else max(1, int(wait * 1000))
+        reply = self._blocking_client.xread({self._k_events: self._last_id}, count=1000, block=block)
         if not reply:
-            return
+            return 0
         # RESP2: [[stream, entries]]; RESP3: {stream: entries}
         entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
         for entry in entries:
@@ -704,6 +750,7 @@ class RedisFleet:
                 # so the event is applied again after the retry.
                 self._apply_event(fields.get("e", ""), fields.get("n", ""), fields.get("f", "{}"))
             self._last_id = _text(entry_id)
+        return len(entries)
 
     def _apply_event(self, event: str, node_id: str, payload: str) -> None:
         """Replay one remote event through the scheduler's public methods."""
@@ -719,8 +766,7 @@ class RedisFleet:
         try:
             if event == "register":
                 sched.register_node(node_id, **{k: fields[k] for k in _REGISTER_FIELDS if k in fields})
-                self._remote.add(node_id)
-                self._own.discard(node_id)  # last writer wins: the node now belongs to that process
+                self._mark_remote(node_id)  # last writer wins: the node now belongs to that process
             elif event == "heartbeat":
                 sched.heartbeat(node_id, **{k: fields[k] for k in _HEARTBEAT_FIELDS if k in fields})
             elif event == "drain":
@@ -730,8 +776,9 @@ class RedisFleet:
             elif event == "resume":
                 sched.resume_node(node_id)
             elif event == "remove":
-                self._remote.discard(node_id)
-                self._own.discard(node_id)
+                with self._nodes_lock:
+                    self._remote.discard(node_id)
+                    self._own.discard(node_id)
                 sched.remove_node(node_id)
             self._count("applied")
         except UnknownNode:
@@ -747,6 +794,15 @@ class RedisFleet:
             self._error(f"apply {event} {node_id!r}", exc)
         finally:
             self._local.applying = False
+
+    def _mark_remote(self, node_id: str) -> None:
+        with self._nodes_lock:
+            self._remote.add(node_id)
+            self._own.discard(node_id)
+
+    def _own_nodes(self) -> list[str]:
+        with self._nodes_lock:
+            return sorted(self._own)
 
     def _fetch_and_apply(self, node_id: str) -> None:
         pipe = self._client.pipeline(transaction=True)
@@ -770,8 +826,7 @@ class RedisFleet:
         self._local.applying = True
         try:
             sched.register_node(node_id, **{k: rec[k] for k in _REGISTER_FIELDS if k in rec})
-            self._remote.add(node_id)
-            self._own.discard(node_id)
+            self._mark_remote(node_id)
             load = {k: rec[k] for k in _LOAD_FIELDS if rec.get(k) is not None}
             if load:
                 sched.heartbeat(node_id, **load)
@@ -816,13 +871,14 @@ class RedisFleet:
         last, members, server_time = pipe.execute()
         position = _text(last[0][0]) if last else "0-0"
         nodes = sorted(_text(m) for m in members)
+        own = set(self._own_nodes())
         if nodes:
             pipe = self._client.pipeline(transaction=False)
             for node in nodes:
                 pipe.hgetall(self._node_key(node))
             records = pipe.execute()
             for node, record in zip(nodes, records):
-                if record and not (skip_own and node in self._own):
+                if record and not (skip_own and node in own):
                     self._apply_record(node, record, server_time)
         self._last_id = position
 
@@ -835,6 +891,10 @@ class RedisFleet:
         if epoch is None or _text(epoch) != self._epoch:
             self._heal()
             return
+        if self._overflowed:
+            # Events were dropped during a long outage: send our nodes' full state.
+            self._overflowed = False
+            self._enqueue_state(self._own_nodes())
         if self._last_id != "0-0" and (not first or _stream_id(first[0][0]) > _stream_id(self._last_id)):
             # Entries after our position may have been trimmed unread.
             self._count("resyncs")
@@ -855,25 +915,32 @@ class RedisFleet:
             self._eval(self._client, self._seed_script, [self._k_pool_ids, self._k_pool_seq],
                        [x for kv in known for x in kv])
         sched = self._sched
-        heal_events: list[tuple[str, str, dict]] = []
-        for node_id in sorted(self._own):
-            try:
-                info = sched.node(node_id)
-            except UnknownNode:
-                self._own.discard(node_id)
-                continue
+        own = self._own_nodes()
+        for node_id in own:
             slot = sched.snapshot.slot(node_id)
+            try:
+                max_concurrency = int(sched.node(node_id)["max_concurrency"])
+            except UnknownNode:
+                continue  # removed meanwhile
             if slot is not None:
-                self._backend.bind_node(slot, node_id, int(info["max_concurrency"]))
-            heal_events += self._state_events(node_id, info)
-        for event, node_id, fields in heal_events:
-            self._queue.append((next(self._seq), event, node_id, fields))
-        self._wake.set()
+                self._backend.bind_node(slot, node_id, max_concurrency)
+        self._overflowed = False
+        self._enqueue_state(own)
         self._adopt_epoch()
         self._last_id = "0-0"
         self._count("heals")
-        log.warning("pysched fleet: Redis lost the fleet state (restart?); re-published %d own nodes",
-                    len(self._own))
+        log.warning("pysched fleet: Redis lost the fleet state (restart?); re-published %d own nodes", len(own))
+
+    def _enqueue_state(self, node_ids: Iterable[str]) -> None:
+        """Queue events that rebuild these nodes' current state in every process."""
+        for node_id in node_ids:
+            try:
+                info = self._sched.node(node_id)
+            except UnknownNode:
+                continue
+            for event, node, fields in self._state_events(node_id, info):
+                self._queue.append((next(self._seq), event, node, fields))
+        self._wake.set()
 
     @staticmethod
     def _state_events(node_id: str, info: dict) -> list[tuple[str, str, dict]]:

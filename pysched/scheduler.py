@@ -26,14 +26,18 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pysched._kernel import resolve
 from pysched._layout import NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE, R_OK, REASONS
 from pysched.errors import (
     NoNodeAvailable,
+    SchedulerError,
     NoPoolForLanguagePair,
     ReservationBackendUnavailable,
     UnknownJob,
 )
+from pysched.languages import _language_cache as _LANGUAGE_CACHE
 from pysched.languages import AUTO, DEFAULT_SERVICES, normalize_language, normalize_languages, normalize_services
 from pysched.management import ManagementRegistry
 from pysched.pools import PoolConfig, PoolInfo
@@ -133,6 +137,30 @@ def _check_str(value: object, name: str) -> str:
     return value
 
 
+_REQUEST_KEYWORDS = frozenset({"job_id", "exclude", "tenant", "services", "require_gpu"})
+
+
+def _unpack_request(req: object) -> tuple[object, object, object, dict]:
+    """``(session_id, src, tgt, keywords)`` of one :meth:`Scheduler.dispatch_many` request."""
+    if isinstance(req, DispatchRequest):
+        return req.session_id, req.src, req.tgt, {
+            "job_id": req.job_id, "exclude": req.exclude or None, "tenant": req.tenant, "services": req.services,
+        }
+    if isinstance(req, Mapping):
+        kw = dict(req)
+        try:
+            sid, src, tgt = kw.pop("session_id"), kw.pop("src"), kw.pop("tgt")
+        except KeyError as exc:
+            raise ValueError(f"request {req!r} is missing {exc.args[0]!r}") from None
+        unknown = set(kw) - _REQUEST_KEYWORDS
+        if unknown:
+            raise TypeError(f"request has unknown keywords {sorted(unknown)!r}")
+        return sid, src, tgt, kw
+    if isinstance(req, tuple) and len(req) == 3:
+        return req[0], req[1], req[2], {}
+    raise TypeError(f"a request must be (session_id, src, tgt), a mapping or a DispatchRequest, got {req!r}")
+
+
 class Scheduler:
     """Decides which worker node runs each job.
 
@@ -214,9 +242,11 @@ class Scheduler:
         )
         self._core = core
         self._sessions = SessionManager(session_ttl, clock)
+        self._session_map = self._sessions.entries  # read-only fast path for dispatch
         self._job_prefix = f"{random.Random(seed).getrandbits(32):08x}-"
         self._job_seq = itertools.count(1)
         self._mask_cache: dict[object, int] = {}
+        self._default_mask: int | None = None  # set once every default service is known
         self._shortlist = max(1, int(getattr(reservations, "shortlist", 1)))
         self._listeners: list[Callable[[str, str, dict], None]] = []
 
@@ -401,6 +431,8 @@ class Scheduler:
         if hashable and len(self._mask_cache) < 1024:
             # bits are never reassigned, so a known mask stays valid for life
             self._mask_cache[services] = mask
+            if services is DEFAULT_SERVICES:
+                self._default_mask = mask
         return mask, 0
 
     def _exclude_slots(self, snap: RuntimeSnapshot, exclude: object) -> tuple[int, ...]:
@@ -439,26 +471,58 @@ class Scheduler:
         ``ValueError``/``TypeError`` for bad arguments; a failed call changes
         nothing.
         """
+        # Step 1: the snapshot, one attribute read, no lock.
         snap = self._mgmt.snapshot
+        s, t, existing, mask, need, excl = self._prepare(
+            snap, session_id, src, tgt, job_id, exclude, tenant, services, require_gpu
+        )
+        if existing is not None:
+            return existing
+        return self._dispatch(snap, session_id, s, t, job_id, excl, tenant, mask, need, self._clock())
+
+    def _prepare(
+        self,
+        snap: RuntimeSnapshot,
+        session_id: object,
+        src: object,
+        tgt: object,
+        job_id: object,
+        exclude: object,
+        tenant: object,
+        services: object,
+        require_gpu: object,
+    ) -> tuple[str, str, Assignment | None, int, int, tuple[int, ...]]:
+        """Validate and normalise one request: ``(src, tgt, existing, mask, need, excluded slots)``.
+
+        ``existing`` is the assignment a ``job_id`` already holds (a retry).
+        The common cases (cached codes, default services) cost one dict
+        lookup each: this runs on every job.
+        """
         if type(session_id) is not str or not session_id:
             _check_str(session_id, "session_id")
-        s = normalize_language(src, "src", allow_auto=True)
-        t = normalize_language(tgt, "tgt")
+        s = _LANGUAGE_CACHE.get(src) if type(src) is str else None
+        if s is None:
+            s = normalize_language(src, "src", allow_auto=True)
+        t = _LANGUAGE_CACHE.get(tgt) if type(tgt) is str else None
+        if t is None or t == AUTO:
+            t = normalize_language(tgt, "tgt")
         if job_id is not None:
             _check_str(job_id, "job_id")
-            existing = self._reservations.get(job_id)
-            if existing is not None:
-                return Assignment(existing.node_id, existing.pool_id, job_id, existing.session_id, s, t)
+            held = self._reservations.get(job_id)
+            if held is not None:
+                return s, t, Assignment(held.node_id, held.pool_id, job_id, held.session_id, s, t), 0, 0, ()
         if tenant is not None:
             _check_str(tenant, "tenant")
-        mask, need = self._required(services)
+        if services is DEFAULT_SERVICES and self._default_mask is not None:
+            mask, need = self._default_mask, 0
+        else:
+            mask, need = self._required(services)
         if require_gpu:
             need |= NEED_GPU
         if tenant is None:
             need |= NEED_PUBLIC
-        excl = self._exclude_slots(snap, exclude)
-        now = self._clock()
-        return self._dispatch(snap, session_id, s, t, job_id, excl, tenant, mask, need, now)
+        excl = () if exclude is None else self._exclude_slots(snap, exclude)
+        return s, t, None, mask, need, excl
 
     def _dispatch(
         self,
@@ -473,16 +537,17 @@ class Scheduler:
         need: int,
         now: float,
     ) -> Assignment:
-        ids = snap.index.kernel_ids(s, t)
-        if ids is None:
+        lang_ids = snap.index.lang_ids
+        tgt_id = lang_ids.get(t)
+        src_id = snap.index.n_langs if s == AUTO else lang_ids.get(s)
+        if src_id is None or tgt_id is None:
             self._outcomes.add(_OUT_NO_POOL)
             raise NoPoolForLanguagePair(s, t)
-        src_id, tgt_id = ids
         kernel = snap.kernel
         pair = (s, t)
 
         # Steps 2-4: the session's binding, read under its own lock.
-        session = self._sessions.get(session_id)
+        session = self._session_map.get(session_id)
         bound = None
         if session is not None:
             with session.lock:
@@ -494,57 +559,244 @@ class Scheduler:
             preferred = self._choose_pool(snap, tenant, src_id, tgt_id, mask, need, now, excl)
 
         # Steps 5-9: kernel selection, then the reservation decides.
-        self._reservations.expire_due(now)
+        reservations = self._reservations
+        reservations.expire_due(now)
         supplied = job_id is not None
         if job_id is None:
             job_id = self._job_prefix + format(next(self._job_seq), "x")
         refused: dict[int, str] = {}
         shortlist = self._shortlist
+        retries = 0
         while True:
             packed = kernel.select(src_id, tgt_id, preferred, mask, need, now, excl)
             if packed < 0:
                 if supplied:
                     # A concurrent retry of the same job may have taken the last
                     # slot since the caller's check: answer with its assignment.
-                    existing = self._reservations.get(job_id)
+                    existing = reservations.get(job_id)
                     if existing is not None:
                         return Assignment(existing.node_id, existing.pool_id, job_id, existing.session_id, s, t)
                 if packed == -2:
                     self._outcomes.add(_OUT_NO_POOL)
                     raise NoPoolForLanguagePair(s, t)
-                self._raise_no_node(snap, s, t, src_id, tgt_id, mask, need, now, excl, refused)
+                reasons = self._node_reasons(snap, src_id, tgt_id, mask, need, now, excl, refused)
+                if "ok" in reasons.values() and retries < 3:
+                    # capacity came back between the scan and now: look again
+                    retries += 1
+                    continue
+                self._raise_no_node(s, t, reasons)
             pool_index = packed >> 32
-            slot = packed & 0xFFFFFFFF
-            if shortlist > 1:
-                slots = kernel.rank(pool_index, mask, need, now, excl, shortlist)
-            else:
-                slots = (slot,)
-            candidates = [kernel.candidate(c) for c in slots]
             pool_id = snap.pool_ids[pool_index]
             try:
-                result = self._reservations.try_reserve(job_id, candidates, pool_id, session_id)
+                if shortlist == 1:
+                    candidate = kernel.candidate(packed & 0xFFFFFFFF)
+                    result = reservations.reserve_one(job_id, candidate, pool_id, session_id, now)
+                    if result is None:
+                        node_id = candidate[1]
+                        break
+                    if type(result) is str:
+                        refused[candidate[0]] = result
+                        excl = excl + (candidate[0],)
+                        continue
+                else:
+                    slots = kernel.rank(pool_index, mask, need, now, excl, shortlist)
+                    candidates = [kernel.candidate(c) for c in slots]
+                    result = reservations.try_reserve(job_id, candidates, pool_id, session_id)
+                    if not isinstance(result, Reservation):
+                        for cand, reason in zip(candidates, result):
+                            refused[cand[0]] = reason
+                        excl = excl + tuple(c[0] for c in candidates)
+                        continue
             except ReservationBackendUnavailable:
                 self._outcomes.add(_OUT_BACKEND)
                 raise
-            if isinstance(result, Reservation):
-                break
-            for cand, reason in zip(candidates, result):
-                refused[cand[0]] = reason
-            excl = excl + tuple(c[0] for c in candidates)
+            # a Reservation: fresh from the backend, or the one job_id already held
+            node_id, pool_id = result.node_id, result.pool_id
+            break
 
         # Step 10: bind the session to the pool that served it.
-        served = result.pool_id
-        if session is None or served != bound:
+        if session is None or pool_id != bound:
             if session is None:
                 session = self._sessions.entry(session_id, now)
             with session.lock:
                 session.pair = pair
-                session.pool_id = served
+                session.pool_id = pool_id
                 session.last_used = now
         elif now >= self._sessions.next_sweep:
             self._sessions.maybe_sweep(now)
         self._outcomes.add(_OUT_OK)
-        return Assignment(result.node_id, served, result.job_id, session_id, s, t)
+        return Assignment(node_id, pool_id, job_id, session_id, s, t)
+
+    def dispatch_many(
+        self, requests: Iterable[tuple[str, str, str] | Mapping[str, object] | DispatchRequest]
+    ) -> list[Assignment | Exception]:
+        """Dispatch a batch; return, in order, an :class:`Assignment` or the exception.
+
+        Each request is ``(session_id, src, tgt)``, a mapping with the
+        keywords of :meth:`dispatch`, or a :class:`DispatchRequest`. Nothing is
+        raised for a request: its result slot holds the exception
+        :meth:`dispatch` would have raised. Language pairs are looked up once
+        per distinct pair, then the whole batch is placed in one compiled pass
+        that adds each placement to a scratch copy of the in-flight counts and
+        tracks session bindings as it goes, so the batch spreads exactly as
+        the same requests dispatched one by one (same seed, same calls) would.
+        The reservations are then made together. A request the backend
+        refuses after all (capacity taken by another thread meanwhile) falls
+        back to :meth:`dispatch`, as does a ``job_id`` repeated in the batch.
+        """
+        snap = self._mgmt.snapshot
+        reqs = list(requests)
+        results: list[Assignment | Exception | None] = [None] * len(reqs)
+        now = self._clock()
+        self._reservations.expire_due(now)
+        index = snap.index
+        n_langs = index.n_langs
+        pair_ids: dict[tuple[str, str], tuple[int, int] | None] = {}
+        batch: list[tuple] = []  # (i, session_id, s, t, job_id, excl, tenant, mask, need, src_id, tgt_id)
+        seen_jobs: set[str] = set()
+        deferred: list[int] = []
+        for i, req in enumerate(reqs):
+            try:
+                sid, src, tgt, kw = _unpack_request(req)
+                job_id = kw.get("job_id")
+                tenant = kw.get("tenant")
+                s, t, existing, mask, need, excl = self._prepare(
+                    snap, sid, src, tgt, job_id, kw.get("exclude"), tenant,
+                    kw.get("services", DEFAULT_SERVICES), kw.get("require_gpu", True),
+                )
+            except (ValueError, TypeError) as exc:
+                results[i] = exc
+                continue
+            if existing is not None:
+                results[i] = existing
+                continue
+            if job_id is not None:
+                if job_id in seen_jobs:
+                    deferred.append(i)
+                    continue
+                seen_jobs.add(job_id)
+            ids = pair_ids.get((s, t), False)
+            if ids is False:
+                tgt_id = index.lang_ids.get(t)
+                src_id = n_langs if s == AUTO else index.lang_ids.get(s)
+                ids = pair_ids[(s, t)] = None if src_id is None or tgt_id is None else (src_id, tgt_id)
+            if ids is None:
+                self._outcomes.add(_OUT_NO_POOL)
+                results[i] = NoPoolForLanguagePair(s, t)
+                continue
+            if job_id is None:
+                job_id = self._job_prefix + format(next(self._job_seq), "x")
+            batch.append((i, sid, s, t, job_id, excl, tenant, mask, need, ids[0], ids[1]))
+
+        if batch:
+            self._place_batch(snap, batch, results, now)
+        for i in deferred:
+            sid, src, tgt, kw = _unpack_request(reqs[i])
+            try:
+                results[i] = self.dispatch(sid, src, tgt, **kw)
+            except (SchedulerError, ValueError, TypeError) as exc:
+                results[i] = exc
+        return results  # type: ignore[return-value]
+
+    def _place_batch(self, snap: RuntimeSnapshot, batch: list[tuple], results: list, now: float) -> None:
+        kernel = snap.kernel
+        n = len(batch)
+        n_langs = snap.index.n_langs
+        lang_ids = snap.index.lang_ids
+        # batch-local session numbers, initialised from each session's binding
+        session_no: dict[str, int] = {}
+        for item in batch:
+            session_no.setdefault(item[1], len(session_no))
+        bound_key = np.full(len(session_no), -1, dtype=np.int64)
+        bound_pool = np.full(len(session_no), -1, dtype=np.int32)
+        for sid, k in session_no.items():
+            state = self._session_map.get(sid)
+            if state is None:
+                continue
+            with state.lock:
+                pair, pool_id = state.pair, state.pool_id
+                state.last_used = now
+            if pair is None or pool_id is None:
+                continue
+            src_id = n_langs if pair[0] == AUTO else lang_ids.get(pair[0])
+            tgt_id = lang_ids.get(pair[1])
+            if src_id is not None and tgt_id is not None:
+                bound_key[k] = src_id * n_langs + tgt_id
+                bound_pool[k] = snap.pool_index.get(pool_id, -1)
+        src_ids = np.fromiter((b[9] for b in batch), dtype=np.int32, count=n)
+        tgt_ids = np.fromiter((b[10] for b in batch), dtype=np.int32, count=n)
+        masks = np.fromiter((b[7] for b in batch), dtype=np.uint64, count=n)
+        needs = np.fromiter((b[8] for b in batch), dtype=np.int32, count=n)
+        sessions = np.fromiter((session_no[b[1]] for b in batch), dtype=np.int32, count=n)
+        tenants = np.full(n, -1, dtype=np.int32)
+        excl_off = np.zeros(n + 1, dtype=np.int32)
+        excl_flat: list[int] = []
+        for j, b in enumerate(batch):
+            if b[6] is not None and b[6] in self._tenant_pools:
+                pidx = snap.pool_index.get(self._tenant_pools[b[6]], -1)
+                if pidx >= 0 and pidx in kernel.pools_for(b[9], b[10]):
+                    tenants[j] = pidx
+            excl_flat.extend(b[5])
+            excl_off[j + 1] = len(excl_flat)
+        excl = np.array(excl_flat, dtype=np.int32)
+        scratch = np.array(snap.inflight, dtype=np.int32)  # a writable copy
+        out = np.empty(n, dtype=np.int64)
+        kernel.select_batch(src_ids, tgt_ids, masks, needs, tenants, sessions, bound_key, bound_pool, excl_off,
+                            excl, scratch, now, out)
+
+        # the reservations, together
+        placed = [j for j in range(n) if out[j] >= 0]
+        items = []
+        for j in placed:
+            b = batch[j]
+            items.append((b[4], kernel.candidate(int(out[j]) & 0xFFFFFFFF), snap.pool_ids[int(out[j]) >> 32], b[1]))
+        try:
+            reserved = self._reservations.reserve_many(items, now)
+        except ReservationBackendUnavailable as exc:
+            self._outcomes.add(_OUT_BACKEND, len(items))
+            reserved = [exc] * len(items)
+        retry: list[int] = []
+        for j, item, result in zip(placed, items, reserved):
+            b = batch[j]
+            if result is None:
+                results[b[0]] = Assignment(item[1][1], item[2], b[4], b[1], b[2], b[3])
+                self._outcomes.add(_OUT_OK)
+            elif isinstance(result, Reservation):
+                results[b[0]] = Assignment(result.node_id, result.pool_id, b[4], b[1], b[2], b[3])
+                self._outcomes.add(_OUT_OK)
+            elif isinstance(result, Exception):
+                results[b[0]] = result
+            else:
+                retry.append(j)
+
+        # bind each session to the pool that last served it in the batch
+        key_pair = {int(b[9]) * n_langs + int(b[10]): (b[2], b[3]) for b in batch}
+        served_sessions = {batch[j][1] for j in placed if results[batch[j][0]] is not None}
+        for sid in served_sessions:
+            k = session_no[sid]
+            state = self._sessions.entry(sid, now)
+            with state.lock:
+                state.pair = key_pair[int(bound_key[k])]
+                state.pool_id = snap.pool_ids[int(bound_pool[k])]
+                state.last_used = now
+
+        for j in range(n):
+            b = batch[j]
+            if out[j] == -2:
+                self._outcomes.add(_OUT_NO_POOL)
+                results[b[0]] = NoPoolForLanguagePair(b[2], b[3])
+            elif out[j] == -1:
+                reasons = self._node_reasons(snap, b[9], b[10], b[7], b[8], now, b[5], {})
+                try:
+                    self._raise_no_node(b[2], b[3], reasons)
+                except NoNodeAvailable as exc:
+                    results[b[0]] = exc
+        for j in retry:
+            b = batch[j]
+            try:
+                results[b[0]] = self._dispatch(snap, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], now)
+            except SchedulerError as exc:
+                results[b[0]] = exc
 
     def _choose_pool(self, snap: RuntimeSnapshot, tenant: str | None, src_id: int, tgt_id: int, mask: int,
                      need: int, now: float, excl: tuple[int, ...]) -> int:
@@ -557,15 +809,15 @@ class Scheduler:
                     return index
         return snap.kernel.most_free_pool(src_id, tgt_id, mask, need, now, excl)
 
-    def _raise_no_node(self, snap: RuntimeSnapshot, s: str, t: str, src_id: int, tgt_id: int, mask: int,
-                       need: int, now: float, excl: tuple[int, ...], refused: Mapping[int, str]) -> None:
-        reasons = self._node_reasons(snap, src_id, tgt_id, mask, need, now, excl, refused)
+    def _raise_no_node(self, s: str, t: str, reasons: Mapping[int, str]) -> None:
         breakdown: dict[str, int] = {}
         for reason in reasons.values():
             breakdown[reason] = breakdown.get(reason, 0) + 1
-        if breakdown:
-            # most frequent; ties go to the earliest check in eligibility order
-            best = min(breakdown, key=lambda r: (-breakdown[r], _REASON_INDEX.get(r, len(REASONS))))
+        # the most frequent reason; ties go to the earliest check in eligibility
+        # order. "ok" (capacity that came back during the call) never "wins".
+        blocking = [r for r in breakdown if r != "ok"]
+        if blocking:
+            best = min(blocking, key=lambda r: (-breakdown[r], _REASON_INDEX.get(r, len(REASONS))))
             self._outcomes.add(_REASON_INDEX.get(best, _OUT_NO_NODES))
         else:
             best = "no_nodes"

@@ -42,6 +42,11 @@ class SessionManager:
         self.next_sweep = clock() + self._sweep_interval
         self._sweep_lock = threading.Lock()
 
+    @property
+    def entries(self) -> dict[str, SessionState]:
+        """The live session table (read it, never write it, from outside)."""
+        return self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -113,6 +113,11 @@ class SimulationConfig:
     hold_ms: tuple[float, float] = (1.0, 20.0)  #: simulated processing time of one job
     progress_interval: float = 1.0  #: seconds between progress callbacks
     kernel: str = "auto"
+    #: heartbeats report ``running`` (the jobs the node holds). The scheduler
+    #: counts ``max(in-flight, reported running)``, so with 10 ms jobs and a
+    #: heartbeat per node every 100 ms a report pins capacity after the jobs
+    #: end; False shows what that costs.
+    report_running: bool = True
 
     def __post_init__(self) -> None:
         for name in ("nodes", "sessions", "threads"):
@@ -231,12 +236,15 @@ class SimulationReport:
         u = self.utilisation
         lines.append(
             f"  utilisation  per-node mean held/max: min {u['min']:.2f}, mean {u['mean']:.2f}, "
-            f"max {u['max']:.2f}, cv {u['cv']:.2f} ({int(u['samples'])} samples)"
+            f"max {u['max']:.2f}, cv {u['cv']:.2f} ({int(u['nodes'])} nodes able to take the jobs, "
+            f"{int(u['samples'])} samples)"
         )
         if self.overcommits:
             worst = ", ".join(f"{n} held {p} > max {m}" for n, p, m in self.overcommits[:10])
             more = f" (+{len(self.overcommits) - 10} more)" if len(self.overcommits) > 10 else ""
-            lines.append(f"  over-commit  FAILED: {len(self.overcommits)} nodes exceeded max concurrency: {worst}{more}")
+            lines.append(
+                f"  over-commit  FAILED: {len(self.overcommits)} nodes exceeded their max concurrency: {worst}{more}"
+            )
         else:
             full = sum(1 for peak, mx in self.max_held.values() if peak == mx)
             lines.append(
@@ -474,7 +482,9 @@ class _HeartbeatWorker:
         self.p_unhealthy = _UNHEALTHY_EVENTS_PER_S / self.rate
         self.p_silence = _SILENCE_EVENTS_PER_S / self.rate
         self.max_silent = max(1, n // 50)
-        self.silence_ns = tuple(int((config.heartbeat_timeout + s) * 1e9) for s in _SILENCE_SECONDS)
+        lo, hi = (int((config.heartbeat_timeout + s) * 1e9) for s in _SILENCE_SECONDS)
+        self.silence_lo_ns, self.silence_span_ns = lo, hi - lo
+        self.report_running = config.report_running
         self.applied = 0
         self.unhealthy_streaks = 0
         self.silences = 0
@@ -500,6 +510,7 @@ class _HeartbeatWorker:
         cpu, gpu, mem, base = self.cpu, self.gpu, self.mem, self.base
         unhealthy_left, silent_until = self.unhealthy_left, self.silent_until
         perf = time.perf_counter_ns
+        report_running = self.report_running
         sh.go.wait()
         start, end = sh.start_ns, sh.end_ns
         ns_per_hb = 1e9 / self.rate
@@ -536,7 +547,7 @@ class _HeartbeatWorker:
                     break  # the whole fleet is silent
                 r = rnd()
                 if r < self.p_silence and silent_now < self.max_silent:
-                    silent_until[i] = now + self.silence_ns[0] + int(rnd() * (self.silence_ns[1] - self.silence_ns[0]))
+                    silent_until[i] = now + self.silence_lo_ns + int(rnd() * self.silence_span_ns)
                     silent_now += 1
                     self.silences += 1
                     continue
@@ -555,7 +566,7 @@ class _HeartbeatWorker:
                 m = mem[i] = min(100.0, max(0.0, mem[i] + 0.1 * (45.0 - mem[i]) + gauss(0.0, 1.0)))
                 heartbeat(
                     node_ids[i],
-                    running=h,
+                    running=h if report_running else None,
                     cpu=min(100.0, c + 30.0 * util),
                     gpu=min(100.0, g + 35.0 * util),
                     mem=m,
@@ -566,6 +577,26 @@ class _HeartbeatWorker:
 
 
 # ---------------------------------------------------------------- the run
+def _utilisation(fleet: list[SimNode], hb: _HeartbeatWorker) -> dict[str, float]:
+    """Spread of per-node mean held/max_concurrency over the nodes that can
+    take the sessions' jobs (GPU, public, tts): the others get none by
+    design and would only blur how evenly dispatch spreads load."""
+    eligible = np.array([n.has_gpu and n.accept_public_jobs and "tts" in n.services for n in fleet])
+    if not eligible.any():
+        eligible[:] = True
+    samples = max(1, hb.util_samples)
+    per_node = (hb.util_sum / samples)[eligible]
+    mean = float(per_node.mean())
+    return {
+        "min": float(per_node.min()),
+        "mean": mean,
+        "max": float(per_node.max()),
+        "cv": float(per_node.std() / mean) if mean > 0 else 0.0,
+        "nodes": float(len(per_node)),
+        "samples": float(hb.util_samples),
+    }
+
+
 def run_simulation(config: SimulationConfig | None = None,
                    progress: Callable[[Progress], None] | None = None) -> SimulationReport:
     """Run the simulation described by ``config`` and return its report.
@@ -646,18 +677,7 @@ def run_simulation(config: SimulationConfig | None = None,
             for reason, count in w.failures.items():
                 failures[reason] = failures.get(reason, 0) + count
 
-        if hb.util_samples:
-            per_node = hb.util_sum / hb.util_samples
-        else:
-            per_node = np.array(shared.held, dtype=np.float64) / np.array(shared.max_conc, dtype=np.float64)
-        mean_util = float(per_node.mean())
-        utilisation = {
-            "min": float(per_node.min()),
-            "mean": mean_util,
-            "max": float(per_node.max()),
-            "cv": float(per_node.std() / mean_util) if mean_util > 0 else 0.0,
-            "samples": float(hb.util_samples),
-        }
+        utilisation = _utilisation(fleet, hb)
 
         max_held = {node.node_id: (shared.peak[i], node.max_concurrency) for i, node in enumerate(fleet)}
         overcommits = [(nid, p, m) for nid, (p, m) in max_held.items() if p > m]

@@ -574,13 +574,12 @@ class RefuseFirst(LocalReservations):
         self.seen = set()
         self.offered = []
 
-    def try_reserve(self, job_id, candidates, pool_id, session_id):
-        fresh = [c for c in candidates if c[1] not in self.seen]
-        if fresh:
-            self.seen.update(c[1] for c in fresh)
-            self.offered.extend(c[1] for c in candidates)
-            return [REFUSED_FULL] * len(candidates)
-        return super().try_reserve(job_id, candidates, pool_id, session_id)
+    def reserve_one(self, job_id, candidate, pool_id, session_id, now):
+        if candidate[1] not in self.seen:
+            self.seen.add(candidate[1])
+            self.offered.append(candidate[1])
+            return REFUSED_FULL
+        return super().reserve_one(job_id, candidate, pool_id, session_id, now)
 
 
 def test_refused_reservation_falls_back_to_next_candidate_then_pool(make_scheduler, kernel_name):

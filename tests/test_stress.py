@@ -545,13 +545,12 @@ class _HookClock:
 
 
 def test_expiry_order_with_late_lock(kernel_name):
-    """Regression: expiry times are read inside the reservation lock.
+    """Regression: a reservation queued behind a later-expiring one still expires on time.
 
-    Thread A starts dispatching; before it reaches the reservation lock,
-    thread B (later clock) reserves. A's expiry is then taken when A holds
-    the lock, so the expiry queue stays in time order and every reservation
-    expires at its own TTL (it used to be read before the lock, letting a
-    reservation queued behind a later one outlive its TTL).
+    Thread A reads the clock; before it reserves, thread B (later clock)
+    reserves. A's entry then reaches the expiry queue after B's, out of time
+    order; the sweep orders entries by expiry, so A expires at its own TTL
+    (a FIFO sweep stopped at B's entry and let A outlive its TTL).
     """
     clock = _HookClock()
     sched = pysched.Scheduler(clock=clock, reservation_ttl=1.0, seed=5, kernel=kernel_name)
@@ -561,18 +560,17 @@ def test_expiry_order_with_late_lock(kernel_name):
         clock.now = 1000.5
         sched.dispatch("session-b", "zh", "en", job_id="B")
 
-    clock.hook = thread_b  # runs inside A's first clock read, before A reserves
+    clock.hook = thread_b  # runs inside A's clock read, before A reserves
     sched.dispatch("session-a", "zh", "en", job_id="A")
     res = sched.reservations
+    assert res.get("A").expires_at == 1001.0
     assert res.get("B").expires_at == 1001.5
-    assert res.get("A").expires_at == 1001.5  # A reserved after B: it cannot expire first
-    clock.now = 1001.2
-    assert res.expire() == 0 and res.count() == 2
-    clock.now = 1001.6
-    assert res.expire() == 2
+    clock.now = 1001.2  # past A's expiry, before B's
+    assert res.expire() == 1
+    assert res.get("A") is None
     with pytest.raises(UnknownJob):
         sched.commit("A")
-    assert res.count() == 0
+    assert res.count() == 1
     sched.close()
 
 

@@ -1,0 +1,250 @@
+"""One scheduler process of the multi-process fleet tests (``multiprocessing``, spawn).
+
+Each worker builds its own client, :class:`~pysched.Scheduler`,
+:class:`~pysched.redis_reservations.RedisReservations` and
+:class:`~pysched.RedisFleet` on the shared redis-server, registers *its*
+nodes, waits until it sees the whole fleet, reports its pools, then
+dispatches bursts of jobs from several threads.
+
+The nodes are simulated by a Redis-independent, cross-process counter of
+jobs held at once (:class:`NodeCounters`, shared memory): a job "starts"
+on its node after a successful dispatch and "ends" before it is released,
+so the counter's peak is what a real node would have seen.
+
+Not a test module (no ``test_`` prefix); it lives in ``tests/`` so that the
+spawned children import it by name (spawn hands the parent's ``sys.path``
+to the children).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+#: seconds a worker waits for the fleet to converge before giving up
+SYNC_TIMEOUT = 30.0
+
+
+class NodeCounters:
+    """Jobs each simulated node holds right now, and the most it ever held.
+
+    Two shared ``int`` arrays behind one cross-process lock (the
+    ``multiprocessing`` lock of ``held``). Never touched by a process that
+    may be killed, so the lock cannot be left held.
+    """
+
+    def __init__(self, ctx: Any, n_nodes: int) -> None:
+        self.held = ctx.Array("i", n_nodes)
+        self.peak = ctx.Array("i", n_nodes, lock=False)
+        self.completed = ctx.Value("i", 0)
+
+    def start(self, index: int) -> None:
+        with self.held.get_lock():
+            self.held[index] += 1
+            if self.held[index] > self.peak[index]:
+                self.peak[index] = self.held[index]
+
+    def end(self, index: int) -> None:
+        with self.held.get_lock():
+            self.held[index] -= 1
+        with self.completed.get_lock():
+            self.completed.value += 1
+
+
+def _client(socket_path: str, timeout: float) -> Any:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # Fail fast and never retry inside redis-py: an outage must surface as
+    # ReservationBackendUnavailable within the timeout.
+    return redis.Redis(unix_socket_path=socket_path, socket_timeout=timeout, socket_connect_timeout=timeout,
+                       retry=Retry(NoBackoff(), 0))
+
+
+def build(cfg: dict) -> tuple[Any, Any, Any, Any]:
+    """(client, backend, scheduler, fleet) for one worker, fleet started."""
+    import pysched
+    from pysched.redis_reservations import RedisReservations
+
+    client = _client(cfg["socket"], cfg.get("timeout", 0.3))
+    backend = RedisReservations(client, namespace=cfg["namespace"])
+    sched = pysched.Scheduler(reservations=backend, reservation_ttl=cfg.get("ttl", 30.0),
+                              seed=cfg.get("seed"))
+    fleet = pysched.RedisFleet(sched, client, cfg["namespace"], process_id=cfg["name"],
+                               refresh_interval=cfg.get("refresh_interval", 0.2))
+    # Redis may be briefly busy while siblings start: retry the join.
+    deadline = time.monotonic() + SYNC_TIMEOUT
+    while True:
+        try:
+            fleet.start()
+            break
+        except pysched.ReservationBackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    return client, backend, sched, fleet
+
+
+def _view(sched: Any, pairs: Sequence[Sequence[str]]) -> dict:
+    """What must agree across processes: pools (id -> name, members) and the index."""
+    stats = sched.stats()
+    return {
+        "pools": {int(pid): (p["name"], p["members"]) for pid, p in stats["pools"].items()},
+        "explain": {f"{s}>{t}": list(sched.explain(s, t).pools) for s, t in pairs},
+        "nodes": sorted({n for p in sched.pools() for n in p.node_ids}),
+    }
+
+
+def run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: Any) -> None:
+    """Entry point of a spawned worker; every outcome goes to ``reports`` as a dict."""
+    name = cfg["name"]
+    try:
+        _run(cfg, counters, reports, go, done)
+    except BaseException as exc:  # report, then die: the parent asserts on reports
+        reports.put({"name": name, "kind": "error", "error": f"{type(exc).__name__}: {exc}",
+                     "trace": traceback.format_exc()})
+        raise
+
+
+def _run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: Any) -> None:
+    import pysched
+
+    name = cfg["name"]
+    client, backend, sched, fleet = build(cfg)
+    for node_id, langs, cap in cfg["nodes"]:
+        sched.register_node(node_id, langs, max_concurrency=cap)
+    deadline = time.monotonic() + SYNC_TIMEOUT
+    while sched.stats()["nodes_total"] < cfg["expect_nodes"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: saw {sched.stats()['nodes_total']} of {cfg['expect_nodes']} nodes")
+        time.sleep(0.02)
+    # Let a late pool allocation of a sibling land before reporting the view.
+    fleet.flush()
+    time.sleep(0.3)
+    reports.put({"name": name, "kind": "synced", "pid": os.getpid(), **_view(sched, cfg["pairs"])})
+
+    if not go.wait(SYNC_TIMEOUT):
+        raise TimeoutError(f"{name}: never told to go")
+
+    if cfg["mode"] == "hog":
+        _hog(cfg, sched, reports)
+        return
+
+    stats = {"dispatched": 0, "completed": 0, "unavailable": 0, "unavailable_max_s": 0.0, "no_node": 0,
+             "commit_failed": 0, "release_false": 0, "release_retries": 0}
+    lock = threading.Lock()
+    index = cfg["node_index"]
+    pairs = cfg["pairs"]
+
+    def add(key: str, n: float = 1) -> None:
+        with lock:
+            stats[key] += n
+
+    def dispatch_one(tid: int, k: int, burst: int) -> Any:
+        src, tgt = pairs[(tid + k + burst) % len(pairs)]
+        started = time.monotonic()
+        try:
+            return sched.dispatch(f"{name}-t{tid}-s{k % 3}", src, tgt)
+        except pysched.ReservationBackendUnavailable:
+            took = time.monotonic() - started
+            with lock:
+                stats["unavailable"] += 1
+                stats["unavailable_max_s"] = max(stats["unavailable_max_s"], took)
+            time.sleep(0.02)
+        except pysched.NoNodeAvailable:
+            add("no_node")
+            time.sleep(0.002)
+        return None
+
+    def release(job_id: str) -> None:
+        while True:
+            try:
+                if not sched.release(job_id):
+                    add("release_false")  # Redis lost it (restart): nothing left to give back
+                return
+            except pysched.ReservationBackendUnavailable:
+                add("release_retries")  # the job is over on its node; Redis must still hear of it
+                time.sleep(0.02)
+
+    def worker(tid: int) -> None:
+        left = cfg["jobs_per_thread"]
+        burst = 0
+        while left > 0:
+            burst += 1
+            held = []
+            for k in range(min(cfg["burst"], left)):
+                a = dispatch_one(tid, k, burst)
+                if a is None:
+                    break  # take what the burst got; the rest waits for the next one
+                add("dispatched")
+                counters.start(index[a.node_id])
+                held.append(a)
+                try:
+                    sched.commit(a.job_id)
+                except (pysched.ReservationBackendUnavailable, pysched.UnknownJob):
+                    add("commit_failed")
+            if not held:
+                continue
+            time.sleep(cfg["hold_s"])
+            for a in held:
+                counters.end(index[a.node_id])
+                release(a.job_id)
+                add("completed")
+            left -= len(held)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(cfg["threads"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reports.put({"name": name, "kind": "done", **stats})
+
+    # Every process has finished: the fleet-wide mirror must read zero everywhere.
+    if not done.wait(SYNC_TIMEOUT * 2):
+        raise TimeoutError(f"{name}: never told that everybody is done")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            backend.refresh_inflight()
+            total = backend.count()
+            break
+        except pysched.ReservationBackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    snap = sched.snapshot
+    inflight = {n: int(snap.inflight[snap.slot(n)]) for n in index if snap.slot(n) is not None}
+    fleet.stop()
+    reports.put({"name": name, "kind": "final", "inflight": inflight, "count": total, "fleet": fleet.stats(),
+                 **_view(sched, cfg["pairs"])})
+    client.close()
+
+
+def _hog(cfg: dict, sched: Any, reports: Any) -> None:
+    """Reserve (never commit) all the capacity there is, report it, keep dispatching until killed."""
+    import pysched
+
+    held = []
+    deadline = time.monotonic() + SYNC_TIMEOUT
+    while len(held) < cfg["hog"]:
+        try:
+            held.append(sched.dispatch(f"hog-{len(held)}", *cfg["pairs"][0]).job_id)
+        except pysched.NoNodeAvailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    reports.put({"name": cfg["name"], "kind": "holding", "jobs": held})
+    # Mid-run when the SIGKILL lands: still dispatching (every attempt refused).
+    i = 0
+    while True:
+        i += 1
+        try:
+            sched.dispatch(f"hog-more-{i}", *cfg["pairs"][0])
+        except pysched.SchedulerError:
+            pass
+        time.sleep(0.005)
