@@ -140,7 +140,7 @@ class BenchConfig:
     seed: int = 1
     #: per node; large so the fleet never fills and throughput measures dispatch, not refusals
     max_concurrency: int = 64
-    #: seconds at most spent binding sessions before each scenario (None: min(0.5, duration / 4))
+    #: seconds at most spent binding sessions before each scenario (None: min(1, duration / 2))
     warmup: float | None = None
     max_samples: int = 2_000_000  #: latency samples kept per thread (reservoir-sampled beyond)
     goal_rate: float = 20_000.0  #: heartbeat rate the goals are evaluated at
@@ -161,10 +161,11 @@ class BenchConfig:
             raise ValueError(f"hold_ms must be >= 0, got {self.hold_ms!r}")
         if self.warmup is not None and not 0 <= self.warmup < math.inf:
             raise ValueError(f"warmup must be >= 0 or None, got {self.warmup!r}")
-        self.rates = tuple(float(r) for r in self.rates)
+        # duplicates dropped (order kept): one block per distinct scenario
+        self.rates = tuple(dict.fromkeys(float(r) for r in self.rates))
         if not self.rates or any(not 0 <= r < math.inf for r in self.rates):
             raise ValueError(f"rates must be non-empty, each >= 0, got {self.rates!r}")
-        self.threads = tuple(self.threads)
+        self.threads = tuple(dict.fromkeys(self.threads))
         if not self.threads or any(type(t) is not int or t < 1 for t in self.threads):
             raise ValueError(f"threads must be non-empty ints >= 1, got {self.threads!r}")
         self.impls = tuple(self.impls)
@@ -176,7 +177,7 @@ class BenchConfig:
 
     @property
     def warmup_seconds(self) -> float:
-        return min(0.5, self.duration / 4) if self.warmup is None else float(self.warmup)
+        return min(1.0, self.duration / 2) if self.warmup is None else float(self.warmup)
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> BenchConfig:
@@ -316,6 +317,7 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -479,7 +481,7 @@ class _Impl:
 
     name: str
     build: Callable[[], Any]
-    failures: dict[type, str]  #: exception class -> failure kind
+    failures: dict[type[BaseException], str]  #: exception class -> failure kind
 
 
 def _make_impls(config: BenchConfig, legacy: types.ModuleType | None) -> dict[str, _Impl]:
@@ -517,7 +519,7 @@ class _DispatchWorker:
     """One dispatching thread: its share of the sessions, in a closed loop."""
 
     def __init__(self, sched: Any, share: list[tuple[str, str, str]], run: _Run, hold_ns: int,
-                 failures: dict[type, str], cap: int, seed: int) -> None:
+                 failures: dict[type[BaseException], str], cap: int, seed: int) -> None:
         self.sched = sched
         self.share = share
         self.run_state = run
@@ -545,8 +547,13 @@ class _DispatchWorker:
         dispatch = self.sched.dispatch
         release = self.sched.release
         perf = time.perf_counter_ns
-        pending: deque[tuple[int, str]] = deque()  # (due ns, job id); FIFO since the hold time is fixed
-        push, pop = pending.append, pending.popleft
+        # Jobs in processing, FIFO since the hold time is fixed. Two deques
+        # rather than one of (due, job id) tuples: ints and strs are not
+        # GC-tracked, so the harness adds no garbage-collector work of its
+        # own to the latencies it measures.
+        due_ns: deque[int] = deque()
+        jobs: deque[str] = deque()
+        push_due, pop_due, push_job, pop_job = due_ns.append, due_ns.popleft, jobs.append, jobs.popleft
         hold = self.hold_ns
         share = self.share
         lat = self.latency
@@ -563,8 +570,9 @@ class _DispatchWorker:
         t1 = perf()
         while t1 < deadline:
             for sid, src, tgt in share:
-                while pending and pending[0][0] <= t1:
-                    release(pop()[1])
+                while due_ns and due_ns[0] <= t1:
+                    pop_due()
+                    release(pop_job())
                 t0 = perf()
                 try:
                     a = dispatch(sid, src, tgt)
@@ -587,7 +595,8 @@ class _DispatchWorker:
                     if j < cap:
                         lat[j] = dt
                 n += 1
-                push((t1 + hold, a.job_id))
+                push_due(t1 + hold)
+                push_job(a.job_id)
                 if t1 >= deadline:
                     break
             if run.errors:
@@ -661,9 +670,13 @@ def _run_scenario(impl: _Impl, workload: _Workload, rate: float, threads: int,
                   config: BenchConfig) -> ScenarioResult:
     result = ScenarioResult(impl.name, rate, threads)
     t = time.perf_counter()
-    sched = impl.build()
-    for node_id, langs in workload.nodes:
-        sched.register_node(node_id, langs, services=_SERVICES, max_concurrency=config.max_concurrency)
+    try:
+        sched = impl.build()
+        for node_id, langs in workload.nodes:
+            sched.register_node(node_id, langs, services=_SERVICES, max_concurrency=config.max_concurrency)
+    except Exception as exc:  # one broken implementation must not cost the others' results
+        result.error = f"setup: {type(exc).__name__}: {exc}"
+        return result
     result.setup_s = time.perf_counter() - t
 
     # Warm-up: bind sessions once, so the window measures steady-state
@@ -883,6 +896,13 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return format(value, spec) + suffix
 
 
+def _lat(value: float | None) -> str:
+    """A latency in µs: one decimal while small, thousands separators once large."""
+    if value is None or value != value:
+        return "-"
+    return f"{value:.1f}" if value < 1000 else f"{value:,.0f}"
+
+
 def _ratio_text(value: float | None) -> str:
     if value is None:
         return "-"
@@ -938,9 +958,8 @@ def format_table(report: BenchReport) -> str:
                 lat = r.latency_us
                 hb = r.heartbeat_ratio
                 lines.append(
-                    f"  {label:<24}{r.throughput:>12,.0f}{_fmt(lat.get('p50'), '.1f'):>9}"
-                    f"{_fmt(lat.get('p99'), '.1f'):>9}{_fmt(lat.get('p99.9'), '.1f'):>9}"
-                    f"{_fmt(lat.get('max'), ',.0f'):>10}"
+                    f"  {label:<24}{r.throughput:>12,.0f}{_lat(lat.get('p50')):>9}"
+                    f"{_lat(lat.get('p99')):>9}{_lat(lat.get('p99.9')):>9}{_lat(lat.get('max')):>10}"
                     f"{(_fmt(r.heartbeat_rate, ',.0f') if rate > 0 else '-'):>14}"
                     f"{(_fmt(None if hb is None else 100 * hb, '.1f', '%')):>9}{r.failed:>10,}"
                     + (f"  ERROR: {r.error}" if r.error else "")

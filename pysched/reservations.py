@@ -19,9 +19,7 @@ dispatches spreads over the fleet instead of piling onto one node.
 
 from __future__ import annotations
 
-import heapq
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -93,6 +91,10 @@ class ReservationBackend:
     #: per-slot in-flight counts read by the kernel; replaced (never resized
     #: in place) by :meth:`ensure_capacity`.
     inflight: np.ndarray
+
+    #: dispatch calls :meth:`expire_due` only once the clock reaches this
+    #: (a plain attribute read on the hot path); 0 means "always call".
+    due_at: float = 0.0
 
     def configure(self, reservation_ttl: float, clock: Callable[[], float]) -> None:
         """Receive the scheduler's TTL and clock (called once, before use)."""
@@ -184,15 +186,18 @@ class LocalReservations(ReservationBackend):
     A node's effective load is ``max(in-flight, reported running)``; a
     reservation succeeds only while that is below the node's max
     concurrency. The check-and-add is one call into the compiled
-    ``SlotCounts`` (atomic under the GIL), the job table is a dict whose
+    ``SlotCounts`` (atomic under the GIL) and the job table is a dict whose
     ``setdefault``/``pop`` are atomic too, so reserving and releasing take no
-    Python lock: with a lock, a thread preempted inside it made every other
-    dispatching thread queue behind it (p50 went from ~7 to ~60 us with
-    four threads). Only commit and the expiry sweep share a small lock.
+    Python lock: with one, a thread preempted inside it made every other
+    dispatching thread queue behind it (p50 went from ~7 to ~60 us with four
+    threads). Commit and the expiry sweep share a small lock.
 
-    Expired uncommitted reservations are swept lazily, before the next
-    dispatch that could see them: new reservations queue without a lock, and
-    the sweep moves them into a heap ordered by expiry.
+    Expiry: nothing is queued per reservation (most jobs are committed or
+    released long before their TTL). The backend tracks the earliest expiry
+    among uncommitted reservations; once the clock passes it, the next
+    dispatch sweeps the live reservations (at most once per ``ttl/64``), so
+    expired capacity returns at the TTL, or within ``ttl/64`` of it under a
+    stream of staggered expiries. ``get``, ``commit`` and ``expire`` are exact.
     """
 
     def __init__(
@@ -207,8 +212,9 @@ class LocalReservations(ReservationBackend):
         self._clock = clock
         # job id -> [node_id, slot, pool_id, session_id, expires_at, committed]
         self._jobs: dict[str, list] = {}
-        self._incoming: deque[tuple[float, str, list]] = deque()
-        self._heap: list[tuple[float, str, list]] = []
+        self._earliest = float("inf")  # earliest expiry of an uncommitted reservation (a lower bound)
+        self._last_sweep = float("-inf")
+        self.due_at = float("inf")
         # slot -> node id bound there (refuses reservations on removed nodes),
         # and node id -> slot for counting
         self._owners: dict[int, str] = {}
@@ -263,7 +269,11 @@ class LocalReservations(ReservationBackend):
             # another thread reserved the same job id a moment earlier: undo ours
             self._counts.add(slot, -1)
             return self._view(job_id, held)
-        self._incoming.append((expires, job_id, rec))
+        if expires < self._earliest:
+            # Unlocked: a racing writer can only leave a later value, which the
+            # ttl/64 sweep spacing bounds anyway.
+            self._earliest = expires
+            self.due_at = max(expires, self._last_sweep + self._ttl / 64)
         return None
 
     def try_reserve(
@@ -289,17 +299,15 @@ class LocalReservations(ReservationBackend):
         if rec is None:
             return None
         if not rec[5] and rec[4] <= self._clock():
-            self.expire()
-            rec = self._jobs.get(job_id)
-            if rec is None:
-                return None
+            with self._lock:
+                self._drop_if_expired_locked(job_id, rec)
+            return None
         return self._view(job_id, rec)
 
     def commit(self, job_id: str) -> bool:
         with self._lock:
-            self._sweep_locked(self._clock())
             rec = self._jobs.get(job_id)
-            if rec is None:
+            if rec is None or self._drop_if_expired_locked(job_id, rec):
                 return False
             rec[5] = True
             return True
@@ -316,14 +324,13 @@ class LocalReservations(ReservationBackend):
             return self._sweep_locked(self._clock())
 
     def expire_due(self, now: float) -> None:
-        incoming, heap = self._incoming, self._heap
-        if (incoming and (incoming[0][0] <= now or len(incoming) > 2 * len(self._jobs) + 65536)) or (
-            heap and heap[0][0] <= now
-        ):
+        if now >= self.due_at:
             with self._lock:
-                self._sweep_locked(now)
+                if now >= self.due_at:
+                    self._sweep_locked(now)
 
     def count(self, node_id: str | None = None) -> int:
+        self.expire_due(self._clock())
         if node_id is None:
             return len(self._jobs)
         slot = self._slots.get(node_id)
@@ -334,31 +341,36 @@ class LocalReservations(ReservationBackend):
     def _view(job_id: str, rec: list) -> Reservation:
         return Reservation(job_id, rec[0], rec[1], rec[2], rec[3], rec[4], rec[5])
 
+    def _drop_if_expired_locked(self, job_id: str, rec: list) -> bool:
+        """Drop one uncommitted reservation past its TTL; True if it was (or already is) gone."""
+        if rec[5] or rec[4] > self._clock():
+            return False
+        popped = self._jobs.pop(job_id, None)
+        if popped is rec:
+            self._counts.add(rec[1], -1)
+        elif popped is not None:
+            self._jobs.setdefault(job_id, popped)  # a newer reservation under the same id
+        return True
+
     def _sweep_locked(self, now: float) -> int:
-        incoming, heap, jobs = self._incoming, self._heap, self._jobs
-        while incoming:
-            entry = incoming.popleft()
-            # released jobs are dropped here, so a high dispatch rate with short
-            # jobs does not keep every released reservation until its TTL
-            if not entry[2][5] and jobs.get(entry[1]) is entry[2]:
-                heapq.heappush(heap, entry)
+        jobs = self._jobs
         dropped = 0
-        while heap and heap[0][0] <= now:
-            _, job_id, rec = heapq.heappop(heap)
-            # Entries of released or committed jobs are skipped; identity (not
-            # the job id) tells a later reservation under a reused id apart.
-            if rec[5] or jobs.get(job_id) is not rec:
+        earliest = float("inf")
+        for job_id, rec in list(jobs.items()):
+            if rec[5]:
+                continue
+            if rec[4] > now:
+                if rec[4] < earliest:
+                    earliest = rec[4]
                 continue
             popped = jobs.pop(job_id, None)
             if popped is rec:
                 self._counts.add(rec[1], -1)
                 dropped += 1
             elif popped is not None:
-                # released and re-reserved under the same id in between: keep it
+                # released and re-reserved under the same id meanwhile: keep it
                 jobs.setdefault(job_id, popped)
-        if len(heap) > 2 * len(jobs) + 4096:
-            # released jobs linger in the heap until their expiry; compact it so
-            # a high dispatch rate cannot grow it without bound
-            self._heap = heap = [e for e in heap if not e[2][5] and jobs.get(e[1]) is e[2]]
-            heapq.heapify(heap)
+        self._earliest = earliest
+        self._last_sweep = now
+        self.due_at = max(earliest, now + self._ttl / 64)
         return dropped

@@ -137,6 +137,7 @@ def _check_str(value: object, name: str) -> str:
     return value
 
 
+_NEED_PUBLIC_GPU = NEED_GPU | NEED_PUBLIC
 _REQUEST_KEYWORDS = frozenset({"job_id", "exclude", "tenant", "services", "require_gpu"})
 
 
@@ -473,12 +474,21 @@ class Scheduler:
         """
         # Step 1: the snapshot, one attribute read, no lock.
         snap = self._mgmt.snapshot
+        if (job_id is None and exclude is None and tenant is None and services is DEFAULT_SERVICES
+                and require_gpu is True and type(session_id) is str and session_id):
+            # The common job, validated with a few identity checks and two
+            # cache lookups (every code seen before is in the cache).
+            s = _LANGUAGE_CACHE.get(src) if type(src) is str else None
+            t = _LANGUAGE_CACHE.get(tgt) if type(tgt) is str else None
+            mask = self._default_mask
+            if s is not None and t is not None and t != AUTO and mask is not None:
+                return self._place(snap, session_id, s, t, None, (), None, mask, _NEED_PUBLIC_GPU, self._clock())
         s, t, existing, mask, need, excl = self._prepare(
             snap, session_id, src, tgt, job_id, exclude, tenant, services, require_gpu
         )
         if existing is not None:
             return existing
-        return self._dispatch(snap, session_id, s, t, job_id, excl, tenant, mask, need, self._clock())
+        return self._place(snap, session_id, s, t, job_id, excl, tenant, mask, need, self._clock())
 
     def _prepare(
         self,
@@ -524,7 +534,7 @@ class Scheduler:
         excl = () if exclude is None else self._exclude_slots(snap, exclude)
         return s, t, None, mask, need, excl
 
-    def _dispatch(
+    def _place(
         self,
         snap: RuntimeSnapshot,
         session_id: str,
@@ -550,17 +560,20 @@ class Scheduler:
         session = self._session_map.get(session_id)
         bound = None
         if session is not None:
-            with session.lock:
-                if session.pair == pair:
-                    bound = session.pool_id
-                session.last_used = now
+            lock = session.lock
+            lock.acquire()  # cheaper than `with` (~50 ns a dispatch) and nothing in here can raise
+            if session.pair == pair:
+                bound = session.pool_id
+            session.last_used = now
+            lock.release()
         preferred = -1 if bound is None else snap.pool_index.get(bound, -1)
         if preferred < 0:
             preferred = self._choose_pool(snap, tenant, src_id, tgt_id, mask, need, now, excl)
 
         # Steps 5-9: kernel selection, then the reservation decides.
         reservations = self._reservations
-        reservations.expire_due(now)
+        if now >= reservations.due_at:
+            reservations.expire_due(now)
         supplied = job_id is not None
         if job_id is None:
             job_id = self._job_prefix + format(next(self._job_seq), "x")
@@ -794,7 +807,7 @@ class Scheduler:
         for j in retry:
             b = batch[j]
             try:
-                results[b[0]] = self._dispatch(snap, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], now)
+                results[b[0]] = self._place(snap, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], now)
             except SchedulerError as exc:
                 results[b[0]] = exc
 

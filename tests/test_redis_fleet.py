@@ -625,6 +625,35 @@ def test_runs_on_a_cluster_mode_server(redis_server_factory: Any) -> None:
         admin.close()
 
 
+# -- the documentation's example ------------------------------------------------------
+
+DOC_URL = "redis://127.0.0.1:6379/0"
+
+
+def _doc_examples() -> list[str]:
+    """Python blocks using RedisFleet in README.md and docs/several-processes.md (deduplicated)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    blocks: list[str] = []
+    for path in (root / "README.md", root / "docs" / "several-processes.md"):
+        if path.exists():
+            for block in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S):
+                if "RedisFleet" in block and block not in blocks:
+                    blocks.append(block)
+    return blocks
+
+
+@pytest.mark.parametrize("index", range(len(_doc_examples())))
+def test_documented_example_runs(index: int, redis_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's test skips Redis examples: they run here, against the private server."""
+    block = _doc_examples()[index]
+    assert DOC_URL in block
+    exec(compile(block.replace(DOC_URL, f"unix://{redis_server.unix_socket}"), "several-processes example",
+                 "exec"), {})
+    assert "{1: {'name': 'en-zh', 'members': 1}}" in capsys.readouterr().out
+
+
 # -- units -------------------------------------------------------------------------------
 
 
