@@ -24,7 +24,7 @@ import numpy as np
 cnp.import_array()
 
 from pysched import _layout
-from pysched._layout import LOAD_DTYPE, NODE_DTYPE, REASONS, STATUS_CODES, validate_kernel_arrays
+from pysched._layout import LOAD_DTYPE, NODE_DTYPE, REASONS, STATUS_CODES, check_record_arrays, validate_kernel_arrays
 
 cdef enum:
     MAX_STACK_EXCLUDE = 32
@@ -420,6 +420,33 @@ cdef class SnapshotKernel:
         self.rng = rng
         self.node_ids = node_ids
         self.refs = (recs, loads, inflight, pool_off, pool_members, pair_off, pair_pools)
+
+    def with_records(self, cnp.ndarray recs, LoadTable loads, cnp.ndarray inflight) -> SnapshotKernel:
+        """A kernel over new node records (and tables), sharing this one's pools and index.
+
+        For publications that change nodes but not pools: only the arrays
+        that changed are checked, not the membership and index arrays this
+        kernel already validated (slots never shrink, so those stay valid).
+        """
+        check_record_arrays(recs, len(loads), inflight, self.n_slots)
+        cdef SnapshotKernel k = SnapshotKernel.__new__(SnapshotKernel)
+        k.recs = <const node_rec*>cnp.PyArray_DATA(recs)
+        k.loads = loads.loads
+        k.inflight = <int32_t*>cnp.PyArray_DATA(inflight)
+        k.pool_off = self.pool_off
+        k.pool_members = self.pool_members
+        k.pair_off = self.pair_off
+        k.pair_pools = self.pair_pools
+        k.n_slots = recs.shape[0]
+        k.n_pools = self.n_pools
+        k.n_langs = self.n_langs
+        k.heartbeat_timeout = self.heartbeat_timeout
+        k.threshold = self.threshold
+        k.nogil_min_pool = self.nogil_min_pool
+        k.rng = self.rng
+        k.node_ids = self.node_ids
+        k.refs = (recs, loads, inflight) + tuple(self.refs[3:])
+        return k
 
     @property
     def n_pools(self) -> int:

@@ -57,6 +57,25 @@ MASK64 = 0xFFFFFFFFFFFFFFFF
 GOLDEN = 0x9E3779B97F4A7C15
 
 
+def _check_array(arr: object, dtype: np.dtype, name: str) -> None:
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}")
+    if arr.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {arr.dtype}")
+    if arr.ndim != 1 or not arr.flags.c_contiguous or not arr.flags.aligned:
+        raise ValueError(f"{name} must be a one-dimensional, aligned, C-contiguous array")
+
+
+def check_record_arrays(recs: np.ndarray, n_loads: int, inflight: np.ndarray, min_slots: int = 0) -> None:
+    """The per-slot arrays: node records, and load/in-flight tables covering them."""
+    _check_array(recs, NODE_DTYPE, "recs")
+    _check_array(inflight, np.dtype(np.int32), "inflight")
+    if len(recs) < min_slots:
+        raise ValueError(f"recs has {len(recs)} slots, fewer than the {min_slots} the pools refer to")
+    if n_loads < len(recs) or len(inflight) < len(recs):
+        raise ValueError("loads and inflight must cover every slot of recs")
+
+
 def validate_kernel_arrays(
     recs: np.ndarray,
     n_loads: int,
@@ -69,23 +88,11 @@ def validate_kernel_arrays(
     heartbeat_timeout: float,
 ) -> None:
     """Check once, at the boundary, everything the kernel will trust blindly."""
-    for arr, dtype, name in (
-        (recs, NODE_DTYPE, "recs"),
-        (inflight, np.dtype(np.int32), "inflight"),
-        (pool_off, np.dtype(np.int32), "pool_off"),
-        (pool_members, np.dtype(np.int32), "pool_members"),
-        (pair_off, np.dtype(np.int32), "pair_off"),
-        (pair_pools, np.dtype(np.int32), "pair_pools"),
-    ):
-        if not isinstance(arr, np.ndarray):
-            raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}")
-        if arr.dtype != dtype:
-            raise TypeError(f"{name} must have dtype {dtype}, got {arr.dtype}")
-        if arr.ndim != 1 or not arr.flags.c_contiguous or not arr.flags.aligned:
-            raise ValueError(f"{name} must be a one-dimensional, aligned, C-contiguous array")
+    check_record_arrays(recs, n_loads, inflight)
+    for arr, name in ((pool_off, "pool_off"), (pool_members, "pool_members"), (pair_off, "pair_off"),
+                      (pair_pools, "pair_pools")):
+        _check_array(arr, np.dtype(np.int32), name)
     n_slots = len(recs)
-    if n_loads < n_slots or len(inflight) < n_slots:
-        raise ValueError("loads and inflight must cover every slot of recs")
     if len(pool_off) < 1 or pool_off[0] != 0 or pool_off[len(pool_off) - 1] != len(pool_members):
         raise ValueError("pool_off must start at 0 and end at len(pool_members)")
     if np.any(np.diff(pool_off) < 0):

@@ -36,6 +36,7 @@ from pysched._layout import (
     STATUS_CODES,
     STATUS_OFFLINE,
     STATUS_READY,
+    check_record_arrays,
     validate_kernel_arrays,
 )
 
@@ -243,6 +244,13 @@ class SnapshotKernel:
         self._timeout = float(heartbeat_timeout)
         # the compiled kernel compares in single precision
         self._threshold = float(np.float32(threshold))
+
+    def with_records(self, recs: np.ndarray, loads: LoadTable, inflight: np.ndarray) -> "SnapshotKernel":
+        check_record_arrays(recs, len(loads), inflight, self.n_slots)
+        k = object.__new__(SnapshotKernel)
+        k.__dict__.update(self.__dict__)
+        k._recs, k._loads, k._inflight, k.n_slots = recs, loads.array, inflight, len(recs)
+        return k
 
     # -- helpers -------------------------------------------------------------
     def _pair_key(self, src_id: int, tgt_id: int) -> int:

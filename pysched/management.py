@@ -577,6 +577,7 @@ class ManagementRegistry:
             self._index_dirty = False
             self._members_dirty = True
         index = self._index
+        pools_changed = self._members_dirty
         if self._members_dirty:
             arrays = [self._members[pid] for pid in index.pool_ids]
             sizes = np.array([len(a) for a in arrays], dtype=np.int64)
@@ -590,11 +591,15 @@ class ManagementRegistry:
         recs.flags.writeable = False
         self._recs_shared = True
         inflight = self._reservations.inflight
-        kernel = self._core.SnapshotKernel(
-            recs, self._loads, inflight, self._pool_off, self._pool_members, index.pair_off, index.pair_pools,
-            index.n_langs, self._rng, self._heartbeat_timeout, self._threshold, self._nogil_min_pool,
-            self._node_ids,
-        )
+        previous = getattr(self, "snapshot", None)
+        if previous is not None and not pools_changed:
+            kernel = previous.kernel.with_records(recs, self._loads, inflight)
+        else:
+            kernel = self._core.SnapshotKernel(
+                recs, self._loads, inflight, self._pool_off, self._pool_members, index.pair_off, index.pair_pools,
+                index.n_langs, self._rng, self._heartbeat_timeout, self._threshold, self._nogil_min_pool,
+                self._node_ids,
+            )
         self.version += 1
         unpooled = tuple((nid, self._nodes[nid].languages) for nid in self._unpooled)
         self.snapshot = RuntimeSnapshot(

@@ -161,20 +161,27 @@ def _run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: 
             time.sleep(0.002)
         return None
 
-    def release(job_id: str) -> None:
-        while True:
-            try:
-                if not sched.release(job_id):
-                    add("release_false")  # Redis lost it (restart): nothing left to give back
-                return
-            except pysched.ReservationBackendUnavailable:
-                add("release_retries")  # the job is over on its node; Redis must still hear of it
-                time.sleep(0.02)
+    def release(job_id: str, deferred: list[str]) -> None:
+        try:
+            if not sched.release(job_id):
+                add("release_false")  # Redis lost it (restart): nothing left to give back
+        except pysched.ReservationBackendUnavailable:
+            # The job is over on its node; Redis must still hear of it. Retry
+            # later, and keep dispatching meanwhile (as a real caller would).
+            add("release_retries")
+            deferred.append(job_id)
 
     def worker(tid: int) -> None:
         left = cfg["jobs_per_thread"]
         burst = 0
-        while left > 0:
+        deferred: list[str] = []
+        while left > 0 or deferred:
+            retry, deferred[:] = list(deferred), []
+            for job_id in retry:
+                release(job_id, deferred)
+            if left <= 0:
+                time.sleep(0.02)
+                continue
             burst += 1
             held = []
             for k in range(min(cfg["burst"], left)):
@@ -193,7 +200,7 @@ def _run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: 
             time.sleep(cfg["hold_s"])
             for a in held:
                 counters.end(index[a.node_id])
-                release(a.job_id)
+                release(a.job_id, deferred)
                 add("completed")
             left -= len(held)
 

@@ -339,3 +339,18 @@ def test_rng_streams_are_per_decision(core):
     k.rank(0, MASK, NEED, f.now, (), 2)
     k.reasons(0, MASK, NEED, f.now)  # not a decision
     assert rng.decisions == 3
+
+
+def test_with_records_shares_pools_and_checks_the_new_arrays(core):
+    f = Fleet(core, 4, [[0, 1], [2, 3]])
+    k = f.kernel()
+    recs = f.recs.copy()
+    recs["status"][0] = L.STATUS_DRAINING
+    k2 = k.with_records(recs, f.loads, f.inflight)
+    assert k2.pools_for(0, 0) == k.pools_for(0, 0) and k2.members(1) == [2, 3]
+    assert k2.reasons(0, MASK, NEED, f.now) == bytes([L.R_NOT_READY, L.R_OK])
+    assert k.reasons(0, MASK, NEED, f.now) == bytes([L.R_OK, L.R_OK])  # the old kernel is untouched
+    with pytest.raises(ValueError, match="fewer"):
+        k.with_records(recs[:3].copy(), f.loads, f.inflight)
+    with pytest.raises(TypeError, match="recs"):
+        k.with_records(np.zeros(4, dtype=np.int64), f.loads, f.inflight)

@@ -513,8 +513,9 @@ def test_redis_restart_mid_run(fleet3: Callable[..., Fleet3], redis_server: Any)
     done, final = f.finish()
     f.check_invariants(done, final)
     # Dispatch raised during the outage, quickly (client timeout 0.3 s). A
-    # process whose threads spent the whole outage retrying releases of jobs
-    # already over did not dispatch then, so count all its Redis failures.
+    # process whose own view shows no free node answers NoNodeAvailable
+    # without asking Redis, so not every process need see it in dispatch;
+    # every process saw the outage in some Redis call.
     assert sum(d["unavailable"] for d in done.values()) >= 1, done
     for name, d in done.items():
         assert d["unavailable"] + d["release_retries"] + d["commit_failed"] >= 1, (name, d)
