@@ -13,21 +13,21 @@ arguments; :func:`main` builds the parser from that table. To add one::
         return 0
 """
 
+import argparse
+import json
 import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TextIO
 
-# numpy's OpenBLAS worker threads otherwise spin and steal one of the two
-# cores from the dispatch threads. This only takes effect if numpy is not
-# imported yet; `import pysched` (which runs before this module) imports it.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "entry", "main", "positive_float", "positive_int",
+           "subcommand"]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import TextIO  # noqa: E402
-
-__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "main", "positive_float", "positive_int", "subcommand"]
+#: Environment the command line wants before numpy loads: numpy's OpenBLAS
+#: worker threads otherwise spin and steal one of the two cores the dispatch
+#: and heartbeat threads share (pysched itself does no linear algebra).
+_QUIET_BLAS = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.configure(p)
     return parser
+
+
+def entry() -> None:
+    """Console-script entry point (``pysched``, ``python -m pysched``).
+
+    numpy is already loaded once this runs (``import pysched`` loads it), too
+    late to configure OpenBLAS; so when the environment does not say, it
+    re-executes itself once with the quiet-BLAS settings, then runs :func:`main`.
+    """
+    missing = {k: v for k, v in _QUIET_BLAS.items() if k not in os.environ}
+    if missing and "PYSCHED_CLI_REEXEC" not in os.environ:
+        env = {**os.environ, **missing, "PYSCHED_CLI_REEXEC": "1"}
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "pysched", *sys.argv[1:]], env)
+        except OSError:
+            pass  # fall through: run as we are
+    sys.exit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
