@@ -235,6 +235,27 @@ cdef class SlotCounts:
         c.counts[slot] += 1
         return True
 
+    def try_add_many(self, const int32_t[::1] slots, const int64_t[::1] limits, const int64_t[::1] running):
+        """:meth:`try_add` for every slot in order, in one atomic call; a bool array of successes."""
+        cdef SlotCounts c = self._live()
+        cdef Py_ssize_t k, n = slots.shape[0]
+        cdef int64_t held
+        cdef int32_t slot
+        if limits.shape[0] != n or running.shape[0] != n:
+            raise ValueError("try_add_many: slots, limits and running must have the same length")
+        for k in range(n):
+            if slots[k] < 0 or slots[k] >= c.n:
+                raise IndexError(f"slot {slots[k]} out of range [0, {c.n})")
+        out = np.zeros(n, dtype=np.bool_)
+        cdef cnp.npy_bool* ok = <cnp.npy_bool*>cnp.PyArray_DATA(out)
+        for k in range(n):
+            slot = slots[k]
+            held = c.counts[slot]
+            if (held if held > running[k] else running[k]) < limits[k]:
+                c.counts[slot] += 1
+                ok[k] = 1
+        return out
+
     def add(self, Py_ssize_t slot, int32_t delta) -> int:
         cdef SlotCounts c = self._live()
         if slot < 0 or slot >= c.n:

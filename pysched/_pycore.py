@@ -180,6 +180,20 @@ class SlotCounts:
             arr[slot] += 1
             return True
 
+    def try_add_many(self, slots, limits, running) -> np.ndarray:
+        if not len(slots) == len(limits) == len(running):
+            raise ValueError("try_add_many: slots, limits and running must have the same length")
+        with self._lock:
+            for slot in slots:
+                self._checked(int(slot))
+            arr = self._live().array
+            out = np.zeros(len(slots), dtype=np.bool_)
+            for k, slot in enumerate(slots):
+                if max(int(arr[slot]), int(running[k])) < int(limits[k]):
+                    arr[slot] += 1
+                    out[k] = True
+            return out
+
     def add(self, slot: int, delta: int) -> int:
         with self._lock:
             arr = self._checked(slot)

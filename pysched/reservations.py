@@ -143,11 +143,30 @@ class ReservationBackend:
             return result  # fresh or pre-existing: the caller takes node and pool from it
         return result[0]
 
-    def reserve_many(
-        self, items: Sequence[tuple[str, Candidate, int, str]], now: float
+    def reserve_placed(
+        self,
+        job_ids: Sequence[str],
+        slots: np.ndarray,
+        limits: np.ndarray,
+        running: np.ndarray,
+        pool_ids: Sequence[int],
+        session_ids: Sequence[str],
+        node_id: Callable[[int], str],
+        now: float,
     ) -> list[Reservation | str | None]:
-        """Reserve a batch ``(job_id, candidate, pool_id, session_id)``; results as :meth:`reserve_one`."""
-        return [self.reserve_one(job_id, cand, pool_id, session_id, now) for job_id, cand, pool_id, session_id in items]
+        """Reserve a placed batch: job ``job_ids[k]`` on slot ``slots[k]``.
+
+        Returns one result per job as :meth:`reserve_one` would, or an empty
+        list when every job was reserved as placed (the common case, which a
+        backend may answer without building a list). The default makes one
+        :meth:`reserve_one` call per job.
+        """
+        results = [
+            self.reserve_one(job_id, (int(slot), node_id(int(slot)), int(limit), int(run)), pool_id, session_id, now)
+            for job_id, slot, limit, run, pool_id, session_id in zip(
+                job_ids, slots, limits, running, pool_ids, session_ids)
+        ]
+        return results if any(r is not None for r in results) else []
 
     def get(self, job_id: str) -> Reservation | None:
         """The live reservation of ``job_id``, or ``None``."""
@@ -275,6 +294,45 @@ class LocalReservations(ReservationBackend):
             self._earliest = expires
             self.due_at = max(expires, self._last_sweep + self._ttl / 64)
         return None
+
+    def reserve_placed(
+        self,
+        job_ids: Sequence[str],
+        slots: np.ndarray,
+        limits: np.ndarray,
+        running: np.ndarray,
+        pool_ids: Sequence[int],
+        session_ids: Sequence[str],
+        node_id: Callable[[int], str],
+        now: float,
+    ) -> list[Reservation | str | None]:
+        # One compiled call checks and adds every slot; records follow in one loop.
+        ok = self._counts.try_add_many(slots, limits.astype(np.int64), running.astype(np.int64))
+        jobs, owners = self._jobs, self._owners
+        expires = now + self._ttl
+        results: list = []
+        failed = False
+        for k, slot in enumerate(slots.tolist()):
+            node = node_id(slot)
+            if not ok[k] or owners.get(slot) != node:
+                if ok[k]:
+                    self._counts.add(slot, -1)
+                results.append(REFUSED_FULL if not ok[k] else REFUSED_GONE)
+                failed = True
+                continue
+            job_id = job_ids[k]
+            rec = [node, slot, pool_ids[k], session_ids[k], expires, False]
+            held = jobs.setdefault(job_id, rec)
+            if held is not rec:
+                self._counts.add(slot, -1)
+                results.append(self._view(job_id, held))
+                failed = True
+                continue
+            results.append(None)
+        if expires < self._earliest and len(slots):
+            self._earliest = expires
+            self.due_at = max(expires, self._last_sweep + self._ttl / 64)
+        return results if failed else []
 
     def try_reserve(
         self,

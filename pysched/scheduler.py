@@ -42,7 +42,7 @@ from pysched.languages import AUTO, DEFAULT_SERVICES, normalize_language, normal
 from pysched.management import ManagementRegistry
 from pysched.pools import PoolConfig, PoolInfo
 from pysched.reservations import LocalReservations, Reservation, ReservationBackend
-from pysched.sessions import SessionManager
+from pysched.sessions import SessionManager, SessionState
 from pysched.snapshot import RuntimeSnapshot
 
 __all__ = ["Scheduler", "Assignment", "Explanation", "DispatchRequest"]
@@ -562,10 +562,11 @@ class Scheduler:
         if session is not None:
             lock = session.lock
             lock.acquire()  # cheaper than `with` (~50 ns a dispatch) and nothing in here can raise
-            if session.pair == pair:
-                bound = session.pool_id
+            binding = session.binding
             session.last_used = now
             lock.release()
+            if binding is not None and binding[0] == pair:
+                bound = binding[1]
         preferred = -1 if bound is None else snap.pool_index.get(bound, -1)
         if preferred < 0:
             preferred = self._choose_pool(snap, tenant, src_id, tgt_id, mask, need, now, excl)
@@ -632,8 +633,7 @@ class Scheduler:
             if session is None:
                 session = self._sessions.entry(session_id, now)
             with session.lock:
-                session.pair = pair
-                session.pool_id = pool_id
+                session.binding = (pair, pool_id)
                 session.last_used = now
         elif now >= self._sessions.next_sweep:
             self._sessions.maybe_sweep(now)
@@ -658,158 +658,242 @@ class Scheduler:
         back to :meth:`dispatch`, as does a ``job_id`` repeated in the batch.
         """
         snap = self._mgmt.snapshot
-        reqs = list(requests)
-        results: list[Assignment | Exception | None] = [None] * len(reqs)
+        reqs = requests if isinstance(requests, list) else list(requests)
+        results: list = [None] * len(reqs)
         now = self._clock()
-        self._reservations.expire_due(now)
+        if now >= self._reservations.due_at:
+            self._reservations.expire_due(now)
         index = snap.index
+        lang_ids = index.lang_ids
         n_langs = index.n_langs
-        pair_ids: dict[tuple[str, str], tuple[int, int] | None] = {}
-        batch: list[tuple] = []  # (i, session_id, s, t, job_id, excl, tenant, mask, need, src_id, tgt_id)
+        cache = _LANGUAGE_CACHE
+        default_mask = self._default_mask
+        pair_keys: dict[tuple[str, str], int] = {}  # pair -> kernel pair key, -1 when not served
+        session_no: dict[str, int] = {}
+        # one entry per kernel-bound request, in request order
+        rows: list[int] = []
+        pairs: list[tuple[str, str]] = []
+        sids: list[str] = []
+        keys: list[int] = []
+        sessions: list[int] = []
+        masks: list[int] = []
+        needs: list[int] = []
+        job_ids: list[str | None] = []
+        extras: dict[int, tuple] = {}  # row -> (tenant, excluded slots) where either is set
         seen_jobs: set[str] = set()
         deferred: list[int] = []
         for i, req in enumerate(reqs):
-            try:
-                sid, src, tgt, kw = _unpack_request(req)
-                job_id = kw.get("job_id")
-                tenant = kw.get("tenant")
-                s, t, existing, mask, need, excl = self._prepare(
-                    snap, sid, src, tgt, job_id, kw.get("exclude"), tenant,
-                    kw.get("services", DEFAULT_SERVICES), kw.get("require_gpu", True),
-                )
-            except (ValueError, TypeError) as exc:
-                results[i] = exc
-                continue
-            if existing is not None:
-                results[i] = existing
-                continue
-            if job_id is not None:
-                if job_id in seen_jobs:
-                    deferred.append(i)
+            tenant = None
+            excl: tuple[int, ...] = ()
+            job_id = None
+            if type(req) is tuple and len(req) == 3:
+                sid, src, tgt = req
+                s = cache.get(src) if type(src) is str else None
+                t = cache.get(tgt) if type(tgt) is str else None
+                fast = (s is not None and t is not None and t != AUTO and default_mask is not None
+                        and type(sid) is str and sid != "")
+            else:
+                fast = False
+            if fast:
+                mask, need = default_mask, _NEED_PUBLIC_GPU
+            else:
+                try:
+                    sid, src, tgt, kw = _unpack_request(req)
+                    job_id = kw.get("job_id")
+                    tenant = kw.get("tenant")
+                    s, t, existing, mask, need, excl = self._prepare(
+                        snap, sid, src, tgt, job_id, kw.get("exclude"), tenant,
+                        kw.get("services", DEFAULT_SERVICES), kw.get("require_gpu", True),
+                    )
+                except (ValueError, TypeError) as exc:
+                    results[i] = exc
                     continue
-                seen_jobs.add(job_id)
-            ids = pair_ids.get((s, t), False)
-            if ids is False:
-                tgt_id = index.lang_ids.get(t)
-                src_id = n_langs if s == AUTO else index.lang_ids.get(s)
-                ids = pair_ids[(s, t)] = None if src_id is None or tgt_id is None else (src_id, tgt_id)
-            if ids is None:
+                if existing is not None:
+                    results[i] = existing
+                    continue
+                if job_id is not None:
+                    if job_id in seen_jobs:
+                        deferred.append(i)
+                        continue
+                    seen_jobs.add(job_id)
+            pair = (s, t)
+            key = pair_keys.get(pair)
+            if key is None:
+                tgt_id = lang_ids.get(t)
+                src_id = n_langs if s == AUTO else lang_ids.get(s)
+                key = pair_keys[pair] = -1 if src_id is None or tgt_id is None else src_id * n_langs + tgt_id
+            if key < 0:
                 self._outcomes.add(_OUT_NO_POOL)
                 results[i] = NoPoolForLanguagePair(s, t)
                 continue
-            if job_id is None:
-                job_id = self._job_prefix + format(next(self._job_seq), "x")
-            batch.append((i, sid, s, t, job_id, excl, tenant, mask, need, ids[0], ids[1]))
+            k = session_no.get(sid)
+            if k is None:
+                k = session_no[sid] = len(session_no)
+            if tenant is not None or excl:
+                extras[len(rows)] = (tenant, excl)
+            rows.append(i)
+            pairs.append(pair)
+            sids.append(sid)
+            keys.append(key)
+            sessions.append(k)
+            masks.append(mask)
+            needs.append(need)
+            job_ids.append(job_id)
 
-        if batch:
-            self._place_batch(snap, batch, results, now)
+        if rows:
+            self._place_batch(snap, reqs, results, now, rows, pairs, sids, keys, sessions, masks, needs, job_ids,
+                              extras, session_no)
         for i in deferred:
             sid, src, tgt, kw = _unpack_request(reqs[i])
             try:
                 results[i] = self.dispatch(sid, src, tgt, **kw)
             except (SchedulerError, ValueError, TypeError) as exc:
                 results[i] = exc
-        return results  # type: ignore[return-value]
+        return results
 
-    def _place_batch(self, snap: RuntimeSnapshot, batch: list[tuple], results: list, now: float) -> None:
+    def _place_batch(self, snap: RuntimeSnapshot, reqs: list, results: list, now: float, rows: list[int],
+                     pairs: list[tuple[str, str]], sids: list[str], keys: list[int], sessions: list[int],
+                     masks: list[int], needs: list[int], job_ids: list[str | None], extras: dict[int, tuple],
+                     session_no: dict[str, int]) -> None:
         kernel = snap.kernel
-        n = len(batch)
+        n = len(rows)
         n_langs = snap.index.n_langs
-        lang_ids = snap.index.lang_ids
-        # batch-local session numbers, initialised from each session's binding
-        session_no: dict[str, int] = {}
-        for item in batch:
-            session_no.setdefault(item[1], len(session_no))
+        pool_index = snap.pool_index
+        pool_ids = snap.pool_ids
+        key_arr = np.array(keys, dtype=np.int64)
+        src_ids = (key_arr // n_langs).astype(np.int32)
+        tgt_ids = (key_arr % n_langs).astype(np.int32)
+        # Each session's binding is read with one attribute load (a consistent
+        # tuple); decisions are written back under the session's lock below.
         bound_key = np.full(len(session_no), -1, dtype=np.int64)
         bound_pool = np.full(len(session_no), -1, dtype=np.int32)
+        session_map = self._session_map
+        states: list[SessionState | None] = []
+        own_keys = dict(zip(pairs, keys))
         for sid, k in session_no.items():
-            state = self._session_map.get(sid)
+            state = session_map.get(sid)
+            states.append(state)
             if state is None:
                 continue
-            with state.lock:
-                pair, pool_id = state.pair, state.pool_id
-                state.last_used = now
-            if pair is None or pool_id is None:
+            state.last_used = now
+            binding = state.binding
+            if binding is None:
                 continue
-            src_id = n_langs if pair[0] == AUTO else lang_ids.get(pair[0])
-            tgt_id = lang_ids.get(pair[1])
-            if src_id is not None and tgt_id is not None:
-                bound_key[k] = src_id * n_langs + tgt_id
-                bound_pool[k] = snap.pool_index.get(pool_id, -1)
-        src_ids = np.fromiter((b[9] for b in batch), dtype=np.int32, count=n)
-        tgt_ids = np.fromiter((b[10] for b in batch), dtype=np.int32, count=n)
-        masks = np.fromiter((b[7] for b in batch), dtype=np.uint64, count=n)
-        needs = np.fromiter((b[8] for b in batch), dtype=np.int32, count=n)
-        sessions = np.fromiter((session_no[b[1]] for b in batch), dtype=np.int32, count=n)
+            key = own_keys.get(binding[0])
+            if key is None:
+                key = self._pair_key(snap, binding[0])
+            if key >= 0:
+                bound_key[k] = key
+                bound_pool[k] = pool_index.get(binding[1], -1)
         tenants = np.full(n, -1, dtype=np.int32)
         excl_off = np.zeros(n + 1, dtype=np.int32)
         excl_flat: list[int] = []
-        for j, b in enumerate(batch):
-            if b[6] is not None and b[6] in self._tenant_pools:
-                pidx = snap.pool_index.get(self._tenant_pools[b[6]], -1)
-                if pidx >= 0 and pidx in kernel.pools_for(b[9], b[10]):
-                    tenants[j] = pidx
-            excl_flat.extend(b[5])
-            excl_off[j + 1] = len(excl_flat)
-        excl = np.array(excl_flat, dtype=np.int32)
+        if extras:
+            tenant_pools = self._tenant_pools
+            for j in range(n):
+                extra = extras.get(j)
+                if extra is not None:
+                    tenant, excl = extra
+                    if tenant is not None and tenant in tenant_pools:
+                        pidx = pool_index.get(tenant_pools[tenant], -1)
+                        if pidx >= 0 and pidx in kernel.pools_for(int(src_ids[j]), int(tgt_ids[j])):
+                            tenants[j] = pidx
+                    excl_flat.extend(excl)
+                excl_off[j + 1] = len(excl_flat)
         scratch = np.array(snap.inflight, dtype=np.int32)  # a writable copy
         out = np.empty(n, dtype=np.int64)
-        kernel.select_batch(src_ids, tgt_ids, masks, needs, tenants, sessions, bound_key, bound_pool, excl_off,
-                            excl, scratch, now, out)
+        kernel.select_batch(
+            src_ids, tgt_ids, np.array(masks, dtype=np.uint64), np.array(needs, dtype=np.int32), tenants,
+            np.array(sessions, dtype=np.int32), bound_key, bound_pool, excl_off, np.array(excl_flat, dtype=np.int32),
+            scratch, now, out,
+        )
+
+        # job ids in request order, as one-by-one dispatch would number them
+        prefix, seq = self._job_prefix, self._job_seq
+        for j in range(n):
+            if job_ids[j] is None:
+                job_ids[j] = prefix + format(next(seq), "x")
 
         # the reservations, together
-        placed = [j for j in range(n) if out[j] >= 0]
-        items = []
-        for j in placed:
-            b = batch[j]
-            items.append((b[4], kernel.candidate(int(out[j]) & 0xFFFFFFFF), snap.pool_ids[int(out[j]) >> 32], b[1]))
+        placed = np.flatnonzero(out >= 0)
+        placed_rows = placed.tolist()
+        slots = (out[placed] & 0xFFFFFFFF).astype(np.int32)
+        pools = (out[placed] >> 32).tolist()
+        session_ids = [sids[j] for j in placed_rows]
         try:
-            reserved = self._reservations.reserve_many(items, now)
+            refused: list | None = self._reservations.reserve_placed(
+                [job_ids[j] for j in placed_rows], slots, snap.nodes["max_concurrency"][slots],
+                snap.loads["running"][slots], [pool_ids[p] for p in pools], session_ids, snap.node_id, now,
+            )
         except ReservationBackendUnavailable as exc:
-            self._outcomes.add(_OUT_BACKEND, len(items))
-            reserved = [exc] * len(items)
+            self._outcomes.add(_OUT_BACKEND, len(placed_rows))
+            for j in placed_rows:
+                results[rows[j]] = exc
+            refused = None
         retry: list[int] = []
-        for j, item, result in zip(placed, items, reserved):
-            b = batch[j]
-            if result is None:
-                results[b[0]] = Assignment(item[1][1], item[2], b[4], b[1], b[2], b[3])
-                self._outcomes.add(_OUT_OK)
-            elif isinstance(result, Reservation):
-                results[b[0]] = Assignment(result.node_id, result.pool_id, b[4], b[1], b[2], b[3])
-                self._outcomes.add(_OUT_OK)
-            elif isinstance(result, Exception):
-                results[b[0]] = result
-            else:
-                retry.append(j)
+        if refused is not None:
+            node_ids = snap._node_ids
+            slot_list = slots.tolist()
+            served = 0
+            for pos, j in enumerate(placed_rows):
+                result = refused[pos] if refused else None
+                s, t = pairs[j]
+                if result is None:
+                    results[rows[j]] = Assignment(node_ids[slot_list[pos]], pool_ids[pools[pos]], job_ids[j],
+                                                  session_ids[pos], s, t)
+                    served += 1
+                elif isinstance(result, Reservation):
+                    results[rows[j]] = Assignment(result.node_id, result.pool_id, job_ids[j], session_ids[pos], s, t)
+                    served += 1
+                else:
+                    retry.append(j)
+            self._outcomes.add(_OUT_OK, served)
 
-        # bind each session to the pool that last served it in the batch
-        key_pair = {int(b[9]) * n_langs + int(b[10]): (b[2], b[3]) for b in batch}
-        served_sessions = {batch[j][1] for j in placed if results[batch[j][0]] is not None}
-        for sid in served_sessions:
-            k = session_no[sid]
-            state = self._sessions.entry(sid, now)
-            with state.lock:
-                state.pair = key_pair[int(bound_key[k])]
-                state.pool_id = snap.pool_ids[int(bound_pool[k])]
-                state.last_used = now
+            # bind each session to the pool that last served it in the batch, under its lock
+            key_pair = dict(zip(keys, pairs))
+            for sid, k in session_no.items():
+                key = int(bound_key[k])
+                if key < 0 or bound_pool[k] < 0 or key not in key_pair:
+                    continue
+                binding = (key_pair[key], pool_ids[int(bound_pool[k])])
+                state = states[k]
+                if state is not None and state.binding == binding:
+                    continue
+                if state is None:
+                    state = self._sessions.entry(sid, now)
+                with state.lock:
+                    state.binding = binding
+                    state.last_used = now
 
-        for j in range(n):
-            b = batch[j]
+        for j in np.flatnonzero(out < 0).tolist():
+            i = rows[j]
+            s, t = pairs[j]
             if out[j] == -2:
                 self._outcomes.add(_OUT_NO_POOL)
-                results[b[0]] = NoPoolForLanguagePair(b[2], b[3])
-            elif out[j] == -1:
-                reasons = self._node_reasons(snap, b[9], b[10], b[7], b[8], now, b[5], {})
+                results[i] = NoPoolForLanguagePair(s, t)
+            else:
+                excl = extras.get(j, (None, ()))[1]
+                reasons = self._node_reasons(snap, int(src_ids[j]), int(tgt_ids[j]), masks[j], needs[j], now, excl,
+                                             {})
                 try:
-                    self._raise_no_node(b[2], b[3], reasons)
+                    self._raise_no_node(s, t, reasons)
                 except NoNodeAvailable as exc:
-                    results[b[0]] = exc
+                    results[i] = exc
         for j in retry:
-            b = batch[j]
+            sid, src, tgt, kw = _unpack_request(reqs[rows[j]])
+            kw["job_id"] = job_ids[j]
             try:
-                results[b[0]] = self._place(snap, b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], now)
+                results[rows[j]] = self.dispatch(sid, src, tgt, **kw)
             except SchedulerError as exc:
-                results[b[0]] = exc
+                results[rows[j]] = exc
+
+    @staticmethod
+    def _pair_key(snap: RuntimeSnapshot, pair: tuple[str, str]) -> int:
+        """The kernel's key of a language pair in ``snap``, or -1."""
+        n_langs = snap.index.n_langs
+        tgt_id = snap.index.lang_ids.get(pair[1])
+        src_id = n_langs if pair[0] == AUTO else snap.index.lang_ids.get(pair[0])
+        return -1 if src_id is None or tgt_id is None else src_id * n_langs + tgt_id
 
     def _choose_pool(self, snap: RuntimeSnapshot, tenant: str | None, src_id: int, tgt_id: int, mask: int,
                      need: int, now: float, excl: tuple[int, ...]) -> int:

@@ -15,15 +15,31 @@ __all__ = ["SessionState", "SessionManager"]
 
 
 class SessionState:
-    """One session's binding. Read and write its fields only under ``lock``."""
+    """One session's binding. Decide and write it only under ``lock``.
 
-    __slots__ = ("lock", "pair", "pool_id", "last_used")
+    ``binding`` is one tuple ``((src, tgt), pool_id)`` (or ``None``), so a
+    reader that only needs a consistent view (the batch path) gets it from a
+    single attribute read.
+    """
+
+    __slots__ = ("lock", "binding", "last_used")
 
     def __init__(self, now: float) -> None:
         self.lock = threading.Lock()
-        self.pair: tuple[str, str] | None = None
-        self.pool_id: int | None = None
+        self.binding: tuple[tuple[str, str], int] | None = None
         self.last_used = now
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        """The bound language pair."""
+        binding = self.binding
+        return None if binding is None else binding[0]
+
+    @property
+    def pool_id(self) -> int | None:
+        """The bound pool."""
+        binding = self.binding
+        return None if binding is None else binding[1]
 
 
 class SessionManager:

@@ -1,0 +1,37 @@
+"""``Scheduler.dispatch_many``: a batch placed in one compiled pass, reservations made together."""
+
+from __future__ import annotations
+
+from .common import build_fleet, sessions_for
+
+
+class DispatchMany:
+    """Assignments per second of 10,000-request batches (divide 10,000 by the time)."""
+
+    params = [1000, 10000]
+    param_names = ["nodes"]
+    number = 1  # setup (which releases the previous batch) runs before every sample
+    repeat = 10
+    timeout = 600
+
+    def setup(self, n_nodes):
+        if not hasattr(self, "sched"):
+            self.sched, _, pairs = build_fleet(n_nodes)
+            self.requests = sessions_for(pairs, 10_000)
+            self.jobs = []
+            self._release()
+            self.sched.dispatch_many(self.requests)  # warm: bind every session
+        self._release()
+
+    def _release(self):
+        release = self.sched.release
+        for a in self.jobs:
+            release(a.job_id)
+        self.jobs = []
+
+    def time_dispatch_many_10k(self, n_nodes):
+        self.jobs = self.sched.dispatch_many(self.requests)
+
+    def time_dispatch_one_by_one_10k(self, n_nodes):
+        dispatch = self.sched.dispatch
+        self.jobs = [dispatch(sid, src, tgt) for sid, src, tgt in self.requests]
