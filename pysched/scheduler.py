@@ -765,8 +765,8 @@ class Scheduler:
         tgt_ids = (key_arr % n_langs).astype(np.int32)
         # Each session's binding is read with one attribute load (a consistent
         # tuple); decisions are written back under the session's lock below.
-        bound_key = np.full(len(session_no), -1, dtype=np.int64)
-        bound_pool = np.full(len(session_no), -1, dtype=np.int32)
+        keys_init = [-1] * len(session_no)
+        pools_init = [-1] * len(session_no)
         session_map = self._session_map
         states: list[SessionState | None] = []
         own_keys = dict(zip(pairs, keys))
@@ -783,8 +783,10 @@ class Scheduler:
             if key is None:
                 key = self._pair_key(snap, binding[0])
             if key >= 0:
-                bound_key[k] = key
-                bound_pool[k] = pool_index.get(binding[1], -1)
+                keys_init[k] = key
+                pools_init[k] = pool_index.get(binding[1], -1)
+        bound_key = np.array(keys_init, dtype=np.int64)
+        bound_pool = np.array(pools_init, dtype=np.int32)
         tenants = np.full(n, -1, dtype=np.int32)
         excl_off = np.zeros(n + 1, dtype=np.int32)
         excl_flat: list[int] = []
@@ -851,11 +853,12 @@ class Scheduler:
 
             # bind each session to the pool that last served it in the batch, under its lock
             key_pair = dict(zip(keys, pairs))
+            final_keys, final_pools = bound_key.tolist(), bound_pool.tolist()
             for sid, k in session_no.items():
-                key = int(bound_key[k])
-                if key < 0 or bound_pool[k] < 0 or key not in key_pair:
-                    continue
-                binding = (key_pair[key], pool_ids[int(bound_pool[k])])
+                key, pool = final_keys[k], final_pools[k]
+                if key == keys_init[k] and pool == pools_init[k] or pool < 0 or key not in key_pair:
+                    continue  # unchanged by this batch
+                binding = (key_pair[key], pool_ids[pool])
                 state = states[k]
                 if state is not None and state.binding == binding:
                     continue
