@@ -199,3 +199,19 @@ def _simulate(args: argparse.Namespace) -> int:
             json.dump(report.to_dict(), f, indent=2, ensure_ascii=False)
             f.write("\n")
     return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------ bench
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from pysched.bench import add_arguments
+
+    add_arguments(parser)
+
+
+@subcommand("bench", "one workload against pysched (compiled and pure-Python) and the legacy multi-lock design",
+            _bench_arguments)
+def _bench(args: argparse.Namespace) -> int:
+    """Run the side-by-side benchmark; print the table and write JSON."""
+    from pysched.bench import run
+
+    return run(args)

@@ -577,7 +577,7 @@ class Scheduler:
             reservations.expire_due(now)
         supplied = job_id is not None
         if job_id is None:
-            job_id = self._job_prefix + format(next(self._job_seq), "x")
+            job_id = f"{self._job_prefix}{next(self._job_seq)}"
         refused: dict[int, str] = {}
         shortlist = self._shortlist
         retries = 0
@@ -814,7 +814,7 @@ class Scheduler:
         prefix, seq = self._job_prefix, self._job_seq
         for j in range(n):
             if job_ids[j] is None:
-                job_ids[j] = prefix + format(next(seq), "x")
+                job_ids[j] = f"{prefix}{next(seq)}"
 
         # the reservations, together
         placed = np.flatnonzero(out >= 0)
