@@ -385,6 +385,9 @@ class ManagementRegistry:
             configs = self._check_pool_configs(pools)
         with self._lock:
             if configs is None:
+                # ids first: an allocator that fails leaves everything as it was
+                for langs in {st.languages for st in self._nodes.values()}:
+                    self._reserve_pool_id_locked(langs)
                 self._auto = True
                 self._manual = ()
                 self._meta = {}
@@ -393,10 +396,24 @@ class ManagementRegistry:
                 self._set_manual_locked(configs)
             self._unpooled.clear()
             self._index_dirty = self._members_dirty = True
+            # Place every node in one pass and build each pool's array once
+            # (placing them one by one would copy a pool's array per node).
+            slots_of: dict[int, list[int]] = {}
             for st in self._nodes.values():
-                st.pool_ids = ()
-            for st in self._nodes.values():
-                self._place_locked(st)
+                if self._auto:
+                    pid = self._auto_pool_for_locked(st.languages)
+                    st.pool_ids = () if pid is None else (pid,)
+                else:
+                    st.pool_ids = tuple(
+                        c.pool_id for c in self._manual
+                        if c.languages <= st.languages and c.required_services <= st.services
+                    )
+                for pid in st.pool_ids:
+                    slots_of.setdefault(pid, []).append(st.slot)
+                if not st.pool_ids:
+                    self._unpooled[st.node_id] = None
+            for pid, slots in slots_of.items():
+                self._members[pid] = np.array(sorted(slots), dtype=np.int32)
             self._publish_locked()
 
     def _check_pool_configs(self, pools: object) -> tuple[PoolConfig, ...]:
