@@ -213,6 +213,13 @@ cdef class SlotCounts:
             c = c.successor
         return c
 
+    cdef SlotCounts _live_for(self, Py_ssize_t slot):
+        """The live table, once ``slot`` is known to be inside it."""
+        cdef SlotCounts c = self._live()
+        if slot < 0 or slot >= c.n:
+            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        return c
+
     def __len__(self):
         return self._live().n
 
@@ -226,9 +233,7 @@ cdef class SlotCounts:
 
     def try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) -> bool:
         """Add one if ``max(count, running) < limit``; report whether it did."""
-        cdef SlotCounts c = self._live()
-        if slot < 0 or slot >= c.n:
-            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        cdef SlotCounts c = self._live_for(slot)
         cdef int64_t held = c.counts[slot]
         if (held if held > running else running) >= limit:
             return False
@@ -257,22 +262,16 @@ cdef class SlotCounts:
         return out
 
     def add(self, Py_ssize_t slot, int32_t delta) -> int:
-        cdef SlotCounts c = self._live()
-        if slot < 0 or slot >= c.n:
-            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        cdef SlotCounts c = self._live_for(slot)
         c.counts[slot] += delta
         return c.counts[slot]
 
     def set(self, Py_ssize_t slot, int32_t value) -> None:
-        cdef SlotCounts c = self._live()
-        if slot < 0 or slot >= c.n:
-            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        cdef SlotCounts c = self._live_for(slot)
         c.counts[slot] = value
 
     def get(self, Py_ssize_t slot) -> int:
-        cdef SlotCounts c = self._live()
-        if slot < 0 or slot >= c.n:
-            raise IndexError(f"slot {slot} out of range [0, {c.n})")
+        cdef SlotCounts c = self._live_for(slot)
         return c.counts[slot]
 
 

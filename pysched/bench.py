@@ -36,36 +36,31 @@ True
 
 from __future__ import annotations
 
+import argparse
+import gc
+import importlib.util
+import json
+import math
 import os
+import platform
+import random
+import sys
+import threading
+import time
+import types
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-# numpy's OpenBLAS worker threads spin and steal one of the two cores from the
-# dispatch threads. This only helps when numpy is not imported yet, which is
-# rarely true here (``import pysched`` imports it first); cli.py sets it too.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
-from array import array  # noqa: E402
-from collections import deque  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import pysched  # noqa: E402
-from pysched.errors import NoNodeAvailable, NoPoolForLanguagePair  # noqa: E402
-from pysched.scheduler import Scheduler  # noqa: E402
+import pysched
+from pysched.cli import positive_int
+from pysched.errors import NoNodeAvailable, NoPoolForLanguagePair
+from pysched.scheduler import Scheduler
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -1038,16 +1033,6 @@ def _impl_names(text: str) -> tuple[str, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def _float(minimum: float, strict: bool) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -1071,10 +1056,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of a few seconds (200 nodes, 0.25 s scenarios, rates 0,20000)")
-    parser.add_argument("--nodes", type=_positive_int, default=None, help=f"nodes (default: {d.nodes})")
-    parser.add_argument("--pools", type=_positive_int, default=None,
+    parser.add_argument("--nodes", type=positive_int, default=None, help=f"nodes (default: {d.nodes})")
+    parser.add_argument("--pools", type=positive_int, default=None,
                         help=f"distinct language sets, i.e. auto pools (default: {d.pools})")
-    parser.add_argument("--sessions", type=_positive_int, default=None, help=f"sessions (default: {d.sessions})")
+    parser.add_argument("--sessions", type=positive_int, default=None, help=f"sessions (default: {d.sessions})")
     parser.add_argument("--rates", type=_rates, default=None,
                         help="heartbeats/s to request, comma-separated; 0 = no heartbeat thread "
                              "(default: 0,2000,20000)")

@@ -328,7 +328,6 @@ class RedisFleet:
             if cls is not None
         )
         self._noscript: type[BaseException] = exc.NoScriptError
-        self._response_error: type[BaseException] = exc.ResponseError
         # Scripts as instance attributes: tests swap in strict (#!lua) copies.
         self._allocate_script, self._seed_script, self._publish_script = _ALLOCATE, _SEED, _PUBLISH
 
@@ -604,7 +603,7 @@ class RedisFleet:
             self._sending = max(self._sending, max(e[0] for e in events))
             try:
                 self._call(self._send, events)
-            except Exception as exc:  # noqa: BLE001 - the thread must survive anything
+            except ReservationBackendUnavailable as exc:
                 # Put the events back in front, in order, and retry later. A
                 # full queue keeps the newest: the oldest are dropped, and the
                 # full state is re-published once Redis answers.
@@ -622,6 +621,11 @@ class RedisFleet:
                 self._stop.wait(backoff)
                 backoff = min(_BACKOFF_MAX, backoff * 2)
                 self._wake.set()
+                continue
+            except Exception as exc:  # noqa: BLE001 - not an outage: retrying would loop forever
+                self._error("publish (batch dropped)", exc)
+                self._count("dropped", len(events))
+                self._overflowed = True  # re-publish our nodes' full state instead
                 continue
             backoff = _BACKOFF_MIN
             if self._failing:
@@ -678,9 +682,18 @@ class RedisFleet:
         todo = events
         for _attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
-            for _seq, event, node, fields in todo:
-                keys, args = self._publish_args(event, node, fields)
+            sent = []
+            for item in todo:
+                try:
+                    keys, args = self._publish_args(item[1], item[2], item[3])
+                except (TypeError, ValueError) as exc:  # fields JSON cannot carry: skip the event
+                    self._error(f"encode {item[1]} {item[2]!r}", exc)
+                    continue
                 pipe.execute_command("EVALSHA", self._publish_script.sha, len(keys), *keys, *args)
+                sent.append(item)
+            todo = sent
+            if not todo:
+                return
             results = pipe.execute(raise_on_error=False)
             retry = []
             for item, result in zip(todo, results):
@@ -789,8 +802,9 @@ class RedisFleet:
                 self._fetch_and_apply(node_id)
         except self._unavailable:
             raise
-        except (ValueError, TypeError, RuntimeError) as exc:
-            # Refused here (e.g. this process's service limit): skip, keep going.
+        except Exception as exc:  # noqa: BLE001
+            # Refused here (e.g. this process's service limit): skip it. A
+            # poison event must never stall the stream.
             self._error(f"apply {event} {node_id!r}", exc)
         finally:
             self._local.applying = False
@@ -805,10 +819,17 @@ class RedisFleet:
             return sorted(self._own)
 
     def _fetch_and_apply(self, node_id: str) -> None:
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hgetall(self._node_key(node_id))
-        pipe.time()
-        record, server_time = pipe.execute()
+        """Apply the node's compacted record, if it has one (else ignore the event)."""
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hgetall(self._node_key(node_id))
+            pipe.time()
+            record, server_time = pipe.execute()
+        except self._unavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never stall the stream
+            self._error(f"fetch record {node_id!r}", exc)
+            return
         if record:
             self._apply_record(node_id, record, server_time)
 
@@ -844,7 +865,7 @@ class RedisFleet:
             self._count("applied")
         except self._unavailable:
             raise
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad record must not stall the fleet
             self._error(f"apply record {node_id!r}", exc)
         finally:
             self._local.applying = False

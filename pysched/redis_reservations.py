@@ -389,7 +389,8 @@ class RedisReservations(ReservationBackend):
         if ttl is None:
             raise RuntimeError("reservation_ttl is not set: pass it to RedisReservations or call configure()")
         ttl_ms = max(1, round(ttl * 1000))
-        cands = list(candidates)
+        # plain (slot, node_id, max, running) tuples are Candidates too
+        cands = [c if isinstance(c, Candidate) else Candidate(*c) for c in candidates]
         reasons: list[str] = []
         step = self.shortlist
         start = 0

@@ -244,7 +244,9 @@ class Scheduler:
         self._core = core
         self._sessions = SessionManager(session_ttl, clock)
         self._session_map = self._sessions.entries  # read-only fast path for dispatch
-        self._job_prefix = f"{random.Random(seed).getrandbits(32):08x}-"
+        # Job ids must not collide between processes sharing a Redis namespace,
+        # even with the same seed: the process id is part of the prefix.
+        self._job_prefix = f"{random.Random(seed).getrandbits(32):08x}{os.getpid():x}-"
         self._job_seq = itertools.count(1)
         self._mask_cache: dict[object, int] = {}
         self._default_mask: int | None = None  # set once every default service is known

@@ -204,11 +204,21 @@ def _run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: 
                 add("completed")
             left -= len(held)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(cfg["threads"])]
+    failures: list[str] = []
+
+    def guarded(tid: int) -> None:
+        try:
+            worker(tid)
+        except BaseException:  # a thread's exception would otherwise vanish
+            failures.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in range(cfg["threads"])]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} dispatch thread(s) failed; first:\n{failures[0]}")
     reports.put({"name": name, "kind": "done", **stats})
 
     # Every process has finished: the fleet-wide mirror must read zero everywhere.

@@ -418,6 +418,18 @@ class Fleet3:
             out[msg["name"]] = msg
         return out
 
+    def alive(self) -> bool:
+        """True while no worker died; fails the test with the dead worker's report otherwise."""
+        if all(p.exitcode in (None, 0) for p in self.procs):
+            return True
+        try:
+            while True:
+                msg = self.reports.get(timeout=1)
+                if msg["kind"] == "error":
+                    pytest.fail(f"{msg['name']} failed: {msg['error']}\n{msg['trace']}")
+        except queue.Empty:
+            pytest.fail(f"workers died: {[(p.name, p.exitcode) for p in self.procs]}")
+
     def start(self) -> dict[str, dict]:
         for proc in self.procs:
             proc.start()
@@ -506,7 +518,8 @@ def test_redis_restart_mid_run(fleet3: Callable[..., Fleet3], redis_server: Any)
     f = fleet3(jobs_per_thread=150)
     f.start()
     # Mid-run: a third of the jobs done, then 1.5 s without Redis.
-    wait_until(lambda: f.counters.completed.value >= f.total_jobs // 3, timeout=30, what="a third of the jobs")
+    wait_until(lambda: f.alive() and f.counters.completed.value >= f.total_jobs // 3, timeout=30,
+               what="a third of the jobs")
     redis_server.stop()
     time.sleep(1.5)
     redis_server.start()  # empty: the fleets heal by themselves
