@@ -588,6 +588,30 @@ cdef class SnapshotKernel:
         _free_request(&req, stack)
         return found
 
+    def select_candidate(
+        self,
+        Py_ssize_t src_id,
+        Py_ssize_t tgt_id,
+        Py_ssize_t preferred,
+        uint64_t service_mask,
+        int need,
+        double now,
+        exclude=(),
+    ):
+        """:meth:`select`, answered as ``(slot, node_id, max_concurrency, running, pool_index)``.
+
+        Dispatch needs exactly this to make its reservation, and getting it
+        in the same call saves a second trip into the kernel per job. Returns
+        the same negative codes as :meth:`select` when nothing is found.
+        """
+        cdef int64_t found = self.select(src_id, tgt_id, preferred, service_mask, need, now, exclude)
+        cdef int32_t slot
+        if found < 0:
+            return found
+        slot = <int32_t>(found & 0xFFFFFFFF)
+        return (slot, self.node_ids[slot], self.recs[slot].max_concurrency, self.loads[slot].running,
+                <int32_t>(found >> 32))
+
     cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t preferred, const request_t* req, uint64_t* state) noexcept:
         cdef Py_ssize_t j, begin = self.pair_off[key], end = self.pair_off[key + 1]
         cdef int32_t pool, found

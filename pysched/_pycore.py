@@ -401,6 +401,13 @@ class SnapshotKernel:
         finally:
             self._inflight = live
 
+    def select_candidate(self, src_id: int, tgt_id: int, preferred: int, service_mask: int, need: int,
+                         now: float, exclude=()):
+        found = self.select(src_id, tgt_id, preferred, service_mask, need, now, exclude)
+        if found < 0:
+            return found
+        return self.candidate(found & 0xFFFFFFFF) + (found >> 32,)
+
     def pick(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> int:
         self._check_pool(pool)
         return self._scan(pool, service_mask, need, now, set(exclude), self._rng.next_stream())

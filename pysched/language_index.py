@@ -35,7 +35,7 @@ class PoolLanguageIndex:
     """
 
     __slots__ = ("by_language_pair", "by_mixed_pool", "by_language_set", "lang_ids", "pair_off", "pair_pools",
-                 "pool_ids")
+                 "pool_ids", "_pair_ids")
 
     def __init__(self, pools: Sequence[tuple[int, frozenset[str]]]) -> None:
         self.pool_ids = tuple(pid for pid, _ in pools)
@@ -72,6 +72,7 @@ class PoolLanguageIndex:
         self.pair_pools = np.array([p for entry in flat for p in entry], dtype=np.int32)
         for arr in (self.pair_off, self.pair_pools):
             arr.flags.writeable = False
+        self._pair_ids: dict[tuple[str, str], tuple[int, int] | None] = {}
 
     @property
     def n_langs(self) -> int:
@@ -82,6 +83,19 @@ class PoolLanguageIndex:
         if src == AUTO:
             return self.by_mixed_pool.get(tgt, ())
         return self.by_language_pair.get((src, tgt), ())
+
+    def pair_ids(self, pair: tuple[str, str]) -> tuple[int, int] | None:
+        """:meth:`kernel_ids` of a ``(src, tgt)`` tuple, memoised (dispatch asks on every job).
+
+        Only pairs of codes that already passed normalisation arrive here, so
+        the memo is bounded by the pairs clients actually use.
+        """
+        ids = self._pair_ids.get(pair, False)
+        if ids is False:
+            ids = self.kernel_ids(pair[0], pair[1])
+            if len(self._pair_ids) < 65536:
+                self._pair_ids[pair] = ids
+        return ids
 
     def kernel_ids(self, src: str, tgt: str) -> tuple[int, int] | None:
         """The kernel's (src_id, tgt_id) for a pair, or None if no pool has both languages."""

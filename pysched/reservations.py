@@ -132,7 +132,8 @@ class ReservationBackend:
     ) -> Reservation | str | None:
         """Single-candidate fast path used by dispatch.
 
-        Returns ``None`` when ``candidate`` was reserved for ``job_id``, a
+        ``candidate`` is ``(slot, node_id, max_concurrency, running, ...)``:
+        extra trailing fields are ignored. Returns ``None`` when ``candidate`` was reserved for ``job_id``, a
         refusal reason string when it was not, or a :class:`Reservation`
         (the one ``job_id`` already held, or the new one) whose node and pool
         the caller then uses. ``now`` is the caller's reading of the
@@ -276,10 +277,11 @@ class LocalReservations(ReservationBackend):
         existing = jobs.get(job_id)
         if existing is not None:
             return self._view(job_id, existing)
-        slot, node_id, max_concurrency, running = candidate
+        slot = candidate[0]  # by index: a candidate may carry more fields (the pool index)
+        node_id = candidate[1]
         if self._owners.get(slot) != node_id:
             return REFUSED_GONE
-        if not self._counts.try_add(slot, max_concurrency, running):
+        if not self._counts.try_add(slot, candidate[2], candidate[3]):
             return REFUSED_FULL
         expires = now + self._ttl
         rec = [node_id, slot, pool_id, session_id, expires, False]

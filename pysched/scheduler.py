@@ -549,14 +549,13 @@ class Scheduler:
         need: int,
         now: float,
     ) -> Assignment:
-        lang_ids = snap.index.lang_ids
-        tgt_id = lang_ids.get(t)
-        src_id = snap.index.n_langs if s == AUTO else lang_ids.get(s)
-        if src_id is None or tgt_id is None:
+        pair = (s, t)
+        ids = snap.index.pair_ids(pair)
+        if ids is None:
             self._outcomes.add(_OUT_NO_POOL)
             raise NoPoolForLanguagePair(s, t)
+        src_id, tgt_id = ids
         kernel = snap.kernel
-        pair = (s, t)
 
         # Steps 2-4: the session's binding, read under its own lock.
         session = self._session_map.get(session_id)
@@ -580,19 +579,19 @@ class Scheduler:
         supplied = job_id is not None
         if job_id is None:
             job_id = f"{self._job_prefix}{next(self._job_seq)}"
-        refused: dict[int, str] = {}
+        refused: dict[int, str] = {}  # slot -> the backend's refusal, for the breakdown
         shortlist = self._shortlist
         retries = 0
         while True:
-            packed = kernel.select(src_id, tgt_id, preferred, mask, need, now, excl)
-            if packed < 0:
+            found = kernel.select_candidate(src_id, tgt_id, preferred, mask, need, now, excl)
+            if type(found) is int:
                 if supplied:
                     # A concurrent retry of the same job may have taken the last
                     # slot since the caller's check: answer with its assignment.
                     existing = reservations.get(job_id)
                     if existing is not None:
                         return Assignment(existing.node_id, existing.pool_id, job_id, existing.session_id, s, t)
-                if packed == -2:
+                if found == -2:
                     self._outcomes.add(_OUT_NO_POOL)
                     raise NoPoolForLanguagePair(s, t)
                 reasons = self._node_reasons(snap, src_id, tgt_id, mask, need, now, excl, refused)
@@ -601,18 +600,17 @@ class Scheduler:
                     retries += 1
                     continue
                 self._raise_no_node(s, t, reasons)
-            pool_index = packed >> 32
+            pool_index = found[4]
             pool_id = snap.pool_ids[pool_index]
             try:
                 if shortlist == 1:
-                    candidate = kernel.candidate(packed & 0xFFFFFFFF)
-                    result = reservations.reserve_one(job_id, candidate, pool_id, session_id, now)
+                    result = reservations.reserve_one(job_id, found, pool_id, session_id, now)
                     if result is None:
-                        node_id = candidate[1]
+                        node_id = found[1]
                         break
                     if type(result) is str:
-                        refused[candidate[0]] = result
-                        excl = excl + (candidate[0],)
+                        refused[found[0]] = result
+                        excl = excl + (found[0],)
                         continue
                 else:
                     slots = kernel.rank(pool_index, mask, need, now, excl, shortlist)

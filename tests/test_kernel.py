@@ -281,6 +281,8 @@ def test_compiled_and_twin_agree_exactly(seed):
         src, tgt = int(rng.integers(0, n_langs + 2)), int(rng.integers(0, n_langs + 1))
         pref = int(rng.integers(-1, n_pools))
         assert kc.select(src, tgt, pref, mask, need, now, excl) == kp.select(src, tgt, pref, mask, need, now, excl)
+        assert kc.select_candidate(src, tgt, pref, mask, need, now, excl) == kp.select_candidate(
+            src, tgt, pref, mask, need, now, excl)
         assert kc.pick(pool, mask, need, now, excl) == kp.pick(pool, mask, need, now, excl)
         k = int(rng.integers(1, 8))
         assert kc.rank(pool, mask, need, now, excl, k) == kp.rank(pool, mask, need, now, excl, k)
