@@ -63,6 +63,16 @@ def _dump_threads(threads) -> str:
     return "\n".join(out)
 
 
+def _run_for(threads: list[threading.Thread], duration: float, stop: threading.Event, errors: list[str]) -> None:
+    """Start the threads, let them run ``duration`` seconds, stop and join them; fail on any error."""
+    for t in threads:
+        t.start()
+    time.sleep(duration)
+    stop.set()
+    _join_all(threads, errors)
+    assert not errors, "\n".join(errors[:20])
+
+
 def _join_all(threads, errors) -> None:
     deadline = time.monotonic() + JOIN_TIMEOUT
     for t in threads:
@@ -283,13 +293,7 @@ def test_stress_dispatch_vs_management(kernel_name):
     threads = [threading.Thread(target=dispatcher, args=(i,), name=f"dispatcher-{i}", daemon=True)
                for i in range(n_dispatchers)]
     threads.append(threading.Thread(target=manager, name="manager", daemon=True))
-    for t in threads:
-        t.start()
-    time.sleep(duration)
-    stop.set()
-    _join_all(threads, fleet.errors)
-
-    assert not fleet.errors, "\n".join(fleet.errors[:20])
+    _run_for(threads, duration, stop, fleet.errors)
     # the stress actually stressed: jobs went through, and nodes were often full
     assert counters["ok"] > 100, counters
     assert counters["no_node"] > 0, counters
@@ -498,12 +502,7 @@ def test_stress_expiry_vs_dispatch(kernel_name):
                        f"{traceback.format_exc()}")
 
     threads = [threading.Thread(target=dispatcher, args=(i,), name=f"expiry-{i}", daemon=True) for i in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(duration)
-    stop.set()
-    _join_all(threads, fleet.errors)
-    assert not fleet.errors, "\n".join(fleet.errors[:20])
+    _run_for(threads, duration, stop, fleet.errors)
     assert counters["ok"] > 50, counters
     assert counters["no_node"] > 0, counters  # the fleet was saturated at times
     assert counters["late_release"] > 0, counters  # reservations did expire under the threads
