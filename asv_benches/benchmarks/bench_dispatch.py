@@ -1,32 +1,43 @@
-"""``Scheduler.dispatch`` end to end (validation, session lock, kernel, reservation)."""
+"""``Scheduler.dispatch`` end to end (validation, session lock, kernel, reservation).
+
+``time_dispatch_release`` makes ``INNER`` (1,000) dispatch+release pairs per
+sample and ``time_dispatch`` 1,000 dispatches: divide by 1,000 for one.
+"""
 
 from __future__ import annotations
 
-from .common import build_fleet, sessions_for
+from .common import INNER, build_fleet, cached, sessions_for
+
+
+def _fleet(n_nodes):
+    sched, _, pairs = build_fleet(n_nodes)
+    requests = sessions_for(pairs, 10_000)
+    for sid, src, tgt in requests:  # warm: every session bound once
+        sched.release(sched.dispatch(sid, src, tgt).job_id)
+    return sched, requests
 
 
 class Dispatch:
-    """dispatch + release at 1,000 and 10,000 nodes (50 pools), 10,000 sessions."""
+    """1,000 nodes or 10,000 nodes in 50 pools, 10,000 bound sessions."""
 
     params = [1000, 10000]
     param_names = ["nodes"]
     timeout = 300
 
     def setup(self, n_nodes):
-        self.sched, _, pairs = build_fleet(n_nodes)
-        self.requests = sessions_for(pairs, 10_000)
-        for sid, src, tgt in self.requests:  # warm: every session bound once
-            self.sched.release(self.sched.dispatch(sid, src, tgt).job_id)
-        self.i = 0
+        self.sched, self.requests = cached(("dispatch", n_nodes), lambda: _fleet(n_nodes))
+        self.jobs = []
+
+    def teardown(self, n_nodes):
+        release = self.sched.release
+        for job in self.jobs:
+            release(job)
 
     def time_dispatch_release(self, n_nodes):
-        sid, src, tgt = self.requests[self.i % 10_000]
-        self.i += 1
-        self.sched.release(self.sched.dispatch(sid, src, tgt).job_id)
+        dispatch, release = self.sched.dispatch, self.sched.release
+        for sid, src, tgt in self.requests[:INNER]:
+            release(dispatch(sid, src, tgt).job_id)
 
-    def time_dispatch_1000_sessions_then_release(self, n_nodes):
+    def time_dispatch(self, n_nodes):
         dispatch = self.sched.dispatch
-        jobs = [dispatch(sid, src, tgt).job_id for sid, src, tgt in self.requests[:1000]]
-        release = self.sched.release
-        for job in jobs:
-            release(job)
+        self.jobs = [dispatch(sid, src, tgt).job_id for sid, src, tgt in self.requests[INNER: 2 * INNER]]

@@ -1,8 +1,12 @@
-"""Management: load-only heartbeats, and structural changes with their snapshot publication."""
+"""Management: load-only heartbeats, and structural changes with their snapshot publication.
+
+``time_load_only_heartbeat`` sends ``INNER`` (1,000) heartbeats per sample;
+divide by 1,000 for one.
+"""
 
 from __future__ import annotations
 
-from .common import build_fleet
+from .common import INNER, build_fleet, cached
 
 
 class Heartbeat:
@@ -13,13 +17,13 @@ class Heartbeat:
     timeout = 300
 
     def setup(self, n_nodes):
-        self.sched, _, _ = build_fleet(n_nodes)
-        self.n = n_nodes
-        self.i = 0
+        self.sched, _, _ = cached(("fleet", n_nodes), lambda: build_fleet(n_nodes))
+        self.ids = [f"node-{i % n_nodes}" for i in range(0, 7 * INNER, 7)]
 
     def time_load_only_heartbeat(self, n_nodes):
-        self.i += 1
-        self.sched.heartbeat(f"node-{self.i % self.n}", running=self.i % 3, cpu=20.0, gpu=30.0, mem=40.0)
+        heartbeat = self.sched.heartbeat
+        for i, node_id in enumerate(self.ids):
+            heartbeat(node_id, running=i % 3, cpu=20.0, gpu=30.0, mem=40.0)
 
 
 class StructuralChange:
@@ -30,8 +34,7 @@ class StructuralChange:
     timeout = 600
 
     def setup(self, n_nodes):
-        self.sched, self.sets, _ = build_fleet(n_nodes)
-        self.n = n_nodes
+        self.sched, self.sets, _ = cached(("fleet", n_nodes), lambda: build_fleet(n_nodes))
 
     def time_register_then_remove(self, n_nodes):
         self.sched.register_node("extra", languages=self.sets[0], max_concurrency=4)
@@ -56,7 +59,7 @@ class PoolChange:
     def setup(self, n_nodes):
         import pysched
 
-        self.sched, sets, _ = build_fleet(n_nodes)
+        self.sched, sets, _ = cached(("fleet", n_nodes), lambda: build_fleet(n_nodes))
         self.manual = [pysched.PoolConfig(100 + i, "-".join(s), set(s)) for i, s in enumerate(sets[:20])]
 
     def time_set_pools_manual_then_auto(self, n_nodes):
