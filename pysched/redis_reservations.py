@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ReservationBackendUnavailable
-from .reservations import REFUSED_FULL, REFUSED_GONE, Candidate, Reservation, ReservationBackend
+from .reservations import Candidate, Reservation, ReservationBackend
 
 __all__ = ["RedisReservations"]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pysched._kernel import resolve
-from pysched._layout import NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE, R_OK, REASONS
+from pysched._layout import NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE, REASONS
 from pysched.errors import (
     NoNodeAvailable,
     SchedulerError,

@@ -55,7 +55,6 @@ def core(kernel_name):
 @pytest.fixture
 def make_scheduler(kernel_name, clock):
     """Factory for a Scheduler on the fake clock, with a fixed seed, for either kernel."""
-    import pysched
 
     made = []
 

@@ -20,3 +20,12 @@ def test_readme_python_blocks_run(index, capsys):
     if "redis" in block.lower() and "redis_url" not in block:
         pytest.skip("Redis examples run in tests/test_redis_fleet.py")
     exec(compile(block, f"README.md[python block {index}]", "exec"), {})
+
+
+def test_package_docstring_example():
+    import doctest
+
+    import pysched
+
+    result = doctest.testmod(pysched)
+    assert result.attempted > 0 and result.failed == 0
