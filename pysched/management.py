@@ -65,6 +65,8 @@ class NodeState:
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
+    if type(value) is int and minimum <= value <= 2**31 - 1:
+        return value
     if type(value) is not int and not isinstance(value, np.integer):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     if value < minimum or value > 2**31 - 1:
@@ -79,6 +81,8 @@ def _check_bool(value: object, name: str) -> bool:
 
 
 def _check_percent(value: object, name: str) -> float:
+    if type(value) is float and 0.0 <= value <= 100.0:
+        return value  # the usual heartbeat figure: one type check, one chained compare (NaN fails it)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
     number = float(value)
