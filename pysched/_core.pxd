@@ -106,5 +106,7 @@ cdef class SnapshotKernel:
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
     cdef int64_t _free(self, Py_ssize_t pool, const request_t* req) noexcept nogil
+    cdef int64_t _select_pair(self, Py_ssize_t src_id, Py_ssize_t tgt_id, Py_ssize_t preferred,
+                              uint64_t service_mask, int need, double now, object exclude) except? -3
     cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t preferred, const request_t* req, uint64_t* state) noexcept
     cdef int32_t _most_free(self, Py_ssize_t key, const request_t* req) noexcept nogil

@@ -575,18 +575,7 @@ cdef class SnapshotKernel:
         Returns ``pool_index << 32 | slot``; -1 when pools serve the pair but
         none has an eligible node; -2 when no pool serves the pair.
         """
-        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id)
-        cdef request_t req
-        cdef int32_t stack[MAX_STACK_EXCLUDE]
-        cdef uint64_t state
-        cdef int64_t found
-        if key < 0 or self.pair_off[key] == self.pair_off[key + 1]:
-            return -2
-        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
-        state = self.rng.next_stream()
-        found = self._select(key, preferred, &req, &state)
-        _free_request(&req, stack)
-        return found
+        return self._select_pair(src_id, tgt_id, preferred, service_mask, need, now, exclude)
 
     def select_candidate(
         self,
@@ -604,13 +593,29 @@ cdef class SnapshotKernel:
         in the same call saves a second trip into the kernel per job. Returns
         the same negative codes as :meth:`select` when nothing is found.
         """
-        cdef int64_t found = self.select(src_id, tgt_id, preferred, service_mask, need, now, exclude)
+        cdef int64_t found = self._select_pair(src_id, tgt_id, preferred, service_mask, need, now, exclude)
         cdef int32_t slot
         if found < 0:
             return found
         slot = <int32_t>(found & 0xFFFFFFFF)
         return (slot, self.node_ids[slot], self.recs[slot].max_concurrency, self.loads[slot].running,
                 <int32_t>(found >> 32))
+
+    cdef int64_t _select_pair(self, Py_ssize_t src_id, Py_ssize_t tgt_id, Py_ssize_t preferred,
+                              uint64_t service_mask, int need, double now, object exclude) except? -3:
+        """What :meth:`select` answers; shared with :meth:`select_candidate` without a Python-level call."""
+        cdef Py_ssize_t key = self._pair_key(src_id, tgt_id)
+        cdef request_t req
+        cdef int32_t stack[MAX_STACK_EXCLUDE]
+        cdef uint64_t state
+        cdef int64_t found
+        if key < 0 or self.pair_off[key] == self.pair_off[key + 1]:
+            return -2
+        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
+        state = self.rng.next_stream()
+        found = self._select(key, preferred, &req, &state)
+        _free_request(&req, stack)
+        return found
 
     cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t preferred, const request_t* req, uint64_t* state) noexcept:
         cdef Py_ssize_t j, begin = self.pair_off[key], end = self.pair_off[key + 1]
