@@ -102,10 +102,15 @@ class Explanation:
     @property
     def breakdown(self) -> dict[str, int]:
         """Reason -> number of nodes."""
-        out: dict[str, int] = {}
-        for reason in self.nodes.values():
-            out[reason] = out.get(reason, 0) + 1
-        return out
+        return _tally(self.nodes.values())
+
+
+def _tally(reasons: Iterable[str]) -> dict[str, int]:
+    """Reason code -> how many nodes have it, in first-seen order."""
+    out: dict[str, int] = {}
+    for reason in reasons:
+        out[reason] = out.get(reason, 0) + 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -599,7 +604,7 @@ class Scheduler:
                     # capacity came back between the scan and now: look again
                     retries += 1
                     continue
-                self._raise_no_node(s, t, reasons)
+                raise self._no_node_error(s, t, reasons)
             pool_index = found[4]
             pool_id = snap.pool_ids[pool_index]
             try:
@@ -879,7 +884,7 @@ class Scheduler:
                 reasons = self._node_reasons(snap, int(src_ids[j]), int(tgt_ids[j]), masks[j], needs[j], now, excl,
                                              {})
                 try:
-                    self._raise_no_node(s, t, reasons)
+                    raise self._no_node_error(s, t, reasons)
                 except NoNodeAvailable as exc:
                     results[i] = exc
         for j in retry:
@@ -909,10 +914,9 @@ class Scheduler:
                     return index
         return snap.kernel.most_free_pool(src_id, tgt_id, mask, need, now, excl)
 
-    def _raise_no_node(self, s: str, t: str, reasons: Mapping[int, str]) -> None:
-        breakdown: dict[str, int] = {}
-        for reason in reasons.values():
-            breakdown[reason] = breakdown.get(reason, 0) + 1
+    def _no_node_error(self, s: str, t: str, reasons: Mapping[int, str]) -> NoNodeAvailable:
+        """The :class:`NoNodeAvailable` for these per-node reasons (and count the outcome)."""
+        breakdown = _tally(reasons.values())
         # the most frequent reason; ties go to the earliest check in eligibility
         # order. "ok" (capacity that came back during the call) never "wins".
         blocking = [r for r in breakdown if r != "ok"]
@@ -922,7 +926,7 @@ class Scheduler:
         else:
             best = "no_nodes"
             self._outcomes.add(_OUT_NO_NODES)
-        raise NoNodeAvailable(s, t, breakdown, best)
+        return NoNodeAvailable(s, t, breakdown, best)
 
     def _node_reasons(self, snap: RuntimeSnapshot, src_id: int, tgt_id: int, mask: int, need: int, now: float,
                       excl: tuple[int, ...], refused: Mapping[int, str]) -> dict[int, str]:
