@@ -23,8 +23,11 @@ COMPILED = bench._compiled_available()
 
 
 def _tiny(**overrides) -> BenchConfig:
+    # max_concurrency: a pool of 5 nodes holds 5,000,000 jobs, more than any implementation can dispatch
+    # in a 0.15 s scenario, so no refusal is possible however the threads are scheduled (a thread
+    # descheduled on a busy machine keeps its held jobs until it runs again).
     values = dict(nodes=30, pools=6, sessions=80, rates=(0.0, 2000.0), threads=(1, 2), duration=0.1,
-                  warmup=0.05, legacy_path=str(LEGACY), goal_rate=2000.0, quick=True)
+                  warmup=0.05, legacy_path=str(LEGACY), goal_rate=2000.0, quick=True, max_concurrency=1_000_000)
     values.update(overrides)
     return BenchConfig(**values)
 
@@ -59,7 +62,7 @@ def test_every_implementation_dispatches(report):
         lat = r.latency_us
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
         assert r.samples == r.dispatches and not r.sampled
-        # max_concurrency 64 on 30 nodes: nothing is refused
+        # capacity beyond anything a scenario can dispatch: nothing is refused
         assert r.failed == 0
         if r.rate > 0:
             # not > 0 per scenario: on a saturated machine the heartbeat thread
