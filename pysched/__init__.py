@@ -23,6 +23,7 @@ from pysched.errors import (
     SchedulerError,
     UnknownJob,
     UnknownNode,
+    WrongNode,
 )
 from pysched.language_index import PoolLanguageIndex
 from pysched.languages import AUTO, DEFAULT_SERVICES, LANGUAGE_ALIASES, normalize_language
@@ -45,6 +46,11 @@ def __getattr__(name: str):
 
         return RedisFleet
     raise AttributeError(f"module 'pysched' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # List the lazy Redis classes too (completion, help()), without importing them.
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [
@@ -72,6 +78,7 @@ __all__ = [
     "SchedulerError",
     "UnknownJob",
     "UnknownNode",
+    "WrongNode",
     "normalize_language",
     "__version__",
 ]

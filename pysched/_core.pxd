@@ -7,6 +7,7 @@ numpy dtypes used by the management layer are derived from these structs
 checked against ``sizeof`` at import.
 """
 
+from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
@@ -19,13 +20,15 @@ ctypedef struct node_rec:
     uint16_t pad_              # explicit padding, always zero (keeps the layout identical to numpy's)
 
 
-# One record per node slot, written in place by heartbeats (never copied).
+# One record per node slot, written in place by heartbeats (never copied). The
+# figures are doubles: kept, compared with the threshold and returned exactly as given.
 ctypedef struct node_load:
     double last_heartbeat      # clock() time of the last heartbeat (or registration)
-    float cpu                  # cpu use in percent [0, 100]
-    float gpu                  # gpu use in percent [0, 100]
-    float mem                  # memory use in percent [0, 100]
+    double cpu                 # cpu use in percent [0, 100]
+    double gpu                 # gpu use in percent [0, 100]
+    double mem                 # memory use in percent [0, 100]
     int32_t running            # jobs the node itself reported running
+    int32_t pad_               # explicit padding, always zero (keeps the layout identical to numpy's)
 
 
 cdef enum:
@@ -57,6 +60,21 @@ cdef enum:
     N_REASONS = 9
 
 
+# One record per job handle of the in-process job table (_jobs.pxi).
+ctypedef struct job_rec:
+    double expires_at          # TTL end while uncommitted, lease end once committed
+    int64_t pool_id            # the pool that served the job
+    int32_t slot               # node slot whose capacity the job holds; -1 for a free handle
+    int32_t heap_pos           # position in the expiry heap; -1 for a free handle
+    uint8_t committed          # 1 once the node accepted the job
+
+
+cdef enum:
+    JOB_FULL = -1              # JobTable.reserve: the node has no free capacity
+    JOB_GONE = -2              # no live node owns the slot
+    JOB_HELD = -3              # the job id already holds a reservation
+
+
 # The per-request parameters every kernel entry point shares.
 ctypedef struct request_t:
     uint64_t service_mask      # services the job needs
@@ -65,6 +83,65 @@ ctypedef struct request_t:
     const int32_t* exclude     # slots the caller excluded (sorted not required)
     Py_ssize_t n_exclude
     const int32_t* inflight    # in-flight counts to score with: the live array, or a batch's scratch copy
+
+
+# The per-pool ordering (_ordering.pxi): a tournament tree per pool over its members.
+ctypedef struct order_key:
+    int32_t eff                # max(in-flight, reported running); -1: not a candidate
+    int32_t max_concurrency
+    double gpu
+
+ctypedef struct order_node:
+    int32_t win                # slot of a best candidate below (leftmost of the tied ones); -1: none
+    int32_t ties               # candidates below whose key equals win's
+    int32_t left               # how many of those are in the left half (they come first in member order)
+
+ctypedef struct pool_tree:
+    int32_t size               # leaves: a power of two >= n
+    int32_t n                  # members
+    int32_t* slots             # member slots, in member order
+    int64_t* next              # per member: the next leaf of the same slot (tree id << 32 | position), or -1
+    order_node* nodes          # 2 * size; nodes[1] is the root, member i's leaf is nodes[size + i]
+
+
+cdef class SnapshotKernel
+
+
+cdef class Ordering:
+    cdef order_key* keys               # slot -> key as of the slot's last change
+    cdef uint8_t* evicted              # slot -> 1 once a decision found its heartbeat stale
+    cdef int64_t* head                 # slot -> its first leaf (tree id << 32 | position), or -1
+    cdef Py_ssize_t n_slots
+    cdef pool_tree** trees             # by tree id (stable while the tree's member list is)
+    cdef Py_ssize_t n_trees
+    cdef int32_t* pool_tree            # pool index of the current target -> tree id
+    cdef Py_ssize_t n_pools
+    cdef const node_rec* recs          # the current target's arrays
+    cdef const node_load* loads
+    cdef const int32_t* counts
+    cdef const int32_t* pool_off
+    cdef const int32_t* pool_members
+    cdef double threshold
+    cdef object target                 # keeps the target's arrays alive
+    cdef readonly uint64_t epoch       # bumped by every retarget; a kernel uses the trees only at its own
+    cdef readonly bint ready           # the trees describe the current target
+    cdef readonly double horizon       # latest heartbeat deadline of an evicted node
+
+    cdef bint _key_update(self, Py_ssize_t s) noexcept nogil
+    cdef void _refresh(self, Py_ssize_t s) noexcept nogil
+    cdef void on_count(self, Py_ssize_t slot) noexcept nogil
+    cdef void on_load(self, Py_ssize_t slot) noexcept nogil
+    cdef void evict(self, Py_ssize_t slot, double deadline) noexcept nogil
+    cdef void suspend(self) noexcept nogil
+    cdef Py_ssize_t leaf_in(self, Py_ssize_t slot, int32_t tree_id) noexcept nogil
+    cdef int _resize(self, Py_ssize_t n) except -1
+    cdef int32_t _new_tree_id(self, pool_tree* t) noexcept nogil
+    cdef pool_tree* tree_of(self, Py_ssize_t pool) noexcept nogil
+    cdef void _link(self, int32_t tree_id) noexcept nogil
+    cdef void _drop_tree(self, int32_t tree_id) noexcept nogil
+    cdef int _match_trees(self, const int32_t* pool_off, const int32_t* members, Py_ssize_t n_pools,
+                          bint reuse) except -1
+    cdef int retarget(self, SnapshotKernel k) except -1
 
 
 cdef class Rng:
@@ -81,6 +158,22 @@ cdef class LoadTable:
     cdef readonly object array         # numpy array of LOAD_DTYPE, one record per slot
     cdef node_load* loads
     cdef Py_ssize_t n
+    cdef readonly Ordering ordering    # notified of every update (None until a kernel attaches one)
+
+
+cdef class SlotCounts:
+    cdef readonly object array         # numpy int32, one in-flight count per slot
+    cdef int32_t* counts
+    cdef Py_ssize_t n
+    cdef SlotCounts successor          # set once grown: every update goes there
+    cdef readonly Ordering ordering    # notified of every count change (None until a kernel attaches one)
+    cdef object __weakref__
+    cdef SlotCounts _live(self)
+    cdef SlotCounts _live_for(self, Py_ssize_t slot)
+    # C-level API for compiled callers (the job table): the slot is already
+    # validated against len(); every change of a count goes through these two.
+    cdef bint c_try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) noexcept
+    cdef void c_add(self, Py_ssize_t slot, int32_t delta) noexcept
 
 
 cdef class SnapshotKernel:
@@ -95,18 +188,106 @@ cdef class SnapshotKernel:
     cdef Py_ssize_t n_pools
     cdef Py_ssize_t n_langs
     cdef double heartbeat_timeout
-    cdef float threshold
+    cdef double threshold
     cdef Py_ssize_t nogil_min_pool
     cdef Rng rng
     cdef object refs                     # keeps every array above alive
     cdef list node_ids                   # slot -> node id (shared, append-only)
+    cdef Ordering ordering               # the per-pool ordering of these arrays, or None
+    cdef uint64_t ordering_epoch         # the ordering's epoch when this kernel retargeted it
 
     cdef Py_ssize_t _pair_key(self, Py_ssize_t src_id, Py_ssize_t tgt_id) except -2
     cdef int _check_pool(self, Py_ssize_t pool) except -1
+    cdef int _attach(self, LoadTable loads, object inflight) except -1
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
+    cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
+    cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept
+    cdef int32_t _choose_scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept
+    cdef Py_ssize_t _collect_best(self, Py_ssize_t pool, const request_t* req, const uint8_t* evicted,
+                                  Py_ssize_t n_evicted, const int32_t* rejected, Py_ssize_t n_rejected,
+                                  int32_t* tied) noexcept nogil
     cdef int64_t _free(self, Py_ssize_t pool, const request_t* req) noexcept nogil
-    cdef int64_t _select_pair(self, Py_ssize_t src_id, Py_ssize_t tgt_id, Py_ssize_t preferred,
+    cdef int64_t _select_pair(self, Py_ssize_t src_id, Py_ssize_t tgt_id, Py_ssize_t preferred, Py_ssize_t tenant,
                               uint64_t service_mask, int need, double now, object exclude) except? -3
-    cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t preferred, const request_t* req, uint64_t* state) noexcept
+    cdef bint _serves(self, Py_ssize_t key, Py_ssize_t pool) noexcept nogil
+    cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t bound, Py_ssize_t tenant, const request_t* req,
+                         uint64_t* state) noexcept
     cdef int32_t _most_free(self, Py_ssize_t key, const request_t* req) noexcept nogil
+
+
+cdef class JobTable:
+    cdef SlotCounts counts             # the in-flight counts a reservation adds to
+    cdef dict index                    # job id -> handle
+    cdef list job_ids                  # handle -> job id (None when free)
+    cdef list session_ids              # handle -> session id (None when free)
+    cdef list pairs                    # handle -> what the caller stored with the job ((src, tgt) for dispatch)
+    cdef job_rec* recs                 # handle -> record
+    cdef int32_t* heap                 # min-heap of live handles by expires_at
+    cdef int32_t* free_list            # free handles, next one on top
+    cdef uint8_t* bound                # slot -> 1 while a live node owns it
+    cdef Py_ssize_t cap, n_free, heap_n, n_bound
+    cdef Py_ssize_t n_live, n_committed, n_expired
+
+    cdef int _grow_bound(self, Py_ssize_t n) except -1
+    cdef int _grow_jobs(self) except -1
+    cdef void _sift_up(self, Py_ssize_t pos) noexcept nogil
+    cdef void _sift_down(self, Py_ssize_t pos) noexcept nogil
+    cdef void _heap_push(self, int32_t h) noexcept nogil
+    cdef void _heap_remove(self, int32_t h) noexcept nogil
+    cdef void _heap_rekey(self, int32_t h) noexcept nogil
+    cdef int32_t _live(self, str job_id, double now) except -2
+    cdef bint _owned(self, int32_t h, Py_ssize_t slot) noexcept
+    cdef void _drop(self, int32_t h) noexcept
+    cdef int _forget(self, str job_id, int32_t h) except -1
+    cdef double next_expiry_c(self) noexcept
+    cdef int32_t c_reserve(self, str job_id, Py_ssize_t slot, int64_t limit, int64_t running, object pool_id,
+                           str session_id, double expires_at, object pair) except -4
+    cdef bint c_commit(self, str job_id, Py_ssize_t slot, double expires_at, double now) except -1
+    cdef bint c_release(self, str job_id, Py_ssize_t slot, double now) except -1
+
+
+cdef class Assignment:
+    cdef readonly str node_id          # the node that runs the job
+    cdef readonly object pool_id       # the pool that served it (int)
+    cdef readonly str job_id
+    cdef readonly str session_id
+    cdef readonly str src              # normalised source code ("auto" for any)
+    cdef readonly str tgt              # normalised target code
+
+
+cdef class SessionState:
+    cdef readonly object lock          # threading.Lock: the Python path decides the binding under it
+    cdef public object binding         # ((src, tgt), pool_id) or None
+    cdef public double last_used       # clock() time of the session's last dispatch
+    # memo of the compiled dispatch: the pool index of ``seen_binding`` in snapshot ``seen_snap``
+    cdef object seen_binding
+    cdef object seen_snap
+    cdef Py_ssize_t seen_index
+
+
+cdef class Dispatcher:
+    cdef object mgmt                   # the ManagementRegistry: .snapshot is read once per call
+    cdef JobTable jobs
+    cdef Counters outcomes
+    cdef dict sessions                 # session id -> SessionState (shared with the SessionManager)
+    cdef dict languages                # raw code -> normalised code (the language cache)
+    cdef object clock
+    cdef str prefix                    # job id prefix
+    cdef double ttl, session_ttl, lease
+    cdef int64_t seq                   # job ids issued (shared with the Python path)
+    cdef public int64_t default_mask   # the default services' mask; -1 until every one has a bit
+    cdef public double next_sweep      # the session table's next sweep: the Python path runs it
+    cdef object snap                   # the snapshot the cached fields below come from
+    cdef SnapshotKernel kernel
+    cdef dict lang_ids
+    cdef dict codes                    # raw code -> (normalised code, language id) in this snapshot
+    cdef object scratch_code           # keeps the last unmemoised entry alive
+    cdef Py_ssize_t n_langs
+    cdef tuple pool_ids
+    cdef dict pool_index
+
+    cdef object slow_dispatch, slow_release, slow_commit, no_node, default_services
+    cdef int _refresh(self, object snap) except -1
+    cdef PyObject* _code(self, str code) except? NULL
+    cdef str _job_id(self, int64_t seq)

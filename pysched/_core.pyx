@@ -17,7 +17,9 @@ cimport cython
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove, memset
+
+import threading
 
 import numpy as np
 
@@ -28,6 +30,8 @@ from pysched._layout import LOAD_DTYPE, NODE_DTYPE, REASONS, STATUS_CODES, check
 
 cdef enum:
     MAX_STACK_EXCLUDE = 32
+    ORDER_DRAWS = 16           # _layout.ORDER_DRAWS: candidates a decision tries before it scans
+    MAX_STACK_CLASS = 256      # best candidates collected on the stack by a scanning decision
 
 cdef uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL
 
@@ -53,6 +57,7 @@ def _check_layout():
         "gpu": <char*>&_load_probe.gpu - base,
         "mem": <char*>&_load_probe.mem - base,
         "running": <char*>&_load_probe.running - base,
+        "pad_": <char*>&_load_probe.pad_ - base,
     }
     for dtype, size, offsets in (
         (NODE_DTYPE, sizeof(node_rec), rec_offsets),
@@ -77,6 +82,8 @@ def _check_layout():
         raise ImportError("pysched._core: C codes differ from pysched._layout")
     if GOLDEN != _layout.GOLDEN:
         raise ImportError("pysched._core: GOLDEN differs from pysched._layout")
+    if ORDER_DRAWS != _layout.ORDER_DRAWS:
+        raise ImportError("pysched._core: ORDER_DRAWS differs from pysched._layout")
 
 
 _check_layout()
@@ -98,6 +105,14 @@ cdef inline uint64_t _xorshift64(uint64_t* state) noexcept nogil:
     x ^= x << 17
     state[0] = x
     return x
+
+
+cdef inline int64_t _draw(uint64_t* state, int64_t n) noexcept nogil:
+    """The next draw of a decision's stream, as an index in [0, n) (multiply-shift, no modulo)."""
+    return <int64_t>(((_xorshift64(state) >> 32) * <uint64_t>n) >> 32)
+
+
+include "_ordering.pxi"
 
 
 @cython.final
@@ -143,7 +158,9 @@ cdef class LoadTable:
 
     Only the management layer writes (under its lock); the kernel reads.
     Growing returns a new table and leaves this one untouched, so a kernel
-    holding the old pointer keeps reading valid (if stale) memory.
+    holding the old pointer keeps reading valid (if stale) memory; the
+    ordering (if any) moves to the new table and waits, suspended, for the
+    next kernel to retarget it.
     """
 
     def __init__(self, Py_ssize_t n):
@@ -152,29 +169,41 @@ cdef class LoadTable:
         self.array = np.zeros(n, dtype=LOAD_DTYPE)
         self.loads = <node_load*>cnp.PyArray_DATA(self.array)
         self.n = n
+        self.ordering = None
 
     def __len__(self):
         return self.n
 
     def grown(self, Py_ssize_t n) -> LoadTable:
         cdef LoadTable bigger = LoadTable(max(n, self.n))
-        bigger.array[: self.n] = self.array
+        if self.n:
+            memcpy(bigger.loads, self.loads, self.n * sizeof(node_load))
+        if self.ordering is not None:
+            self.ordering.suspend()
+            bigger.ordering = self.ordering
+            self.ordering = None
         return bigger
 
     def update(self, Py_ssize_t slot, double now, double cpu, double gpu, double mem, int32_t running):
-        """Write one heartbeat; a NaN (or running < 0) keeps the old figure."""
+        """Write one heartbeat; a NaN (or running < 0) keeps the old figure.
+
+        The figures are stored as given (doubles). The ordering is told in
+        the same call: atomic under the GIL, no Python-level call between.
+        """
         if slot < 0 or slot >= self.n:
             raise IndexError(f"slot {slot} out of range [0, {self.n})")
         cdef node_load* l = &self.loads[slot]
         l.last_heartbeat = now
         if cpu == cpu:
-            l.cpu = <float>cpu
+            l.cpu = cpu
         if gpu == gpu:
-            l.gpu = <float>gpu
+            l.gpu = gpu
         if mem == mem:
-            l.mem = <float>mem
+            l.mem = mem
         if running >= 0:
             l.running = running
+        if self.ordering is not None:
+            self.ordering.on_load(slot)
 
     def get(self, Py_ssize_t slot) -> tuple:
         if slot < 0 or slot >= self.n:
@@ -194,11 +223,6 @@ cdef class SlotCounts:
     holding the old table keeps updating the live counts.
     """
 
-    cdef readonly object array   # numpy int32, one count per slot
-    cdef int32_t* counts
-    cdef Py_ssize_t n
-    cdef SlotCounts successor    # set once grown: every update goes there
-
     def __init__(self, Py_ssize_t n):
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
@@ -206,6 +230,32 @@ cdef class SlotCounts:
         self.counts = <int32_t*>cnp.PyArray_DATA(self.array)
         self.n = n
         self.successor = None
+        self.ordering = None
+        # a kernel handed this array finds these counts (and their ordering) by its address
+        _COUNTS_BY_ADDRESS[<Py_ssize_t>self.counts] = self
+
+    # Every change of a count goes through c_try_add or c_add, which tell the
+    # ordering in the same call: C only, no Python-level call, so the count
+    # and the ordering change together, atomically under the GIL.
+    cdef bint c_try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) noexcept:
+        cdef SlotCounts c = self
+        while c.successor is not None:
+            c = c.successor
+        cdef int64_t held = c.counts[slot]
+        if (held if held > running else running) >= limit:
+            return False
+        c.counts[slot] += 1
+        if c.ordering is not None:
+            c.ordering.on_count(slot)
+        return True
+
+    cdef void c_add(self, Py_ssize_t slot, int32_t delta) noexcept:
+        cdef SlotCounts c = self
+        while c.successor is not None:
+            c = c.successor
+        c.counts[slot] += delta
+        if c.ordering is not None:
+            c.ordering.on_count(slot)
 
     cdef SlotCounts _live(self):
         cdef SlotCounts c = self
@@ -229,23 +279,22 @@ cdef class SlotCounts:
         if live.n:
             memcpy(bigger.counts, live.counts, live.n * sizeof(int32_t))  # no GIL release: atomic
         live.successor = bigger
+        if live.ordering is not None:
+            # the ordering follows the live counts, suspended until a kernel over the new array retargets it
+            live.ordering.suspend()
+            bigger.ordering = live.ordering
+            live.ordering = None
         return bigger
 
     def try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) -> bool:
         """Add one if ``max(count, running) < limit``; report whether it did."""
-        cdef SlotCounts c = self._live_for(slot)
-        cdef int64_t held = c.counts[slot]
-        if (held if held > running else running) >= limit:
-            return False
-        c.counts[slot] += 1
-        return True
+        self._live_for(slot)
+        return self.c_try_add(slot, limit, running)
 
     def try_add_many(self, const int32_t[::1] slots, const int64_t[::1] limits, const int64_t[::1] running):
         """:meth:`try_add` for every slot in order, in one atomic call; a bool array of successes."""
         cdef SlotCounts c = self._live()
         cdef Py_ssize_t k, n = slots.shape[0]
-        cdef int64_t held
-        cdef int32_t slot
         if limits.shape[0] != n or running.shape[0] != n:
             raise ValueError("try_add_many: slots, limits and running must have the same length")
         for k in range(n):
@@ -254,21 +303,17 @@ cdef class SlotCounts:
         out = np.zeros(n, dtype=np.bool_)
         cdef cnp.npy_bool* ok = <cnp.npy_bool*>cnp.PyArray_DATA(out)
         for k in range(n):
-            slot = slots[k]
-            held = c.counts[slot]
-            if (held if held > running[k] else running[k]) < limits[k]:
-                c.counts[slot] += 1
-                ok[k] = 1
+            ok[k] = c.c_try_add(slots[k], limits[k], running[k])
         return out
 
     def add(self, Py_ssize_t slot, int32_t delta) -> int:
         cdef SlotCounts c = self._live_for(slot)
-        c.counts[slot] += delta
+        self.c_add(slot, delta)
         return c.counts[slot]
 
     def set(self, Py_ssize_t slot, int32_t value) -> None:
         cdef SlotCounts c = self._live_for(slot)
-        c.counts[slot] = value
+        c.c_add(slot, value - c.counts[slot])
 
     def get(self, Py_ssize_t slot) -> int:
         cdef SlotCounts c = self._live_for(slot)
@@ -282,7 +327,7 @@ cdef inline int _reason(
     int32_t slot,
     const request_t* req,
     double heartbeat_timeout,
-    float threshold,
+    double threshold,
 ) noexcept nogil:
     cdef Py_ssize_t i
     cdef int32_t effective
@@ -314,7 +359,7 @@ cdef inline bint _eligible(
     int32_t slot,
     const request_t* req,
     double heartbeat_timeout,
-    float threshold,
+    double threshold,
 ) noexcept nogil:
     """``_reason(...) == R_OK``, computed without telling the reasons apart.
 
@@ -380,7 +425,8 @@ cdef inline void _free_request(request_t* req, int32_t* stack) noexcept:
         req.exclude = stack
 
 
-cdef inline int _better(int64_t eff, int64_t mx, float gpu, int64_t best_eff, int64_t best_max, float best_gpu) noexcept nogil:
+cdef inline int _better(int64_t eff, int64_t mx, double gpu,
+                        int64_t best_eff, int64_t best_max, double best_gpu) noexcept nogil:
     """1 if (eff/mx, gpu) is strictly lower than the best, 0 on a tie, -1 if worse."""
     cdef int64_t lhs = eff * best_max
     cdef int64_t rhs = best_eff * mx
@@ -435,11 +481,12 @@ cdef class SnapshotKernel:
         self.n_pools = n_pools
         self.n_langs = n_langs
         self.heartbeat_timeout = heartbeat_timeout
-        self.threshold = <float>threshold
+        self.threshold = threshold
         self.nogil_min_pool = nogil_min_pool
         self.rng = rng
         self.node_ids = node_ids
         self.refs = (recs, loads, inflight, pool_off, pool_members, pair_off, pair_pools)
+        self._attach(loads, inflight)
 
     def with_records(self, cnp.ndarray recs, LoadTable loads, cnp.ndarray inflight) -> SnapshotKernel:
         """A kernel over new node records (and tables), sharing this one's pools and index.
@@ -466,7 +513,46 @@ cdef class SnapshotKernel:
         k.rng = self.rng
         k.node_ids = self.node_ids
         k.refs = (recs, loads, inflight) + tuple(self.refs[3:])
+        k._attach(loads, inflight)
         return k
+
+    cdef int _attach(self, LoadTable loads, object inflight) except -1:
+        """Find the ordering of these arrays (creating it if need be) and retarget it to this kernel.
+
+        Only in-flight counts that a live :class:`SlotCounts` owns can be
+        followed (every change of theirs notifies the ordering); over any
+        other array the kernel decides by scanning. One ordering serves one
+        (counts, load table) pair: a kernel over another pair gets a new one.
+        """
+        cdef SlotCounts counts = _COUNTS_BY_ADDRESS.get(<Py_ssize_t>self.inflight)
+        cdef Ordering o
+        self.ordering = None
+        if counts is None or counts.successor is not None or counts.n < self.n_slots:
+            return 0
+        o = counts.ordering
+        if o is None or loads.ordering is not o:
+            if o is not None:
+                o.suspend()
+            if loads.ordering is not None:
+                loads.ordering.suspend()
+            o = Ordering()
+            counts.ordering = o
+            loads.ordering = o
+        o.retarget(self)
+        self.ordering = o
+        self.ordering_epoch = o.epoch
+        return 0
+
+    @property
+    def ordering(self):
+        """The :class:`Ordering` of this kernel's arrays, or None (decisions then scan)."""
+        return self.ordering
+
+    @property
+    def ordered(self) -> bool:
+        """Whether decisions use the ordering now (this kernel is its current target)."""
+        cdef Ordering o = self.ordering
+        return o is not None and o.ready and o.epoch == self.ordering_epoch
 
     @property
     def n_pools(self) -> int:
@@ -491,24 +577,46 @@ cdef class SnapshotKernel:
             raise IndexError(f"pool index {pool} out of range [0, {self.n_pools})")
         return 0
 
+    # -- How a node is chosen in one pool -------------------------------------
+    #
+    # A decision in a pool is defined by the following procedure; the ordered
+    # path (_choose_ordered), the scanning path (_choose_scan) and the pure-Python
+    # twin each carry it out, so they agree exactly (the tests check it).
+    #
+    # Candidates: members that are ready, below their max, not overloaded, not
+    # evicted (see _ordering.pxi) and not excluded by the request. Key:
+    # (max(in-flight, running) / max_concurrency, gpu), compared exactly.
+    #  1. Unless ``now`` is at or before the ordering's horizon: up to
+    #     ORDER_DRAWS times, take the candidates with the best key (not yet
+    #     rejected), draw r in [0, their number) from the decision's stream,
+    #     and look at the r-th of them in member order. If it is eligible for
+    #     the request (services, GPU, public, heartbeat age...), it is the
+    #     answer; otherwise it is rejected for this decision (and evicted,
+    #     when its heartbeat is stale). No candidate left: no node (-1).
+    #  2. Otherwise: among the eligible members, the ones with the best key,
+    #     one draw, the r-th of them in member order (the exact scan).
+    # Any answer is therefore one of the equally best eligible nodes: a
+    # candidate found in step 1 has the best key of a set that holds every
+    # eligible node; each step picks uniformly among the ties.
+
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil:
-        # Everything the loop touches is copied to locals first: CPython builds
-        # with -fno-strict-aliasing, so otherwise every store to the RNG state
-        # would force the compiler to reload each field from ``self``.
+        """Step 2: the r-th (one draw) of the eligible members with the best key, or -1."""
+        # Everything the loops touch is copied to locals first: CPython builds
+        # with -fno-strict-aliasing, so otherwise every store would force the
+        # compiler to reload each field from ``self``.
         cdef const node_rec* recs = self.recs
         cdef const node_load* loads = self.loads
         cdef const int32_t* inflight = req.inflight
         cdef const int32_t* members = self.pool_members
         cdef double timeout = self.heartbeat_timeout
-        cdef float threshold = self.threshold
-        cdef Py_ssize_t j, end = self.pool_off[pool + 1]
+        cdef double threshold = self.threshold
+        cdef Py_ssize_t j, begin = self.pool_off[pool], end = self.pool_off[pool + 1]
         cdef int32_t slot, best = -1, held
-        cdef int64_t eff, mx, best_eff = 0, best_max = 1, ties = 0, lhs, rhs
-        cdef float gpu, best_gpu = 0
+        cdef int64_t eff, mx, best_eff = 0, best_max = 1, ties = 0, lhs, rhs, r
+        cdef double gpu, best_gpu = 0
         cdef const node_rec* rec
         cdef const node_load* load
-        cdef uint64_t rng = state[0]
-        for j in range(self.pool_off[pool], end):
+        for j in range(begin, end):
             slot = members[j]
             rec = &recs[slot]
             load = &loads[slot]
@@ -525,32 +633,204 @@ cdef class SnapshotKernel:
                 if lhs > rhs or (lhs == rhs and gpu > best_gpu):
                     continue
                 if lhs == rhs and gpu == best_gpu:
-                    # a tie replaces the best with probability 1/ties (reservoir
-                    # sampling; multiply-shift rather than a ~30-cycle modulo)
                     ties += 1
-                    rng ^= rng << 13
-                    rng ^= rng >> 7
-                    rng ^= rng << 17
-                    if ((rng >> 32) * <uint64_t>ties) >> 32 != 0:
-                        continue
-                else:
-                    ties = 1
-            else:
-                ties = 1
+                    continue
             best = slot
             best_eff = eff
             best_max = mx
             best_gpu = gpu
-        state[0] = rng
-        return best
+            ties = 1
+        if best < 0:
+            return -1
+        r = _draw(state, ties)
+        for j in range(begin, end):
+            slot = members[j]
+            rec = &recs[slot]
+            load = &loads[slot]
+            held = inflight[slot]
+            if not _eligible(rec, load, held, slot, req, timeout, threshold):
+                continue
+            eff = held if held > load.running else load.running
+            if eff * best_max == best_eff * <int64_t>rec.max_concurrency and load.gpu == best_gpu:
+                if r == 0:
+                    return slot
+                r -= 1
+        return best  # the counts changed between the passes (a concurrent thread, GIL released)
 
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept:
+        """Step 2, without the GIL for large pools."""
         cdef int32_t found
         if self.pool_off[pool + 1] - self.pool_off[pool] >= self.nogil_min_pool:
             with nogil:
                 found = self.scan_pool(pool, req, state)
             return found
         return self.scan_pool(pool, req, state)
+
+    cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept:
+        """The decision in one pool: by the ordering when it describes this kernel, else by scanning."""
+        cdef Ordering o = self.ordering
+        if o is not None and o.ready and o.epoch == self.ordering_epoch and req.inflight == self.inflight:
+            return self._choose_ordered(pool, req, state, o)
+        return self._choose_scan(pool, req, state, o)
+
+    cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept:
+        """Step 1 on the pool's tree: O(log n) a draw.
+
+        Excluded slots and rejected candidates are left out of the tree for the
+        length of this call and put back before it returns; everything happens
+        holding the GIL with no Python-level call (step 2, which may release the
+        GIL, runs only once the tree is whole again), so no other thread ever
+        sees a tree with leaves left out.
+        """
+        if req.now <= o.horizon:
+            return self._scan(pool, req, state)
+        cdef pool_tree* t = o.tree_of(pool)
+        if t == NULL:
+            return self._choose_scan(pool, req, state, o)  # out of memory for the tree: the same answer, scanning
+        cdef int32_t tree_id = o.pool_tree[pool]
+        cdef const order_key* keys = o.keys
+        cdef int32_t hidden[ORDER_DRAWS]
+        cdef Py_ssize_t n_hidden = 0, i, pos
+        cdef int32_t slot, found = -2
+        cdef const node_load* load
+        for i in range(req.n_exclude):
+            pos = o.leaf_in(req.exclude[i], tree_id)
+            if pos >= 0 and t.nodes[t.size + pos].win >= 0:
+                _tree_set(t, keys, pos, -1)
+        while n_hidden < ORDER_DRAWS:
+            if t.nodes[1].win < 0:
+                found = -1
+                break
+            pos = _tree_nth(t, _draw(state, t.nodes[1].ties))
+            slot = t.slots[pos]
+            load = &self.loads[slot]
+            if _eligible(&self.recs[slot], load, req.inflight[slot], slot, req, self.heartbeat_timeout,
+                         self.threshold):
+                found = slot
+                break
+            if req.now - load.last_heartbeat > self.heartbeat_timeout:
+                o.evict(slot, load.last_heartbeat + self.heartbeat_timeout)  # takes its leaves out for good
+            else:
+                _tree_set(t, keys, pos, -1)
+            hidden[n_hidden] = <int32_t>pos
+            n_hidden += 1
+        for i in range(n_hidden):
+            pos = hidden[i]
+            _tree_set(t, keys, pos, _leaf_of(keys, t.slots[pos]))
+        for i in range(req.n_exclude):
+            pos = o.leaf_in(req.exclude[i], tree_id)
+            if pos >= 0:
+                _tree_set(t, keys, pos, _leaf_of(keys, t.slots[pos]))
+        if found == -2:
+            found = self._scan(pool, req, state)
+        return found
+
+    cdef int32_t _choose_scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept:
+        """Steps 1 and 2 by scanning: the same answer as the ordered path, in O(n).
+
+        Used by kernels the ordering does not (or no longer) describe, and for
+        a batch's scratch counts. One pass collects the best candidates (member
+        order) and each draw indexes them; a pass is repeated only when every
+        one of them was rejected. Without an ordering nothing is evicted: a
+        stale candidate is only rejected for this decision.
+        """
+        cdef const uint8_t* evicted = NULL
+        cdef Py_ssize_t n_evicted = 0, n_rej = 0, m = self.pool_off[pool + 1] - self.pool_off[pool], ties = 0, r
+        cdef int32_t rejected[ORDER_DRAWS]
+        cdef int32_t stack[MAX_STACK_CLASS]
+        cdef int32_t* tied = stack
+        cdef int32_t slot
+        cdef bint big = m >= self.nogil_min_pool
+        cdef const node_load* load
+        if o is not None:
+            if req.now <= o.horizon:
+                return self._scan(pool, req, state)
+            evicted = o.evicted
+            n_evicted = o.n_slots
+        if m > MAX_STACK_CLASS:
+            tied = <int32_t*>malloc(m * sizeof(int32_t))
+            if tied == NULL:
+                return self._scan(pool, req, state)  # out of memory: still an exact answer (step 2)
+        slot = -2
+        while n_rej < ORDER_DRAWS:
+            if ties == 0:
+                if big:
+                    with nogil:
+                        ties = self._collect_best(pool, req, evicted, n_evicted, rejected, n_rej, tied)
+                else:
+                    ties = self._collect_best(pool, req, evicted, n_evicted, rejected, n_rej, tied)
+                if ties == 0:
+                    slot = -1
+                    break
+            r = _draw(state, ties)
+            slot = tied[r]
+            load = &self.loads[slot]
+            if _eligible(&self.recs[slot], load, req.inflight[slot], slot, req, self.heartbeat_timeout,
+                         self.threshold):
+                break
+            if o is not None and req.now - load.last_heartbeat > self.heartbeat_timeout:
+                o.evict(slot, load.last_heartbeat + self.heartbeat_timeout)
+            rejected[n_rej] = slot
+            n_rej += 1
+            ties -= 1
+            memmove(&tied[r], &tied[r + 1], (ties - r) * sizeof(int32_t))  # keeps member order
+            slot = -2
+        if tied != stack:
+            free(tied)
+        if slot == -2:
+            slot = self._scan(pool, req, state)
+        return slot
+
+    cdef Py_ssize_t _collect_best(self, Py_ssize_t pool, const request_t* req, const uint8_t* evicted,
+                                  Py_ssize_t n_evicted, const int32_t* rejected, Py_ssize_t n_rejected,
+                                  int32_t* tied) noexcept nogil:
+        """Write the best candidates not yet rejected to ``tied`` (member order); return how many."""
+        cdef const node_rec* recs = self.recs
+        cdef const node_load* loads = self.loads
+        cdef const int32_t* inflight = req.inflight
+        cdef const int32_t* members = self.pool_members
+        cdef double threshold = self.threshold
+        cdef Py_ssize_t j, i, ties = 0
+        cdef int32_t slot, held
+        cdef int64_t eff, mx, best_eff = 0, best_max = 1, lhs, rhs
+        cdef double gpu, best_gpu = 0.0
+        cdef const node_rec* rec
+        cdef const node_load* load
+        for j in range(self.pool_off[pool], self.pool_off[pool + 1]):
+            slot = members[j]
+            rec = &recs[slot]
+            load = &loads[slot]
+            held = inflight[slot]
+            eff = held if held > load.running else load.running
+            mx = rec.max_concurrency
+            if (rec.status != STATUS_READY or eff >= mx
+                    or load.cpu >= threshold or load.gpu >= threshold or load.mem >= threshold
+                    or (slot < n_evicted and evicted[slot])):
+                continue
+            gpu = load.gpu
+            if ties:
+                lhs = eff * best_max
+                rhs = best_eff * mx
+                if lhs > rhs or (lhs == rhs and gpu > best_gpu):
+                    continue
+            for i in range(req.n_exclude):
+                if req.exclude[i] == slot:
+                    break
+            else:
+                for i in range(n_rejected):
+                    if rejected[i] == slot:
+                        break
+                else:
+                    if ties and lhs == rhs and gpu == best_gpu:
+                        tied[ties] = slot
+                        ties += 1
+                    else:
+                        best_eff = eff
+                        best_max = mx
+                        best_gpu = gpu
+                        tied[0] = slot
+                        ties = 1
+        return ties
 
     # -- entry points --------------------------------------------------------
     def pools_for(self, Py_ssize_t src_id, Py_ssize_t tgt_id) -> tuple:
@@ -569,13 +849,18 @@ cdef class SnapshotKernel:
         int need,
         double now,
         exclude=(),
+        Py_ssize_t tenant=-1,
     ) -> int:
-        """Best eligible node for the pair: the preferred pool first, then index order.
+        """Best eligible node for the pair.
 
+        ``preferred`` is the session's bound pool (-1: none): it is tried
+        first. If it has no eligible node, the pool a new binding would get
+        is tried next (``tenant``'s pool when it serves the pair, else the
+        one with the most free capacity), then the others in index order.
         Returns ``pool_index << 32 | slot``; -1 when pools serve the pair but
         none has an eligible node; -2 when no pool serves the pair.
         """
-        return self._select_pair(src_id, tgt_id, preferred, service_mask, need, now, exclude)
+        return self._select_pair(src_id, tgt_id, preferred, tenant, service_mask, need, now, exclude)
 
     def select_candidate(
         self,
@@ -586,6 +871,7 @@ cdef class SnapshotKernel:
         int need,
         double now,
         exclude=(),
+        Py_ssize_t tenant=-1,
     ):
         """:meth:`select`, answered as ``(slot, node_id, max_concurrency, running, pool_index)``.
 
@@ -593,7 +879,7 @@ cdef class SnapshotKernel:
         in the same call saves a second trip into the kernel per job. Returns
         the same negative codes as :meth:`select` when nothing is found.
         """
-        cdef int64_t found = self._select_pair(src_id, tgt_id, preferred, service_mask, need, now, exclude)
+        cdef int64_t found = self._select_pair(src_id, tgt_id, preferred, tenant, service_mask, need, now, exclude)
         cdef int32_t slot
         if found < 0:
             return found
@@ -601,7 +887,7 @@ cdef class SnapshotKernel:
         return (slot, self.node_ids[slot], self.recs[slot].max_concurrency, self.loads[slot].running,
                 <int32_t>(found >> 32))
 
-    cdef int64_t _select_pair(self, Py_ssize_t src_id, Py_ssize_t tgt_id, Py_ssize_t preferred,
+    cdef int64_t _select_pair(self, Py_ssize_t src_id, Py_ssize_t tgt_id, Py_ssize_t preferred, Py_ssize_t tenant,
                               uint64_t service_mask, int need, double now, object exclude) except? -3:
         """What :meth:`select` answers; shared with :meth:`select_candidate` without a Python-level call."""
         cdef Py_ssize_t key = self._pair_key(src_id, tgt_id)
@@ -613,25 +899,43 @@ cdef class SnapshotKernel:
             return -2
         _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
         state = self.rng.next_stream()
-        found = self._select(key, preferred, &req, &state)
+        found = self._select(key, preferred, tenant, &req, &state)
         _free_request(&req, stack)
         return found
 
-    cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t preferred, const request_t* req, uint64_t* state) noexcept:
-        cdef Py_ssize_t j, begin = self.pair_off[key], end = self.pair_off[key + 1]
+    cdef bint _serves(self, Py_ssize_t key, Py_ssize_t pool) noexcept nogil:
+        cdef Py_ssize_t j
+        for j in range(self.pair_off[key], self.pair_off[key + 1]):
+            if self.pair_pools[j] == pool:
+                return True
+        return False
+
+    cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t bound, Py_ssize_t tenant, const request_t* req,
+                         uint64_t* state) noexcept:
+        """The session's bound pool; failing that, the pool a new binding gets, then index order.
+
+        A session whose pool has no eligible node rebinds exactly as a new
+        session would (the tenant's pool, else the most free capacity), not
+        to whichever pool happens to come next in the index.
+        """
+        cdef Py_ssize_t j, begin = self.pair_off[key], end = self.pair_off[key + 1], pref
         cdef int32_t pool, found
-        if preferred >= 0:
-            for j in range(begin, end):
-                if self.pair_pools[j] == preferred:
-                    found = self._scan(preferred, req, state)
-                    if found >= 0:
-                        return (<int64_t>preferred << 32) | found
-                    break
+        if bound >= 0 and self._serves(key, bound):
+            found = self._choose(bound, req, state)
+            if found >= 0:
+                return (<int64_t>bound << 32) | found
+        else:
+            bound = -1
+        pref = tenant if tenant >= 0 and self._serves(key, tenant) else self._most_free(key, req)
+        if pref >= 0 and pref != bound:
+            found = self._choose(pref, req, state)
+            if found >= 0:
+                return (<int64_t>pref << 32) | found
         for j in range(begin, end):
             pool = self.pair_pools[j]
-            if pool == preferred:
+            if pool == pref or pool == bound:
                 continue
-            found = self._scan(pool, req, state)
+            found = self._choose(pool, req, state)
             if found >= 0:
                 return (<int64_t>pool << 32) | found
         return -1
@@ -656,9 +960,8 @@ cdef class SnapshotKernel:
 
         Requests are visited in order. Each one: its session's binding (from
         ``bound_key``/``bound_pool``, indexed by ``session_of``) is the
-        preferred pool when it was made for the same pair; otherwise the
-        tenant's pool (``tenant_pools``, -1 for none), otherwise the pool with
-        the most free capacity. It then draws the next decision stream,
+        bound pool when it was made for the same pair, ``tenant_pools`` (-1
+        for none) the tenant's pool. It then draws the next decision stream,
         selects like :meth:`select`, and on success adds one to ``scratch``
         (a copy of the in-flight counts) and rebinds the session, so later
         requests see the load and bindings earlier ones created. ``out[i]``
@@ -698,10 +1001,8 @@ cdef class SnapshotKernel:
             req.inflight = &scratch[0]
             sess = session_of[i]
             pref = bound_pool[sess] if bound_key[sess] == key else -1
-            if pref < 0:
-                pref = tenant_pools[i] if tenant_pools[i] >= 0 else self._most_free(key, &req)
             state = self.rng.next_stream()
-            found = self._select(key, pref, &req, &state)
+            found = self._select(key, pref, tenant_pools[i], &req, &state)
             out[i] = found
             if found >= 0:
                 scratch[found & 0xFFFFFFFF] += 1
@@ -715,7 +1016,7 @@ cdef class SnapshotKernel:
         cdef int32_t stack[MAX_STACK_EXCLUDE]
         _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
         cdef uint64_t state = self.rng.next_stream()
-        cdef int32_t found = self._scan(pool, &req, &state)
+        cdef int32_t found = self._choose(pool, &req, &state)
         _free_request(&req, stack)
         return found
 
@@ -742,7 +1043,7 @@ cdef class SnapshotKernel:
         cdef int32_t* top_slot = <int32_t*>malloc(k * sizeof(int32_t))
         cdef int64_t* top_eff = <int64_t*>malloc(k * sizeof(int64_t))
         cdef int64_t* top_max = <int64_t*>malloc(k * sizeof(int64_t))
-        cdef float* top_gpu = <float*>malloc(k * sizeof(float))
+        cdef double* top_gpu = <double*>malloc(k * sizeof(double))
         cdef uint64_t* top_key = <uint64_t*>malloc(k * sizeof(uint64_t))
         if not (top_slot and top_eff and top_max and top_gpu and top_key):
             free(top_slot); free(top_eff); free(top_max); free(top_gpu); free(top_key)
@@ -870,3 +1171,27 @@ cdef class SnapshotKernel:
         _free_request(&req, stack)
         return best
 
+    def reason(self, Py_ssize_t slot, uint64_t service_mask, int need, double now, exclude=()) -> int:
+        """The reason code of one slot for a request (``R_OK`` when eligible)."""
+        if slot < 0 or slot >= self.n_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
+        cdef request_t req
+        cdef int32_t stack[MAX_STACK_EXCLUDE]
+        _fill_request(&req, service_mask, need, now, exclude, stack, self.inflight)
+        cdef int code = _reason(&self.recs[slot], &self.loads[slot], self.inflight[slot], <int32_t>slot, &req,
+                                self.heartbeat_timeout, self.threshold)
+        _free_request(&req, stack)
+        return code
+
+    def is_member(self, Py_ssize_t pool, Py_ssize_t slot) -> bool:
+        """Whether ``slot`` is a member of ``pool``."""
+        self._check_pool(pool)
+        cdef Py_ssize_t j
+        for j in range(self.pool_off[pool], self.pool_off[pool + 1]):
+            if self.pool_members[j] == slot:
+                return True
+        return False
+
+
+include "_jobs.pxi"
+include "_dispatch.pxi"

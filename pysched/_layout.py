@@ -12,9 +12,11 @@ import numpy as np
 NODE_DTYPE = np.dtype(
     [("service_mask", "<u8"), ("max_concurrency", "<u4"), ("status", "u1"), ("flags", "u1"), ("pad_", "<u2")]
 )
-#: one record per node slot, written in place by heartbeats (``node_load``)
+#: one record per node slot, written in place by heartbeats (``node_load``); the figures are
+#: float64 so that a node's cpu/gpu/mem are kept, compared and returned exactly as given
 LOAD_DTYPE = np.dtype(
-    [("last_heartbeat", "<f8"), ("cpu", "<f4"), ("gpu", "<f4"), ("mem", "<f4"), ("running", "<i4")]
+    [("last_heartbeat", "<f8"), ("cpu", "<f8"), ("gpu", "<f8"), ("mem", "<f8"), ("running", "<i4"),
+     ("pad_", "<i4")]
 )
 
 STATUS_READY = 0
@@ -52,6 +54,10 @@ REASONS = (
     "overloaded",
 )
 R_OK, R_OFFLINE, R_NOT_READY, R_NO_GPU, R_NOT_PUBLIC, R_MISSING_SERVICE, R_EXCLUDED, R_FULL, R_OVERLOADED = range(9)
+
+#: draws a decision makes among a pool's best-ordered candidates before it falls back to
+#: scanning the eligible nodes (see ``SnapshotKernel`` in _core.pyx, "How a node is chosen")
+ORDER_DRAWS = 16
 
 MASK64 = 0xFFFFFFFFFFFFFFFF
 GOLDEN = 0x9E3779B97F4A7C15

@@ -9,7 +9,10 @@ scheduler use it (slowly) where the extension cannot be built.
 
 from __future__ import annotations
 
+import heapq
 import threading
+import weakref
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -23,6 +26,7 @@ from pysched._layout import (
     NEED_PUBLIC,
     NEED_UNKNOWN_SERVICE,
     NODE_DTYPE,
+    ORDER_DRAWS,
     R_EXCLUDED,
     R_FULL,
     R_MISSING_SERVICE,
@@ -41,7 +45,8 @@ from pysched._layout import (
 )
 
 __all__ = ["COMPILED", "NODE_DTYPE", "LOAD_DTYPE", "REASONS", "STATUS_CODES", "Rng", "Counters", "LoadTable", "SlotCounts",
-           "SnapshotKernel"]
+           "Ordering", "SnapshotKernel", "JobTable",
+           "Assignment", "SessionState", "Dispatcher"]
 
 COMPILED = False
 
@@ -101,6 +106,61 @@ class Counters:
         return list(self._values)
 
 
+# data address of a SlotCounts' array -> that SlotCounts (as in _ordering.pxi)
+_COUNTS_BY_ADDRESS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _address(arr: np.ndarray) -> int:
+    return int(arr.__array_interface__["data"][0])
+
+
+class Ordering:
+    """Twin of the compiled ``Ordering``: what a decision depends on, without the trees.
+
+    The compiled ordering keeps per-pool tournament trees so a decision costs
+    O(log n); the twin computes the same decisions by scanning
+    (:meth:`SnapshotKernel._choose`), so all it keeps is the state decisions
+    share: the evicted slots (found with a stale heartbeat, until their next
+    heartbeat), the horizon (latest heartbeat deadline of an evicted node),
+    and the same lifecycle (``epoch``, ``ready``). ``lock`` is the counts'
+    lock: held by every count change and by each decision, it stands in for
+    the GIL atomicity of the compiled calls.
+    """
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.evicted: set[int] = set()
+        self.n_slots = 0
+        self.epoch = 0
+        self.ready = False
+        self.horizon = float("-inf")
+
+    def evicted_slots(self) -> list:
+        return sorted(self.evicted)
+
+    def check(self) -> None:
+        """Nothing to check: the twin keeps no trees."""
+
+    def on_load(self, slot: int) -> None:
+        self.evicted.discard(slot)
+
+    def evict(self, slot: int, deadline: float) -> None:
+        if slot >= self.n_slots:
+            return
+        self.evicted.add(slot)
+        self.horizon = max(self.horizon, deadline)
+
+    def suspend(self) -> None:
+        self.ready = False
+
+    def retarget(self, kernel: "SnapshotKernel") -> None:
+        n = kernel.n_slots
+        self.evicted = {s for s in self.evicted if s < n}
+        self.n_slots = n
+        self.epoch += 1
+        self.ready = True
+
+
 class LoadTable:
     """The mutable per-slot load figures, written in place by heartbeats."""
 
@@ -108,6 +168,7 @@ class LoadTable:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self.array = np.zeros(n, dtype=LOAD_DTYPE)
+        self.ordering: Ordering | None = None
 
     def __len__(self) -> int:
         return len(self.array)
@@ -115,22 +176,29 @@ class LoadTable:
     def grown(self, n: int) -> "LoadTable":
         bigger = LoadTable(max(n, len(self.array)))
         bigger.array[: len(self.array)] = self.array
+        if self.ordering is not None:
+            self.ordering.suspend()
+            bigger.ordering, self.ordering = self.ordering, None
         return bigger
 
     def update(self, slot: int, now: float, cpu: float, gpu: float, mem: float, running: int) -> None:
         if slot < 0 or slot >= len(self.array):
             raise IndexError(f"slot {slot} out of range [0, {len(self.array)})")
-        rec = self.array[slot]
-        rec["last_heartbeat"] = now
-        if cpu == cpu:
-            rec["cpu"] = cpu
-        if gpu == gpu:
-            rec["gpu"] = gpu
-        if mem == mem:
-            rec["mem"] = mem
-        if running >= 0:
-            rec["running"] = running
-        self.array[slot] = rec
+        ordering = self.ordering
+        with nullcontext() if ordering is None else ordering.lock:
+            rec = self.array[slot]
+            rec["last_heartbeat"] = now
+            if cpu == cpu:
+                rec["cpu"] = cpu
+            if gpu == gpu:
+                rec["gpu"] = gpu
+            if mem == mem:
+                rec["mem"] = mem
+            if running >= 0:
+                rec["running"] = running
+            self.array[slot] = rec
+            if ordering is not None:
+                ordering.on_load(slot)
 
     def get(self, slot: int) -> tuple:
         if slot < 0 or slot >= len(self.array):
@@ -146,8 +214,10 @@ class SlotCounts:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self.array = np.zeros(n, dtype=np.int32)
-        self._lock = _lock or threading.Lock()  # shared with successors
+        self._lock = _lock or threading.Lock()  # shared with successors (and the ordering)
         self._successor: SlotCounts | None = None
+        self.ordering: Ordering | None = None
+        _COUNTS_BY_ADDRESS[_address(self.array)] = self
 
     def _live(self) -> "SlotCounts":
         c = self
@@ -170,6 +240,9 @@ class SlotCounts:
             bigger = SlotCounts(max(n, len(live.array)), self._lock)
             bigger.array[: len(live.array)] = live.array
             live._successor = bigger
+            if live.ordering is not None:
+                live.ordering.suspend()
+                bigger.ordering, live.ordering = live.ordering, None
             return bigger
 
     def try_add(self, slot: int, limit: int, running: int) -> bool:
@@ -256,15 +329,43 @@ class SnapshotKernel:
         self._rng = rng
         self._node_ids = node_ids
         self._timeout = float(heartbeat_timeout)
-        # the compiled kernel compares in single precision
-        self._threshold = float(np.float32(threshold))
+        self._threshold = float(threshold)
+        self._attach(loads, inflight)
 
     def with_records(self, recs: np.ndarray, loads: LoadTable, inflight: np.ndarray) -> "SnapshotKernel":
         check_record_arrays(recs, len(loads), inflight, self.n_slots)
         k = object.__new__(SnapshotKernel)
         k.__dict__.update(self.__dict__)
         k._recs, k._loads, k._inflight, k.n_slots = recs, loads.array, inflight, len(recs)
+        k._attach(loads, inflight)
         return k
+
+    def _attach(self, loads: LoadTable, inflight: np.ndarray) -> None:
+        """As the compiled kernel: find (or create) the ordering of these arrays and retarget it."""
+        self._ordering: Ordering | None = None
+        self._ordering_epoch = 0
+        counts = _COUNTS_BY_ADDRESS.get(_address(inflight))
+        if counts is None or counts._successor is not None or len(counts.array) < self.n_slots:
+            return
+        o = counts.ordering
+        if o is None or loads.ordering is not o:
+            if o is not None:
+                o.suspend()
+            if loads.ordering is not None:
+                loads.ordering.suspend()
+            o = Ordering(counts._lock)
+            counts.ordering = loads.ordering = o
+        o.retarget(self)
+        self._ordering, self._ordering_epoch = o, o.epoch
+
+    @property
+    def ordering(self) -> Ordering | None:
+        return self._ordering
+
+    @property
+    def ordered(self) -> bool:
+        o = self._ordering
+        return o is not None and o.ready and o.epoch == self._ordering_epoch
 
     # -- helpers -------------------------------------------------------------
     def _pair_key(self, src_id: int, tgt_id: int) -> int:
@@ -279,7 +380,7 @@ class SnapshotKernel:
     def _members(self, pool: int) -> list:
         return [int(s) for s in self._pool_members[self._pool_off[pool]: self._pool_off[pool + 1]]]
 
-    def _reason(self, slot: int, mask: int, need: int, now: float, exclude) -> int:
+    def _reason(self, slot: int, mask: int, need: int, now: float, exclude, inflight=None) -> int:
         rec = self._recs[slot]
         load = self._loads[slot]
         status = int(rec["status"])
@@ -296,39 +397,80 @@ class SnapshotKernel:
             return R_MISSING_SERVICE
         if slot in exclude:
             return R_EXCLUDED
-        if self._effective(slot) >= int(rec["max_concurrency"]):
+        if self._effective(slot, inflight) >= int(rec["max_concurrency"]):
             return R_FULL
         thr = self._threshold
         if float(load["cpu"]) >= thr or float(load["gpu"]) >= thr or float(load["mem"]) >= thr:
             return R_OVERLOADED
         return R_OK
 
-    def _effective(self, slot: int) -> int:
-        return max(int(self._inflight[slot]), int(self._loads[slot]["running"]))
+    def _effective(self, slot: int, inflight=None) -> int:
+        held = (self._inflight if inflight is None else inflight)[slot]
+        return max(int(held), int(self._loads[slot]["running"]))
 
-    def _score(self, slot: int) -> tuple:
-        return (self._effective(slot), int(self._recs[slot]["max_concurrency"]), float(self._loads[slot]["gpu"]))
+    def _score(self, slot: int, inflight=None) -> tuple:
+        return (self._effective(slot, inflight), int(self._recs[slot]["max_concurrency"]),
+                float(self._loads[slot]["gpu"]))
 
-    def _scan(self, pool: int, mask: int, need: int, now: float, exclude, stream: _Stream) -> int:
-        best = -1
-        best_score = (0, 1, 0.0)
-        ties = 0
+    # How a node is chosen in one pool: see "How a node is chosen" in _core.pyx.
+    # The compiled kernel walks a tree for step 1 where it can; the twin always
+    # carries the steps out by scanning (the compiled _choose_scan).
+    def _choose(self, pool: int, mask: int, need: int, now: float, exclude, stream: _Stream, inflight=None) -> int:
+        inflight = self._inflight if inflight is None else inflight
+        o = self._ordering
+        with nullcontext() if o is None else o.lock:
+            if o is None or now > o.horizon:
+                found = self._choose_candidates(pool, mask, need, now, exclude, stream, inflight, o)
+                if found != -2:
+                    return found
+            return self._scan_best(pool, mask, need, now, exclude, stream, inflight)
+
+    def _choose_candidates(self, pool, mask, need, now, exclude, stream, inflight, o) -> int:
+        """Step 1: -2 when ORDER_DRAWS candidates were rejected (step 2 decides)."""
+        evicted = () if o is None else o.evicted
+        thr = self._threshold
+        candidates = []  # (slot, key), member order
         for slot in self._members(pool):
-            if self._reason(slot, mask, need, now, exclude) != R_OK:
+            rec, load = self._recs[slot], self._loads[slot]
+            eff = max(int(inflight[slot]), int(load["running"]))
+            mx = int(rec["max_concurrency"])
+            if (int(rec["status"]) != STATUS_READY or eff >= mx or float(load["cpu"]) >= thr
+                    or float(load["gpu"]) >= thr or float(load["mem"]) >= thr or slot in evicted
+                    or slot in exclude):
                 continue
-            score = self._score(slot)
-            cmp = 1 if best < 0 else _better(*score, *best_score)
-            if cmp < 0:
-                continue
-            if cmp == 0:
-                ties += 1  # reservoir sampling: the newcomer wins with probability 1/ties
-                if ((stream.next() >> 32) * ties) >> 32 != 0:
-                    continue
-            else:
-                ties = 1
-            best = slot
-            best_score = score
-        return best
+            candidates.append((slot, (eff, mx, float(load["gpu"]))))
+        tied: list = []
+        for _ in range(ORDER_DRAWS):
+            if not tied:
+                if not candidates:
+                    return -1
+                best = candidates[0][1]
+                for _, key in candidates:
+                    if _better(*key, *best) > 0:
+                        best = key
+                tied = [c for c in candidates if _better(*c[1], *best) == 0]
+            r = ((stream.next() >> 32) * len(tied)) >> 32
+            slot = tied[r][0]
+            if self._reason(slot, mask, need, now, exclude, inflight) == R_OK:
+                return slot
+            last = float(self._loads[slot]["last_heartbeat"])
+            if o is not None and now - last > self._timeout:
+                o.evict(slot, last + self._timeout)
+            candidates.remove(tied.pop(r))
+        return -2
+
+    def _scan_best(self, pool, mask, need, now, exclude, stream, inflight) -> int:
+        """Step 2: the r-th (one draw) of the eligible members with the best key, or -1."""
+        eligible = [(s, self._score(s, inflight)) for s in self._members(pool)
+                    if self._reason(s, mask, need, now, exclude, inflight) == R_OK]
+        if not eligible:
+            return -1
+        best = eligible[0][1]
+        for _, key in eligible:
+            if _better(*key, *best) > 0:
+                best = key
+        tied = [s for s, key in eligible if _better(*key, *best) == 0]
+        return tied[((stream.next() >> 32) * len(tied)) >> 32]
 
     # -- entry points ----------------------------------------------------------
     def pools_for(self, src_id: int, tgt_id: int) -> tuple:
@@ -338,15 +480,30 @@ class SnapshotKernel:
         return tuple(int(p) for p in self._pair_pools[self._pair_off[key]: self._pair_off[key + 1]])
 
     def select(self, src_id: int, tgt_id: int, preferred: int, service_mask: int, need: int, now: float,
-               exclude=()) -> int:
+               exclude=(), tenant: int = -1) -> int:
         pools = self.pools_for(src_id, tgt_id)
         if not pools:
             return -2
         stream = self._rng.next_stream()
-        exclude = set(exclude)
-        order = ([preferred] if preferred in pools else []) + [p for p in pools if p != preferred]
+        return self._select(src_id, tgt_id, pools, preferred, tenant, service_mask, need, now, set(exclude), stream)
+
+    def _select(self, src_id: int, tgt_id: int, pools: tuple, bound: int, tenant: int, mask: int, need: int,
+                now: float, exclude: set, stream: _Stream, inflight=None) -> int:
+        """The bound pool; failing that, the pool a new binding gets (tenant's, else most free), then index order.
+
+        ``inflight``: the counts to score with (a batch's scratch copy), default the live ones.
+        """
+        if bound >= 0 and bound in pools:
+            found = self._choose(bound, mask, need, now, exclude, stream, inflight)
+            if found >= 0:
+                return (bound << 32) | found
+        else:
+            bound = -1
+        pref = tenant if tenant >= 0 and tenant in pools else self._most_free(
+            src_id, tgt_id, mask, need, now, exclude, inflight)
+        order = ([pref] if pref >= 0 and pref != bound else []) + [p for p in pools if p != pref and p != bound]
         for pool in order:
-            found = self._scan(pool, service_mask, need, now, exclude, stream)
+            found = self._choose(pool, mask, need, now, exclude, stream, inflight)
             if found >= 0:
                 return (pool << 32) | found
         return -1
@@ -368,49 +525,39 @@ class SnapshotKernel:
                 raise ValueError(f"select_batch: session_of[{i}] out of range")
             if tenant_pools[i] >= self.n_pools or exclude_off[i] > exclude_off[i + 1]:
                 raise ValueError(f"select_batch: request {i} has a bad tenant pool or exclude range")
-        live = self._inflight
-        self._inflight = scratch  # score with the batch's running copy
-        try:
-            for i in range(n):
-                src, tgt = int(src_ids[i]), int(tgt_ids[i])
-                key = self._pair_key(src, tgt)
-                pools = self.pools_for(src, tgt)
-                if key < 0 or not pools:
-                    out[i] = -2
-                    continue
-                mask, need = int(service_masks[i]), int(needs[i])
-                excl = set(int(x) for x in exclude[exclude_off[i]:exclude_off[i + 1]])
-                sess = int(session_of[i])
-                pref = int(bound_pool[sess]) if int(bound_key[sess]) == key else -1
-                if pref < 0:
-                    pref = int(tenant_pools[i]) if tenant_pools[i] >= 0 else self.most_free_pool(
-                        src, tgt, mask, need, now, tuple(excl))
-                stream = self._rng.next_stream()
-                found = -1
-                order = ([pref] if pref in pools else []) + [p for p in pools if p != pref]
-                for pool in order:
-                    slot = self._scan(pool, mask, need, now, excl, stream)
-                    if slot >= 0:
-                        found = (pool << 32) | slot
-                        break
-                out[i] = found
-                if found >= 0:
-                    scratch[found & 0xFFFFFFFF] += 1
-                    bound_key[sess] = key
-                    bound_pool[sess] = found >> 32
-        finally:
-            self._inflight = live
+        # The batch scores with its own running copy, passed down explicitly: the
+        # kernel's live counts are never swapped, so a select made meanwhile by
+        # another thread sees the live counts, never the batch's scratch ones.
+        for i in range(n):
+            src, tgt = int(src_ids[i]), int(tgt_ids[i])
+            key = self._pair_key(src, tgt)
+            pools = self.pools_for(src, tgt)
+            if key < 0 or not pools:
+                out[i] = -2
+                continue
+            mask, need = int(service_masks[i]), int(needs[i])
+            excl = set(int(x) for x in exclude[exclude_off[i]:exclude_off[i + 1]])
+            sess = int(session_of[i])
+            pref = int(bound_pool[sess]) if int(bound_key[sess]) == key else -1
+            stream = self._rng.next_stream()
+            found = self._select(src, tgt, pools, pref, int(tenant_pools[i]), mask, need, now, excl, stream,
+                                 scratch)
+            out[i] = found
+            if found >= 0:
+                scratch[found & 0xFFFFFFFF] += 1
+                bound_key[sess] = key
+                bound_pool[sess] = found >> 32
 
     def select_candidate(self, src_id: int, tgt_id: int, preferred: int, service_mask: int, need: int,
-                         now: float, exclude=()):
-        found = self.select(src_id, tgt_id, preferred, service_mask, need, now, exclude)
+                         now: float, exclude=(), tenant: int = -1):
+        found = self.select(src_id, tgt_id, preferred, service_mask, need, now, exclude, tenant)
         if found < 0:
             return found
         return self.candidate(found & 0xFFFFFFFF) + (found >> 32,)
 
     def pick(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> int:
         self._check_pool(pool)
-        return self._scan(pool, service_mask, need, now, set(exclude), self._rng.next_stream())
+        return self._choose(pool, service_mask, need, now, set(exclude), self._rng.next_stream())
 
     def noop(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> int:
         return -1
@@ -458,11 +605,11 @@ class SnapshotKernel:
         self._check_pool(pool)
         return self._members(pool)
 
-    def _free(self, pool: int, mask: int, need: int, now: float, exclude) -> int:
+    def _free(self, pool: int, mask: int, need: int, now: float, exclude, inflight=None) -> int:
         return sum(
-            int(self._recs[s]["max_concurrency"]) - self._effective(s)
+            int(self._recs[s]["max_concurrency"]) - self._effective(s, inflight)
             for s in self._members(pool)
-            if self._reason(s, mask, need, now, exclude) == R_OK
+            if self._reason(s, mask, need, now, exclude, inflight) == R_OK
         )
 
     def free_capacity(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> int:
@@ -471,10 +618,421 @@ class SnapshotKernel:
 
     def most_free_pool(self, src_id: int, tgt_id: int, service_mask: int, need: int, now: float,
                        exclude=()) -> int:
+        return self._most_free(src_id, tgt_id, service_mask, need, now, set(exclude))
+
+    def _most_free(self, src_id: int, tgt_id: int, mask: int, need: int, now: float, exclude: set,
+                   inflight=None) -> int:
         best, best_free = -1, -1
-        exclude = set(exclude)
         for pool in self.pools_for(src_id, tgt_id):
-            free_now = self._free(pool, service_mask, need, now, exclude)
+            free_now = self._free(pool, mask, need, now, exclude, inflight)
             if free_now > best_free:
                 best, best_free = pool, free_now
         return best
+
+    def reason(self, slot: int, service_mask: int, need: int, now: float, exclude=()) -> int:
+        if not 0 <= slot < self.n_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
+        return self._reason(slot, service_mask, need, now, set(exclude))
+
+    def is_member(self, pool: int, slot: int) -> bool:
+        self._check_pool(pool)
+        return slot in self._members(pool)
+
+
+class JobTable:
+    """Twin of the compiled job table: live reservations, per-node counts, exact expiry.
+
+    The compiled table is atomic because each call holds the GIL throughout;
+    pure Python can be interrupted anywhere, so here one lock per table
+    gives the same guarantee. Expiry uses ``heapq`` with lazy deletion (an
+    entry is live only while its ``(expires_at, version)`` still matches the
+    job), which returns the same jobs in the same order as the compiled
+    indexed heap: earliest expiry first, then the lower handle.
+    """
+
+    FULL = -1
+    GONE = -2
+    HELD = -3
+
+    def __init__(self, counts: SlotCounts) -> None:
+        if counts is None:
+            raise TypeError("counts must be a SlotCounts")
+        self._lock = threading.Lock()
+        self._counts = counts
+        self._index: dict[str, int] = {}
+        # handle -> [job_id, slot, pool_id, session_id, expires_at, committed, version, pair]
+        self._recs: list[list | None] = []
+        self._free: list[int] = []
+        self._heap: list[tuple[float, int, int]] = []  # (expires_at, handle, version)
+        self._bound: set[int] = set()
+        self._committed = 0
+        self._expired = 0
+        self._version = 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._index
+
+    @property
+    def committed(self) -> int:
+        return self._committed
+
+    @property
+    def expired(self) -> int:
+        return self._expired
+
+    @property
+    def next_expiry(self) -> float:
+        with self._lock:
+            self._prune_locked()
+            return self._heap[0][0] if self._heap else float("inf")
+
+    def bind(self, slot: int) -> None:
+        if slot < 0:
+            raise IndexError(f"slot {slot} out of range")
+        with self._lock:
+            self._bound.add(slot)
+
+    def unbind(self, slot: int) -> None:
+        with self._lock:
+            self._bound.discard(slot)
+
+    def _prune_locked(self) -> None:
+        heap = self._heap
+        while heap:
+            at, h, version = heap[0]
+            rec = self._recs[h]
+            if rec is not None and rec[6] == version:
+                return
+            heapq.heappop(heap)
+
+    def _push_locked(self, h: int, rec: list) -> None:
+        # versions are unique for the table's life: a reused handle's stale entries never match
+        self._version += 1
+        rec[6] = self._version
+        heapq.heappush(self._heap, (rec[4], h, rec[6]))
+
+    def _live_locked(self, job_id: str, now: float) -> int:
+        h = self._index.get(job_id)
+        if h is None or self._recs[h][4] <= now:
+            return -1
+        return h
+
+    def handle(self, job_id: str, now: float) -> int:
+        with self._lock:
+            return self._live_locked(job_id, now)
+
+    def get(self, job_id: str, now: float):
+        with self._lock:
+            h = self._live_locked(job_id, now)
+            if h < 0:
+                return None
+            rec = self._recs[h]
+            return (rec[1], rec[2], rec[3], rec[4], rec[5], rec[7])
+
+    def reserve(self, job_id: str, slot: int, limit: int, running: int, pool_id: int, session_id: str,
+                expires_at: float, pair: object = None) -> int:
+        if type(job_id) is not str or type(session_id) is not str:
+            raise TypeError("job_id and session_id must be str")
+        with self._lock:
+            if job_id in self._index:
+                return self.HELD
+            if slot not in self._bound:
+                return self.GONE
+            if not self._counts.try_add(slot, limit, running):
+                return self.FULL
+            if not self._free:
+                # same handle order as the compiled table: lowest free handle first
+                n = max(2 * len(self._recs), 256)
+                self._free.extend(range(n - 1, len(self._recs) - 1, -1))
+                self._recs.extend([None] * (n - len(self._recs)))
+            h = self._free.pop()
+            rec = [job_id, slot, pool_id, session_id, expires_at, False, 0, pair]
+            self._recs[h] = rec
+            self._index[job_id] = h
+            self._push_locked(h, rec)
+            return h
+
+    def commit(self, job_id: str, slot: int, expires_at: float, now: float) -> bool:
+        with self._lock:
+            h = self._live_locked(job_id, now)
+            if h < 0:
+                return False
+            rec = self._recs[h]
+            if slot >= 0 and rec[1] != slot:
+                return False
+            if not rec[5]:
+                rec[5] = True
+                self._committed += 1
+            rec[4] = expires_at
+            self._push_locked(h, rec)
+            return True
+
+    def renew(self, job_id: str, slot: int, expires_at: float, now: float) -> bool:
+        with self._lock:
+            h = self._live_locked(job_id, now)
+            if h < 0:
+                return False
+            rec = self._recs[h]
+            if slot >= 0 and rec[1] != slot:
+                return False
+            rec[4] = expires_at
+            self._push_locked(h, rec)
+            return True
+
+    def _drop_locked(self, h: int) -> list:
+        rec = self._recs[h]
+        del self._index[rec[0]]
+        self._counts.add(rec[1], -1)
+        if rec[5]:
+            self._committed -= 1
+        self._recs[h] = None
+        self._free.append(h)
+        return rec
+
+    def release(self, job_id: str, slot: int, now: float):
+        with self._lock:
+            h = self._live_locked(job_id, now)
+            if h < 0:
+                return None
+            rec = self._recs[h]
+            if slot >= 0 and rec[1] != slot:
+                return None
+            self._drop_locked(h)
+            return (rec[1], rec[2], rec[3], rec[5])
+
+    def expire(self, now: float) -> list:
+        out = []
+        with self._lock:
+            heap = self._heap
+            while True:
+                self._prune_locked()
+                if not heap or heap[0][0] > now:
+                    break
+                _, h, _ = heapq.heappop(heap)
+                rec = self._drop_locked(h)
+                self._expired += 1
+                out.append((rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]))
+        return out
+
+    def jobs(self) -> list:
+        with self._lock:
+            return sorted((r[0], r[1], r[2], r[3], r[4], r[5]) for r in self._recs if r is not None)
+
+
+class Assignment:
+    """Where a job goes: ``node_id`` in ``pool_id``, under ``job_id`` (twin of the compiled class)."""
+
+    __slots__ = ("node_id", "pool_id", "job_id", "session_id", "src", "tgt")
+
+    def __init__(self, node_id: str, pool_id: int, job_id: str, session_id: str, src: str, tgt: str) -> None:
+        self.node_id = node_id
+        self.pool_id = pool_id
+        self.job_id = job_id
+        self.session_id = session_id
+        self.src = src
+        self.tgt = tgt
+
+    def __repr__(self) -> str:
+        return (f"Assignment(node_id={self.node_id!r}, pool_id={self.pool_id}, job_id={self.job_id!r}, "
+                f"session_id={self.session_id!r}, src={self.src!r}, tgt={self.tgt!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not all(hasattr(other, k) for k in self.__slots__):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self):
+        return (type(self), (self.node_id, self.pool_id, self.job_id, self.session_id, self.src, self.tgt))
+
+
+class SessionState:
+    """One session's binding. Decide and write it only under ``lock`` (or inside one atomic compiled call).
+
+    ``binding`` is one tuple ``((src, tgt), pool_id)`` (or ``None``), so a
+    reader that only needs a consistent view gets it from one attribute read.
+    """
+
+    __slots__ = ("lock", "binding", "last_used")
+
+    def __init__(self, now: float) -> None:
+        self.lock = threading.Lock()
+        self.binding: tuple[tuple[str, str], int] | None = None
+        self.last_used = now
+
+    @property
+    def pair(self) -> tuple[str, str] | None:
+        binding = self.binding
+        return None if binding is None else binding[0]
+
+    @property
+    def pool_id(self) -> int | None:
+        binding = self.binding
+        return None if binding is None else binding[1]
+
+
+_UNSET = object()  # "argument not given" (None is a value the Python path validates)
+
+
+class Dispatcher:
+    """The common dispatch, start to finish, in one call (twin of the compiled class).
+
+    ``dispatch(session_id, src, tgt)`` handles the common job: default
+    services, no tenant, job id, exclusion or preference, codes already in the
+    language cache. It reads the current snapshot, looks up the pair, reads
+    and updates the session's binding, selects (bound pool, else the pool a
+    new binding gets, then index order), reserves in the job table, makes
+    the job id and the :class:`Assignment`. It returns ``None``, having
+    changed nothing but possibly drawn one decision stream, whenever the
+    Python path must decide instead: an argument to validate, an expiry or
+    session sweep due, no pool or node found (the error needs its
+    breakdown), or the reservation refused. The compiled class does exactly
+    the same, so both kernels make the same decisions.
+
+    The twin serialises calls with one lock, standing in for the compiled
+    call's atomicity under the GIL.
+    """
+
+    def __init__(self, mgmt: object, jobs: JobTable, outcomes: Counters, sessions: dict, languages: dict,
+                 clock, prefix: str, reservation_ttl: float, session_ttl: float, lease: float) -> None:
+        self._lock = threading.Lock()
+        self._mgmt = mgmt
+        self._jobs = jobs
+        self._outcomes = outcomes
+        self._sessions = sessions
+        self._languages = languages
+        self._clock = clock
+        self._prefix = prefix
+        self._ttl = float(reservation_ttl)
+        self._session_ttl = float(session_ttl)
+        self._lease = float(lease)
+        self._seq = 0
+        self._snap: object = None
+        self._view: tuple | None = None
+        self.default_mask = -1  # unknown until every default service has a bit
+        self.next_sweep = float("inf")
+        # one Assignment type per process, whichever kernel made it (the compiled one when built)
+        from pysched._kernel import core as default_core
+
+        self._assignment = default_core.Assignment
+
+    def new_job_id(self) -> str:
+        with self._lock:
+            self._seq += 1
+            return f"{self._prefix}{self._seq}"
+
+    def publish(self, snap) -> None:
+        """Management's ``on_publish`` hook: cache what dispatch reads from the new snapshot."""
+        with self._lock:
+            self._view_of(snap)
+
+    def _view_of(self, snap) -> tuple:
+        if snap is not self._snap:
+            index = snap.index
+            self._view = (snap.kernel, index.lang_ids, index.n_langs, snap.pool_ids, snap.pool_index)
+            self._snap = snap
+        return self._view
+
+    def dispatch(self, session_id: object, src: object, tgt: object):
+        if type(session_id) is not str or not session_id or type(src) is not str or type(tgt) is not str:
+            return None
+        s = self._languages.get(src)
+        t = self._languages.get(tgt)
+        mask = self.default_mask
+        if s is None or t is None or t == "auto" or mask < 0:
+            return None
+        with self._lock:
+            now = self._clock()
+            if now >= self._jobs.next_expiry or now >= self.next_sweep:
+                return None
+            kernel, lang_ids, n_langs, pool_ids, pool_index = self._view or self._view_of(self._mgmt.snapshot)
+            tgt_id = lang_ids.get(t)
+            src_id = n_langs if s == "auto" else lang_ids.get(s)
+            if src_id is None or tgt_id is None:
+                return None
+            pools = kernel.pools_for(src_id, tgt_id)
+            if not pools:
+                return None
+            state = self._sessions.get(session_id)
+            bound = -1
+            pair = None
+            if state is not None:
+                binding = state.binding
+                if binding is not None and state.last_used < now - self._session_ttl:
+                    binding = state.binding = None  # idle past its TTL: forgotten at lookup
+                state.last_used = now
+                if binding is not None and binding[0][0] == s and binding[0][1] == t:
+                    pair = binding[0]
+                    bound = pool_index.get(binding[1], -1)
+            stream = kernel._rng.next_stream()
+            found = kernel._select(src_id, tgt_id, pools, bound, -1, mask, NEED_GPU | NEED_PUBLIC, now, set(), stream)
+            if found < 0:
+                return (s, t, now)  # no eligible node: the Python path builds the breakdown
+            slot, pidx = found & 0xFFFFFFFF, found >> 32
+            pool_id = pool_ids[pidx]
+            if pair is None:
+                pair = (s, t)
+            self._seq += 1
+            job_id = f"{self._prefix}{self._seq}"
+            max_c, running = kernel.capacity(slot)
+            if self._jobs.reserve(job_id, slot, max_c, running, pool_id, session_id, now + self._ttl, pair) < 0:
+                return None
+            if state is None:
+                state = self._sessions.setdefault(session_id, SessionState(now))
+            if bound != pidx or state.binding is None:
+                state.binding = (pair, pool_id)
+            state.last_used = now
+            self._outcomes.add(0)
+            return self._assignment(kernel._node_ids[slot], pool_id, job_id, session_id, s, t)
+
+    def release(self, job_id: object) -> bool | None:
+        """Release a job held on any node; None when the Python path must answer (bad argument)."""
+        if type(job_id) is not str or not job_id:
+            return None
+        return self._jobs.release(job_id, -1, self._clock()) is not None
+
+    def commit(self, job_id: object) -> bool | None:
+        """Commit a job held on any node; None when the Python path must answer."""
+        if type(job_id) is not str or not job_id:
+            return None
+        now = self._clock()
+        return self._jobs.commit(job_id, -1, now + self._lease, now)
+
+    # -- the public entry points, as Scheduler methods on an instance ----------
+    def connect(self, sched, default_services) -> None:
+        self._slow_dispatch = sched._dispatch_slow
+        self._slow_release = sched._release_slow
+        self._slow_commit = sched._commit_slow
+        self._no_node = sched._no_node_now
+        self._default_services = default_services
+
+    def call(self, session_id, src, tgt, *, job_id=None, exclude=None, tenant=None, services=_UNSET,
+             require_gpu=True, prefer=None):
+        if services is _UNSET:
+            services = self._default_services
+        if (job_id is None and exclude is None and tenant is None and prefer is None and require_gpu is True
+                and services is self._default_services):
+            done = self.dispatch(session_id, src, tgt)
+            if done is not None:
+                if type(done) is tuple:
+                    raise self._no_node(*done)
+                return done
+        return self._slow_dispatch(session_id, src, tgt, job_id=job_id, exclude=exclude, tenant=tenant,
+                                   services=services, require_gpu=require_gpu, prefer=prefer)
+
+    def call_release(self, job_id, *, node_id=None):
+        if node_id is None and type(job_id) is str and job_id:
+            return self._jobs.release(job_id, -1, self._clock()) is not None
+        return self._slow_release(job_id, node_id=node_id)
+
+    def call_commit(self, job_id, *, node_id=None):
+        if node_id is None and type(job_id) is str and job_id:
+            now = self._clock()
+            if self._jobs.commit(job_id, -1, now + self._lease, now):
+                return None
+        return self._slow_commit(job_id, node_id=node_id)
+

@@ -215,3 +215,45 @@ def _bench(args: argparse.Namespace) -> int:
     from pysched.bench import run
 
     return run(args)
+
+
+# ------------------------------------------------------------------ serve and its demo (pip install "pysched[serve]")
+# The argument functions import only argparse-level modules, so `pysched simulate`
+# works without the serve extra; the servers and clients load their libraries in run().
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from pysched.serve.cli import add_arguments
+
+    add_arguments(parser)
+
+
+@subcommand("serve", "run the scheduler as a network service (nodes on WebSocket, jobs over HTTP)", _serve_arguments)
+def _serve(args: argparse.Namespace) -> int:
+    from pysched.serve.cli import run
+
+    return run(args)
+
+
+def _nodes_arguments(parser: argparse.ArgumentParser) -> None:
+    from pysched.client.demo import add_nodes_arguments
+
+    add_nodes_arguments(parser)
+
+
+@subcommand("nodes", "simulate worker nodes connected to a pysched server", _nodes_arguments)
+def _nodes(args: argparse.Namespace) -> int:
+    from pysched.client.demo import run_nodes
+
+    return run_nodes(args)
+
+
+def _load_arguments(parser: argparse.ArgumentParser) -> None:
+    from pysched.client.demo import add_load_arguments
+
+    add_load_arguments(parser)
+
+
+@subcommand("load", "send a stream of jobs to a pysched server and summarise the results", _load_arguments)
+def _load(args: argparse.Namespace) -> int:
+    from pysched.client.demo import run_load
+
+    return run_load(args)

@@ -15,6 +15,7 @@ __all__ = [
     "NoNodeAvailable",
     "UnknownNode",
     "UnknownJob",
+    "WrongNode",
     "ReservationBackendUnavailable",
 ]
 
@@ -70,6 +71,24 @@ class UnknownJob(SchedulerError, KeyError):
 
     def __str__(self) -> str:
         return f"unknown job {self.job_id!r}"
+
+
+class WrongNode(UnknownJob):
+    """The job holds a reservation, but on another node than the one named.
+
+    Raised by :meth:`Scheduler.commit` (and :meth:`Scheduler.renew`) given
+    ``node_id``: a late report from a node the job has moved away from (after
+    a failover) must not touch the new node's job. Nothing is changed. It is
+    an :class:`UnknownJob` (the job is unknown *on that node*).
+    """
+
+    def __init__(self, job_id: object, node_id: object, holder: object) -> None:
+        super().__init__(job_id)
+        self.node_id = node_id
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return f"job {self.job_id!r} is held on node {self.holder!r}, not on {self.node_id!r}"
 
 
 class ReservationBackendUnavailable(SchedulerError, ConnectionError):

@@ -29,7 +29,7 @@ from pysched._layout import (
     STATUS_ABSENT,
     STATUS_CODES,
 )
-from pysched.errors import UnknownNode
+from pysched.errors import ReservationBackendUnavailable, UnknownNode
 from pysched.language_index import PoolLanguageIndex
 from pysched.languages import MAX_SERVICES, normalize_languages, normalize_services
 from pysched.pools import MAX_POOL_ID, PoolConfig, auto_pool_name
@@ -48,7 +48,7 @@ class NodeState:
     """Management's own record of one node (never seen by dispatch)."""
 
     __slots__ = ("node_id", "slot", "languages", "services", "max_concurrency", "has_gpu", "public", "status",
-                 "unhealthy_streak", "pool_ids", "registered_at")
+                 "unhealthy_streak", "pool_ids", "registered_at", "warming", "marked_offline_at")
 
     def __init__(self, node_id: str, slot: int) -> None:
         self.node_id = node_id
@@ -62,6 +62,10 @@ class NodeState:
         self.unhealthy_streak = 0
         self.pool_ids: tuple[int, ...] = ()
         self.registered_at = 0.0
+        #: registered with ``ready=False`` and no ``healthy=True`` heartbeat (or resume) since
+        self.warming = False
+        #: when an operator marked it offline (meaningful while status is "offline")
+        self.marked_offline_at = math.inf
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -91,6 +95,25 @@ def _check_percent(value: object, name: str) -> float:
     return number
 
 
+def _node_key(node_id: object) -> str:
+    """A node id to look up: any str (unknown ones raise UnknownNode later), never a bare "unhashable type"."""
+    if type(node_id) is not str and not isinstance(node_id, str):
+        raise TypeError(f"node_id must be a str, got {type(node_id).__name__}: {node_id!r}")
+    return node_id
+
+
+def check_forget_after(value: object) -> float | None:
+    """``None`` (never forget) or a positive finite number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"forget_after must be a number of seconds or None, got {type(value).__name__}: {value!r}")
+    number = float(value)
+    if not 0.0 < number < math.inf:
+        raise ValueError(f"forget_after must be a positive finite number of seconds or None, got {value!r}")
+    return number
+
+
 def check_node_id(node_id: object) -> str:
     """Validate a node id: a non-empty str of printable characters."""
     if not isinstance(node_id, str):
@@ -105,6 +128,23 @@ class ManagementRegistry:
 
     All public methods are thread-safe. ``snapshot`` is the current
     :class:`RuntimeSnapshot`; reading it needs no lock.
+
+    Placement has one owner: every change of a node's languages or services
+    (registration, re-registration, heartbeat) goes through
+    :meth:`_place_locked`, and every change that can open room or a pool
+    (a node placed, moved or removed, :meth:`set_pools`) ends with
+    :meth:`_retry_unpooled_locked`. After each public call:
+
+    * manual mode: a node is in exactly the pools whose languages it all
+      speaks and whose required services it all runs;
+    * auto mode: a node is in the pool of its language set when that pool
+      exists or there is room for it under ``max_pools``; otherwise it waits
+      in ``unpooled`` (in arrival order), and it joins as soon as its set's
+      pool appears or a pool retires and makes room (the longest-waiting
+      node's set first). An auto pool retires when its last node leaves;
+    * a node without a pool is listed in ``unpooled``, and only then.
+
+    Status (draining, degraded, offline, registering) never changes membership.
     """
 
     def __init__(
@@ -119,7 +159,9 @@ class ManagementRegistry:
         reservations: ReservationBackend,
         nogil_min_pool: int = 4096,
         core=default_core,
+        forget_after: float | None = None,
     ) -> None:
+        self._forget_after = check_forget_after(forget_after)
         self._lock = threading.Lock()
         self._core = core
         self._clock = clock
@@ -149,6 +191,12 @@ class ManagementRegistry:
         self._meta: dict[int, PoolMeta] = {}
         self._members: dict[int, np.ndarray] = {}  # active pool id -> sorted slots
         self._unpooled: dict[str, None] = {}  # insertion-ordered set of node ids
+        self._pools_grew = False  # an auto pool opened since the last retry of the unpooled nodes
+        # The earliest time any node could be due to be forgotten (a lower
+        # bound: heartbeats only move a node's time later, and the calls that
+        # can move it earlier lower this), so that forget_offline() is one
+        # comparison until then.
+        self._forget_next = math.inf
         self._index_dirty = True
         self._members_dirty = True
         self._index: PoolLanguageIndex | None = None
@@ -159,6 +207,9 @@ class ManagementRegistry:
         #: a fleet of processes installs one that allocates ids in shared storage
         #: so that every process gives the same set the same id.
         self.pool_id_allocator: Callable[[frozenset[str]], int] | None = None
+        #: told each new snapshot right after it is published, under the lock
+        #: (the compiled dispatch caches what it reads from it; it must be quick)
+        self.on_publish: Callable[[RuntimeSnapshot], None] | None = None
 
         self.version = 0
         self.snapshot: RuntimeSnapshot
@@ -186,6 +237,7 @@ class ManagementRegistry:
 
     def node_info(self, node_id: str) -> dict:
         """Management's view of one node (status, languages, services, pools, loads)."""
+        node_id = _node_key(node_id)
         with self._lock:
             st = self._nodes.get(node_id)
             if st is None:
@@ -248,13 +300,20 @@ class ManagementRegistry:
         max_concurrency: int,
         has_gpu: bool,
         accept_public_jobs: bool,
+        ready: bool = True,
     ) -> None:
+        """Register (or re-register: a fresh start) a node.
+
+        ``ready=False`` starts it ``registering`` (not eligible, reason
+        ``not_ready``) until its first ``healthy=True`` heartbeat.
+        """
         node_id = check_node_id(node_id)
         langs = normalize_languages(languages, "languages")
         servs = normalize_services(services, "services")
         max_concurrency = _check_int(max_concurrency, "max_concurrency", 1)
         has_gpu = _check_bool(has_gpu, "has_gpu")
         public = _check_bool(accept_public_jobs, "accept_public_jobs")
+        ready = _check_bool(ready, "ready")
         with self._lock:
             self._check_service_room_locked(servs)
             if self._auto:
@@ -277,7 +336,10 @@ class ManagementRegistry:
             now = self._clock()
             st.languages, st.services = langs, servs
             st.max_concurrency, st.has_gpu, st.public = max_concurrency, has_gpu, public
-            st.status, st.unhealthy_streak, st.registered_at = "ready", 0, now
+            st.status, st.unhealthy_streak, st.registered_at = ("ready" if ready else "registering"), 0, now
+            st.warming, st.marked_offline_at = not ready, math.inf
+            if self._forget_after is not None:
+                self._forget_next = min(self._forget_next, now + self._heartbeat_timeout + self._forget_after)
             # A (re-)registration is a fresh start: the node reports nothing running yet.
             self._loads.update(slot, now, 0.0, 0.0, 0.0, 0)
             self._write_rec_locked(st)
@@ -285,19 +347,93 @@ class ManagementRegistry:
             self._publish_locked()
 
     def remove(self, node_id: str) -> None:
+        node_id = _node_key(node_id)
         with self._lock:
             st = self._nodes.get(node_id)
             if st is None:
                 raise UnknownNode(node_id)
-            self._reservations.unbind_node(st.slot, node_id)
-            del self._nodes[node_id]
-            self._unpooled.pop(node_id, None)
-            recs = self._writable_recs_locked()
-            recs[st.slot] = (0, 0, STATUS_ABSENT, 0, 0)
-            self._leave_pools_locked(st, (), st.pool_ids)
-            st.pool_ids = ()
-            self._retry_unpooled_locked()
+            self._remove_locked(st)
             self._publish_locked()
+
+    def _remove_locked(self, st: NodeState) -> None:
+        # The backend may fail (Redis down): ask it before changing anything.
+        self._reservations.unbind_node(st.slot, st.node_id)
+        del self._nodes[st.node_id]
+        self._unpooled.pop(st.node_id, None)
+        recs = self._writable_recs_locked()
+        recs[st.slot] = (0, 0, STATUS_ABSENT, 0, 0)
+        self._leave_pools_locked(st, (), st.pool_ids)
+        st.pool_ids = ()
+        self._retry_unpooled_locked()
+
+    # ------------------------------------------------------------ forgetting
+    def _offline_since(self, st: NodeState, last_heartbeat: float) -> float:
+        """When the node went (or, silent from now on, will go) offline.
+
+        By heartbeat age it is offline from ``last + heartbeat_timeout``; an
+        operator's mark can only make that earlier.
+        """
+        aged = last_heartbeat + self._heartbeat_timeout
+        return min(st.marked_offline_at, aged) if st.status == "offline" else aged
+
+    def forget_offline(self, now: float) -> list[tuple[str, float]]:
+        """Remove nodes offline for at least ``forget_after`` s that hold nothing.
+
+        Returns ``(node_id, offline_for)`` of each node removed. Cheap to call
+        often: until the earliest time any node could be due it is one
+        comparison, no lock. The reservation backend is asked
+        (``count(node_id) == 0``) outside the management lock, and a node is
+        removed only if, under the lock, it is still offline long enough (a
+        heartbeat that landed meanwhile keeps it). A node that was due but
+        held jobs, or could not be checked (backend unavailable), is looked
+        at again after ``min(forget_after, heartbeat_timeout)``.
+        """
+        forget_after = self._forget_after
+        if forget_after is None or now < self._forget_next:
+            return []
+        recheck = now + min(forget_after, self._heartbeat_timeout)
+        with self._lock:
+            if now < self._forget_next:
+                return []
+            due: list[tuple[NodeState, float]] = []
+            earliest = math.inf
+            for st in self._nodes.values():
+                at = self._offline_since(st, self._loads.get(st.slot)[0]) + forget_after
+                if now >= at:
+                    due.append((st, at))
+                elif at < earliest:
+                    earliest = at
+            # Conservative while the due ones are being checked: a held one
+            # (or one the backend could not tell about) is looked at again.
+            self._forget_next = min(earliest, recheck) if due else earliest
+        if not due:
+            return []
+        idle: list[NodeState] = []
+        for st, _ in due:
+            try:
+                if self._reservations.count(st.node_id) == 0:
+                    idle.append(st)
+            except ReservationBackendUnavailable:
+                break  # nothing can be told now; the recheck time is already set
+        forgotten: list[tuple[str, float]] = []
+        if not idle:
+            return forgotten
+        with self._lock:
+            for st in idle:
+                if self._nodes.get(st.node_id) is not st:
+                    continue  # removed or re-registered meanwhile
+                since = self._offline_since(st, self._loads.get(st.slot)[0])
+                if now < since + forget_after:
+                    continue  # a sign of life meanwhile
+                try:
+                    self._remove_locked(st)
+                except ReservationBackendUnavailable:
+                    self._forget_next = min(self._forget_next, recheck)
+                    break
+                forgotten.append((st.node_id, now - since))
+            if forgotten:
+                self._publish_locked()
+        return forgotten
 
     # -------------------------------------------------------------- heartbeats
     def heartbeat(
@@ -320,6 +456,8 @@ class ManagementRegistry:
         langs = None if languages is None else normalize_languages(languages, "languages")
         healthy_v = None if healthy is None else _check_bool(healthy, "healthy")
         max_v = None if max_concurrency is None else _check_int(max_concurrency, "max_concurrency", 1)
+        if type(node_id) is not str:  # the hot path pays one type check
+            node_id = _node_key(node_id)
         with self._lock:
             st = self._nodes.get(node_id)
             if st is None:
@@ -330,52 +468,70 @@ class ManagementRegistry:
                 self._reserve_pool_id_locked(langs)
             if max_v is not None and max_v != st.max_concurrency:
                 self._reservations.bind_node(st.slot, node_id, max_v)
-            structural = False
+            structural = moved = False
             if servs is not None and servs != st.services:
                 self._assign_service_bits_locked(servs)
                 st.services = servs
-                structural = True
+                structural = moved = True
+            if langs is not None and langs != st.languages:
+                st.languages = langs
+                structural = moved = True
             if max_v is not None and max_v != st.max_concurrency:
                 st.max_concurrency = max_v
                 structural = True
             status = st.status
             if status == "offline":
-                status = "ready"  # a node marked offline that reports again is back
+                # a node marked offline that reports again is back (still warming up if it never was ready)
+                status = "registering" if st.warming else "ready"
             if healthy_v is False:
                 st.unhealthy_streak += 1
                 if st.unhealthy_streak >= UNHEALTHY_LIMIT and status == "ready":
                     status = "degraded"
             elif healthy_v is True:
                 st.unhealthy_streak = 0
-                if status == "degraded":
+                st.warming = False
+                if status in ("degraded", "registering"):
                     status = "ready"
             if status != st.status:
                 st.status = status
                 structural = True
             self._loads.update(st.slot, self._clock(), cpu_v, gpu_v, mem_v, running_v)
-            if langs is not None and langs != st.languages:
-                st.languages = langs
+            if moved:
+                # languages decide auto pools; languages and services decide manual ones
                 self._place_locked(st)
-                structural = True
             if structural:
                 self._write_rec_locked(st)
                 self._publish_locked()
 
     def set_status(self, node_id: str, status: str) -> None:
-        """Operator status change: ``draining``, ``offline`` or back to ``ready``."""
+        """Operator status change: ``draining``, ``offline`` or back to ``ready``.
+
+        ``ready`` (resume) is the operator's word that the node is alive and
+        ready: it counts as a heartbeat (so a node offline by heartbeat age
+        is back too, until it stays silent for ``heartbeat_timeout`` again)
+        and ends a ``registering`` or ``degraded`` state.
+        """
         if status not in ("ready", "draining", "offline"):
             raise ValueError(f"status must be 'ready', 'draining' or 'offline', got {status!r}")
+        node_id = _node_key(node_id)
         with self._lock:
             st = self._nodes.get(node_id)
             if st is None:
                 raise UnknownNode(node_id)
+            now = self._clock()
+            if status == "ready":
+                # Load figures are written in place: the sign of life alone needs no new snapshot.
+                self._loads.update(st.slot, now, math.nan, math.nan, math.nan, -1)
+                st.warming = False
             if st.status == status and not (status == "ready" and st.unhealthy_streak):
                 return
             st.status = status
             st.unhealthy_streak = 0
-            if status == "ready":
-                # "resume" also counts as a sign of life
-                self._loads.update(st.slot, self._clock(), math.nan, math.nan, math.nan, -1)
+            if status == "offline":
+                st.marked_offline_at = now
+                if self._forget_after is not None:
+                    since = self._offline_since(st, self._loads.get(st.slot)[0])
+                    self._forget_next = min(self._forget_next, since + self._forget_after)
             self._write_rec_locked(st)
             self._publish_locked()
 
@@ -408,16 +564,14 @@ class ManagementRegistry:
                     pid = self._auto_pool_for_locked(st.languages)
                     st.pool_ids = () if pid is None else (pid,)
                 else:
-                    st.pool_ids = tuple(
-                        c.pool_id for c in self._manual
-                        if c.languages <= st.languages and c.required_services <= st.services
-                    )
+                    st.pool_ids = self._manual_pools_for(st)
                 for pid in st.pool_ids:
                     slots_of.setdefault(pid, []).append(st.slot)
                 if not st.pool_ids:
                     self._unpooled[st.node_id] = None
             for pid, slots in slots_of.items():
                 self._members[pid] = np.array(sorted(slots), dtype=np.int32)
+            self._retry_unpooled_locked()
             self._publish_locked()
 
     def _check_pool_configs(self, pools: object) -> tuple[PoolConfig, ...]:
@@ -450,8 +604,20 @@ class ManagementRegistry:
             self._next_pool_id = max(self._next_pool_id, max(c.pool_id for c in configs) + 1)
         self._index_dirty = self._members_dirty = True
 
+    def _manual_pools_for(self, st: NodeState) -> tuple[int, ...]:
+        """Manual mode: every pool whose languages the node all speaks and whose services it all runs."""
+        return tuple(
+            c.pool_id for c in self._manual
+            if c.languages <= st.languages and c.required_services <= st.services
+        )
+
     def _place_locked(self, st: NodeState) -> None:
-        """(Re)compute the pools of one node and move it there."""
+        """(Re)compute the pools of one node after its languages or services changed, and move it there.
+
+        The one place a node's membership is decided (``set_pools`` applies
+        the same rules to every node in one pass); it ends by letting
+        waiting nodes in (the move may have opened a pool or made room).
+        """
         old = st.pool_ids
         if self._auto:
             pid = self._auto_ids.get(st.languages)
@@ -460,12 +626,9 @@ class ManagementRegistry:
                 self._leave_pools_locked(st, (), old)
                 old = st.pool_ids = ()
                 pid = self._auto_pool_for_locked(st.languages)
-            new = () if pid is None else (pid,)
+            new: tuple[int, ...] = () if pid is None else (pid,)
         else:
-            new = tuple(
-                c.pool_id for c in self._manual
-                if c.languages <= st.languages and c.required_services <= st.services
-            )
+            new = self._manual_pools_for(st)
             self._leave_pools_locked(st, new, old)
         for pid in new:
             if pid not in old:
@@ -477,9 +640,12 @@ class ManagementRegistry:
             self._unpooled[st.node_id] = None
         self._retry_unpooled_locked()
 
-    def _join_pool_locked(self, pid: int, slot: int) -> None:
+    def _join_pool_locked(self, pid: int, slot: int | list[int]) -> None:
         members = self._members[pid]
-        self._members[pid] = np.insert(members, np.searchsorted(members, slot), slot).astype(np.int32)
+        if isinstance(slot, list):
+            self._members[pid] = np.union1d(members, np.array(slot, dtype=np.int32)).astype(np.int32)
+        else:
+            self._members[pid] = np.insert(members, np.searchsorted(members, slot), slot).astype(np.int32)
         self._members_dirty = True
 
     def _leave_pools_locked(self, st: NodeState, keep: tuple[int, ...], old: tuple[int, ...]) -> None:
@@ -506,6 +672,7 @@ class ManagementRegistry:
         self._meta[pid] = PoolMeta(pid, auto_pool_name(languages), languages, frozenset(), True)
         self._members[pid] = np.zeros(0, dtype=np.int32)
         self._index_dirty = True
+        self._pools_grew = True  # nodes of this set waiting unpooled join it (_retry_unpooled_locked)
         return pid
 
     def _reserve_pool_id_locked(self, languages: frozenset[str]) -> int:
@@ -529,17 +696,34 @@ class ManagementRegistry:
         return pid
 
     def _retry_unpooled_locked(self) -> None:
-        """Give waiting nodes a pool once an auto pool retired and made room."""
-        if not self._auto or not self._unpooled or len(self._members) >= self._max_pools:
+        """Auto mode: give waiting nodes the pool their set now has, or the room a retired pool left.
+
+        Runs after every placement change. A node waits only while its
+        set has no pool and there is no room, so nothing can have changed
+        for the waiting nodes unless a pool opened or there is room now:
+        otherwise this is one comparison. Waiting nodes are taken in
+        arrival order, and every node of a set that gets a pool joins it.
+        """
+        if not self._auto or not self._unpooled:
+            self._pools_grew = False
             return
-        for node_id in list(self._unpooled):
-            st = self._nodes[node_id]
-            pid = self._auto_pool_for_locked(st.languages)
-            if pid is None:
-                break
-            self._join_pool_locked(pid, st.slot)
-            st.pool_ids = (pid,)
-            del self._unpooled[node_id]
+        if not self._pools_grew and len(self._members) >= self._max_pools:
+            return
+        joins: dict[int, list[int]] = {}
+        try:
+            for node_id in list(self._unpooled):
+                st = self._nodes[node_id]
+                pid = self._auto_pool_for_locked(st.languages)  # its set's pool, or a new one while there is room
+                if pid is None:
+                    continue  # a later node's set may have a pool (opened earlier in this pass)
+                joins.setdefault(pid, []).append(st.slot)
+                st.pool_ids = (pid,)
+                del self._unpooled[node_id]
+            self._pools_grew = False
+        finally:
+            # one array per pool, however many nodes join it
+            for pid, slots in joins.items():
+                self._join_pool_locked(pid, slots)
 
     # -------------------------------------------------------------- internals
     def _check_service_room_locked(self, services: frozenset[str]) -> None:
@@ -627,3 +811,5 @@ class ManagementRegistry:
             self.version, recs, self._loads.array, inflight, self._pool_off, self._pool_members, index,
             {pid: self._meta[pid] for pid in index.pool_ids}, unpooled, kernel, self._node_ids, self._slot_of,
         )
+        if self.on_publish is not None:
+            self.on_publish(self.snapshot)

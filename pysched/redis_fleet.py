@@ -37,6 +37,15 @@ every script names all its keys in ``KEYS``, so Redis Cluster can route it)::
     T:fleet:pool_ids   hash    language-set key -> pool id
     T:fleet:pool_seq   string  highest pool id handed out
     T:fleet:epoch      string  random token naming this Redis dataset
+    T:fleet:removed:<id>  string  a node removed within the last hour (expires)
+
+The publish script also writes ``T:max:<id>`` (RedisReservations' key) on a
+register, and writes it back from the record when it is missing on any
+later event of a live node.
+
+Only node events are shared: ``"job_expired"`` and ``"forget"`` (a process
+forgetting a long-dead node on its own) are never published. A node
+registered with ``ready=False`` travels as ``registering``.
 
 Faults
 ------
@@ -45,12 +54,20 @@ backs off (50 ms doubling to 1 s) and retries; unsent events stay queued.
 Dispatch itself fails fast with :class:`~pysched.ReservationBackendUnavailable`
 (RedisReservations) after the client's ``socket_timeout`` and changes
 nothing locally. A Redis restart without persistence loses everything: the
-applier notices that the epoch token changed (checked every
+backend's refresh (every ``refresh_interval``) writes this process's jobs
+back first (see :mod:`pysched.redis_reservations`: no node is over-committed
+meanwhile); the applier notices that the epoch token changed (checked every
 ``refresh_interval`` and right after any error) and heals: it re-seeds the
 pool ids it knows, re-writes the max concurrency of the nodes registered
 through *this* process (``bind_node``), re-publishes their full state, and
 reads the new stream from its start. Every live process does the same for
-its own nodes, so the fleet heals without a coordinator.
+its own nodes, so the fleet heals without a coordinator. The nodes of a
+process that died are healed by their next event (a heartbeat) reaching any
+live process: its publish finds no record of a node nobody removed, and
+that process re-publishes the node's full state and owns it from then on.
+A fleet stopped and started again reads on from where it stopped (a removal
+published meanwhile is applied), or reloads the records if the stream was
+trimmed past that point (remote nodes without a record are removed).
 
 Consistency is eventual and last-writer-wins per node; Redis, not these
 views, decides capacity, so a stale view can only cost a refusal, never an
@@ -86,11 +103,16 @@ __all__ = ["RedisFleet"]
 log = logging.getLogger(__name__)
 
 #: the register_node / heartbeat keywords an event may carry (anything else is dropped)
-_REGISTER_FIELDS = ("languages", "services", "max_concurrency", "has_gpu", "accept_public_jobs")
+_REGISTER_FIELDS = ("languages", "services", "max_concurrency", "has_gpu", "accept_public_jobs", "ready")
 _HEARTBEAT_FIELDS = ("running", "cpu", "gpu", "mem", "healthy", "max_concurrency", "services", "languages")
 _LOAD_FIELDS = ("running", "cpu", "gpu", "mem")
 _STATUS_EVENTS = ("drain", "offline", "resume")
+#: the events shared through Redis; any other listener event ("job_expired",
+#: "forget") is this process's own business and is never published
 _EVENTS = frozenset(("register", "heartbeat", "remove", *_STATUS_EVENTS))
+#: how long a removal is remembered in Redis (a heartbeat published meanwhile
+#: by a process that has not applied the removal yet must not resurrect it)
+_REMOVED_MS = 3_600_000
 
 # Exponential back-off after a Redis error (seconds).
 _BACKOFF_MIN = 0.05
@@ -143,12 +165,20 @@ return top
 """)
 
 # KEYS[1] event stream   KEYS[2] set of recorded nodes   KEYS[3] the node's record
+# KEYS[4] the node's max concurrency (RedisReservations' key)   KEYS[5] the node's removal mark
 # ARGV[1] stream MAXLEN (approximate)   ARGV[2] process id   ARGV[3] event
 # ARGV[4] node id   ARGV[5] event fields (JSON, opaque here)
 # ARGV[6] heartbeat health: '' (not given), '0' (unhealthy) or '1' (healthy)
-# ARGV[7..] record field/value pairs to write (JSON values)
+# ARGV[7] register: the max concurrency ('' otherwise)
+# ARGV[8] register: the initial status (JSON: "ready" or "registering")
+# ARGV[9] how long a removal mark lives (ms)
+# ARGV[10..] record field/value pairs to write (JSON values)
 # Appends the event and folds it into the record in one atomic step, so the
-# record never lags the stream. Returns the stream entry id.
+# record never lags the stream. Returns {stream entry id, flag}: flag 'lost'
+# when the node has no record although nobody removed it (Redis lost its
+# data): the publisher then re-publishes the node's full state, which writes
+# its capacity back, so a node whose registering process died is healed by a
+# heartbeat reaching any live process.
 _PUBLISH = _Lua("fleet_publish", """\
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -159,20 +189,32 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
 if ev == 'remove' then
   redis.call('DEL', KEYS[3])
   redis.call('SREM', KEYS[2], node)
-  return id
+  redis.call('DEL', KEYS[4])
+  redis.call('SET', KEYS[5], 1, 'PX', ARGV[9])
+  return {id, ''}
 end
 if ev == 'register' then
   -- a (re-)registration is a fresh start, as in the scheduler itself
   redis.call('DEL', KEYS[3])
+  redis.call('DEL', KEYS[5])
   redis.call('SADD', KEYS[2], node)
-  redis.call('HSET', KEYS[3], 'status', '"ready"', 'streak', 0, 'seen', now)
+  redis.call('HSET', KEYS[3], 'status', ARGV[8], 'streak', 0, 'seen', now)
+  if ARGV[7] ~= '' then
+    redis.call('SET', KEYS[4], ARGV[7])
+  end
 elseif redis.call('EXISTS', KEYS[3]) == 0 then
-  -- only a register starts a record (the node was removed, or Redis lost it
-  -- and its owner re-publishes it in full)
-  return id
+  -- only a register starts a record: the node was removed (marked), or
+  -- Redis lost its data and the publisher re-publishes the node in full
+  if redis.call('EXISTS', KEYS[5]) == 1 then
+    return {id, ''}
+  end
+  return {id, 'lost'}
 elseif ev == 'heartbeat' then
   redis.call('HSET', KEYS[3], 'seen', now)
-  if redis.call('HGET', KEYS[3], 'status') == '"offline"' then
+  local status = redis.call('HGET', KEYS[3], 'status')
+  if status == '"offline"' then
+    redis.call('HSET', KEYS[3], 'status', '"ready"')
+  elseif status == '"registering"' and ARGV[6] == '1' then
     redis.call('HSET', KEYS[3], 'status', '"ready"')
   end
   if ARGV[6] == '0' then
@@ -188,10 +230,18 @@ elseif ev == 'resume' then
   redis.call('HSET', KEYS[3], 'status', '"ready"', 'streak', 0, 'seen', now)
 end
 redis.call('HSET', KEYS[3], 'by', ARGV[2])
-for i = 7, #ARGV, 2 do
+for i = 10, #ARGV, 2 do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
 end
-return id
+if ev ~= 'register' and redis.call('EXISTS', KEYS[4]) == 0 then
+  -- A live node whose capacity is gone (a process forgot it, or removed it
+  -- and the node registered again elsewhere): write it back from the record.
+  local max = tonumber(redis.call('HGET', KEYS[3], 'max_concurrency'))
+  if max then
+    redis.call('SET', KEYS[4], max)
+  end
+end
+return {id, ''}
 """)
 
 _SCRIPTS = (_ALLOCATE, _SEED, _PUBLISH)
@@ -313,6 +363,7 @@ class RedisFleet:
         self._k_pool_ids = tag + "pool_ids"
         self._k_pool_seq = tag + "pool_seq"
         self._k_epoch = tag + "epoch"
+        self._k_removed_prefix = tag + "removed:"
 
         exc = redis.exceptions
         # Same classification as RedisReservations: transient outages are
@@ -331,6 +382,9 @@ class RedisFleet:
         # Scripts as instance attributes: tests swap in strict (#!lua) copies.
         self._allocate_script, self._seed_script, self._publish_script = _ALLOCATE, _SEED, _PUBLISH
 
+        # One bound method object: remove_listener finds listeners by identity,
+        # and every `self._on_event` access makes a new one.
+        self._listener = self._on_event
         # Set while the applier replays remote events on its thread: this
         # fleet's listener must not publish them again.
         self._local = threading.local()
@@ -360,7 +414,7 @@ class RedisFleet:
         self._stats_lock = threading.Lock()
         self._counters = dict.fromkeys(
             ("published", "applied", "skipped", "refreshes", "heals", "resyncs", "errors", "dropped",
-             "pool_id_lookups"), 0)
+             "pool_id_lookups", "adopted"), 0)
         self._last_error: str | None = None
         self._failing: set[str] = set()
 
@@ -389,14 +443,21 @@ class RedisFleet:
             self._sched.set_pool_id_allocator(self._allocate_pool_id)
             # Listen before loading, so a local change made meanwhile is
             # queued rather than lost (it is published once threads run).
-            self._sched.add_listener(self._on_event)
+            self._sched.add_listener(self._listener)
             try:
-                self._call(self._adopt_epoch)
-                self._call(self._load_fleet, self._started_once)
+                if not self._started_once:
+                    self._call(self._adopt_epoch)
+                    self._call(self._load_fleet)
+                else:
+                    # Rejoining: read on from where this process stopped, so
+                    # nothing published meanwhile (a removal) is missed; the
+                    # check heals if Redis lost its data meanwhile, or reloads
+                    # the records if the stream was trimmed past that point.
+                    self._call(self._check_epoch)
             except BaseException:
                 # The allocator stays: records applied before the failure
                 # already hold fleet ids, and later ones must agree with them.
-                self._sched.remove_listener(self._on_event)
+                self._sched.remove_listener(self._listener)
                 raise
             if self._blocking_client is None:
                 self._blocking_client = self._make_blocking_client()
@@ -421,7 +482,7 @@ class RedisFleet:
         with self._lifecycle:
             if not self._running:
                 return
-            self._sched.remove_listener(self._on_event)
+            self._sched.remove_listener(self._listener)
             self._stop.set()
             self._wake.set()
             for thread in self._threads:
@@ -469,7 +530,9 @@ class RedisFleet:
     def stats(self) -> dict:
         """Counters: events published / applied / skipped (own), refreshes,
         heals (Redis lost its data), resyncs (stream trimmed past us),
-        errors and the last one, events dropped or pending, node ownership."""
+        adopted (nodes Redis had lost that this process re-published on
+        hearing from them), errors and the last one, events dropped or
+        pending, node ownership. Local: no network call."""
         with self._stats_lock:
             out: dict[str, Any] = dict(self._counters)
             out["last_error"] = self._last_error
@@ -565,6 +628,13 @@ class RedisFleet:
         """The scheduler's listener: queue a local change. Runs on the caller's thread."""
         if getattr(self._local, "applying", False):
             return  # a remote event being replayed here: do not echo it
+        if event not in _EVENTS:
+            if event == "forget":
+                # Each process forgets a long-dead node by itself: nothing to publish.
+                with self._nodes_lock:
+                    self._own.discard(node_id)
+                    self._remote.discard(node_id)
+            return  # "job_expired" and the like concern this process only
         if event == "register":
             with self._nodes_lock:
                 self._own.add(node_id)
@@ -596,7 +666,7 @@ class RedisFleet:
             if self.publish_interval and not stopping:
                 # Gather what arrives meanwhile into the same pipeline.
                 self._stop.wait(self.publish_interval)
-            batch = []
+            batch: list[tuple[int, str, str, dict]] = []
             while self._queue and len(batch) < 5000:
                 batch.append(self._queue.popleft())
             events = self._coalesce(batch)
@@ -662,16 +732,20 @@ class RedisFleet:
         return out
 
     def _publish_args(self, event: str, node_id: str, fields: dict) -> tuple[list[str], list[Any]]:
-        keys = [self._k_events, self._k_nodes, self._node_key(node_id)]
+        keys = [self._k_events, self._k_nodes, self._node_key(node_id), self._backend._k_max(node_id),
+                self._k_removed_prefix + node_id]
         healthy = fields.get("healthy")
         args: list[Any] = [self.stream_maxlen, self.process_id, event, node_id, _dumps(fields),
                            "" if healthy is None else ("1" if healthy else "0")]
         if event == "register":
-            record = _REGISTER_FIELDS
-        elif event == "heartbeat":
-            record = tuple(f for f in _HEARTBEAT_FIELDS if f != "healthy")
+            max_concurrency = fields.get("max_concurrency")
+            args += ("" if max_concurrency is None else int(max_concurrency),
+                     '"registering"' if fields.get("ready") is False else '"ready"', _REMOVED_MS)
+            # readiness lives in the record's status, not as a register field
+            record = tuple(f for f in _REGISTER_FIELDS if f != "ready")
         else:
-            record = ()
+            args += ("", "", _REMOVED_MS)
+            record = tuple(f for f in _HEARTBEAT_FIELDS if f != "healthy") if event == "heartbeat" else ()
         for name in record:
             if name in fields:
                 args += (name, _dumps(fields[name]))
@@ -696,6 +770,7 @@ class RedisFleet:
                 return
             results = pipe.execute(raise_on_error=False)
             retry = []
+            lost = []
             for item, result in zip(todo, results):
                 if isinstance(result, self._noscript):
                     retry.append(item)
@@ -704,6 +779,10 @@ class RedisFleet:
                         raise result
                     # A bad event (cannot happen with our own encoder): skip it, keep the rest.
                     self._error("publish script", result)
+                elif isinstance(result, (list, tuple)) and len(result) > 1 and _text(result[1]) == "lost":
+                    lost.append(item[2])
+            if lost:
+                self._adopt_lost(lost)
             if not retry:
                 return
             self._client.execute_command("SCRIPT", "LOAD", self._publish_script.body)
@@ -718,9 +797,12 @@ class RedisFleet:
                 now = time.monotonic()
                 if self._check_now or now >= next_refresh:
                     self._check_now = False
-                    self._call(self._check_epoch)
+                    # The backend's refresh first: it is what marks the backend
+                    # unavailable in stats() during an outage, and after a data
+                    # loss it writes this process's jobs back before anything else.
                     self._call(self._backend.refresh_inflight)
                     self._count("refreshes")
+                    self._call(self._check_epoch)
                     next_refresh = time.monotonic() + self.refresh_interval
                 # Redis times blocked reads out on its cron (every 1/hz s,
                 # 100 ms by default), so a BLOCK may overrun by that much:
@@ -846,14 +928,16 @@ class RedisFleet:
         sched = self._sched
         self._local.applying = True
         try:
-            sched.register_node(node_id, **{k: rec[k] for k in _REGISTER_FIELDS if k in rec})
+            status = rec.get("status", "ready")
+            fields = {k: rec[k] for k in _REGISTER_FIELDS if k in rec}
+            fields["ready"] = status != "registering"
+            sched.register_node(node_id, **fields)
             self._mark_remote(node_id)
             load = {k: rec[k] for k in _LOAD_FIELDS if rec.get(k) is not None}
             if load:
                 sched.heartbeat(node_id, **load)
             for _ in range(min(int(rec.get("streak", 0)), UNHEALTHY_LIMIT)):
                 sched.heartbeat(node_id, healthy=False)
-            status = rec.get("status", "ready")
             # The record's last sign of life is in server time; a node silent
             # for longer than the timeout is offline for the late starter too
             # (registering it just made it look fresh).
@@ -901,6 +985,13 @@ class RedisFleet:
             for node, record in zip(nodes, records):
                 if record and not (skip_own and node in own):
                     self._apply_record(node, record, server_time)
+        if skip_own:
+            # A resync: a node learnt from another process that has no record
+            # any more was removed in the events this process skipped.
+            with self._nodes_lock:
+                gone = sorted(self._remote - set(nodes))
+            for node in gone:
+                self._apply_event("remove", node, "{}")
         self._last_id = position
 
     def _check_epoch(self) -> None:
@@ -952,6 +1043,24 @@ class RedisFleet:
         self._count("heals")
         log.warning("pysched fleet: Redis lost the fleet state (restart?); re-published %d own nodes", len(own))
 
+    def _adopt_lost(self, node_ids: Iterable[str]) -> None:
+        """Nodes Redis has no record of, though nobody removed them (it lost its data).
+
+        This process just heard from them (the event came from its own
+        scheduler), so it re-publishes their full state, which writes their
+        capacity back, and owns them from now on (it re-publishes them after
+        the next data loss). That heals the nodes of a process that died: a
+        heartbeat reaching any live process brings them back.
+        """
+        nodes = sorted(set(node_ids))
+        with self._nodes_lock:
+            for node_id in nodes:
+                self._own.add(node_id)
+                self._remote.discard(node_id)
+        self._enqueue_state(nodes)
+        self._count("adopted", len(nodes))
+        log.warning("pysched fleet: re-published %d node(s) Redis had lost: %s", len(nodes), ", ".join(nodes))
+
     def _enqueue_state(self, node_ids: Iterable[str]) -> None:
         """Queue events that rebuild these nodes' current state in every process."""
         for node_id in node_ids:
@@ -970,6 +1079,7 @@ class RedisFleet:
             "languages": sorted(info["languages"]), "services": sorted(info["services"]),
             "max_concurrency": int(info["max_concurrency"]), "has_gpu": bool(info["has_gpu"]),
             "accept_public_jobs": bool(info["accept_public_jobs"]),
+            "ready": info.get("status") != "registering",
         })]
         load: dict[str, Any] = {}
         for name in _LOAD_FIELDS:

@@ -54,7 +54,7 @@ class Candidate(NamedTuple):
 class Reservation:
     """One job's claim on one node's capacity."""
 
-    __slots__ = ("job_id", "node_id", "slot", "pool_id", "session_id", "expires_at", "committed")
+    __slots__ = ("job_id", "node_id", "slot", "pool_id", "session_id", "expires_at", "committed", "src", "tgt")
 
     def __init__(
         self,
@@ -65,6 +65,8 @@ class Reservation:
         session_id: str,
         expires_at: float,
         committed: bool = False,
+        src: str | None = None,
+        tgt: str | None = None,
     ) -> None:
         self.job_id = job_id
         self.node_id = node_id
@@ -73,6 +75,9 @@ class Reservation:
         self.session_id = session_id
         self.expires_at = expires_at
         self.committed = committed
+        #: the language pair of the dispatch that made it (None where a backend does not keep it)
+        self.src = src
+        self.tgt = tgt
 
     def __repr__(self) -> str:
         state = "committed" if self.committed else f"expires_at={self.expires_at:.3f}"
@@ -86,6 +91,14 @@ class ReservationBackend:
     :meth:`bind_node` and :meth:`unbind_node` from its management layer
     (under the management lock), and the rest from the dispatch path.
     Implementations must be safe to call from many threads at once.
+
+    Job lifecycle: a reservation holds one unit of its node's capacity until
+    it is released, or until it expires: ``reservation_ttl`` after dispatch
+    while uncommitted, ``commit_lease`` after commit (or after the last
+    :meth:`renew`) once committed. ``commit``, ``release`` and ``renew``
+    take an optional ``node_id``: when given, a job held on another node is
+    refused (False) with nothing changed, so a late report from a node the
+    job has moved away from cannot touch the new node's capacity.
     """
 
     #: per-slot in-flight counts read by the kernel; replaced (never resized
@@ -96,8 +109,23 @@ class ReservationBackend:
     #: (a plain attribute read on the hot path); 0 means "always call".
     due_at: float = 0.0
 
-    def configure(self, reservation_ttl: float, clock: Callable[[], float]) -> None:
-        """Receive the scheduler's TTL and clock (called once, before use)."""
+    #: the scheduler's commit lease, set by :meth:`configure`
+    commit_lease: float = 3600.0
+
+    def configure(
+        self,
+        reservation_ttl: float,
+        clock: Callable[[], float],
+        *,
+        commit_lease: float = 3600.0,
+        on_expired: Callable[[list[Reservation]], None] | None = None,
+    ) -> None:
+        """Receive the scheduler's TTL, clock, commit lease and expiry callback (once, before use).
+
+        ``on_expired(reservations)`` is called, with no lock held, with the
+        jobs a sweep found expired (TTL or lease), so the scheduler can tell
+        its listeners (event ``"job_expired"``).
+        """
         raise NotImplementedError
 
     def ensure_capacity(self, n_slots: int) -> np.ndarray:
@@ -128,7 +156,8 @@ class ReservationBackend:
         raise NotImplementedError
 
     def reserve_one(
-        self, job_id: str, candidate: Candidate, pool_id: int, session_id: str, now: float
+        self, job_id: str, candidate: Candidate, pool_id: int, session_id: str, now: float,
+        pair: tuple[str, str] | None = None,
     ) -> Reservation | str | None:
         """Single-candidate fast path used by dispatch.
 
@@ -137,7 +166,8 @@ class ReservationBackend:
         refusal reason string when it was not, or a :class:`Reservation`
         (the one ``job_id`` already held, or the new one) whose node and pool
         the caller then uses. ``now`` is the caller's reading of the
-        scheduler's clock. The default delegates to :meth:`try_reserve`.
+        scheduler's clock; ``pair`` the job's ``(src, tgt)``, which a backend
+        may keep with the reservation. The default delegates to :meth:`try_reserve`.
         """
         result = self.try_reserve(job_id, [candidate], pool_id, session_id)
         if isinstance(result, Reservation):
@@ -154,39 +184,61 @@ class ReservationBackend:
         session_ids: Sequence[str],
         node_id: Callable[[int], str],
         now: float,
+        pairs: Sequence[tuple[str, str]] | None = None,
     ) -> list[Reservation | str | None]:
-        """Reserve a placed batch: job ``job_ids[k]`` on slot ``slots[k]``.
+        """Reserve a placed batch: job ``job_ids[k]`` on slot ``slots[k]`` (for ``pairs[k]``).
 
         Returns one result per job as :meth:`reserve_one` would, or an empty
         list when every job was reserved as placed (the common case, which a
         backend may answer without building a list). The default makes one
         :meth:`reserve_one` call per job.
         """
+        pairs = pairs if pairs is not None else [None] * len(job_ids)
         results = [
-            self.reserve_one(job_id, (int(slot), node_id(int(slot)), int(limit), int(run)), pool_id, session_id, now)
-            for job_id, slot, limit, run, pool_id, session_id in zip(
-                job_ids, slots, limits, running, pool_ids, session_ids)
+            self.reserve_one(job_id, (int(slot), node_id(int(slot)), int(limit), int(run)), pool_id, session_id, now,
+                             pair)
+            for job_id, slot, limit, run, pool_id, session_id, pair in zip(
+                job_ids, slots, limits, running, pool_ids, session_ids, pairs)
         ]
         return results if any(r is not None for r in results) else []
 
     def get(self, job_id: str) -> Reservation | None:
-        """The live reservation of ``job_id``, or ``None``."""
+        """The live reservation of ``job_id``, or ``None`` (never one past its expiry)."""
         raise NotImplementedError
 
-    def commit(self, job_id: str) -> bool:
-        """Mark a reservation accepted: it stops expiring. False if unknown."""
+    def commit(self, job_id: str, node_id: str | None = None) -> bool:
+        """Mark a reservation accepted: it now expires at the end of its lease.
+
+        False, with nothing changed, if the job holds nothing (or, with
+        ``node_id``, holds it on another node).
+        """
         raise NotImplementedError
 
-    def release(self, job_id: str) -> bool:
-        """Return the job's capacity. Idempotent: False if nothing was held."""
+    def release(self, job_id: str, node_id: str | None = None) -> bool:
+        """Return the job's capacity. Idempotent: False if nothing was held (on ``node_id``)."""
+        raise NotImplementedError
+
+    def renew(self, job_id: str, lease: float | None = None, node_id: str | None = None) -> bool:
+        """Move a live job's expiry to now + ``lease`` (default: the commit lease when
+        committed, the reservation TTL otherwise). False, nothing changed, if refused."""
         raise NotImplementedError
 
     def expire(self) -> int:
-        """Drop uncommitted reservations past their TTL; return how many."""
+        """Drop reservations past their TTL and jobs past their lease; return how many."""
         raise NotImplementedError
 
     def count(self, node_id: str | None = None) -> int:
         """Reservations held (for one node, or in total)."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """Local figures for monitoring, with no network call.
+
+        ``{"name", "available", "error", "held", "committed", "expired"}``:
+        whether the backend answered its last call, the error if not, jobs
+        held (by this process), how many of them are committed, and jobs
+        dropped by expiry so far.
+        """
         raise NotImplementedError
 
     def expire_due(self, now: float) -> None:
@@ -201,23 +253,23 @@ class ReservationBackend:
 
 
 class LocalReservations(ReservationBackend):
-    """In-process reservations, exact, with no lock on the dispatch path.
+    """In-process reservations, exact, with no Python lock on any path.
 
     A node's effective load is ``max(in-flight, reported running)``; a
     reservation succeeds only while that is below the node's max
-    concurrency. The check-and-add is one call into the compiled
-    ``SlotCounts`` (atomic under the GIL) and the job table is a dict whose
-    ``setdefault``/``pop`` are atomic too, so reserving and releasing take no
-    Python lock: with one, a thread preempted inside it made every other
-    dispatching thread queue behind it (p50 went from ~7 to ~60 us with four
-    threads). Commit and the expiry sweep share a small lock.
+    concurrency. Every change (reserve, commit, renew, release, expiry) is
+    one call into the compiled ``JobTable``, which holds the GIL from start
+    to finish: the node count, the job record and its expiry change
+    together, atomically against every other thread, with no lock for a
+    preempted thread to hold (a lock here made four dispatching threads
+    convoy behind a preempted holder: p50 went from ~7 to ~60 us).
 
-    Expiry: nothing is queued per reservation (most jobs are committed or
-    released long before their TTL). The backend tracks the earliest expiry
-    among uncommitted reservations; once the clock passes it, the next
-    dispatch sweeps the live reservations (at most once per ``ttl/64``), so
-    expired capacity returns at the TTL, or within ``ttl/64`` of it under a
-    stream of staggered expiries. ``get``, ``commit`` and ``expire`` are exact.
+    Expiry is exact: the table keeps one heap of expiries (TTL ends of
+    uncommitted reservations, lease ends of committed jobs); dispatch sweeps
+    the moment the clock reaches the earliest, so expired capacity returns at
+    the TTL to the microsecond, and ``get``/``commit``/``release`` treat a
+    job past its expiry as gone even before the sweep. Expired jobs are
+    reported through the ``on_expired`` callback.
     """
 
     def __init__(
@@ -225,77 +277,94 @@ class LocalReservations(ReservationBackend):
         reservation_ttl: float | None = None,
         clock: Callable[[], float] | None = None,
         *,
+        commit_lease: float | None = None,
         core=default_core,
     ) -> None:
-        self._lock = threading.Lock()  # commit, expiry sweep and management calls
+        self._lock = threading.Lock()  # management calls only (growth, binding)
         self._ttl = reservation_ttl
+        self._lease = commit_lease
         self._clock = clock
-        # job id -> [node_id, slot, pool_id, session_id, expires_at, committed]
-        self._jobs: dict[str, list] = {}
-        self._earliest = float("inf")  # earliest expiry of an uncommitted reservation (a lower bound)
-        self._last_sweep = float("-inf")
-        self.due_at = float("inf")
-        # slot -> node id bound there (refuses reservations on removed nodes),
-        # and node id -> slot for counting
-        self._owners: dict[int, str] = {}
+        self._on_expired: Callable[[list[Reservation]], None] | None = None
+        # slot <-> node id; a slot belongs to one node id for the scheduler's
+        # life, so neither map ever loses an entry (held jobs of a removed node
+        # still name it). Whether a live node owns a slot is the table's business.
+        self._names: dict[int, str] = {}
         self._slots: dict[str, int] = {}
         self._counts = core.SlotCounts(0)
         self.inflight = self._counts.array
+        self._table = core.JobTable(self._counts)
 
     # -- management side ---------------------------------------------------
-    def configure(self, reservation_ttl: float, clock: Callable[[], float]) -> None:
+    def configure(
+        self,
+        reservation_ttl: float,
+        clock: Callable[[], float],
+        *,
+        commit_lease: float = 3600.0,
+        on_expired: Callable[[list[Reservation]], None] | None = None,
+    ) -> None:
         if self._ttl is None:
             self._ttl = float(reservation_ttl)
+        if self._lease is None:
+            self._lease = float(commit_lease)
         if self._clock is None:
             self._clock = clock
+        self.commit_lease = self._lease
+        self._on_expired = on_expired
+
+    @property
+    def due_at(self) -> float:  # type: ignore[override]
+        """The earliest expiry of any held job: dispatch sweeps when the clock reaches it."""
+        return self._table.next_expiry
 
     def ensure_capacity(self, n_slots: int) -> np.ndarray:
         with self._lock:
             if n_slots > len(self._counts):
                 # grown() forwards the old table to the new one atomically, so a
-                # dispatch still holding the old one loses no update; the kernel
-                # of an older snapshot keeps reading the old array (stale scores).
+                # job table or dispatch still holding the old one loses no update;
+                # the kernel of an older snapshot keeps reading the old array (stale scores).
                 self._counts = self._counts.grown(max(n_slots, 2 * len(self._counts), 64))
                 self.inflight = self._counts.array
             return self.inflight
 
     def bind_node(self, slot: int, node_id: str, max_concurrency: int) -> None:
         with self._lock:
-            self._owners[slot] = node_id
+            self._names[slot] = node_id
             self._slots[node_id] = slot
+            self._table.bind(slot)
 
     def unbind_node(self, slot: int, node_id: str) -> None:
         with self._lock:
-            if self._owners.get(slot) == node_id:
-                del self._owners[slot]
+            if self._names.get(slot) == node_id:
+                self._table.unbind(slot)
 
     # -- dispatch side -----------------------------------------------------
     def reserve_one(
-        self, job_id: str, candidate: Candidate, pool_id: int, session_id: str, now: float
+        self, job_id: str, candidate: Candidate, pool_id: int, session_id: str, now: float,
+        pair: tuple[str, str] | None = None,
     ) -> Reservation | str | None:
-        jobs = self._jobs
-        existing = jobs.get(job_id)
-        if existing is not None:
-            return self._view(job_id, existing)
-        slot = candidate[0]  # by index: a candidate may carry more fields (the pool index)
-        node_id = candidate[1]
-        if self._owners.get(slot) != node_id:
-            return REFUSED_GONE
-        if not self._counts.try_add(slot, candidate[2], candidate[3]):
+        # candidate by index: it may carry more fields (the pool index)
+        code = self._table.reserve(job_id, candidate[0], candidate[2], candidate[3], pool_id, session_id,
+                                   now + self._ttl, pair)
+        if code >= 0:
+            return None
+        if code == _FULL:
             return REFUSED_FULL
-        expires = now + self._ttl
-        rec = [node_id, slot, pool_id, session_id, expires, False]
-        held = jobs.setdefault(job_id, rec)
-        if held is not rec:
-            # another thread reserved the same job id a moment earlier: undo ours
-            self._counts.add(slot, -1)
-            return self._view(job_id, held)
-        if expires < self._earliest:
-            # Unlocked: a racing writer can only leave a later value, which the
-            # ttl/64 sweep spacing bounds anyway.
-            self._earliest = expires
-            self.due_at = max(expires, self._last_sweep + self._ttl / 64)
-        return None
+        if code == _GONE:
+            return REFUSED_GONE
+        held = self._view(job_id, now)
+        if held is not None:
+            return held
+        # held only by a reservation past its expiry at ``now``, not yet swept:
+        # report it, then try once more (the sweep at ``now`` removes it)
+        self._sweep(now)
+        code = self._table.reserve(job_id, candidate[0], candidate[2], candidate[3], pool_id, session_id,
+                                   now + self._ttl, pair)
+        if code >= 0:
+            return None
+        if code == _GONE:
+            return REFUSED_GONE
+        return self._view(job_id, now) or REFUSED_FULL
 
     def reserve_placed(
         self,
@@ -307,33 +376,26 @@ class LocalReservations(ReservationBackend):
         session_ids: Sequence[str],
         node_id: Callable[[int], str],
         now: float,
+        pairs: Sequence[tuple[str, str]] | None = None,
     ) -> list[Reservation | str | None]:
-        # One compiled call checks and adds every slot; records follow in one loop.
-        ok = self._counts.try_add_many(slots, limits.astype(np.int64), running.astype(np.int64))
-        jobs, owners = self._jobs, self._owners
+        reserve = self._table.reserve
         expires = now + self._ttl
         results: list = []
         failed = False
-        for k, slot in enumerate(slots.tolist()):
-            node = node_id(slot)
-            if not ok[k] or owners.get(slot) != node:
-                if ok[k]:
-                    self._counts.add(slot, -1)
-                results.append(REFUSED_FULL if not ok[k] else REFUSED_GONE)
-                failed = True
+        pairs = pairs if pairs is not None else [None] * len(job_ids)
+        for job_id, slot, limit, run, pool_id, session_id, pair in zip(
+                job_ids, slots.tolist(), limits.tolist(), running.tolist(), pool_ids, session_ids, pairs):
+            code = reserve(job_id, slot, limit, run, pool_id, session_id, expires, pair)
+            if code >= 0:
+                results.append(None)
                 continue
-            job_id = job_ids[k]
-            rec = [node, slot, pool_ids[k], session_ids[k], expires, False]
-            held = jobs.setdefault(job_id, rec)
-            if held is not rec:
-                self._counts.add(slot, -1)
-                results.append(self._view(job_id, held))
-                failed = True
-                continue
-            results.append(None)
-        if expires < self._earliest and len(slots):
-            self._earliest = expires
-            self.due_at = max(expires, self._last_sweep + self._ttl / 64)
+            failed = True
+            if code == _FULL:
+                results.append(REFUSED_FULL)
+            elif code == _GONE:
+                results.append(REFUSED_GONE)
+            else:
+                results.append(self.get(job_id) or REFUSED_FULL)
         return results if failed else []
 
     def try_reserve(
@@ -344,93 +406,102 @@ class LocalReservations(ReservationBackend):
         session_id: str,
     ) -> Reservation | list[str]:
         now = self._clock()
+        self.expire_due(now)
         reasons: list[str] = []
         for cand in candidates:
             result = self.reserve_one(job_id, cand, pool_id, session_id, now)
             if result is None:
-                return self._view(job_id, self._jobs[job_id])
+                held = self.get(job_id)
+                if held is not None:
+                    return held
+                reasons.append(REFUSED_FULL)  # expired at once (a zero-length TTL): nothing is held
+                continue
             if isinstance(result, Reservation):
                 return result
             reasons.append(result)
         return reasons
 
+    def _slot_of(self, node_id: str | None) -> int:
+        """-1 for "any node"; the node's slot; -2 for a node this backend never saw."""
+        if node_id is None:
+            return -1
+        slot = self._slots.get(node_id)
+        return -2 if slot is None else slot
+
     def get(self, job_id: str) -> Reservation | None:
-        rec = self._jobs.get(job_id)
+        if job_id not in self._table:
+            return None  # the common answer, without reading the clock
+        return self._view(job_id, self._clock())
+
+    def _view(self, job_id: str, now: float) -> Reservation | None:
+        rec = self._table.get(job_id, now)
         if rec is None:
             return None
-        if not rec[5] and rec[4] <= self._clock():
-            with self._lock:
-                self._drop_if_expired_locked(job_id, rec)
-            return None
-        return self._view(job_id, rec)
+        slot, pool_id, session_id, expires_at, committed, pair = rec
+        src, tgt = pair if pair is not None else (None, None)
+        return Reservation(job_id, self._names[slot], slot, pool_id, session_id, expires_at, committed, src, tgt)
 
-    def commit(self, job_id: str) -> bool:
-        with self._lock:
-            rec = self._jobs.get(job_id)
-            if rec is None or self._drop_if_expired_locked(job_id, rec):
-                return False
-            rec[5] = True
-            return True
-
-    def release(self, job_id: str) -> bool:
-        rec = self._jobs.pop(job_id, None)
-        if rec is None:
+    def commit(self, job_id: str, node_id: str | None = None) -> bool:
+        slot = self._slot_of(node_id)
+        if slot == -2:
             return False
-        self._counts.add(rec[1], -1)
-        return True
+        now = self._clock()
+        return self._table.commit(job_id, slot, now + self._lease, now)
+
+    def renew(self, job_id: str, lease: float | None = None, node_id: str | None = None) -> bool:
+        slot = self._slot_of(node_id)
+        if slot == -2:
+            return False
+        now = self._clock()
+        if lease is None:
+            rec = self._table.get(job_id, now)
+            if rec is None:
+                return False
+            lease = self._lease if rec[4] else self._ttl
+        return self._table.renew(job_id, slot, now + lease, now)
+
+    def release(self, job_id: str, node_id: str | None = None) -> bool:
+        slot = self._slot_of(node_id)
+        if slot == -2:
+            return False
+        return self._table.release(job_id, slot, self._clock()) is not None
 
     def expire(self) -> int:
-        with self._lock:
-            return self._sweep_locked(self._clock())
+        return self._sweep(self._clock())
 
     def expire_due(self, now: float) -> None:
-        if now >= self.due_at:
-            with self._lock:
-                if now >= self.due_at:
-                    self._sweep_locked(now)
+        if now >= self._table.next_expiry:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> int:
+        # The table drops the expired jobs atomically, each exactly once; the
+        # callback runs with no lock held (a listener may dispatch a failover).
+        expired = self._table.expire(now)
+        if expired and self._on_expired is not None:
+            names = self._names
+            self._on_expired([
+                Reservation(job_id, names[slot], slot, pool_id, session_id, expires_at, committed)
+                for job_id, slot, pool_id, session_id, expires_at, committed in expired
+            ])
+        return len(expired)
 
     def count(self, node_id: str | None = None) -> int:
         self.expire_due(self._clock())
         if node_id is None:
-            return len(self._jobs)
+            return len(self._table)
         slot = self._slots.get(node_id)
         return 0 if slot is None else self._counts.get(slot)
 
-    # -- internals ---------------------------------------------------------
-    @staticmethod
-    def _view(job_id: str, rec: list) -> Reservation:
-        return Reservation(job_id, rec[0], rec[1], rec[2], rec[3], rec[4], rec[5])
+    def stats(self) -> dict:
+        table = self._table
+        return {"name": "local", "available": True, "error": None, "held": len(table),
+                "committed": table.committed, "expired": table.expired}
 
-    def _drop_if_expired_locked(self, job_id: str, rec: list) -> bool:
-        """Drop one uncommitted reservation past its TTL; True if it was (or already is) gone."""
-        if rec[5] or rec[4] > self._clock():
-            return False
-        popped = self._jobs.pop(job_id, None)
-        if popped is rec:
-            self._counts.add(rec[1], -1)
-        elif popped is not None:
-            self._jobs.setdefault(job_id, popped)  # a newer reservation under the same id
-        return True
+    def jobs(self) -> list[Reservation]:
+        """Every job held, by job id (for inspection and tests)."""
+        names = self._names
+        return [Reservation(job_id, names[slot], slot, pool_id, session_id, expires_at, committed)
+                for job_id, slot, pool_id, session_id, expires_at, committed in self._table.jobs()]
 
-    def _sweep_locked(self, now: float) -> int:
-        jobs = self._jobs
-        dropped = 0
-        earliest = float("inf")
-        for job_id, rec in list(jobs.items()):
-            if rec[5]:
-                continue
-            if rec[4] > now:
-                if rec[4] < earliest:
-                    earliest = rec[4]
-                continue
-            popped = jobs.pop(job_id, None)
-            if popped is rec:
-                self._counts.add(rec[1], -1)
-                dropped += 1
-            elif popped is not None:
-                # released and re-reserved under the same id meanwhile: keep it
-                jobs.setdefault(job_id, popped)
-        self._earliest = earliest
-        self._last_sweep = now
-        self.due_at = max(earliest, now + self._ttl / 64)
-        return dropped
+
+_FULL, _GONE = -1, -2

@@ -28,14 +28,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pysched._kernel import core as default_core
 from pysched._kernel import resolve
 from pysched._layout import NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE, REASONS
 from pysched.errors import (
     NoNodeAvailable,
-    SchedulerError,
     NoPoolForLanguagePair,
     ReservationBackendUnavailable,
+    SchedulerError,
     UnknownJob,
+    WrongNode,
 )
 from pysched.languages import _language_cache as _LANGUAGE_CACHE
 from pysched.languages import AUTO, DEFAULT_SERVICES, normalize_language, normalize_languages, normalize_services
@@ -58,29 +60,10 @@ _OUTCOME_NAMES.update({i: REASONS[i] for i in range(1, len(REASONS))})
 _REASON_INDEX = {name: i for i, name in enumerate(REASONS)}
 
 
-class Assignment:
-    """Where a job goes: ``node_id`` in ``pool_id``, under ``job_id``."""
-
-    __slots__ = ("node_id", "pool_id", "job_id", "session_id", "src", "tgt")
-
-    def __init__(self, node_id: str, pool_id: int, job_id: str, session_id: str, src: str, tgt: str) -> None:
-        self.node_id = node_id
-        self.pool_id = pool_id
-        self.job_id = job_id
-        self.session_id = session_id
-        self.src = src
-        self.tgt = tgt
-
-    def __repr__(self) -> str:
-        return (f"Assignment(node_id={self.node_id!r}, pool_id={self.pool_id}, job_id={self.job_id!r}, "
-                f"session_id={self.session_id!r}, src={self.src!r}, tgt={self.tgt!r})")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Assignment):
-            return NotImplemented
-        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
+#: Where a job goes: ``node_id`` in ``pool_id``, under ``job_id`` (also ``session_id``,
+#: ``src``, ``tgt``). One type per process, made by the compiled kernel when it is
+#: built (the compiled dispatch creates it directly), else by the pure-Python twin.
+Assignment = default_core.Assignment
 
 
 @dataclass(frozen=True)
@@ -91,6 +74,11 @@ class Explanation:
     every distinct node of those pools to its reason code (``"ok"`` when it
     is eligible), plus ``"no_pool"`` for nodes that speak the pair but could
     not get a pool; ``unpooled`` lists every node without a pool.
+    ``preferred`` (with ``explain(..., prefer=)``) maps each preferred node,
+    in order, to what a new session's dispatch would make of it: ``"ok"``
+    (it is chosen; later ones are not listed), its reason code,
+    ``"not_in_pool"``, ``"load"`` (eligible, but loaded more than
+    ``prefer_slack`` above the best candidate) or ``"unknown"``.
     """
 
     src: str
@@ -98,6 +86,7 @@ class Explanation:
     pools: tuple[int, ...]
     nodes: dict[str, str] = field(default_factory=dict)
     unpooled: tuple[str, ...] = ()
+    preferred: dict[str, str] = field(default_factory=dict)
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -143,7 +132,9 @@ def _check_str(value: object, name: str) -> str:
 
 
 _NEED_PUBLIC_GPU = NEED_GPU | NEED_PUBLIC
-_REQUEST_KEYWORDS = frozenset({"job_id", "exclude", "tenant", "services", "require_gpu"})
+_REQUEST_KEYWORDS = frozenset({"job_id", "exclude", "tenant", "services", "require_gpu", "prefer"})
+#: what a batch request's result slot may hold instead of an Assignment (one set, everywhere)
+_REQUEST_ERRORS = (SchedulerError, ValueError, TypeError)
 
 
 def _unpack_request(req: object) -> tuple[object, object, object, dict]:
@@ -167,6 +158,106 @@ def _unpack_request(req: object) -> tuple[object, object, object, dict]:
     raise TypeError(f"a request must be (session_id, src, tgt), a mapping or a DispatchRequest, got {req!r}")
 
 
+class _BatchBuilder:
+    """One compiled pass of :meth:`Scheduler.dispatch_many`: the requests it can place together.
+
+    Requests are validated as they are added; a bad one gets its exception
+    in its result slot at once. One entry per request the kernel will
+    place, in request order, lives in the parallel lists below (the kernel
+    takes them as arrays).
+    """
+
+    __slots__ = ("sched", "reqs", "results", "snap", "now", "pair_keys", "session_no", "rows", "pairs", "sids",
+                 "keys", "sessions", "masks", "needs", "job_ids", "extras", "seen_jobs")
+
+    def __init__(self, sched: Scheduler, reqs: list, results: list) -> None:
+        self.sched = sched
+        self.reqs = reqs
+        self.results = results
+        self.snap = sched._mgmt.snapshot
+        self.now = sched._clock()
+        self.pair_keys: dict[tuple[str, str], int] = {}  # pair -> kernel pair key, -1 when not served
+        self.session_no: dict[str, int] = {}
+        self.rows: list[int] = []
+        self.pairs: list[tuple[str, str]] = []
+        self.sids: list[str] = []
+        self.keys: list[int] = []
+        self.sessions: list[int] = []
+        self.masks: list[int] = []
+        self.needs: list[int] = []
+        self.job_ids: list[str | None] = []
+        self.extras: dict[int, tuple] = {}  # row -> (tenant, excluded slots) where either is set
+        self.seen_jobs: set[str] = set()
+
+    def add(self, i: int, req: object) -> bool:
+        """Take request ``i`` into this pass; False when it must be dispatched on its own (see dispatch_many)."""
+        sched = self.sched
+        tenant = None
+        excl: tuple[int, ...] = ()
+        job_id = None
+        fast = False
+        if type(req) is tuple and len(req) == 3:
+            sid, src, tgt = req
+            s = _LANGUAGE_CACHE.get(src) if type(src) is str else None
+            t = _LANGUAGE_CACHE.get(tgt) if type(tgt) is str else None
+            fast = (s is not None and t is not None and t != AUTO and sched._default_mask is not None
+                    and type(sid) is str and sid != "")
+        if fast:
+            mask, need = sched._default_mask, _NEED_PUBLIC_GPU
+        else:
+            try:
+                sid, src, tgt, kw = _unpack_request(req)
+                if kw.get("prefer") is not None:
+                    return False
+                job_id = kw.get("job_id")
+                if job_id is not None and job_id in self.seen_jobs:
+                    return False
+                tenant = kw.get("tenant")
+                s, t, existing, mask, need, excl = sched._prepare(
+                    self.snap, sid, src, tgt, job_id, kw.get("exclude"), tenant,
+                    kw.get("services", DEFAULT_SERVICES), kw.get("require_gpu", True),
+                )
+            except _REQUEST_ERRORS as exc:
+                self.results[i] = exc
+                return True
+            if existing is not None:
+                self.results[i] = existing
+                return True
+            if job_id is not None:
+                self.seen_jobs.add(job_id)
+        pair = (s, t)
+        key = self.pair_keys.get(pair)
+        if key is None:
+            key = self.pair_keys[pair] = sched._pair_key(self.snap, pair)
+        if key < 0:
+            sched._outcomes.add(_OUT_NO_POOL)
+            self.results[i] = NoPoolForLanguagePair(s, t)
+            return True
+        k = self.session_no.get(sid)
+        if k is None:
+            k = self.session_no[sid] = len(self.session_no)
+        if tenant is not None or excl:
+            self.extras[len(self.rows)] = (tenant, excl)
+        self.rows.append(i)
+        self.pairs.append(pair)
+        self.sids.append(sid)
+        self.keys.append(key)
+        self.sessions.append(k)
+        self.masks.append(mask)
+        self.needs.append(need)
+        self.job_ids.append(job_id)
+        return True
+
+    def flush(self) -> None:
+        """Place and reserve everything added, in one compiled pass."""
+        if self.rows:
+            reservations = self.sched._reservations
+            if self.now >= reservations.due_at:
+                reservations.expire_due(self.now)
+            self.sched._place_batch(self)
+            self.rows = []
+
+
 class Scheduler:
     """Decides which worker node runs each job.
 
@@ -186,6 +277,14 @@ class Scheduler:
         kernel: ``"auto"`` (the compiled kernel unless ``PYSCHED_PURE_PYTHON``
             is set), ``"compiled"``, or ``"python"`` (the pure-Python twin,
             for comparison and debugging).
+        commit_lease: seconds a committed job holds its node's capacity
+            without a :meth:`release` or :meth:`renew`; then it expires (event
+            ``"job_expired"``), so a lost release cannot hold capacity forever.
+        forget_after: seconds after which an offline node that holds nothing
+            is removed (event ``"forget"``); ``None`` never forgets.
+        prefer_slack: how much higher (as a fraction of max concurrency) a
+            preferred node's effective load may be than the best candidate's
+            for ``dispatch(..., prefer=)`` to still choose it.
     """
 
     def __init__(
@@ -202,10 +301,20 @@ class Scheduler:
         *,
         reservations: ReservationBackend | None = None,
         kernel: str = "auto",
+        commit_lease: float = 3600.0,
+        forget_after: float | None = 3600.0,
+        prefer_slack: float = 0.25,
     ) -> None:
         heartbeat_timeout = _check_positive(heartbeat_timeout, "heartbeat_timeout")
         reservation_ttl = _check_positive(reservation_ttl, "reservation_ttl")
         session_ttl = _check_positive(session_ttl, "session_ttl")
+        commit_lease = _check_positive(commit_lease, "commit_lease")
+        if forget_after is not None:
+            forget_after = _check_positive(forget_after, "forget_after")
+        if isinstance(prefer_slack, bool) or not isinstance(prefer_slack, (int, float)):
+            raise TypeError(f"prefer_slack must be a number, got {type(prefer_slack).__name__}: {prefer_slack!r}")
+        if not 0 <= prefer_slack <= 1:
+            raise ValueError(f"prefer_slack must be in [0, 1], got {prefer_slack!r}")
         if isinstance(resource_threshold, bool) or not isinstance(resource_threshold, (int, float)):
             raise TypeError(f"resource_threshold must be a number, got {resource_threshold!r}")
         if not 0 < resource_threshold <= 100:
@@ -224,13 +333,16 @@ class Scheduler:
             reservations = LocalReservations(core=core)
         elif not isinstance(reservations, ReservationBackend):
             raise TypeError(f"reservations must be a ReservationBackend, got {type(reservations).__name__}")
-        reservations.configure(reservation_ttl, clock)
+        reservations.configure(reservation_ttl, clock, commit_lease=commit_lease, on_expired=self._jobs_expired)
 
         self.heartbeat_timeout = heartbeat_timeout
         self.reservation_ttl = reservation_ttl
         self.resource_threshold = float(resource_threshold)
         self.max_pools = max_pools
         self.session_ttl = session_ttl
+        self.commit_lease = commit_lease
+        self.forget_after = forget_after
+        self.prefer_slack = float(prefer_slack)
         self.seed = seed
         self._clock = clock
         self._reservations = reservations
@@ -245,14 +357,44 @@ class Scheduler:
             rng=self._rng,
             reservations=reservations,
             core=core,
+            forget_after=forget_after,
         )
         self._core = core
-        self._sessions = SessionManager(session_ttl, clock)
+        self._sessions = SessionManager(session_ttl, clock, core=core)
         self._session_map = self._sessions.entries  # read-only fast path for dispatch
         # Job ids must not collide between processes sharing a Redis namespace,
         # even with the same seed: the process id is part of the prefix.
         self._job_prefix = f"{random.Random(seed).getrandbits(32):08x}{os.getpid():x}-"
-        self._job_seq = itertools.count(1)
+        # The common dispatch, release and commit in one compiled call each,
+        # when the reservations are the plain in-process table (a subclass may
+        # change what reserving means, and Redis decides remotely).
+        table = getattr(reservations, "_table", None)
+        self._fast = None
+        if type(reservations) is LocalReservations and isinstance(table, core.JobTable):
+            self._fast = core.Dispatcher(self._mgmt, table, self._outcomes, self._session_map, _LANGUAGE_CACHE,
+                                         clock, self._job_prefix, reservations._ttl, session_ttl,
+                                         reservations.commit_lease)
+            self._fast.next_sweep = self._sessions.next_sweep
+            self._sessions.on_next_sweep = self._set_next_sweep
+            self._mgmt.on_publish = self._fast.publish
+            self._fast.publish(self._mgmt.snapshot)
+            self._fast.connect(self, DEFAULT_SERVICES)
+            # The public entry points become the compiled ones on this instance
+            # (same signatures and rules; they call _*_slow for what they don't
+            # finish), saving the Python frame of the methods below per call.
+            # A subclass that overrides one keeps its own.
+            cls = type(self)
+            if cls.dispatch is Scheduler.dispatch:
+                self.dispatch = self._fast.call  # type: ignore[method-assign]
+            if cls.release is Scheduler.release:
+                self.release = self._fast.call_release  # type: ignore[method-assign]
+            if cls.commit is Scheduler.commit:
+                self.commit = self._fast.call_commit  # type: ignore[method-assign]
+            self._new_job_id = self._fast.new_job_id
+        else:
+            seq = itertools.count(1)
+            prefix = self._job_prefix
+            self._new_job_id = lambda: f"{prefix}{next(seq)}"
         self._mask_cache: dict[object, int] = {}
         self._default_mask: int | None = None  # set once every default service is known
         self._shortlist = max(1, int(getattr(reservations, "shortlist", 1)))
@@ -279,7 +421,11 @@ class Scheduler:
 
         Events: ``"register"`` (fields: the register_node arguments),
         ``"heartbeat"`` (the keywords given), ``"drain"``, ``"offline"``,
-        ``"resume"``, ``"remove"``. Listeners run on the caller's thread,
+        ``"resume"``, ``"remove"``, ``"forget"`` (an offline node removed
+        after ``forget_after``; fields ``{"offline_for"}``), and
+        ``"job_expired"`` (a reservation's TTL or a committed job's lease
+        ended without a release; fields ``{"job_id", "session_id", "pool_id",
+        "committed"}``: fail the job over). Listeners run on the caller's thread,
         after the management lock is released; they must be quick (queue
         the work) and must not raise. :class:`pysched.RedisFleet` uses this
         to share node events between processes.
@@ -290,7 +436,8 @@ class Scheduler:
 
     def remove_listener(self, listener: Callable[[str, str, dict], None]) -> None:
         """Stop calling a listener added with :meth:`add_listener`."""
-        self._listeners = [x for x in self._listeners if x is not listener]
+        # ==, not is: a bound method is a new object at every attribute access
+        self._listeners = [x for x in self._listeners if x != listener]
 
     def _notify(self, event: str, node_id: str, fields: dict) -> None:
         for listener in self._listeners:
@@ -317,15 +464,22 @@ class Scheduler:
         max_concurrency: int = 4,
         has_gpu: bool = True,
         accept_public_jobs: bool = True,
+        ready: bool = True,
     ) -> None:
-        """Register (or re-register) a node; it starts ``ready`` with no load."""
-        self._mgmt.register(node_id, languages, services, max_concurrency, has_gpu, accept_public_jobs)
+        """Register (or re-register) a node; it starts with no load.
+
+        It starts ``ready``; with ``ready=False`` it starts ``registering``
+        (never chosen, reason ``not_ready``) until its first
+        ``healthy=True`` heartbeat (or :meth:`resume_node`), e.g. while it
+        loads its models. A re-registration is a fresh start.
+        """
+        self._mgmt.register(node_id, languages, services, max_concurrency, has_gpu, accept_public_jobs, ready)
         if self._listeners:
             info = self._mgmt.node_info(node_id)
             self._notify("register", node_id, {
                 "languages": sorted(info["languages"]), "services": sorted(info["services"]),
                 "max_concurrency": info["max_concurrency"], "has_gpu": info["has_gpu"],
-                "accept_public_jobs": info["accept_public_jobs"],
+                "accept_public_jobs": info["accept_public_jobs"], "ready": bool(ready),
             })
 
     def heartbeat(
@@ -344,8 +498,10 @@ class Scheduler:
         """Record a heartbeat. Load-only heartbeats publish nothing.
 
         Three consecutive ``healthy=False`` make a ready node ``degraded``; a
-        ``healthy=True`` makes it ready again. A heartbeat from a node marked
-        offline brings it back. Raises :class:`UnknownNode`.
+        ``healthy=True`` makes it ready again, and makes a ``registering``
+        node ready. A heartbeat from a node marked offline brings it back.
+        A change of ``languages`` or ``services`` moves the node into
+        exactly the pools the rules give it. Raises :class:`UnknownNode`.
         """
         self._mgmt.heartbeat(node_id, running, cpu, gpu, mem, services, languages, healthy, max_concurrency)
         if self._listeners:
@@ -371,7 +527,13 @@ class Scheduler:
             self._notify("offline", node_id, {})
 
     def resume_node(self, node_id: str) -> None:
-        """Return a drained, degraded or offline node to ``ready``."""
+        """Return a drained, degraded, registering or offline node to ``ready``.
+
+        Resuming counts as a sign of life, like a heartbeat: a node offline
+        by heartbeat age (silent for longer than ``heartbeat_timeout``) is
+        eligible again too, until it stays silent for ``heartbeat_timeout``
+        once more. Raises :class:`UnknownNode`.
+        """
         self._mgmt.set_status(node_id, "ready")
         if self._listeners:
             self._notify("resume", node_id, {})
@@ -390,6 +552,22 @@ class Scheduler:
         """Replace the pool configuration (manual pools), or ``"auto"``."""
         self._mgmt.set_pools(pools)
 
+    def forget_offline_nodes(self) -> list[str]:
+        """Remove the nodes offline for ``forget_after`` seconds that hold nothing; their ids.
+
+        A node is offline from its mark (:meth:`mark_offline`) or from
+        ``heartbeat_timeout`` after its last heartbeat, whichever is
+        earlier; one with reservations or committed jobs is kept until they
+        are gone. Each removal fires a ``"forget"`` event (fields
+        ``{"offline_for": seconds}``), not ``"remove"``. Cheap to call
+        often: nothing happens until the earliest time a node could be due.
+        """
+        forgotten = self._mgmt.forget_offline(self._clock())
+        if forgotten and self._listeners:
+            for node_id, offline_for in forgotten:
+                self._notify("forget", node_id, {"offline_for": offline_for})
+        return [node_id for node_id, _ in forgotten]
+
     def pools(self) -> list[PoolInfo]:
         """The active pools, by id, with their member node ids."""
         return [
@@ -406,22 +584,84 @@ class Scheduler:
         return self._sessions.sweep()
 
     # ------------------------------------------------------------ reservations
-    def commit(self, job_id: str) -> None:
-        """The node accepted the job: its reservation stops expiring.
+    def _held_error(self, job_id: str, node_id: str | None) -> UnknownJob:
+        """Why a commit or renew was refused: unknown, or held on another node."""
+        if node_id is not None:
+            held = self._reservations.get(job_id)
+            if held is not None and held.node_id != node_id:
+                return WrongNode(job_id, node_id, held.node_id)
+        return UnknownJob(job_id)
 
-        Raises :class:`UnknownJob` if the job holds no reservation.
+    def commit(self, job_id: str, *, node_id: str | None = None) -> None:
+        """The node accepted the job: it now holds capacity until released or its lease ends.
+
+        The lease is ``commit_lease`` seconds (renew it with :meth:`renew`).
+        With ``node_id``, a job held on another node is refused
+        (:class:`WrongNode`). Raises :class:`UnknownJob` if the job holds no
+        reservation. Nothing changes when it raises.
         """
-        _check_str(job_id, "job_id")
-        if not self._reservations.commit(job_id):
-            raise UnknownJob(job_id)
+        if node_id is None and self._fast is not None:
+            done = self._fast.commit(job_id)
+            if done is not None:
+                if not done:
+                    raise UnknownJob(job_id)
+                return
+        self._commit_slow(job_id, node_id=node_id)
 
-    def release(self, job_id: str) -> bool:
+    def _commit_slow(self, job_id: str, *, node_id: str | None = None) -> None:
+        _check_str(job_id, "job_id")
+        if node_id is not None:
+            _check_str(node_id, "node_id")
+        if not self._reservations.commit(job_id, node_id):
+            raise self._held_error(job_id, node_id)
+
+    def release(self, job_id: str, *, node_id: str | None = None) -> bool:
         """The job is done, failed or cancelled: return its capacity.
 
-        Idempotent; returns False when nothing was held.
+        Idempotent; returns False when nothing was held (never dispatched,
+        already released, or expired). With ``node_id``, a job held on
+        another node is not touched and False is returned: a late result from
+        the node a job was moved away from cannot free the new node's capacity.
+        """
+        if node_id is None and self._fast is not None:
+            done = self._fast.release(job_id)
+            if done is not None:
+                return done
+        return self._release_slow(job_id, node_id=node_id)
+
+    def _release_slow(self, job_id: str, *, node_id: str | None = None) -> bool:
+        _check_str(job_id, "job_id")
+        if node_id is not None:
+            _check_str(node_id, "node_id")
+        return self._reservations.release(job_id, node_id)
+
+    def renew(self, job_id: str, *, lease: float | None = None, node_id: str | None = None) -> None:
+        """Extend a job's hold: it now expires ``lease`` seconds from now.
+
+        The default ``lease`` is ``commit_lease`` for a committed job and
+        ``reservation_ttl`` for an uncommitted one. Long jobs renew before
+        their lease ends. Raises :class:`UnknownJob` (or :class:`WrongNode`
+        with ``node_id``), changing nothing.
         """
         _check_str(job_id, "job_id")
-        return self._reservations.release(job_id)
+        if lease is not None:
+            lease = _check_positive(lease, "lease")
+        if node_id is not None:
+            _check_str(node_id, "node_id")
+        if not self._reservations.renew(job_id, lease, node_id):
+            raise self._held_error(job_id, node_id)
+
+    def _set_next_sweep(self, when: float) -> None:
+        self._fast.next_sweep = when
+
+    def _jobs_expired(self, expired: list[Reservation]) -> None:
+        """Backend callback: tell the listeners about jobs whose TTL or lease ended."""
+        if self._listeners:
+            for res in expired:
+                self._notify("job_expired", res.node_id, {
+                    "job_id": res.job_id, "session_id": res.session_id, "pool_id": res.pool_id,
+                    "committed": res.committed,
+                })
 
     # ------------------------------------------------------------ dispatch
     def _required(self, services: object) -> tuple[int, int]:
@@ -441,6 +681,8 @@ class Scheduler:
             self._mask_cache[services] = mask
             if services is DEFAULT_SERVICES:
                 self._default_mask = mask
+                if self._fast is not None:
+                    self._fast.default_mask = mask
         return mask, 0
 
     def _exclude_slots(self, snap: RuntimeSnapshot, exclude: object) -> tuple[int, ...]:
@@ -468,21 +710,55 @@ class Scheduler:
         tenant: str | None = None,
         services: Iterable[str] = DEFAULT_SERVICES,
         require_gpu: bool = True,
+        prefer: str | Iterable[str] | None = None,
     ) -> Assignment:
         """Pick a node for one job of ``session_id`` and reserve capacity on it.
 
         ``src`` may be ``"auto"`` (any source). A ``job_id`` that already holds
-        a reservation returns its existing assignment (safe retries). Jobs
-        without a ``tenant`` are public: only nodes accepting public jobs
-        take them. Raises :class:`NoPoolForLanguagePair`,
-        :class:`NoNodeAvailable`, :class:`ReservationBackendUnavailable`, or
-        ``ValueError``/``TypeError`` for bad arguments; a failed call changes
-        nothing.
+        a reservation returns exactly its assignment (safe retries); a retry
+        that names another session or language pair than the held job raises
+        ``ValueError``. Jobs without a ``tenant`` are public: only nodes
+        accepting public jobs take them. ``prefer`` (a node id, or ids in
+        order of preference) places the job on the first preferred node that
+        is eligible and whose effective load is within ``prefer_slack`` of
+        the best candidate's; otherwise the job is placed normally. Raises
+        :class:`NoPoolForLanguagePair`, :class:`NoNodeAvailable`,
+        :class:`ReservationBackendUnavailable`, or ``ValueError``/``TypeError``
+        for bad arguments; a failed call changes nothing.
         """
+        # With the in-process backend an instance attribute replaces this
+        # method by the compiled Dispatcher.call, which does the common job in
+        # one call and hands everything else to _dispatch_slow: the same rules.
+        if (job_id is None and exclude is None and tenant is None and services is DEFAULT_SERVICES
+                and require_gpu is True and prefer is None):
+            fast = self._fast
+            if fast is not None:
+                done = fast.dispatch(session_id, src, tgt)
+                if done is not None:
+                    if type(done) is tuple:  # no eligible node at that moment: say why
+                        raise self._no_node_now(*done)
+                    return done
+        return self._dispatch_slow(session_id, src, tgt, job_id=job_id, exclude=exclude, tenant=tenant,
+                                   services=services, require_gpu=require_gpu, prefer=prefer)
+
+    def _dispatch_slow(
+        self,
+        session_id: str,
+        src: str,
+        tgt: str,
+        *,
+        job_id: str | None = None,
+        exclude: Iterable[str] | None = None,
+        tenant: str | None = None,
+        services: Iterable[str] = DEFAULT_SERVICES,
+        require_gpu: bool = True,
+        prefer: str | Iterable[str] | None = None,
+    ) -> Assignment:
+        """:meth:`dispatch` in Python: every case the compiled call does not finish itself."""
         # Step 1: the snapshot, one attribute read, no lock.
         snap = self._mgmt.snapshot
         if (job_id is None and exclude is None and tenant is None and services is DEFAULT_SERVICES
-                and require_gpu is True and type(session_id) is str and session_id):
+                and require_gpu is True and prefer is None and type(session_id) is str and session_id):
             # The common job, validated with a few identity checks and two
             # cache lookups (every code seen before is in the cache).
             s = _LANGUAGE_CACHE.get(src) if type(src) is str else None
@@ -490,12 +766,41 @@ class Scheduler:
             mask = self._default_mask
             if s is not None and t is not None and t != AUTO and mask is not None:
                 return self._place(snap, session_id, s, t, None, (), None, mask, _NEED_PUBLIC_GPU, self._clock())
+        pref = () if prefer is None else self._prefer_slots(snap, prefer)
         s, t, existing, mask, need, excl = self._prepare(
             snap, session_id, src, tgt, job_id, exclude, tenant, services, require_gpu
         )
         if existing is not None:
             return existing
-        return self._place(snap, session_id, s, t, job_id, excl, tenant, mask, need, self._clock())
+        return self._place(snap, session_id, s, t, job_id, excl, tenant, mask, need, self._clock(), pref)
+
+    def _no_node_now(self, s: str, t: str, now: float) -> SchedulerError:
+        """The error of a common job the compiled dispatch found no node for (it selected once already)."""
+        snap = self._mgmt.snapshot
+        ids = snap.index.pair_ids((s, t))
+        if ids is None:
+            self._outcomes.add(_OUT_NO_POOL)
+            return NoPoolForLanguagePair(s, t)
+        reasons = self._node_reasons(snap, ids[0], ids[1], self._default_mask, _NEED_PUBLIC_GPU, now, (), {})
+        return self._no_node_error(s, t, reasons)
+
+    def _prefer_slots(self, snap: RuntimeSnapshot, prefer: object) -> tuple[int, ...]:
+        """Slots of the live preferred nodes, in order (unknown ids are skipped, like ``exclude``)."""
+        if type(prefer) is str:
+            ids: Iterable[object] = (_check_str(prefer, "prefer"),)
+        elif isinstance(prefer, bytes) or not isinstance(prefer, Iterable):
+            raise TypeError(f"prefer must be a node id or an iterable of node ids, got "
+                            f"{type(prefer).__name__}: {prefer!r}")
+        else:
+            ids = list(prefer)
+        slots: list[int] = []
+        for node_id in ids:
+            if type(node_id) is not str or not node_id:
+                raise TypeError(f"prefer must hold node id strs, got {type(node_id).__name__}: {node_id!r}")
+            slot = snap.slot(node_id)
+            if slot is not None and slot not in slots:
+                slots.append(slot)
+        return tuple(slots)
 
     def _prepare(
         self,
@@ -511,8 +816,9 @@ class Scheduler:
     ) -> tuple[str, str, Assignment | None, int, int, tuple[int, ...]]:
         """Validate and normalise one request: ``(src, tgt, existing, mask, need, excluded slots)``.
 
-        ``existing`` is the assignment a ``job_id`` already holds (a retry).
-        The common cases (cached codes, default services) cost one dict
+        Every argument is validated, retries included. ``existing`` is the
+        assignment a ``job_id`` already holds (a retry), exactly as it was
+        made. The common cases (cached codes, default services) cost one dict
         lookup each: this runs on every job.
         """
         if type(session_id) is not str or not session_id:
@@ -523,13 +829,10 @@ class Scheduler:
         t = _LANGUAGE_CACHE.get(tgt) if type(tgt) is str else None
         if t is None or t == AUTO:
             t = normalize_language(tgt, "tgt")
-        if job_id is not None:
-            _check_str(job_id, "job_id")
-            held = self._reservations.get(job_id)
-            if held is not None:
-                return s, t, Assignment(held.node_id, held.pool_id, job_id, held.session_id, s, t), 0, 0, ()
         if tenant is not None:
             _check_str(tenant, "tenant")
+        if type(require_gpu) is not bool:
+            raise TypeError(f"require_gpu must be a bool, got {type(require_gpu).__name__}: {require_gpu!r}")
         if services is DEFAULT_SERVICES and self._default_mask is not None:
             mask, need = self._default_mask, 0
         else:
@@ -539,7 +842,23 @@ class Scheduler:
         if tenant is None:
             need |= NEED_PUBLIC
         excl = () if exclude is None else self._exclude_slots(snap, exclude)
+        if job_id is not None:
+            _check_str(job_id, "job_id")
+            held = self._reservations.get(job_id)
+            if held is not None:
+                return s, t, self._held_assignment(held, session_id, s, t), 0, 0, ()
         return s, t, None, mask, need, excl
+
+    @staticmethod
+    def _held_assignment(held: Reservation, session_id: str, s: str, t: str) -> Assignment:
+        """The assignment a retried ``job_id`` holds; a retry for another job is refused."""
+        if held.session_id != session_id or (held.src is not None and (held.src, held.tgt) != (s, t)):
+            held_pair = "" if held.src is None else f" for {held.src!r} -> {held.tgt!r}"
+            raise ValueError(
+                f"job_id {held.job_id!r} is held by session {held.session_id!r}{held_pair}: a retry must repeat "
+                f"the held job's session and language pair, got session {session_id!r}, {s!r} -> {t!r}"
+            )
+        return Assignment(held.node_id, held.pool_id, held.job_id, held.session_id, s, t)
 
     def _place(
         self,
@@ -553,6 +872,7 @@ class Scheduler:
         mask: int,
         need: int,
         now: float,
+        prefer: tuple[int, ...] = (),
     ) -> Assignment:
         pair = (s, t)
         ids = snap.index.pair_ids(pair)
@@ -569,33 +889,37 @@ class Scheduler:
             lock = session.lock
             lock.acquire()  # cheaper than `with` (~50 ns a dispatch) and nothing in here can raise
             binding = session.binding
+            if session.last_used < now - self.session_ttl:
+                # idle past its TTL: forgotten at lookup, even before a sweep removes it
+                binding = session.binding = None
             session.last_used = now
             lock.release()
             if binding is not None and binding[0] == pair:
                 bound = binding[1]
-        preferred = -1 if bound is None else snap.pool_index.get(bound, -1)
-        if preferred < 0:
-            preferred = self._choose_pool(snap, tenant, src_id, tgt_id, mask, need, now, excl)
+        bound_index = -1 if bound is None else snap.pool_index.get(bound, -1)
+        tenant_index = -1
+        if tenant is not None:
+            pid = self._tenant_pools.get(tenant)
+            if pid is not None:
+                tenant_index = snap.pool_index.get(pid, -1)
 
         # Steps 5-9: kernel selection, then the reservation decides.
         reservations = self._reservations
         if now >= reservations.due_at:
             reservations.expire_due(now)
         supplied = job_id is not None
-        if job_id is None:
-            job_id = f"{self._job_prefix}{next(self._job_seq)}"
         refused: dict[int, str] = {}  # slot -> the backend's refusal, for the breakdown
         shortlist = self._shortlist
         retries = 0
         while True:
-            found = kernel.select_candidate(src_id, tgt_id, preferred, mask, need, now, excl)
+            found = kernel.select_candidate(src_id, tgt_id, bound_index, mask, need, now, excl, tenant_index)
             if type(found) is int:
                 if supplied:
                     # A concurrent retry of the same job may have taken the last
                     # slot since the caller's check: answer with its assignment.
                     existing = reservations.get(job_id)
                     if existing is not None:
-                        return Assignment(existing.node_id, existing.pool_id, job_id, existing.session_id, s, t)
+                        return self._held_assignment(existing, session_id, s, t)
                 if found == -2:
                     self._outcomes.add(_OUT_NO_POOL)
                     raise NoPoolForLanguagePair(s, t)
@@ -605,31 +929,41 @@ class Scheduler:
                     retries += 1
                     continue
                 raise self._no_node_error(s, t, reasons)
+            if prefer:
+                found = self._preferred(snap, found, prefer, src_id, tgt_id, bound_index, mask, need, now, excl)
+            if job_id is None:
+                job_id = self._new_job_id()  # numbered once a node is found, as the compiled path does
             pool_index = found[4]
             pool_id = snap.pool_ids[pool_index]
             try:
                 if shortlist == 1:
-                    result = reservations.reserve_one(job_id, found, pool_id, session_id, now)
+                    result = reservations.reserve_one(job_id, found, pool_id, session_id, now, pair)
                     if result is None:
                         node_id = found[1]
                         break
                     if type(result) is str:
                         refused[found[0]] = result
                         excl = excl + (found[0],)
+                        prefer = tuple(p for p in prefer if p != found[0])
                         continue
                 else:
                     slots = kernel.rank(pool_index, mask, need, now, excl, shortlist)
+                    if prefer and found[0] not in slots[:1]:
+                        slots = [found[0], *[c for c in slots if c != found[0]]][:shortlist]
                     candidates = [kernel.candidate(c) for c in slots]
                     result = reservations.try_reserve(job_id, candidates, pool_id, session_id)
                     if not isinstance(result, Reservation):
                         for cand, reason in zip(candidates, result):
                             refused[cand[0]] = reason
                         excl = excl + tuple(c[0] for c in candidates)
+                        prefer = tuple(p for p in prefer if p not in excl)
                         continue
             except ReservationBackendUnavailable:
                 self._outcomes.add(_OUT_BACKEND)
                 raise
             # a Reservation: fresh from the backend, or the one job_id already held
+            if supplied and result.session_id != session_id:
+                return self._held_assignment(result, session_id, s, t)
             node_id, pool_id = result.node_id, result.pool_id
             break
 
@@ -640,10 +974,61 @@ class Scheduler:
             with session.lock:
                 session.binding = (pair, pool_id)
                 session.last_used = now
-        elif now >= self._sessions.next_sweep:
+        if now >= self._sessions.next_sweep:
             self._sessions.maybe_sweep(now)
         self._outcomes.add(_OUT_OK)
         return Assignment(node_id, pool_id, job_id, session_id, s, t)
+
+    def _preferred(self, snap: RuntimeSnapshot, found: tuple, prefer: tuple[int, ...], src_id: int, tgt_id: int,
+                   bound_index: int, mask: int, need: int, now: float, excl: tuple[int, ...]) -> tuple:
+        """The candidate to reserve when the caller prefers some nodes.
+
+        The first preferred node that is eligible for this job in a pool
+        serving the pair, with an effective load ratio at most
+        ``prefer_slack`` above the kernel's best candidate (``found``), wins;
+        its pool is the session's bound pool when the node is a member, else
+        the first serving pool (index order) that has it. Otherwise ``found``.
+        """
+        verdicts = self._prefer_verdicts(snap, prefer, found[0], src_id, tgt_id, bound_index, mask, need, now, excl)
+        for slot, (verdict, pool) in verdicts.items():
+            if verdict == "ok":
+                return snap.kernel.candidate(slot) + (pool,)
+        return found
+
+    def _prefer_verdicts(self, snap: RuntimeSnapshot, prefer: tuple[int, ...], best: int | None, src_id: int,
+                         tgt_id: int, bound_index: int, mask: int, need: int, now: float,
+                         excl: tuple[int, ...]) -> dict[int, tuple[str, int]]:
+        """slot -> (verdict, pool index) for each preferred node, up to the first ``"ok"``.
+
+        A verdict is ``"ok"``, the node's reason code, ``"not_in_pool"`` (no
+        pool serving the pair has it) or ``"load"`` (eligible, but loaded
+        beyond ``prefer_slack`` over the best candidate ``best``).
+        """
+        kernel = snap.kernel
+        pools = kernel.pools_for(src_id, tgt_id)
+        order = ([bound_index] if bound_index in pools else []) + [p for p in pools if p != bound_index]
+        inflight, loads, recs = snap.inflight, snap.loads, snap.nodes
+
+        def ratio(slot: int) -> float:
+            eff = max(int(inflight[slot]), int(loads["running"][slot]))
+            return eff / int(recs["max_concurrency"][slot])
+
+        best_ratio = None if best is None else ratio(best)
+        out: dict[int, tuple[str, int]] = {}
+        for slot in prefer:
+            pool = next((p for p in order if kernel.is_member(p, slot)), -1)
+            if pool < 0:
+                out[slot] = ("not_in_pool", -1)
+                continue
+            reason = REASONS[kernel.reason(slot, mask, need, now, excl)]
+            if reason != "ok":
+                out[slot] = (reason, pool)
+            elif best_ratio is not None and ratio(slot) > best_ratio + self.prefer_slack:
+                out[slot] = ("load", pool)
+            else:
+                out[slot] = ("ok", pool)
+                break
+        return out
 
     def dispatch_many(
         self, requests: Iterable[tuple[str, str, str] | Mapping[str, object] | DispatchRequest]
@@ -653,113 +1038,40 @@ class Scheduler:
         Each request is ``(session_id, src, tgt)``, a mapping with the
         keywords of :meth:`dispatch`, or a :class:`DispatchRequest`. Nothing is
         raised for a request: its result slot holds the exception
-        :meth:`dispatch` would have raised. Language pairs are looked up once
-        per distinct pair, then the whole batch is placed in one compiled pass
-        that adds each placement to a scratch copy of the in-flight counts and
-        tracks session bindings as it goes, so the batch spreads exactly as
-        the same requests dispatched one by one (same seed, same calls) would.
-        The reservations are then made together. A request the backend
-        refuses after all (capacity taken by another thread meanwhile) falls
-        back to :meth:`dispatch`, as does a ``job_id`` repeated in the batch.
+        :meth:`dispatch` would have raised (any :class:`SchedulerError`,
+        ``ValueError`` or ``TypeError``, :class:`ReservationBackendUnavailable`
+        included). Language pairs are looked up once per distinct pair, then
+        the batch is placed in compiled passes that add each placement to a
+        scratch copy of the in-flight counts and track session bindings as
+        they go, so the batch places exactly as the same requests dispatched
+        one by one (same seed, same calls) would. One rule keeps that exact:
+        a request the compiled pass cannot decide alone (a ``job_id`` already
+        seen earlier in the batch, whose outcome depends on the earlier one's
+        reservation, or a ``prefer``) ends the current pass; it is dispatched
+        on its own, in its place, and the next pass starts after it. A
+        request the backend refuses after all (capacity taken by another
+        thread meanwhile) falls back to :meth:`dispatch`.
         """
-        snap = self._mgmt.snapshot
         reqs = requests if isinstance(requests, list) else list(requests)
         results: list = [None] * len(reqs)
-        now = self._clock()
-        if now >= self._reservations.due_at:
-            self._reservations.expire_due(now)
-        index = snap.index
-        lang_ids = index.lang_ids
-        n_langs = index.n_langs
-        cache = _LANGUAGE_CACHE
-        default_mask = self._default_mask
-        pair_keys: dict[tuple[str, str], int] = {}  # pair -> kernel pair key, -1 when not served
-        session_no: dict[str, int] = {}
-        # one entry per kernel-bound request, in request order
-        rows: list[int] = []
-        pairs: list[tuple[str, str]] = []
-        sids: list[str] = []
-        keys: list[int] = []
-        sessions: list[int] = []
-        masks: list[int] = []
-        needs: list[int] = []
-        job_ids: list[str | None] = []
-        extras: dict[int, tuple] = {}  # row -> (tenant, excluded slots) where either is set
-        seen_jobs: set[str] = set()
-        deferred: list[int] = []
+        batch = _BatchBuilder(self, reqs, results)
         for i, req in enumerate(reqs):
-            tenant = None
-            excl: tuple[int, ...] = ()
-            job_id = None
-            if type(req) is tuple and len(req) == 3:
-                sid, src, tgt = req
-                s = cache.get(src) if type(src) is str else None
-                t = cache.get(tgt) if type(tgt) is str else None
-                fast = (s is not None and t is not None and t != AUTO and default_mask is not None
-                        and type(sid) is str and sid != "")
-            else:
-                fast = False
-            if fast:
-                mask, need = default_mask, _NEED_PUBLIC_GPU
-            else:
+            if not batch.add(i, req):
+                batch.flush()
                 try:
                     sid, src, tgt, kw = _unpack_request(req)
-                    job_id = kw.get("job_id")
-                    tenant = kw.get("tenant")
-                    s, t, existing, mask, need, excl = self._prepare(
-                        snap, sid, src, tgt, job_id, kw.get("exclude"), tenant,
-                        kw.get("services", DEFAULT_SERVICES), kw.get("require_gpu", True),
-                    )
-                except (ValueError, TypeError) as exc:
+                    results[i] = self.dispatch(sid, src, tgt, **kw)
+                except _REQUEST_ERRORS as exc:
                     results[i] = exc
-                    continue
-                if existing is not None:
-                    results[i] = existing
-                    continue
-                if job_id is not None:
-                    if job_id in seen_jobs:
-                        deferred.append(i)
-                        continue
-                    seen_jobs.add(job_id)
-            pair = (s, t)
-            key = pair_keys.get(pair)
-            if key is None:
-                tgt_id = lang_ids.get(t)
-                src_id = n_langs if s == AUTO else lang_ids.get(s)
-                key = pair_keys[pair] = -1 if src_id is None or tgt_id is None else src_id * n_langs + tgt_id
-            if key < 0:
-                self._outcomes.add(_OUT_NO_POOL)
-                results[i] = NoPoolForLanguagePair(s, t)
-                continue
-            k = session_no.get(sid)
-            if k is None:
-                k = session_no[sid] = len(session_no)
-            if tenant is not None or excl:
-                extras[len(rows)] = (tenant, excl)
-            rows.append(i)
-            pairs.append(pair)
-            sids.append(sid)
-            keys.append(key)
-            sessions.append(k)
-            masks.append(mask)
-            needs.append(need)
-            job_ids.append(job_id)
-
-        if rows:
-            self._place_batch(snap, reqs, results, now, rows, pairs, sids, keys, sessions, masks, needs, job_ids,
-                              extras, session_no)
-        for i in deferred:
-            sid, src, tgt, kw = _unpack_request(reqs[i])
-            try:
-                results[i] = self.dispatch(sid, src, tgt, **kw)
-            except (SchedulerError, ValueError, TypeError) as exc:
-                results[i] = exc
+                batch = _BatchBuilder(self, reqs, results)
+        batch.flush()
         return results
 
-    def _place_batch(self, snap: RuntimeSnapshot, reqs: list, results: list, now: float, rows: list[int],
-                     pairs: list[tuple[str, str]], sids: list[str], keys: list[int], sessions: list[int],
-                     masks: list[int], needs: list[int], job_ids: list[str | None], extras: dict[int, tuple],
-                     session_no: dict[str, int]) -> None:
+    def _place_batch(self, b: _BatchBuilder) -> None:
+        """Place, reserve and bind one pass of :meth:`dispatch_many` (see :class:`_BatchBuilder`)."""
+        snap, reqs, results, now, rows = b.snap, b.reqs, b.results, b.now, b.rows
+        pairs, sids, keys, sessions, masks, needs = b.pairs, b.sids, b.keys, b.sessions, b.masks, b.needs
+        job_ids, extras, session_no = b.job_ids, b.extras, b.session_no
         kernel = snap.kernel
         n = len(rows)
         n_langs = snap.index.n_langs
@@ -775,11 +1087,16 @@ class Scheduler:
         session_map = self._session_map
         states: list[SessionState | None] = []
         own_keys = dict(zip(pairs, keys))
+        idle_before = now - self.session_ttl
         for sid, k in session_no.items():
             state = session_map.get(sid)
             states.append(state)
             if state is None:
                 continue
+            if state.last_used < idle_before:
+                with state.lock:  # idle past its TTL: forgotten at lookup, as in dispatch
+                    if state.last_used < idle_before:
+                        state.binding = None
             state.last_used = now
             binding = state.binding
             if binding is None:
@@ -802,9 +1119,8 @@ class Scheduler:
                 if extra is not None:
                     tenant, excl = extra
                     if tenant is not None and tenant in tenant_pools:
-                        pidx = pool_index.get(tenant_pools[tenant], -1)
-                        if pidx >= 0 and pidx in kernel.pools_for(int(src_ids[j]), int(tgt_ids[j])):
-                            tenants[j] = pidx
+                        # the kernel uses it only where it serves the pair, as in dispatch
+                        tenants[j] = pool_index.get(tenant_pools[tenant], -1)
                     excl_flat.extend(excl)
                 excl_off[j + 1] = len(excl_flat)
         scratch = np.array(snap.inflight, dtype=np.int32)  # a writable copy
@@ -815,11 +1131,11 @@ class Scheduler:
             scratch, now, out,
         )
 
-        # job ids in request order, as one-by-one dispatch would number them
-        prefix, seq = self._job_prefix, self._job_seq
-        for j in range(n):
+        # job ids in request order for the placed requests, as one-by-one dispatch numbers them
+        new_job_id = self._new_job_id
+        for j in np.flatnonzero(out >= 0).tolist():
             if job_ids[j] is None:
-                job_ids[j] = f"{prefix}{next(seq)}"
+                job_ids[j] = new_job_id()
 
         # the reservations, together
         placed = np.flatnonzero(out >= 0)
@@ -831,6 +1147,7 @@ class Scheduler:
             refused: list | None = self._reservations.reserve_placed(
                 [job_ids[j] for j in placed_rows], slots, snap.nodes["max_concurrency"][slots],
                 snap.loads["running"][slots], [pool_ids[p] for p in pools], session_ids, snap.node_id, now,
+                [pairs[j] for j in placed_rows],
             )
         except ReservationBackendUnavailable as exc:
             self._outcomes.add(_OUT_BACKEND, len(placed_rows))
@@ -883,16 +1200,13 @@ class Scheduler:
                 excl = extras.get(j, (None, ()))[1]
                 reasons = self._node_reasons(snap, int(src_ids[j]), int(tgt_ids[j]), masks[j], needs[j], now, excl,
                                              {})
-                try:
-                    raise self._no_node_error(s, t, reasons)
-                except NoNodeAvailable as exc:
-                    results[i] = exc
+                results[i] = self._no_node_error(s, t, reasons)
         for j in retry:
-            sid, src, tgt, kw = _unpack_request(reqs[rows[j]])
-            kw["job_id"] = job_ids[j]
             try:
+                sid, src, tgt, kw = _unpack_request(reqs[rows[j]])
+                kw["job_id"] = job_ids[j]
                 results[rows[j]] = self.dispatch(sid, src, tgt, **kw)
-            except SchedulerError as exc:
+            except _REQUEST_ERRORS as exc:
                 results[rows[j]] = exc
 
     @staticmethod
@@ -950,34 +1264,102 @@ class Scheduler:
         tenant: str | None = None,
         services: Iterable[str] = DEFAULT_SERVICES,
         require_gpu: bool = True,
+        prefer: str | Iterable[str] | None = None,
     ) -> Explanation:
-        """Eligible pools for the pair, and each candidate node's reason code."""
+        """Eligible pools for the pair, and each candidate node's reason code, as a dispatch now would see them.
+
+        Reservations and leases that have expired by now count as gone, as
+        they do for dispatch. Draws no random numbers: explaining never
+        changes a later decision.
+        """
         snap = self._mgmt.snapshot
         s = normalize_language(src, "src", allow_auto=True)
         t = normalize_language(tgt, "tgt")
         if tenant is not None:
             _check_str(tenant, "tenant")
+        if type(require_gpu) is not bool:
+            raise TypeError(f"require_gpu must be a bool, got {type(require_gpu).__name__}: {require_gpu!r}")
         mask, need = self._required(services)
         need |= (NEED_GPU if require_gpu else 0) | (NEED_PUBLIC if tenant is None else 0)
         excl = self._exclude_slots(snap, exclude)
+        pref = () if prefer is None else self._prefer_slots(snap, prefer)
         now = self._clock()
+        reservations = self._reservations
+        if now >= reservations.due_at:
+            reservations.expire_due(now)
         nodes: dict[str, str] = {}
+        preferred: dict[str, str] = {}
         ids = snap.index.kernel_ids(s, t)
         if ids is not None:
             reasons = self._node_reasons(snap, ids[0], ids[1], mask, need, now, excl, {})
             nodes = {snap.node_id(slot): reason for slot, reason in reasons.items()}
+            if pref:
+                tenant_index = snap.pool_index.get(self._tenant_pools.get(tenant, -1), -1) if tenant else -1
+                best = self._best_for_new_session(snap, ids[0], ids[1], tenant_index, mask, need, now, excl)
+                verdicts = self._prefer_verdicts(snap, pref, best, ids[0], ids[1], -1, mask, need, now, excl)
+                preferred = {snap.node_id(slot): verdict for slot, (verdict, _) in verdicts.items()}
+        if prefer is not None:
+            named = (prefer,) if type(prefer) is str else tuple(prefer)
+            for node_id in named:
+                if node_id in preferred and preferred[node_id] == "ok":
+                    break
+                preferred.setdefault(node_id, "unknown" if snap.slot(node_id) is None else "not_in_pool")
+            preferred = {n: preferred[n] for n in named if n in preferred}
         for node_id, langs in snap.unpooled:
             if t in langs and (s == AUTO or s in langs):
                 nodes.setdefault(node_id, "no_pool")
-        return Explanation(s, t, snap.index.lookup(s, t), nodes, tuple(n for n, _ in snap.unpooled))
+        return Explanation(s, t, snap.index.lookup(s, t), nodes, tuple(n for n, _ in snap.unpooled), preferred)
+
+    def _best_for_new_session(self, snap: RuntimeSnapshot, src_id: int, tgt_id: int, tenant_index: int, mask: int,
+                              need: int, now: float, excl: tuple[int, ...]) -> int | None:
+        """A best candidate a new session's dispatch would pick (ties aside), without drawing randomness."""
+        kernel = snap.kernel
+        pools = kernel.pools_for(src_id, tgt_id)
+        first = tenant_index if tenant_index in pools else kernel.most_free_pool(src_id, tgt_id, mask, need, now, excl)
+        for pool in ([first] if first >= 0 else []) + [p for p in pools if p != first]:
+            ok = [slot for slot, code in zip(kernel.members(pool), kernel.reasons(pool, mask, need, now, excl))
+                  if code == 0]
+            if ok:
+                inflight, running, mx = snap.inflight, snap.loads["running"], snap.nodes["max_concurrency"]
+                return min(ok, key=lambda x: (max(int(inflight[x]), int(running[x])) / int(mx[x]),
+                                              float(snap.loads["gpu"][x])))
+        return None
 
     def stats(self) -> dict:
-        """Nodes by status, pools with member counts, unpooled nodes, sessions,
-        snapshot version, reservations held, and dispatch outcomes by reason."""
+        """The figures a dashboard wants, from local state only.
+
+        Nodes by status, pools with member counts, capacity (sum of max
+        concurrency) and in-flight reservations, unpooled nodes, sessions,
+        snapshot version, jobs held (``reservations``; ``jobs``: held,
+        committed, expired so far), dispatch outcomes by reason, and
+        ``backend``: the reservation backend's own figures, with
+        ``available``/``error`` saying whether it answered its last call.
+        Never raises because a backend (Redis) is down, and makes no network
+        call per metric.
+        """
+        now = self._clock()
+        self.forget_offline_nodes()
+        try:
+            if now >= self._reservations.due_at:
+                self._reservations.expire_due(now)
+        except ReservationBackendUnavailable:
+            pass  # reported through the backend's figures below
         out = self._mgmt.stats()
+        snap = self._mgmt.snapshot
+        offsets, members = snap.pool_offsets, snap.pool_members
+        limits, inflight = snap.nodes["max_concurrency"], snap.inflight
+        for i, pid in enumerate(snap.pool_ids):
+            entry = out["pools"].get(pid)
+            if entry is not None:
+                slots = members[offsets[i]:offsets[i + 1]]
+                entry["capacity"] = int(limits[slots].sum())
+                entry["inflight"] = int(inflight[slots].sum())
+        backend = dict(self._reservations.stats())
         values = self._outcomes.to_list()
         out["sessions"] = len(self._sessions)
-        out["reservations"] = self._reservations.count()
+        out["reservations"] = backend.get("held", 0)
+        out["jobs"] = {k: backend.get(k, 0) for k in ("held", "committed", "expired")}
+        out["backend"] = backend
         out["dispatch"] = {name: values[i] for i, name in sorted(_OUTCOME_NAMES.items())}
         out["compiled"] = self._core.COMPILED
         return out

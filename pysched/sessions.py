@@ -11,35 +11,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from pysched._kernel import core as default_core
+
 __all__ = ["SessionState", "SessionManager"]
 
-
-class SessionState:
-    """One session's binding. Decide and write it only under ``lock``.
-
-    ``binding`` is one tuple ``((src, tgt), pool_id)`` (or ``None``), so a
-    reader that only needs a consistent view (the batch path) gets it from a
-    single attribute read.
-    """
-
-    __slots__ = ("lock", "binding", "last_used")
-
-    def __init__(self, now: float) -> None:
-        self.lock = threading.Lock()
-        self.binding: tuple[tuple[str, str], int] | None = None
-        self.last_used = now
-
-    @property
-    def pair(self) -> tuple[str, str] | None:
-        """The bound language pair."""
-        binding = self.binding
-        return None if binding is None else binding[0]
-
-    @property
-    def pool_id(self) -> int | None:
-        """The bound pool."""
-        binding = self.binding
-        return None if binding is None else binding[1]
+#: One session's record: ``lock``, ``binding`` (one tuple ``((src, tgt),
+#: pool_id)`` or ``None``, so a reader gets a consistent view from one
+#: attribute read) and ``last_used``. It is the kernel's type, because the
+#: compiled dispatch reads and writes it directly.
+SessionState = default_core.SessionState
 
 
 class SessionManager:
@@ -50,13 +30,17 @@ class SessionManager:
     most every ``sweep_interval`` seconds, by whichever dispatch notices first.
     """
 
-    def __init__(self, session_ttl: float, clock: Callable[[], float]) -> None:
+    def __init__(self, session_ttl: float, clock: Callable[[], float], *, core=default_core,
+                 on_next_sweep: Callable[[float], None] | None = None) -> None:
         self._ttl = session_ttl
         self._clock = clock
+        self._state = core.SessionState
         self._entries: dict[str, SessionState] = {}
         self._sweep_interval = min(max(session_ttl / 8.0, 0.05), 60.0)
         self.next_sweep = clock() + self._sweep_interval
         self._sweep_lock = threading.Lock()
+        #: told every time ``next_sweep`` moves (the compiled dispatch checks it)
+        self.on_next_sweep = on_next_sweep
 
     @property
     def entries(self) -> dict[str, SessionState]:
@@ -78,7 +62,7 @@ class SessionManager:
             self.maybe_sweep(now)
         state = self._entries.get(session_id)
         if state is None:
-            state = self._entries.setdefault(session_id, SessionState(now))
+            state = self._entries.setdefault(session_id, self._state(now))
         return state
 
     def close(self, session_id: str) -> bool:
@@ -107,6 +91,8 @@ class SessionManager:
         try:
             if now >= self.next_sweep:
                 self.next_sweep = now + self._sweep_interval
+                if self.on_next_sweep is not None:
+                    self.on_next_sweep(self.next_sweep)
                 self.sweep(now)
         finally:
             self._sweep_lock.release()

@@ -72,7 +72,8 @@ def build(cfg: dict) -> tuple[Any, Any, Any, Any]:
     from pysched.redis_reservations import RedisReservations
 
     client = _client(cfg["socket"], cfg.get("timeout", 0.3))
-    backend = RedisReservations(client, namespace=cfg["namespace"])
+    backend = RedisReservations(client, namespace=cfg["namespace"], holder_id=cfg["name"],
+                                recovery_grace=cfg.get("recovery_grace", 5.0))
     sched = pysched.Scheduler(reservations=backend, reservation_ttl=cfg.get("ttl", 30.0),
                               seed=cfg.get("seed"))
     fleet = pysched.RedisFleet(sched, client, cfg["namespace"], process_id=cfg["name"],
@@ -100,18 +101,23 @@ def _view(sched: Any, pairs: Sequence[Sequence[str]]) -> dict:
     }
 
 
-def run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: Any) -> None:
-    """Entry point of a spawned worker; every outcome goes to ``reports`` as a dict."""
+def run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: Any,
+        signals: dict | None = None) -> None:
+    """Entry point of a spawned worker; every outcome goes to ``reports`` as a dict.
+
+    ``signals``: the extra events and shared values of the "fill" mode.
+    """
     name = cfg["name"]
     try:
-        _run(cfg, counters, reports, go, done)
+        _run(cfg, counters, reports, go, done, signals)
     except BaseException as exc:  # report, then die: the parent asserts on reports
         reports.put({"name": name, "kind": "error", "error": f"{type(exc).__name__}: {exc}",
                      "trace": traceback.format_exc()})
         raise
 
 
-def _run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: Any) -> None:
+def _run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: Any,
+         signals: dict | None = None) -> None:
     import pysched
 
     name = cfg["name"]
@@ -133,6 +139,12 @@ def _run(cfg: dict, counters: NodeCounters | None, reports: Any, go: Any, done: 
 
     if cfg["mode"] == "hog":
         _hog(cfg, sched, reports)
+        return
+    if cfg["mode"] == "idle":
+        while True:  # its nodes live on in the others' views; it waits for its SIGKILL
+            time.sleep(1)
+    if cfg["mode"] == "fill":
+        _fill(cfg, client, backend, sched, fleet, counters, reports, signals or {})
         return
 
     stats = {"dispatched": 0, "completed": 0, "unavailable": 0, "unavailable_max_s": 0.0, "no_node": 0,
@@ -265,3 +277,88 @@ def _hog(cfg: dict, sched: Any, reports: Any) -> None:
         except pysched.SchedulerError:
             pass
         time.sleep(0.005)
+
+
+def _fill(cfg: dict, client: Any, backend: Any, sched: Any, fleet: Any, counters: NodeCounters, reports: Any,
+          signals: dict) -> None:
+    """Hold jobs (committed and not) until the fleet is full, then probe through a Redis restart.
+
+    Phase 1: dispatch until the node-side counters show every slot of the
+    fleet taken (by any process); commit every other job. Phase 2 (after
+    ``restarted``): keep dispatching until ``stop_probe``; with every slot
+    held, each success would be an over-commit, and is counted on the node
+    counters like any job. Phase 3 (``release``): end and release every job.
+    """
+    import pysched
+
+    name = cfg["name"]
+    index, pairs, total = cfg["node_index"], cfg["pairs"], cfg["total_capacity"]
+    held: list[Any] = []
+    deadline = time.monotonic() + SYNC_TIMEOUT
+    k = 0
+    while True:
+        with counters.held.get_lock():
+            if sum(counters.held[:]) >= total:
+                break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: the fleet never filled up")
+        k += 1
+        src, tgt = pairs[k % len(pairs)]
+        try:
+            a = sched.dispatch(f"{name}-fill-{k}", src, tgt)
+        except pysched.NoNodeAvailable:
+            time.sleep(0.005)
+            continue
+        counters.start(index[a.node_id])
+        held.append(a)
+        if len(held) % 2:
+            sched.commit(a.job_id)
+    reports.put({"name": name, "kind": "holding", "jobs": len(held),
+                 "committed": sum(1 for i in range(len(held)) if i % 2 == 0)})
+
+    if not signals["restarted"].wait(SYNC_TIMEOUT * 2):
+        raise TimeoutError(f"{name}: never told that Redis restarted")
+    stats = {"probes": 0, "successes": 0, "unavailable": 0, "refused": 0}
+    reasons: dict[str, int] = {}
+    extra: list[Any] = []
+    recovered = False
+    while not signals["stop_probe"].is_set():
+        stats["probes"] += 1
+        with signals["probes"].get_lock():
+            signals["probes"].value += 1
+        src, tgt = pairs[stats["probes"] % len(pairs)]
+        try:
+            a = sched.dispatch(f"{name}-probe-{stats['probes']}", src, tgt)
+        except pysched.ReservationBackendUnavailable:
+            stats["unavailable"] += 1
+            time.sleep(0.01)
+        except pysched.NoNodeAvailable as exc:
+            stats["refused"] += 1
+            for reason, n in exc.breakdown.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+            time.sleep(0.002)
+        else:
+            counters.start(index[a.node_id])  # an over-commit: the parent's check sees it
+            stats["successes"] += 1
+            extra.append(a)
+        if not recovered and backend.stats()["recoveries"] >= 1:
+            recovered = True
+            reports.put({**backend.stats(), "name": name, "kind": "recovered"})
+
+    if not signals["release"].wait(SYNC_TIMEOUT * 2):
+        raise TimeoutError(f"{name}: never told to release")
+    release_false = 0
+    for a in held + extra:
+        counters.end(index[a.node_id])
+        while True:
+            try:
+                if not sched.release(a.job_id):
+                    release_false += 1
+                break
+            except pysched.ReservationBackendUnavailable:
+                time.sleep(0.05)
+    stats["release_false"] = release_false
+    fleet.stop()
+    reports.put({"name": name, "kind": "done", "reasons": reasons, "backend": backend.stats(),
+                 "fleet": fleet.stats(), **stats})
+    client.close()

@@ -35,7 +35,8 @@ def test_struct_layout_matches_dtypes():
     from pysched import _core
 
     assert _core.NODE_DTYPE == L.NODE_DTYPE and L.NODE_DTYPE.itemsize == 16
-    assert _core.LOAD_DTYPE == L.LOAD_DTYPE and L.LOAD_DTYPE.itemsize == 24
+    # float64 figures: a heartbeat's cpu/gpu/mem are kept and compared exactly as given
+    assert _core.LOAD_DTYPE == L.LOAD_DTYPE and L.LOAD_DTYPE.itemsize == 40
     assert _core.REASONS == L.REASONS
 
 
@@ -137,13 +138,20 @@ def test_ties_are_broken_at_random_but_reproducibly(core):
     assert [again.pick(0, MASK, NEED, f.now) for _ in range(400)] == picks
 
 
-def test_select_prefers_the_preferred_pool_then_index_order(core):
+def test_select_bound_pool_then_new_binding_then_index_order(core):
     f = Fleet(core, 4, [[0], [1], [2, 3]])
     k = f.kernel()
-    assert k.select(0, 0, 2, MASK, NEED, f.now) >> 32 == 2
-    assert k.select(0, 0, -1, MASK, NEED, f.now) == (0 << 32) | 0
-    f.inflight[0] = 4  # pool 0 full -> pool 1
-    assert k.select(0, 0, -1, MASK, NEED, f.now) == (1 << 32) | 1
+    assert k.select(0, 0, 2, MASK, NEED, f.now) >> 32 == 2  # the bound pool first
+    # no binding: the pool a new binding gets, the most free capacity (pool 2: two idle nodes)
+    assert k.select(0, 0, -1, MASK, NEED, f.now) >> 32 == 2
+    # ... or the tenant's pool when it serves the pair
+    assert k.select(0, 0, -1, MASK, NEED, f.now, (), 1) == (1 << 32) | 1
+    # a bound pool without an eligible node rebinds like a new session, not to the next pool in index order
+    f.inflight[0] = 4
+    assert k.select(0, 0, 0, MASK, NEED, f.now) >> 32 == 2
+    f.inflight[2] = f.inflight[3] = 4  # pool 2 full too: pool 1 has the most free capacity
+    assert k.select(0, 0, 0, MASK, NEED, f.now) == (1 << 32) | 1
+    assert k.select(0, 0, 0, MASK, NEED, f.now, (), 2) == (1 << 32) | 1  # a full tenant pool: index order
     assert k.select(1, 0, -1, MASK, NEED, f.now) == (1 << 32) | 1  # auto source
     f.inflight[:] = 4
     assert k.select(0, 0, -1, MASK, NEED, f.now) == -1

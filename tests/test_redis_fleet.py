@@ -293,7 +293,9 @@ def test_outage_raises_fast_changes_nothing_and_heals(redis_server: Any, members
     # Pool ids were re-seeded: a new language set gets a fresh id, not 1 or 2.
     a.sched.register_node("a9", ["fr", "en"])
     assert set(a.sched.stats()["pools"]) == {1, 2, 3}
-    assert a.sched.release(held.job_id) is False  # Redis forgot it; so does the mirror
+    # A wrote its reservation back after the restart: still held, released once.
+    assert a.sched.release(held.job_id) is True
+    assert a.sched.release(held.job_id) is False
 
 
 def _try_dispatch(sched: pysched.Scheduler, src: str, tgt: str) -> pysched.Assignment | None:
@@ -665,7 +667,7 @@ def test_documented_example_runs(index: int, redis_server: Any, capsys: pytest.C
     assert DOC_URL in block
     exec(compile(block.replace(DOC_URL, f"unix://{redis_server.unix_socket}"), "several-processes example",
                  "exec"), {})
-    assert "{1: {'name': 'en-zh', 'members': 1}}" in capsys.readouterr().out
+    assert "{1: {'name': 'en-zh', 'members': 1" in capsys.readouterr().out
 
 
 # -- units -------------------------------------------------------------------------------

@@ -286,9 +286,10 @@ def test_refresh_inflight_mirrors_fleet_counts(redis_client: Any) -> None:
     assert b.round_trips == 1
     assert list(b.inflight[:2]) == [1, 2]
     time.sleep(0.7)  # "mine" expires in Redis
-    b.refresh_inflight()
+    b.refresh_inflight()  # also sweeps this process's expired jobs and reports them
     assert list(b.inflight[:2]) == [0, 2]
-    assert b.expire() == 1  # the local sweep never drives the mirror negative
+    assert b.stats()["expired"] == 1 and b.stats()["held"] == 0
+    assert b.expire() == 0  # the sweep never drives the mirror negative
     assert list(b.inflight[:2]) == [0, 2]
 
 
@@ -317,7 +318,12 @@ def test_commit_stops_expiry_until_the_lease_ends(any_client: Any) -> None:
 def test_renew_extends_a_committed_lease(redis_client: Any) -> None:
     b = make_backend(redis_client, {"a": 2}, reservation_ttl=5, commit_lease=0.4)
     assert isinstance(b.try_reserve("j", [cand(b, "a")], 0, "s"), Reservation)
-    assert b.renew("j") is False  # not committed yet
+    # Uncommitted: a renewal extends the reservation's TTL (it stays uncommitted).
+    tag = "{pysched}:"
+    before = redis_client.zscore(tag + "resv:a", "j")
+    assert b.renew("j", lease=20.0) is True
+    assert redis_client.zscore(tag + "resv:a", "j") > before + 10_000
+    assert not b.get("j").committed  # type: ignore[union-attr]
     assert b.commit("j")
     assert b.renew("j", lease=30.0) is True
     time.sleep(0.6)
@@ -392,10 +398,11 @@ def test_every_key_shares_one_hash_tag(redis_client: Any) -> None:
     assert keys, "nothing was written"
     assert {k.split("}", 1)[0] + "}" for k in keys} == {"{ns}"}
     assert {key_slot(k.encode()) for k in keys} == {key_slot(b"ns")}
-    # Every key expires by itself except the node maxes (removed by unbind).
+    # Every key expires by itself except the node maxes (removed by unbind)
+    # and the dataset's epoch.
     for key in keys:
         ttl = redis_client.pttl(key)
-        assert (ttl == -1) == key.startswith("{ns}:max:"), (key, ttl)
+        assert (ttl == -1) == (key.startswith("{ns}:max:") or key == "{ns}:epoch"), (key, ttl)
 
 
 def test_scripts_touch_only_keys_passed_in_KEYS() -> None:
@@ -408,10 +415,11 @@ def test_scripts_touch_only_keys_passed_in_KEYS() -> None:
     from importlib import resources
 
     # Names the scripts use for keys; each must be assigned from KEYS only.
-    key_names = {"job_key", "jobs_key", "max_key", "resv_key", "lease_key", "key"}
+    key_names = {"job_key", "jobs_key", "max_key", "resv_key", "lease_key", "epoch_key", "pending_key",
+                 "holders_key", "inbox_key", "tombs_key", "key"}
     lua_dir = resources.files("pysched") / "lua"
     scripts = {p.name: p.read_text() for p in lua_dir.iterdir() if p.name.endswith(".lua")}
-    assert set(scripts) == {"reserve.lua", "settle.lua", "get.lua", "counts.lua"}
+    assert set(scripts) == {"reserve.lua", "settle.lua", "get.lua", "counts.lua", "refresh.lua", "recover.lua"}
     keyless = {"TIME"}
     for name, body in scripts.items():
         code = "\n".join(line.split("--", 1)[0] for line in body.splitlines())
@@ -465,7 +473,7 @@ def test_runs_on_a_cluster_mode_server(redis_server_factory: Any) -> None:
     b = make_backend(client, {"a": 1, "b": 1, "c": 1}, namespace="fleet")
     other = make_backend(client, {"a": 1}, namespace="fleet")
     for backend in (b, other):
-        for attr in ("_reserve", "_settle", "_get", "_counts"):
+        for attr in ("_reserve", "_settle", "_get", "_counts", "_refresh", "_recover_script"):
             setattr(backend, attr, _strict(getattr(backend, attr)))
     # The check does fire: a strict script touching another slot is refused.
     with pytest.raises(Exception, match="same slot"):
@@ -572,7 +580,6 @@ def test_server_outage_raises_unavailable_then_recovers(redis_server: Any) -> No
         lambda: b.get("held"),
         lambda: b.count(),
         lambda: b.refresh_inflight(),
-        lambda: b.bind_node(2, "c", 1),
     ]
     for call in calls:
         started = time.monotonic()
@@ -583,14 +590,28 @@ def test_server_outage_raises_unavailable_then_recovers(redis_server: Any) -> No
         assert isinstance(info.value, ConnectionError)  # catchable as the builtin too
     np.testing.assert_array_equal(b.inflight, before)
     assert b._jobs.keys() == {"held"}
-    assert "c" not in b._node_slot
+    # Local figures answer without Redis, marked unavailable.
+    st = b.stats()
+    assert st["available"] is False and st["error"] and st["held"] == 1
+    # A capacity write is queued, not refused: it is sent once Redis answers.
+    b.bind_node(2, "c", 1)
+    assert b._node_slot["c"] == 2 and b.stats()["pending_writes"] == 1
 
     redis_server.start()  # same socket, empty dataset (no persistence)
+    # "a"'s max went with the data: offline until re-bound. Before that call
+    # ran, this process wrote "held" back, and sent the queued write.
     assert b.try_reserve("j", [cand(b, "a")], 0, "s") == [REFUSED_GONE]
+    st = b.stats()
+    assert st["available"] is True and st["error"] is None and st["pending_writes"] == 0
+    assert st["recoveries"] == 1 and st["reasserted"] == 1
+    assert client.get("{pysched}:max:c") == b"1"
+    assert b.get("held") is held
     b.bind_node(0, "a", 2)
+    assert b.count("a") == 1  # "held" still counts
     res = b.try_reserve("j", [cand(b, "a")], 0, "s")
     assert isinstance(res, Reservation) and res.node_id == "a"
     assert b.inflight[0] == 2
-    assert b.release("held") is False  # the server forgot it; so does the mirror
+    assert b.try_reserve("k", [cand(b, "a")], 0, "s") == [REFUSED_FULL]
+    assert b.release("held") is True
     assert b.inflight[0] == 1
     client.close()

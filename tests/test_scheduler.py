@@ -574,12 +574,12 @@ class RefuseFirst(LocalReservations):
         self.seen = set()
         self.offered = []
 
-    def reserve_one(self, job_id, candidate, pool_id, session_id, now):
+    def reserve_one(self, job_id, candidate, pool_id, session_id, now, pair=None):
         if candidate[1] not in self.seen:
             self.seen.add(candidate[1])
             self.offered.append(candidate[1])
             return REFUSED_FULL
-        return super().reserve_one(job_id, candidate, pool_id, session_id, now)
+        return super().reserve_one(job_id, candidate, pool_id, session_id, now, pair)
 
 
 def test_refused_reservation_falls_back_to_next_candidate_then_pool(make_scheduler, kernel_name):
@@ -603,8 +603,11 @@ def test_stats_shape(make_scheduler):
     sched.register_node("a", ["zh", "en"])
     sched.dispatch("s", "zh", "en")
     st = sched.stats()
-    assert st["nodes"]["ready"] == 1 and st["pools"] == {1: {"name": "en-zh", "members": 1}}
+    assert st["nodes"]["ready"] == 1
+    assert st["pools"] == {1: {"name": "en-zh", "members": 1, "capacity": 4, "inflight": 1}}
     assert st["sessions"] == 1 and st["reservations"] == 1 and st["dispatch"]["ok"] == 1
+    assert st["jobs"] == {"held": 1, "committed": 0, "expired": 0}
+    assert st["backend"]["name"] == "local" and st["backend"]["available"] is True
     assert st["snapshot_version"] == sched.snapshot.version
     assert set(st["dispatch"]) >= {"ok", "no_pool", "no_nodes", "full", "offline", "overloaded"}
 
