@@ -66,6 +66,7 @@ ctypedef struct job_rec:
     int64_t pool_id            # the pool that served the job
     int32_t slot               # node slot whose capacity the job holds; -1 for a free handle
     int32_t heap_pos           # position in the expiry heap; -1 for a free handle
+    uint32_t gen               # bumped each time the record is reused: the high half of a public job handle
     uint8_t committed          # 1 once the node accepted the job
 
 
@@ -231,6 +232,7 @@ cdef class JobTable:
 
     cdef int _grow_bound(self, Py_ssize_t n) except -1
     cdef int _grow_jobs(self) except -1
+    cdef int _grow_to(self, Py_ssize_t total) except -1
     cdef void _sift_up(self, Py_ssize_t pos) noexcept nogil
     cdef void _sift_down(self, Py_ssize_t pos) noexcept nogil
     cdef void _heap_push(self, int32_t h) noexcept nogil
@@ -245,6 +247,9 @@ cdef class JobTable:
                            str session_id, double expires_at, object pair) except -4
     cdef bint c_commit(self, str job_id, Py_ssize_t slot, double expires_at, double now) except -1
     cdef bint c_release(self, str job_id, Py_ssize_t slot, double now) except -1
+    cdef int32_t _of_handle(self, int64_t handle, double now) noexcept
+    cdef int64_t c_reserve_handle(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
+                                  object session_id, double expires_at, object pair) except -4
 
 
 cdef class Assignment:
@@ -287,7 +292,8 @@ cdef class Dispatcher:
     cdef tuple pool_ids
     cdef dict pool_index
 
-    cdef object slow_dispatch, slow_release, slow_commit, no_node, default_services
+    cdef object slow_dispatch, slow_release, slow_commit, no_node, default_services, normalize
     cdef int _refresh(self, object snap) except -1
     cdef PyObject* _code(self, str code) except? NULL
+    cdef PyObject* _code_checked(self, object code, str name, Py_ssize_t i) except NULL
     cdef str _job_id(self, int64_t seq)

@@ -129,8 +129,14 @@ cdef class JobTable:
         self.n_bound = n
         return 0
 
+    cdef int _grow_to(self, Py_ssize_t total) except -1:
+        """At least ``total`` handles in all (a batch makes room for all its jobs first)."""
+        while self.cap < total:
+            self._grow_jobs()
+        return 0
+
     cdef int _grow_jobs(self) except -1:
-        """Room for one more handle (amortised doubling; the arrays move, handles stay)."""
+        """Room for more handles (amortised doubling; the arrays move, handles stay)."""
         cdef Py_ssize_t n = max(2 * self.cap, 256), h
         cdef job_rec* recs = <job_rec*>PyMem_Realloc(self.recs, n * sizeof(job_rec))
         if recs == NULL:
@@ -151,6 +157,7 @@ cdef class JobTable:
         for h in range(n - 1, self.cap - 1, -1):
             self.recs[h].slot = -1
             self.recs[h].heap_pos = -1
+            self.recs[h].gen = 0
             self.free_list[self.n_free] = <int32_t>h
             self.n_free += 1
         self.cap = n
@@ -271,6 +278,7 @@ cdef class JobTable:
         r.pool_id = <int64_t>pool_id
         r.expires_at = expires_at
         r.committed = 0
+        r.gen += 1
         self.job_ids[h] = job_id
         self.session_ids[h] = session_id
         self.pairs[h] = pair
@@ -369,7 +377,10 @@ cdef class JobTable:
             job_id = self.job_ids[h]
             session_id = self.session_ids[h]
             slot, pool_id, expires_at, committed = r.slot, r.pool_id, r.expires_at, bool(r.committed)
-            del self.index[job_id]
+            if job_id is None:
+                job_id = (<int64_t>r.gen << 32) | h  # a batch job: named by its handle
+            else:
+                del self.index[job_id]
             self._drop(h)
             self.job_ids[h] = None
             self.session_ids[h] = None
@@ -380,10 +391,127 @@ cdef class JobTable:
 
     def jobs(self) -> list:
         """Every live job as ``(job_id, slot, pool_id, session_id, expires_at, committed)``, by job id."""
-        cdef int32_t h
+        cdef Py_ssize_t h
         out = []
-        for job_id, h in self.index.items():
+        for h in range(self.cap):
+            if self.recs[h].slot < 0:
+                continue
+            job_id = self.job_ids[h]
+            if job_id is None:
+                job_id = (<int64_t>self.recs[h].gen << 32) | h
             out.append((job_id, self.recs[h].slot, self.recs[h].pool_id, self.session_ids[h],
                         self.recs[h].expires_at, bool(self.recs[h].committed)))
-        out.sort()
+        out.sort(key=_job_order)
         return out
+
+    # -- jobs named by handle (array batches) ---------------------------------
+    def reserve_handle(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id, object session_id,
+                       double expires_at, object pair=None) -> int:
+        """:meth:`reserve` for a job with no id: its public handle (``gen << 32 | record``), or FULL / GONE."""
+        return self.c_reserve_handle(slot, limit, running, pool_id, session_id, expires_at, pair)
+
+    cdef int64_t c_reserve_handle(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
+                                  object session_id, double expires_at, object pair) except -4:
+        cdef int32_t h
+        cdef job_rec* r
+        if slot < 0 or slot >= self.n_bound or not self.bound[slot]:
+            return JOB_GONE
+        if self.n_free == 0:
+            self._grow_jobs()
+        if not self.counts.c_try_add(slot, limit, running):
+            return JOB_FULL
+        self.n_free -= 1
+        h = self.free_list[self.n_free]
+        r = &self.recs[h]
+        r.slot = <int32_t>slot
+        r.pool_id = pool_id
+        r.expires_at = expires_at
+        r.committed = 0
+        r.gen += 1
+        self.session_ids[h] = session_id
+        self.pairs[h] = pair
+        self._heap_push(h)
+        self.n_live += 1
+        return (<int64_t>r.gen << 32) | h
+
+    cdef int32_t _of_handle(self, int64_t handle, double now) noexcept:
+        """The record of a live, unexpired handle job, else -1 (a stale handle never matches)."""
+        cdef int64_t h = handle & 0xFFFFFFFF
+        if handle < 0 or h >= self.cap:
+            return -1
+        cdef job_rec* r = &self.recs[h]
+        if r.slot < 0 or r.gen != <uint32_t>(handle >> 32) or self.job_ids[h] is not None or r.expires_at <= now:
+            return -1
+        return <int32_t>h
+
+    def release_handle(self, int64_t handle, Py_ssize_t slot, double now) -> bool:
+        """Release a handle job (``slot >= 0``: only if held there); False, nothing changed, otherwise."""
+        cdef int32_t h = self._of_handle(handle, now)
+        if h < 0 or not self._owned(h, slot):
+            return False
+        self._drop(h)
+        self.session_ids[h] = None
+        self.pairs[h] = None
+        return True
+
+    def commit_handle(self, int64_t handle, Py_ssize_t slot, double expires_at, double now) -> bool:
+        """Commit a handle job until ``expires_at``; False, nothing changed, if unknown or refused."""
+        cdef int32_t h = self._of_handle(handle, now)
+        if h < 0 or not self._owned(h, slot):
+            return False
+        if not self.recs[h].committed:
+            self.recs[h].committed = 1
+            self.n_committed += 1
+        self.recs[h].expires_at = expires_at
+        self._heap_rekey(h)
+        return True
+
+    def renew_handle(self, int64_t handle, Py_ssize_t slot, double expires_at, double now) -> bool:
+        """Move a handle job's expiry; False, nothing changed, if unknown or refused."""
+        cdef int32_t h = self._of_handle(handle, now)
+        if h < 0 or not self._owned(h, slot):
+            return False
+        self.recs[h].expires_at = expires_at
+        self._heap_rekey(h)
+        return True
+
+    def get_handle(self, int64_t handle, double now):
+        """``(slot, pool_id, session_id, expires_at, committed, pair)`` of a live handle job, or None."""
+        cdef int32_t h = self._of_handle(handle, now)
+        if h < 0:
+            return None
+        cdef job_rec* r = &self.recs[h]
+        return (r.slot, r.pool_id, self.session_ids[h], r.expires_at, bool(r.committed), self.pairs[h])
+
+    def release_handles(self, const int64_t[::1] handles, double now) -> int:
+        """Release every live handle job in ``handles``; how many were."""
+        cdef Py_ssize_t i, done = 0
+        cdef int32_t h
+        for i in range(handles.shape[0]):
+            h = self._of_handle(handles[i], now)
+            if h >= 0:
+                self._drop(h)
+                self.session_ids[h] = None
+                self.pairs[h] = None
+                done += 1
+        return done
+
+    def commit_handles(self, const int64_t[::1] handles, double expires_at, double now) -> int:
+        """Commit every live handle job in ``handles`` until ``expires_at``; how many were."""
+        cdef Py_ssize_t i, done = 0
+        cdef int32_t h
+        for i in range(handles.shape[0]):
+            h = self._of_handle(handles[i], now)
+            if h >= 0:
+                if not self.recs[h].committed:
+                    self.recs[h].committed = 1
+                    self.n_committed += 1
+                self.recs[h].expires_at = expires_at
+                self._heap_rekey(h)
+                done += 1
+        return done
+
+
+def _job_order(rec):
+    """Job ids first (by id), then handles (by handle)."""
+    return (type(rec[0]) is not str, rec[0])

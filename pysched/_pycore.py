@@ -663,6 +663,8 @@ class JobTable:
         # handle -> [job_id, slot, pool_id, session_id, expires_at, committed, version, pair]
         self._recs: list[list | None] = []
         self._free: list[int] = []
+        self._gen: list[int] = []  # handle -> times reused: the high half of a public job handle
+        self._n_live = 0
         self._heap: list[tuple[float, int, int]] = []  # (expires_at, handle, version)
         self._bound: set[int] = set()
         self._committed = 0
@@ -670,7 +672,7 @@ class JobTable:
         self._version = 0
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self._n_live
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._index
@@ -743,17 +745,109 @@ class JobTable:
                 return self.GONE
             if not self._counts.try_add(slot, limit, running):
                 return self.FULL
-            if not self._free:
-                # same handle order as the compiled table: lowest free handle first
-                n = max(2 * len(self._recs), 256)
-                self._free.extend(range(n - 1, len(self._recs) - 1, -1))
-                self._recs.extend([None] * (n - len(self._recs)))
-            h = self._free.pop()
+            h = self._take_locked()
             rec = [job_id, slot, pool_id, session_id, expires_at, False, 0, pair]
             self._recs[h] = rec
             self._index[job_id] = h
             self._push_locked(h, rec)
             return h
+
+    def _take_locked(self) -> int:
+        if not self._free:
+            # same handle order as the compiled table: lowest free handle first
+            n = max(2 * len(self._recs), 256)
+            self._free.extend(range(n - 1, len(self._recs) - 1, -1))
+            self._recs.extend([None] * (n - len(self._recs)))
+            self._gen.extend([0] * (n - len(self._gen)))
+        h = self._free.pop()
+        self._gen[h] = (self._gen[h] + 1) & 0xFFFFFFFF
+        self._n_live += 1
+        return h
+
+    # -- jobs named by handle (array batches) ---------------------------------
+    def reserve_handle(self, slot: int, limit: int, running: int, pool_id: int, session_id: object,
+                       expires_at: float, pair: object = None) -> int:
+        with self._lock:
+            if slot not in self._bound:
+                return self.GONE
+            if not self._counts.try_add(slot, limit, running):
+                return self.FULL
+            h = self._take_locked()
+            rec = [None, slot, pool_id, session_id, expires_at, False, 0, pair]
+            self._recs[h] = rec
+            self._push_locked(h, rec)
+            return (self._gen[h] << 32) | h
+
+    def _of_handle_locked(self, handle: int, now: float) -> int:
+        h = handle & 0xFFFFFFFF
+        if handle < 0 or h >= len(self._recs):
+            return -1
+        rec = self._recs[h]
+        if rec is None or self._gen[h] != handle >> 32 or rec[0] is not None or rec[4] <= now:
+            return -1
+        return h
+
+    def release_handle(self, handle: int, slot: int, now: float) -> bool:
+        with self._lock:
+            h = self._of_handle_locked(handle, now)
+            if h < 0 or (slot >= 0 and self._recs[h][1] != slot):
+                return False
+            self._drop_locked(h)
+            return True
+
+    def commit_handle(self, handle: int, slot: int, expires_at: float, now: float) -> bool:
+        with self._lock:
+            h = self._of_handle_locked(handle, now)
+            if h < 0 or (slot >= 0 and self._recs[h][1] != slot):
+                return False
+            self._commit_locked(h, expires_at)
+            return True
+
+    def renew_handle(self, handle: int, slot: int, expires_at: float, now: float) -> bool:
+        with self._lock:
+            h = self._of_handle_locked(handle, now)
+            if h < 0 or (slot >= 0 and self._recs[h][1] != slot):
+                return False
+            rec = self._recs[h]
+            rec[4] = expires_at
+            self._push_locked(h, rec)
+            return True
+
+    def get_handle(self, handle: int, now: float):
+        with self._lock:
+            h = self._of_handle_locked(handle, now)
+            if h < 0:
+                return None
+            rec = self._recs[h]
+            return (rec[1], rec[2], rec[3], rec[4], rec[5], rec[7])
+
+    def release_handles(self, handles, now: float) -> int:
+        with self._lock:
+            done = 0
+            for handle in np.asarray(handles, dtype=np.int64).tolist():
+                h = self._of_handle_locked(handle, now)
+                if h >= 0:
+                    self._drop_locked(h)
+                    done += 1
+            return done
+
+    def commit_handles(self, handles, expires_at: float, now: float) -> int:
+        with self._lock:
+            done = 0
+            for handle in np.asarray(handles, dtype=np.int64).tolist():
+                h = self._of_handle_locked(handle, now)
+                if h >= 0:
+                    self._commit_locked(h, expires_at)
+                    done += 1
+            return done
+
+    def _commit_locked(self, h: int, expires_at: float) -> None:
+        rec = self._recs[h]
+        if not rec[5]:
+            rec[5] = True
+            self._committed += 1
+        rec[4] = expires_at
+        self._push_locked(h, rec)
 
     def commit(self, job_id: str, slot: int, expires_at: float, now: float) -> bool:
         with self._lock:
@@ -763,11 +857,7 @@ class JobTable:
             rec = self._recs[h]
             if slot >= 0 and rec[1] != slot:
                 return False
-            if not rec[5]:
-                rec[5] = True
-                self._committed += 1
-            rec[4] = expires_at
-            self._push_locked(h, rec)
+            self._commit_locked(h, expires_at)
             return True
 
     def renew(self, job_id: str, slot: int, expires_at: float, now: float) -> bool:
@@ -784,12 +874,14 @@ class JobTable:
 
     def _drop_locked(self, h: int) -> list:
         rec = self._recs[h]
-        del self._index[rec[0]]
+        if rec[0] is not None:
+            del self._index[rec[0]]
         self._counts.add(rec[1], -1)
         if rec[5]:
             self._committed -= 1
         self._recs[h] = None
         self._free.append(h)
+        self._n_live -= 1
         return rec
 
     def release(self, job_id: str, slot: int, now: float):
@@ -814,12 +906,15 @@ class JobTable:
                 _, h, _ = heapq.heappop(heap)
                 rec = self._drop_locked(h)
                 self._expired += 1
-                out.append((rec[0], rec[1], rec[2], rec[3], rec[4], rec[5]))
+                job_id = rec[0] if rec[0] is not None else (self._gen[h] << 32) | h  # a batch job: its handle
+                out.append((job_id, rec[1], rec[2], rec[3], rec[4], rec[5]))
         return out
 
     def jobs(self) -> list:
         with self._lock:
-            return sorted((r[0], r[1], r[2], r[3], r[4], r[5]) for r in self._recs if r is not None)
+            out = [(r[0] if r[0] is not None else (self._gen[h] << 32) | h, r[1], r[2], r[3], r[4], r[5])
+                   for h, r in enumerate(self._recs) if r is not None]
+        return sorted(out, key=lambda rec: (type(rec[0]) is not str, rec[0]))
 
 
 class Assignment:
@@ -1001,6 +1096,123 @@ class Dispatcher:
             return None
         now = self._clock()
         return self._jobs.commit(job_id, -1, now + self._lease, now)
+
+    # -- array batches ----------------------------------------------------------
+    def _code_checked(self, code, name: str, i: int, lang_ids: dict, n_langs: int) -> tuple[str, int]:
+        norm = self._languages.get(code) if type(code) is str else None
+        if norm is None:
+            from pysched.languages import normalize_language
+
+            try:
+                norm = normalize_language(code, name, allow_auto=name == "src")
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{name}[{i}]: {exc}") from None
+        if norm == "auto":
+            return norm, n_langs
+        return norm, lang_ids.get(norm, -1)
+
+    def batch(self, session_ids, src, tgt, service_mask: int, need: int, tenant: int, now: float,
+              out_slot, out_pool, out_handle, out_key) -> int:
+        n = len(session_ids)
+        if not (len(out_slot) == n and len(out_pool) == n and len(out_handle) == n and len(out_key) == n):
+            raise ValueError("batch: every output array must have one entry per job")
+        one_src, one_tgt = type(src) is str, type(tgt) is str
+        if not one_src and len(src) != n:
+            raise ValueError(f"src must be one code or one per job ({n}), got {len(src)}")
+        if not one_tgt and len(tgt) != n:
+            raise ValueError(f"tgt must be one code or one per job ({n}), got {len(tgt)}")
+        with self._lock:
+            kernel, lang_ids, n_langs, pool_ids, pool_index = self._view or self._view_of(self._mgmt.snapshot)
+            if tenant >= kernel.n_pools:
+                raise ValueError(f"batch: tenant pool index {tenant} out of range")
+            s_entry = self._code_checked(src, "src", 0, lang_ids, n_langs) if one_src else None
+            t_entry = self._code_checked(tgt, "tgt", 0, lang_ids, n_langs) if one_tgt else None
+            pair_number: dict[int, int] = {}
+            pairs: list = []
+            pair_of: list[int] = []
+            number: dict = {}
+            session_of: list[int] = []
+            for i in range(n):
+                sid = session_ids[i]
+                if type(sid) is not str or not sid:
+                    raise TypeError(f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
+                if not one_src:
+                    s_entry = self._code_checked(src[i], "src", i, lang_ids, n_langs)
+                if not one_tgt:
+                    t_entry = self._code_checked(tgt[i], "tgt", i, lang_ids, n_langs)
+                if t_entry[1] == n_langs:
+                    raise ValueError(f"tgt[{i}]: 'auto' is not a target language")
+                key = -1
+                if s_entry[1] >= 0 and t_entry[1] >= 0:
+                    key = kernel._pair_key(s_entry[1], t_entry[1])
+                out_key[i] = key
+                p = -1
+                if key >= 0:
+                    p = pair_number.get(key)
+                    if p is None:
+                        p = pair_number[key] = len(pairs)
+                        pairs.append((s_entry[0], t_entry[0]))
+                pair_of.append(p)
+                k = number.get(sid)
+                if k is None:
+                    k = number[sid] = len(number)
+                session_of.append(k)
+            states: list = [None] * len(number)
+            bound_pair = [-1] * len(number)
+            bound_index = [-1] * len(number)
+            for sid, k in number.items():
+                state = self._sessions.get(sid)
+                if state is None:
+                    continue
+                states[k] = state
+                if state.binding is not None and state.last_used < now - self._session_ttl:
+                    state.binding = None
+                state.last_used = now
+                if state.binding is None:
+                    continue
+                pair = state.binding[0]
+                bound_pair[k] = -2
+                for j, known in enumerate(pairs):
+                    if known == pair:
+                        bound_pair[k] = j
+                        bound_index[k] = pool_index.get(state.binding[1], -1)
+                        break
+            placed = 0
+            for i in range(n):
+                out_slot[i] = out_pool[i] = out_handle[i] = -1
+                key = int(out_key[i])
+                if key < 0:
+                    continue
+                src_id, tgt_id = key // n_langs, key % n_langs
+                pools = kernel.pools_for(src_id, tgt_id)
+                if not pools:
+                    continue
+                k = session_of[i]
+                bound = bound_index[k] if bound_pair[k] == pair_of[i] else -1
+                stream = kernel._rng.next_stream()
+                found = kernel._select(src_id, tgt_id, pools, bound, tenant, service_mask, need, now, set(), stream)
+                if found < 0:
+                    continue
+                slot, pidx = found & 0xFFFFFFFF, found >> 32
+                pool_id = pool_ids[pidx]
+                max_c, running = kernel.capacity(slot)
+                pair = pairs[pair_of[i]]
+                handle = self._jobs.reserve_handle(slot, max_c, running, pool_id, session_ids[i], now + self._ttl,
+                                                   pair)
+                if handle < 0:
+                    continue
+                out_slot[i], out_pool[i], out_handle[i] = slot, pool_id, handle
+                placed += 1
+                if bound != pidx or bound_pair[k] != pair_of[i]:
+                    bound_pair[k] = pair_of[i]
+                    bound_index[k] = pidx
+                    if states[k] is None:
+                        states[k] = SessionState(now)
+                        self._sessions[session_ids[i]] = states[k]
+                    states[k].binding = (pair, pool_id)
+            self._seq += placed
+            self._outcomes.add(0, placed)
+            return placed
 
     # -- the public entry points, as Scheduler methods on an instance ----------
     def connect(self, sched, default_services) -> None:

@@ -4,12 +4,17 @@
 
 1. ``compiled``: pysched with its compiled (Cython) kernel;
 2. ``python``: pysched with the kernel's pure-Python twin;
-3. ``legacy``: the pure-Python model of the old multi-lock design in
-   ``benchmarks/legacy.py``. That file is not part of the installed package:
-   it is loaded from a path (``--legacy PATH``, else ``benchmarks/legacy.py``
-   under the current directory, else under the source checkout this package
-   was imported from). Without it the pysched implementations still run and
-   the legacy columns are marked missing.
+3. ``peer``: a pure-Python indexed scheduler, the design a competent Python
+   engineer writes in an afternoon (one lock, an ordered index per pool
+   re-keyed on every change), in ``benchmarks/peer.py``;
+4. ``legacy``: the pure-Python model of the old multi-lock design in
+   ``benchmarks/legacy.py``.
+
+The two baselines are not part of the installed package: each is loaded
+from a path (``--peer PATH`` / ``--legacy PATH``, else ``benchmarks/<name>.py``
+under the current directory, else under the source checkout this package
+was imported from). Without one the others still run and its columns are
+marked missing.
 
 The scenario matrix is implementations x heartbeat rates x dispatching
 threads. Each scenario builds a fresh scheduler with the same nodes and
@@ -23,9 +28,12 @@ time), then runs for ``duration`` seconds:
 * one heartbeat thread (none at rate 0) sending load-only heartbeats for
   random nodes, paced by a due-count against elapsed time.
 
-Per scenario it reports dispatch throughput, latency p50/p99/p99.9/max,
-heartbeats actually applied per second, and failures; per (rate, threads)
-the ratios pysched/legacy; and the issue's goals as PASS/MISS.
+Per scenario it reports dispatch throughput, dispatches per CPU-second of
+the dispatching threads (``time.thread_time``: the CPU a dispatching thread
+spent in the window, its own loop and releases included), latency
+p50/p99/p99.9/max, heartbeats actually applied per second, and failures; per
+(rate, threads) the ratios of each pysched implementation to the peer and
+to legacy; and the goals as PASS/MISS.
 
 >>> from pysched.bench import BenchConfig, run_bench, format_table
 >>> report = run_bench(BenchConfig(nodes=20, pools=4, sessions=50, rates=(0,), threads=(1,),
@@ -73,7 +81,9 @@ __all__ = [
     "format_table",
     "language_sets",
     "load_legacy",
+    "load_peer",
     "locate_legacy",
+    "locate_peer",
     "machine_info",
     "run",
     "run_bench",
@@ -83,9 +93,12 @@ __all__ = [
 IMPLEMENTATIONS: dict[str, str] = {
     "compiled": "pysched (compiled)",
     "python": "pysched (python twin)",
+    "peer": "peer (indexed, 1 lock)",
     "legacy": "legacy (multi-lock)",
 }
 _PYSCHED_IMPLS = ("compiled", "python")
+#: what pysched is compared with, in the order the ratio rows are shown
+BASELINES = ("peer", "legacy")
 
 #: Realistic node language sets (English-centric pairs, CJK, European and
 #: regional groups). Auto pools are one per distinct set, so the first
@@ -108,6 +121,7 @@ _EXTRA_LANGUAGES = ("en", "zh", "es", "fr", "de", "ja", "ko", "pt", "ru", "ar", 
                     "vi", "th", "id", "uk", "sv", "he", "fa", "cs", "el", "ro", "hu", "da", "fi", "ms", "bn")
 
 _SERVICES = ("asr", "nmt", "tts", "semantic")
+_PEER_INDEXES = ("heap", "sortedlist")  # benchmarks/peer.py's INDEXES
 _AUTO_FRACTION = 0.10  # of sessions: src="auto"
 _HB_TABLE = 8192  # precomputed heartbeat arguments, cycled (power of two: index by mask)
 _HB_BURST = 64  # most heartbeats per burst before looking at the clock again
@@ -116,6 +130,9 @@ _GOAL_THROUGHPUT = 20.0  # pysched/legacy dispatch throughput, at least
 _GOAL_P99 = 30.0  # legacy p99 / pysched p99, at least
 _GOAL_HEARTBEATS = 0.95  # applied / requested heartbeat rate, at least
 _GOAL_P50_US = 3.0  # compiled pysched p50, at most (µs)
+_GOAL_PEER_P50 = 5.0  # peer p50 / pysched p50, at least (issue 7)
+_GOAL_PEER_CPU = 3.0  # pysched / peer dispatches per dispatching CPU-second, at least (issue 7)
+_PEER_GOAL_NODES = (1000, 10_000)  # node counts issue 7 states its peer goals at
 
 
 # ------------------------------------------------------------------ config
@@ -130,8 +147,10 @@ class BenchConfig:
     threads: tuple[int, ...] = (1, 4)  #: dispatching threads
     duration: float = 2.0  #: measured seconds per scenario
     hold_ms: float = 2.0  #: simulated processing time before a job is released
-    impls: tuple[str, ...] = ("compiled", "python", "legacy")
+    impls: tuple[str, ...] = ("compiled", "python", "peer", "legacy")
     legacy_path: str | None = None  #: benchmarks/legacy.py; None: look in the usual places
+    peer_path: str | None = None  #: benchmarks/peer.py; None: look in the usual places
+    peer_index: str | None = None  #: the peer's index ("heap", "sortedlist"); None: its default (the faster)
     seed: int = 1
     #: per node; large so the fleet never fills and throughput measures dispatch, not refusals
     max_concurrency: int = 64
@@ -169,6 +188,9 @@ class BenchConfig:
             raise ValueError(f"impls must name some of {', '.join(IMPLEMENTATIONS)}; got {self.impls!r}")
         # canonical order, duplicates dropped: the table's columns do not depend on how they were typed
         self.impls = tuple(i for i in IMPLEMENTATIONS if i in self.impls)
+        if self.peer_index is not None and self.peer_index not in _PEER_INDEXES:
+            raise ValueError(f"peer_index must be one of {', '.join(_PEER_INDEXES)} or None, "
+                             f"got {self.peer_index!r}")
 
     @property
     def warmup_seconds(self) -> float:
@@ -197,9 +219,12 @@ class ScenarioResult:
     latency_us: dict[str, float] = field(default_factory=dict)  #: p50, p99, p99.9, max, mean
     samples: int = 0  #: latency samples the percentiles were computed from
     sampled: bool = False  #: a thread exceeded max_samples and kept a uniform sample
+    #: CPU seconds the dispatching threads used in the window (time.thread_time), all threads together
+    dispatch_cpu_s: float = 0.0
     heartbeats: int = 0  #: heartbeats applied in the window
     heartbeat_elapsed: float = 0.0  #: seconds the heartbeat thread ran
     heartbeat_errors: int = 0
+    heartbeat_cpu_s: float = 0.0  #: CPU seconds the heartbeat thread used
     setup_s: float = 0.0  #: building the scheduler and registering the nodes
     warmup_s: float = 0.0
     warmed_sessions: int = 0  #: sessions bound before the window
@@ -209,6 +234,11 @@ class ScenarioResult:
     def throughput(self) -> float:
         """Successful dispatches per second, all threads together."""
         return self.dispatches / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def throughput_per_cpu(self) -> float:
+        """Successful dispatches per CPU-second of the dispatching threads."""
+        return self.dispatches / self.dispatch_cpu_s if self.dispatch_cpu_s > 0 else 0.0
 
     @property
     def heartbeat_rate(self) -> float:
@@ -226,7 +256,8 @@ class ScenarioResult:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(throughput=self.throughput, heartbeat_rate=self.heartbeat_rate,
+        out.update(throughput=self.throughput, throughput_per_cpu=self.throughput_per_cpu,
+                   heartbeat_rate=self.heartbeat_rate,
                    heartbeat_ratio=self.heartbeat_ratio, failed=self.failed)
         return out
 
@@ -267,11 +298,13 @@ class BenchReport:
     config: BenchConfig
     machine: dict[str, Any]
     results: list[ScenarioResult]
-    ratios: list[dict[str, Any]]  #: per (rate, threads, pysched impl): figures relative to legacy
+    ratios: list[dict[str, Any]]  #: per (rate, threads, pysched impl, baseline): figures relative to the baseline
     goals: list[GoalVerdict]
     missing: dict[str, str]  #: implementation -> why it did not run
     legacy_path: str | None  #: the legacy model that was loaded
     wall: float  #: seconds for the whole run
+    peer_path: str | None = None  #: the peer that was loaded
+    peer_kind: str | None = None  #: its index ("heap" or "sortedlist")
 
     def result(self, impl: str, rate: float, threads: int) -> ScenarioResult | None:
         """The result of one scenario, or None if it did not run."""
@@ -291,6 +324,8 @@ class BenchReport:
             "config": asdict(self.config),
             "machine": dict(self.machine),
             "legacy_path": self.legacy_path,
+            "peer_path": self.peer_path,
+            "peer_kind": self.peer_kind,
             "missing": dict(self.missing),
             "wall_s": self.wall,
             "scenarios": [r.to_dict() for r in self.results],
@@ -363,23 +398,17 @@ def _compiled_available() -> bool:
     return True
 
 
-# ------------------------------------------------------------------ legacy model
-def locate_legacy(path: str | os.PathLike[str] | None = None) -> tuple[Path | None, list[Path]]:
-    """Find ``benchmarks/legacy.py``: (the file or None, the places looked at).
-
-    An explicit ``path`` is the only candidate. Otherwise: under the current
-    directory, then under the source checkout this package was imported
-    from (``pysched/..``; absent from an installed wheel).
-    """
+# ------------------------------------------------------------------ baselines (legacy model, peer)
+def _locate(filename: str, path: str | os.PathLike[str] | None) -> tuple[Path | None, list[Path]]:
     if path is not None:
         candidates = [Path(path)]
     else:
-        candidates = [Path.cwd() / "benchmarks" / "legacy.py"]
+        candidates = [Path.cwd() / "benchmarks" / filename]
         root = Path(pysched.__file__).resolve().parents[1]
         # only a source checkout (not site-packages, where some other
         # distribution may own a top-level "benchmarks" package)
         if (root / "pyproject.toml").is_file() or (root / "setup.py").is_file():
-            candidates.append(root / "benchmarks" / "legacy.py")
+            candidates.append(root / "benchmarks" / filename)
     unique: list[Path] = []
     for c in candidates:
         if c not in unique:
@@ -390,14 +419,8 @@ def locate_legacy(path: str | os.PathLike[str] | None = None) -> tuple[Path | No
     return None, unique
 
 
-def load_legacy(path: str | os.PathLike[str]) -> types.ModuleType:
-    """Import the legacy model from a file path (it is not an installed module).
-
-    Raises ``ImportError`` if the file does not load or lacks the classes the
-    bench drives.
-    """
+def _load(path: str | os.PathLike[str], name: str, required: tuple[str, ...]) -> types.ModuleType:
     path = Path(path)
-    name = "_pysched_bench_legacy"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
@@ -410,10 +433,39 @@ def load_legacy(path: str | os.PathLike[str]) -> types.ModuleType:
     except BaseException as exc:
         sys.modules.pop(name, None)
         raise ImportError(f"{path} failed to import: {type(exc).__name__}: {exc}") from exc
-    for attr in ("LegacyScheduler", "LegacyNoNodeAvailable", "LegacyNoPool"):
+    for attr in required:
         if not hasattr(module, attr):
             raise ImportError(f"{path} does not define {attr}")
     return module
+
+
+def locate_legacy(path: str | os.PathLike[str] | None = None) -> tuple[Path | None, list[Path]]:
+    """Find ``benchmarks/legacy.py``: (the file or None, the places looked at).
+
+    An explicit ``path`` is the only candidate. Otherwise: under the current
+    directory, then under the source checkout this package was imported
+    from (``pysched/..``; absent from an installed wheel).
+    """
+    return _locate("legacy.py", path)
+
+
+def load_legacy(path: str | os.PathLike[str]) -> types.ModuleType:
+    """Import the legacy model from a file path (it is not an installed module).
+
+    Raises ``ImportError`` if the file does not load or lacks the classes the
+    bench drives.
+    """
+    return _load(path, "_pysched_bench_legacy", ("LegacyScheduler", "LegacyNoNodeAvailable", "LegacyNoPool"))
+
+
+def locate_peer(path: str | os.PathLike[str] | None = None) -> tuple[Path | None, list[Path]]:
+    """Find ``benchmarks/peer.py``, the pure-Python indexed peer, like :func:`locate_legacy`."""
+    return _locate("peer.py", path)
+
+
+def load_peer(path: str | os.PathLike[str]) -> types.ModuleType:
+    """Import the peer from a file path; ``ImportError`` if it does not load or lacks what the bench drives."""
+    return _load(path, "_pysched_bench_peer", ("PeerScheduler", "INDEXES", "PeerNoNodeAvailable", "PeerNoPool"))
 
 
 # ------------------------------------------------------------------ workload
@@ -479,7 +531,12 @@ class _Impl:
     failures: dict[type[BaseException], str]  #: exception class -> failure kind
 
 
-def _make_impls(config: BenchConfig, legacy: types.ModuleType | None) -> dict[str, _Impl]:
+def _peer_class(config: BenchConfig, peer: types.ModuleType) -> Any:
+    return peer.PeerScheduler if config.peer_index is None else peer.INDEXES[config.peer_index]
+
+
+def _make_impls(config: BenchConfig, legacy: types.ModuleType | None,
+                peer: types.ModuleType | None = None) -> dict[str, _Impl]:
     max_pools = max(50, config.pools)
     pysched_failures = {NoNodeAvailable: "no_node", NoPoolForLanguagePair: "no_pool"}
     impls = {
@@ -488,6 +545,10 @@ def _make_impls(config: BenchConfig, legacy: types.ModuleType | None) -> dict[st
         "python": _Impl("python", lambda: Scheduler(seed=config.seed, max_pools=max_pools, kernel="python"),
                         pysched_failures),
     }
+    if peer is not None:
+        cls = _peer_class(config, peer)
+        impls["peer"] = _Impl("peer", lambda: cls(seed=config.seed, max_pools=max_pools),
+                              {peer.PeerNoNodeAvailable: "no_node", peer.PeerNoPool: "no_pool"})
     if legacy is not None:
         impls["legacy"] = _Impl(
             "legacy",
@@ -528,6 +589,7 @@ class _DispatchWorker:
         self.overflow_max = 0  # largest sample not kept once reservoir sampling started
         self.failures: dict[str, int] = {}
         self.end_ns = 0
+        self.cpu_ns = 0  # CPU time this thread used in the window (time.thread_time_ns)
 
     def __call__(self) -> None:
         try:
@@ -562,8 +624,12 @@ class _DispatchWorker:
         run = self.run_state
         run.go.wait()
         deadline = run.deadline_ns
+        cpu0 = time.thread_time_ns()
         t1 = perf()
-        while t1 < deadline:
+        # At least one pass even when this thread first runs after the deadline
+        # (a saturated machine): every thread makes a call, so every scenario
+        # has a figure, and a late thread's end shows in the elapsed time.
+        while share:
             for sid, src, tgt in share:
                 while due_ns and due_ns[0] <= t1:
                     pop_due()
@@ -594,8 +660,9 @@ class _DispatchWorker:
                 push_job(a.job_id)
                 if t1 >= deadline:
                     break
-            if run.errors:
+            if t1 >= deadline or run.errors:
                 break
+        self.cpu_ns = time.thread_time_ns() - cpu0
         self.end_ns = t1
         self.count = n
         self.overflow_max = overflow_max
@@ -617,6 +684,7 @@ class _HeartbeatWorker:
         self.applied = 0
         self.errors = 0
         self.elapsed_ns = 0
+        self.cpu_ns = 0
 
     def __call__(self) -> None:
         try:
@@ -635,9 +703,12 @@ class _HeartbeatWorker:
         run.go.wait()
         start = run.start_ns
         deadline = run.deadline_ns
+        cpu0 = time.thread_time_ns()
         done = errors = i = 0
         now = perf()
-        while now < deadline:
+        # The first heartbeat is due at the start: it is sent even when this
+        # thread first runs after the deadline (a saturated machine).
+        while True:
             # Due-count pacing: whatever fell behind (GIL waits, slow
             # heartbeats) is caught up, so the applied rate shows what the
             # scheduler could absorb, not how often this thread got to run.
@@ -645,6 +716,8 @@ class _HeartbeatWorker:
             if due <= 0:
                 sleep(_HB_SLEEP)
                 now = perf()
+                if now >= deadline:
+                    break
                 continue
             for _ in range(due if due < _HB_BURST else _HB_BURST):
                 node_id, running, cpu, gpu, mem = table[i]
@@ -655,9 +728,12 @@ class _HeartbeatWorker:
                     errors += 1
                 done += 1
             now = perf()
+            if now >= deadline or run.errors:
+                break
         self.applied = done - errors
         self.errors = errors
         self.elapsed_ns = now - start
+        self.cpu_ns = time.thread_time_ns() - cpu0
 
 
 # ------------------------------------------------------------------ one scenario
@@ -719,6 +795,7 @@ def _run_scenario(impl: _Impl, workload: _Workload, rate: float, threads: int,
     end = max(w.end_ns for w in workers)
     result.elapsed = max(0, end - run.start_ns) / 1e9
     result.dispatches = sum(w.count for w in workers)
+    result.dispatch_cpu_s = sum(w.cpu_ns for w in workers) / 1e9
     failures: dict[str, int] = {}
     for w in workers:
         for kind, n in w.failures.items():
@@ -728,6 +805,7 @@ def _run_scenario(impl: _Impl, workload: _Workload, rate: float, threads: int,
         result.heartbeats = hb.applied
         result.heartbeat_errors = hb.errors
         result.heartbeat_elapsed = hb.elapsed_ns / 1e9
+        result.heartbeat_cpu_s = hb.cpu_ns / 1e9
     samples = np.concatenate([w.samples() for w in workers]) if workers else np.empty(0, np.int64)
     result.samples = int(samples.size)
     result.sampled = any(w.count > w.cap for w in workers)
@@ -738,7 +816,11 @@ def _run_scenario(impl: _Impl, workload: _Workload, rate: float, threads: int,
         result.latency_us = {"p50": float(p50) / 1e3, "p99": float(p99) / 1e3, "p99.9": float(p999) / 1e3,
                              "max": top / 1e3, "mean": float(samples.mean()) / 1e3}
     if run.errors:
-        result.error = "; ".join(run.errors)
+        # the same failure in several threads is reported once, with how many threads raised it
+        seen: dict[str, int] = {}
+        for e in run.errors:
+            seen[e] = seen.get(e, 0) + 1
+        result.error = "; ".join(e if n == 1 else f"{e} (in {n} threads)" for e, n in seen.items())
     close = getattr(sched, "close", None)
     if close is not None:
         close()
@@ -753,81 +835,109 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def _ratios(results: list[ScenarioResult], config: BenchConfig) -> list[dict[str, Any]]:
-    """pysched figures relative to legacy, per (rate, threads) and pysched implementation.
+    """pysched figures relative to each baseline, per (rate, threads), pysched implementation and baseline.
 
-    Throughput and heartbeats are pysched/legacy; latencies are legacy/pysched,
-    so every ratio reads "how many times better pysched is" (> 1 is better).
+    Throughput, throughput per CPU-second and heartbeats are pysched/baseline;
+    latencies are baseline/pysched, so every ratio reads "how many times
+    better pysched is" (> 1 is better). ``baseline`` is "peer" or "legacy".
+    A scenario that raised (see ``BenchReport.errors``) has no ratios: its
+    figures are partial or zero.
     """
-    by_key = {(r.impl, r.rate, r.threads): r for r in results}
+    by_key = {(r.impl, r.rate, r.threads): r for r in results if r.error is None}
     out = []
     for rate in config.rates:
         for threads in config.threads:
-            legacy = by_key.get(("legacy", rate, threads))
-            if legacy is None:
-                continue
-            for impl in _PYSCHED_IMPLS:
-                mine = by_key.get((impl, rate, threads))
-                if mine is None:
+            for baseline in BASELINES:
+                base = by_key.get((baseline, rate, threads))
+                if base is None:
                     continue
-                row: dict[str, Any] = {"impl": impl, "rate": rate, "threads": threads,
-                                       "throughput": _div(mine.throughput, legacy.throughput)}
-                for q in ("p50", "p99", "p99.9", "max"):
-                    row[q] = _div(legacy.latency_us.get(q), mine.latency_us.get(q))
-                row["heartbeats"] = _div(mine.heartbeat_rate, legacy.heartbeat_rate) if rate > 0 else None
-                out.append(row)
+                for impl in _PYSCHED_IMPLS:
+                    mine = by_key.get((impl, rate, threads))
+                    if mine is None:
+                        continue
+                    row: dict[str, Any] = {"impl": impl, "baseline": baseline, "rate": rate, "threads": threads,
+                                           "throughput": _div(mine.throughput, base.throughput),
+                                           "cpu_throughput": _div(mine.throughput_per_cpu, base.throughput_per_cpu)}
+                    for q in ("p50", "p99", "p99.9", "max"):
+                        row[q] = _div(base.latency_us.get(q), mine.latency_us.get(q))
+                    row["heartbeats"] = _div(mine.heartbeat_rate, base.heartbeat_rate) if rate > 0 else None
+                    out.append(row)
     return out
 
 
 def _goals(results: list[ScenarioResult], ratios: list[dict[str, Any]], config: BenchConfig,
            missing: dict[str, str]) -> list[GoalVerdict]:
-    """The issue's four goals, at ``goal_rate``, for each dispatching-thread count run.
+    """The goals, at ``goal_rate``, for each dispatching-thread count run.
 
+    Per thread count: against legacy, dispatch throughput and p99; the share
+    of requested heartbeats applied; against the peer (issue 7), p50 and
+    dispatches per dispatching CPU-second. Then the absolute p50 goal.
     "pysched" in the goals is the compiled implementation (the product); the
     pure-Python twin is shown for comparison only.
     """
     rate = float(config.goal_rate)
     at = f"{config.nodes:,} nodes, {rate:,.0f} hb/s"
-    note = "" if config.nodes == 1000 else f"goals are stated at 1,000 nodes; this run used {config.nodes:,}"
-    by_key = {(r.impl, r.rate, r.threads): r for r in results}
-    ratio_of = {(r["impl"], r["rate"], r["threads"]): r for r in ratios}
+    legacy_note = "" if config.nodes == 1000 else f"goals are stated at 1,000 nodes; this run used {config.nodes:,}"
+    peer_note = ("" if config.nodes in _PEER_GOAL_NODES
+                 else f"peer goals are stated at 1,000 and 10,000 nodes; this run used {config.nodes:,}")
+    by_key = {(r.impl, r.rate, r.threads): r for r in results if r.error is None}
+    failed = {(r.impl, r.rate, r.threads): r.error for r in results if r.error is not None}
+    ratio_of = {(r["impl"], r["baseline"], r["rate"], r["threads"]): r for r in ratios}
     goals: list[GoalVerdict] = []
 
-    def unavailable(why: str) -> str:
-        return "; ".join(x for x in (why, note) if x)
+    def joined(*parts: str) -> str:
+        return "; ".join(x for x in parts if x)
+
+    def compiled_missing(threads: int) -> str:
+        if ("compiled", rate, threads) in failed:
+            return "compiled raised: " + str(failed[("compiled", rate, threads)])
+        return missing.get("compiled") or ("rate not in this run" if rate not in config.rates else "compiled not run")
+
+    def baseline_missing(baseline: str, threads: int) -> str:
+        if (baseline, rate, threads) in failed:
+            return f"{baseline} raised: {failed[(baseline, rate, threads)]}"
+        return f"{baseline} missing: {missing[baseline]}" if baseline in missing else f"{baseline} not run"
+
+    def versus(baseline: str, threads: int, key: str, goal: str, target: float, where: str,
+               note: str) -> GoalVerdict:
+        compiled = by_key.get(("compiled", rate, threads))
+        ratio = ratio_of.get(("compiled", baseline, rate, threads))
+        value = None if ratio is None else ratio[key]
+        if compiled is None:
+            why = compiled_missing(threads)
+        elif ratio is None:
+            why = baseline_missing(baseline, threads)
+        else:
+            why = "" if value is not None else "no figure"
+        return GoalVerdict(goal, where, value, target, "x", None if value is None else value >= target,
+                           joined(why, note))
 
     for threads in config.threads:
         where = f"{at}, {threads} thread{'s' if threads > 1 else ''}"
+        goals.append(versus("legacy", threads, "throughput", f"dispatch throughput >= {_GOAL_THROUGHPUT:g}x legacy",
+                            _GOAL_THROUGHPUT, where, legacy_note))
+        goals.append(versus("legacy", threads, "p99", f"p99 latency <= 1/{_GOAL_P99:g} of legacy's", _GOAL_P99,
+                            where, legacy_note))
         compiled = by_key.get(("compiled", rate, threads))
-        ratio = ratio_of.get(("compiled", rate, threads))
-        if compiled is None:
-            why = missing.get("compiled") or ("rate not in this run" if rate not in config.rates
-                                               else "compiled not run")
-        elif ratio is None:
-            why = "legacy missing: " + missing["legacy"] if "legacy" in missing else "legacy not run"
-        else:
-            why = ""
-        for key, goal, target in (("throughput", f"dispatch throughput >= {_GOAL_THROUGHPUT:g}x legacy",
-                                   _GOAL_THROUGHPUT),
-                                  ("p99", f"p99 latency <= 1/{_GOAL_P99:g} of legacy's", _GOAL_P99)):
-            value = None if ratio is None else ratio[key]
-            goals.append(GoalVerdict(goal, where, value, target, "x",
-                                     None if value is None else value >= target,
-                                     unavailable(why if ratio is None else ("" if value is not None
-                                                                            else "no figure"))))
         hb_ratio = None if compiled is None else compiled.heartbeat_ratio
         goals.append(GoalVerdict(f"heartbeats applied >= {_GOAL_HEARTBEATS:.0%} of requested", where,
                                  hb_ratio, _GOAL_HEARTBEATS, "%", None if hb_ratio is None
                                  else hb_ratio >= _GOAL_HEARTBEATS,
-                                 unavailable("" if compiled is not None else why)))
+                                 joined("" if compiled is not None else compiled_missing(threads), legacy_note)))
+        goals.append(versus("peer", threads, "p50", f"p50 latency <= 1/{_GOAL_PEER_P50:g} of the peer's",
+                            _GOAL_PEER_P50, where, peer_note))
+        goals.append(versus("peer", threads, "cpu_throughput",
+                            f"dispatches per CPU-second >= {_GOAL_PEER_CPU:g}x the peer's", _GOAL_PEER_CPU, where,
+                            peer_note))
     # p50 goal: compiled, one dispatching thread (the least GIL interference), at goal_rate
     threads = 1 if 1 in config.threads else min(config.threads)
     where = f"{at}, {threads} thread{'s' if threads > 1 else ''}"
     compiled = by_key.get(("compiled", rate, threads))
     p50 = None if compiled is None else compiled.latency_us.get("p50")
-    why = "" if compiled is not None else (missing.get("compiled") or "rate not in this run")
+    why = "" if compiled is not None else compiled_missing(threads)
     goals.append(GoalVerdict(f"dispatch() p50 <= {_GOAL_P50_US:g} µs end to end", where,
                              p50, _GOAL_P50_US, "us", None if p50 is None else p50 <= _GOAL_P50_US,
-                             unavailable(why)))
+                             joined(why, legacy_note)))
     return goals
 
 
@@ -855,10 +965,24 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                 legacy_path = str(found)
             except ImportError as exc:
                 missing["legacy"] = str(exc)
+    peer_mod = None
+    peer_path = None
+    if "peer" in config.impls:
+        found, looked = locate_peer(config.peer_path)
+        if found is None:
+            missing["peer"] = "benchmarks/peer.py not found (looked at: " + ", ".join(map(str, looked)) + ")"
+        else:
+            try:
+                peer_mod = load_peer(found)
+                peer_path = str(found)
+                _peer_class(config, peer_mod)(seed=config.seed)  # e.g. sortedcontainers missing
+            except ImportError as exc:
+                peer_mod = None
+                missing["peer"] = str(exc)
     if "compiled" in config.impls and not _compiled_available():
         missing["compiled"] = ("the compiled extension pysched._core is not importable "
                                "(build it: python setup.py build_ext --inplace)")
-    impls = _make_impls(config, legacy_mod)
+    impls = _make_impls(config, legacy_mod, peer_mod)
     run_impls = [impls[name] for name in config.impls if name not in missing]
     workload = _build_workload(config)
 
@@ -876,12 +1000,15 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                 r = _run_scenario(impl, workload, rate, threads, config)
                 results.append(r)
                 lat = r.latency_us
-                say(f"    {r.throughput:,.0f} dispatches/s, p50 {lat.get('p50', float('nan')):.1f} us, "
+                say(f"    {r.throughput:,.0f} dispatches/s ({r.throughput_per_cpu:,.0f} per CPU-s), "
+                    f"p50 {lat.get('p50', float('nan')):.1f} us, "
                     f"p99 {lat.get('p99', float('nan')):.1f} us, {r.heartbeat_rate:,.0f} heartbeats/s"
                     + (f"; ERROR {r.error}" if r.error else ""))
     ratios = _ratios(results, config)
     goals = _goals(results, ratios, config, missing)
-    return BenchReport(config, machine, results, ratios, goals, missing, legacy_path, time.perf_counter() - wall)
+    peer_kind = None if peer_mod is None else _peer_class(config, peer_mod).kind
+    return BenchReport(config, machine, results, ratios, goals, missing, legacy_path, time.perf_counter() - wall,
+                       peer_path, peer_kind)
 
 
 # ------------------------------------------------------------------ the table
@@ -920,6 +1047,8 @@ def format_table(report: BenchReport) -> str:
         f"Python {m.get('python')}, numpy {m.get('numpy')}, Cython {m.get('cython') or 'not installed'}, "
         f"pysched {m.get('pysched')}" + (f"; load average {load[0]:.2f} at start" if load else "")
     )
+    if report.peer_path:
+        lines.append(f"peer: {report.peer_path} ({report.peer_kind} index)")
     if report.legacy_path:
         lines.append(f"legacy model: {report.legacy_path}")
     for impl, why in report.missing.items():
@@ -927,7 +1056,8 @@ def format_table(report: BenchReport) -> str:
     timer = m.get("timer_overhead_ns")
     lines.append("latency: each dispatch() call alone, µs"
                  + (f" (timer overhead {timer} ns, included)" if timer is not None else "")
-                 + "; throughput: successful dispatches/s, all threads")
+                 + "; throughput: successful dispatches/s, all threads; per CPU-s: dispatches per CPU-second "
+                 "of the dispatching threads (time.thread_time)")
     for impl in cfg.impls:
         cold = [r for r in report.results if r.impl == impl and r.warmed_sessions < cfg.sessions]
         if cold:
@@ -936,7 +1066,7 @@ def format_table(report: BenchReport) -> str:
                          f"{cfg.sessions:,} sessions for {IMPLEMENTATIONS[impl]} in some scenarios; "
                          "its window includes first-contact dispatches")
 
-    head = (f"  {'implementation':<24}{'dispatch/s':>12}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>10}"
+    head = (f"  {'implementation':<24}{'dispatch/s':>12}{'per CPU-s':>11}{'p50':>9}{'p99':>9}{'p99.9':>9}{'max':>10}"
             f"{'heartbeats/s':>14}{'(% req)':>9}{'failures':>10}")
     for rate in cfg.rates:
         for threads in cfg.threads:
@@ -953,7 +1083,7 @@ def format_table(report: BenchReport) -> str:
                 lat = r.latency_us
                 hb = r.heartbeat_ratio
                 lines.append(
-                    f"  {label:<24}{r.throughput:>12,.0f}{_lat(lat.get('p50')):>9}"
+                    f"  {label:<24}{r.throughput:>12,.0f}{r.throughput_per_cpu:>11,.0f}{_lat(lat.get('p50')):>9}"
                     f"{_lat(lat.get('p99')):>9}{_lat(lat.get('p99.9')):>9}{_lat(lat.get('max')):>10}"
                     f"{(_fmt(r.heartbeat_rate, ',.0f') if rate > 0 else '-'):>14}"
                     f"{(_fmt(None if hb is None else 100 * hb, '.1f', '%')):>9}{r.failed:>10,}"
@@ -962,15 +1092,16 @@ def format_table(report: BenchReport) -> str:
             for row in report.ratios:
                 if row["rate"] != rate or row["threads"] != threads:
                     continue
-                label = f"{row['impl']} vs legacy"
+                label = f"{row['impl']} vs {row['baseline']}"
                 lines.append(
-                    f"  {label:<24}{_ratio_text(row['throughput']):>12}{_ratio_text(row['p50']):>9}"
+                    f"  {label:<24}{_ratio_text(row['throughput']):>12}{_ratio_text(row['cpu_throughput']):>11}"
+                    f"{_ratio_text(row['p50']):>9}"
                     f"{_ratio_text(row['p99']):>9}{_ratio_text(row['p99.9']):>9}{_ratio_text(row['max']):>10}"
                     f"{_ratio_text(row['heartbeats']):>14}"
                 )
             if any(row["rate"] == rate and row["threads"] == threads for row in report.ratios):
-                lines.append("  (ratios: dispatch/s and heartbeats/s are pysched/legacy; latencies are "
-                             "legacy/pysched, so > 1x means pysched is better)")
+                lines.append("  (ratios: dispatch/s, per CPU-s and heartbeats/s are pysched/baseline; latencies "
+                             "are baseline/pysched, so > 1x means pysched is better)")
 
     lines.append("")
     lines.append(f"GOALS (pysched = compiled kernel; at {cfg.goal_rate:,.0f} heartbeats/s)")
@@ -1070,10 +1201,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hold-ms", type=_float(0.0, False), default=None,
                         help=f"simulated processing time before a job is released (default: {d.hold_ms:g})")
     parser.add_argument("--impl", type=_impl_names, default=None,
-                        help="implementations to run, comma-separated (default: compiled,python,legacy)")
+                        help="implementations to run, comma-separated (default: compiled,python,peer,legacy)")
     parser.add_argument("--legacy", metavar="PATH", default=None,
                         help="the legacy model (default: benchmarks/legacy.py in the current directory, "
                              "else in the source checkout)")
+    parser.add_argument("--peer", metavar="PATH", default=None,
+                        help="the pure-Python indexed peer (default: benchmarks/peer.py in the current directory, "
+                             "else in the source checkout)")
+    parser.add_argument("--peer-index", choices=_PEER_INDEXES, default=None,
+                        help="the peer's per-pool index (default: its PeerScheduler, the faster: heap)")
     parser.add_argument("--seed", type=int, default=None, help=f"seed of the workload (default: {d.seed})")
     parser.add_argument("--json", metavar="PATH", default="bench-results.json",
                         help="where to write the results as JSON (default: bench-results.json)")
@@ -1085,7 +1221,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     overrides: dict[str, Any] = {}
     for arg, name in (("nodes", "nodes"), ("pools", "pools"), ("sessions", "sessions"), ("rates", "rates"),
                       ("threads", "threads"), ("duration", "duration"), ("hold_ms", "hold_ms"),
-                      ("impl", "impls"), ("legacy", "legacy_path"), ("seed", "seed")):
+                      ("impl", "impls"), ("legacy", "legacy_path"), ("peer", "peer_path"),
+                      ("peer_index", "peer_index"), ("seed", "seed")):
         value = getattr(args, arg, None)
         if value is not None:
             overrides[name] = value
@@ -1120,6 +1257,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"pysched bench: legacy model not run: {report.missing['legacy']}. "
               "Pass --legacy PATH (benchmarks/legacy.py of a source checkout) to compare against it.",
               file=sys.stderr)
+    if "peer" in report.missing:
+        print(f"pysched bench: peer not run: {report.missing['peer']}. "
+              "Pass --peer PATH (benchmarks/peer.py of a source checkout) to compare against it.",
+              file=sys.stderr)
     if args.json:
         path = Path(args.json)
         with open(path, "w", encoding="utf-8") as f:
@@ -1134,7 +1275,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pysched.bench``: the subcommand on its own (before cli.py registers it)."""
-    parser = argparse.ArgumentParser(prog="pysched bench", description="compare pysched with the legacy design")
+    parser = argparse.ArgumentParser(prog="pysched bench",
+                                     description="compare pysched with a pure-Python indexed peer and the legacy design")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -466,6 +466,27 @@ class LocalReservations(ReservationBackend):
             return False
         return self._table.release(job_id, slot, self._clock()) is not None
 
+    # -- jobs named by handle (Scheduler.dispatch_batch) ------------------
+    def release_handle(self, handle: int, node_id: str | None = None) -> bool:
+        """Release a batch job by its handle (only if held on ``node_id``, when given)."""
+        slot = self._slot_of(node_id)
+        return slot != -2 and self._table.release_handle(handle, slot, self._clock())
+
+    def commit_handle(self, handle: int, node_id: str | None = None) -> bool:
+        """Commit a batch job by its handle; it then holds capacity for the commit lease."""
+        slot = self._slot_of(node_id)
+        now = self._clock()
+        return slot != -2 and self._table.commit_handle(handle, slot, now + self._lease, now)
+
+    def release_handles(self, handles: np.ndarray) -> int:
+        """Release every live batch job in ``handles``; how many were."""
+        return self._table.release_handles(handles, self._clock())
+
+    def commit_handles(self, handles: np.ndarray) -> int:
+        """Commit every live batch job in ``handles``; how many were."""
+        now = self._clock()
+        return self._table.commit_handles(handles, now + self._lease, now)
+
     def expire(self) -> int:
         return self._sweep(self._clock())
 

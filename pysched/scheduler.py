@@ -47,7 +47,7 @@ from pysched.reservations import LocalReservations, Reservation, ReservationBack
 from pysched.sessions import SessionManager, SessionState
 from pysched.snapshot import RuntimeSnapshot
 
-__all__ = ["Scheduler", "Assignment", "Explanation", "DispatchRequest"]
+__all__ = ["Scheduler", "Assignment", "Explanation", "DispatchRequest", "BatchResult", "BATCH_REASONS"]
 
 # Indices of the dispatch outcome counters (reason codes 1..8 keep their own index).
 _OUT_OK = 0
@@ -94,6 +94,20 @@ class Explanation:
         return _tally(self.nodes.values())
 
 
+def _best_reason(reasons: Mapping[int, str]) -> tuple[dict[str, int], str]:
+    """(breakdown, best reason) of per-node reasons, as :class:`NoNodeAvailable` reports them.
+
+    The best is the most frequent reason; ties go to the earliest check in
+    eligibility order. "ok" (capacity that came back during the call) never
+    "wins"; with no blocking reason at all it is "no_nodes".
+    """
+    breakdown = _tally(reasons.values())
+    blocking = [r for r in breakdown if r != "ok"]
+    if not blocking:
+        return breakdown, "no_nodes"
+    return breakdown, min(blocking, key=lambda r: (-breakdown[r], _REASON_INDEX.get(r, len(REASONS))))
+
+
 def _tally(reasons: Iterable[str]) -> dict[str, int]:
     """Reason code -> how many nodes have it, in first-seen order."""
     out: dict[str, int] = {}
@@ -113,6 +127,63 @@ class DispatchRequest:
     exclude: tuple[str, ...] = ()
     tenant: str | None = None
     services: tuple[str, ...] = DEFAULT_SERVICES
+
+
+#: reason codes of :attr:`BatchResult.reason`: 0 is "ok", 1-8 the eligibility reasons in order,
+#: then "no_pool" and "no_nodes" (pools serve the pair but hold no node)
+BATCH_REASONS: tuple[str, ...] = (*REASONS, "no_pool", "no_nodes")
+_BATCH_REASON = {name: i for i, name in enumerate(BATCH_REASONS)}
+
+
+class BatchResult:
+    """What :meth:`Scheduler.dispatch_batch` placed, one entry per job, as numpy arrays.
+
+    Attributes:
+        slot: the node's slot (``int32``, -1 where the job was not placed);
+            :meth:`node_ids` turns them into node ids.
+        pool_id: the pool that served each job (``int64``, -1 where none).
+        handle: each placed job's integer handle (``int64``, -1 where none):
+            :meth:`Scheduler.release_batch`, :meth:`Scheduler.commit_batch`,
+            and :meth:`Scheduler.release`/:meth:`Scheduler.commit` one by one, take it.
+        reason: ``uint8`` code per job, 0 where placed, else its
+            :data:`BATCH_REASONS` index: the reason a one-by-one dispatch's
+            :class:`NoNodeAvailable` would give as ``best_reason``, or ``no_pool``.
+    """
+
+    __slots__ = ("slot", "pool_id", "handle", "reason", "_node_ids")
+
+    def __init__(self, slot: np.ndarray, pool_id: np.ndarray, handle: np.ndarray, reason: np.ndarray,
+                 node_ids: list[str]) -> None:
+        self.slot = slot
+        self.pool_id = pool_id
+        self.handle = handle
+        self.reason = reason
+        self._node_ids = node_ids
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Where each job was placed (bool array)."""
+        return self.reason == 0
+
+    @property
+    def placed(self) -> int:
+        """How many jobs were placed."""
+        return int(np.count_nonzero(self.reason == 0))
+
+    def node_ids(self) -> list[str | None]:
+        """The node id of each job (``None`` where it was not placed)."""
+        names = self._node_ids
+        return [names[s] if s >= 0 else None for s in self.slot.tolist()]
+
+    def reasons(self) -> list[str]:
+        """The reason name of each job (``"ok"`` where placed)."""
+        return [BATCH_REASONS[r] for r in self.reason.tolist()]
+
+    def __repr__(self) -> str:
+        return f"<BatchResult jobs={len(self)} placed={self.placed}>"
 
 
 def _check_positive(value: object, name: str) -> float:
@@ -504,6 +575,7 @@ class Scheduler:
         exactly the pools the rules give it. Raises :class:`UnknownNode`.
         """
         self._mgmt.heartbeat(node_id, running, cpu, gpu, mem, services, languages, healthy, max_concurrency)
+        self.forget_offline_nodes()  # one comparison until some node could be due
         if self._listeners:
             fields = {k: v for k, v in (("running", running), ("cpu", cpu), ("gpu", gpu), ("mem", mem),
                                         ("healthy", healthy), ("max_concurrency", max_concurrency))
@@ -608,7 +680,13 @@ class Scheduler:
                 return
         self._commit_slow(job_id, node_id=node_id)
 
-    def _commit_slow(self, job_id: str, *, node_id: str | None = None) -> None:
+    def _commit_slow(self, job_id: str | int, *, node_id: str | None = None) -> None:
+        if type(job_id) is int and self._fast is not None:  # a dispatch_batch handle
+            if node_id is not None:
+                _check_str(node_id, "node_id")
+            if not self._reservations.commit_handle(job_id, node_id):  # type: ignore[attr-defined]
+                raise self._held_error(job_id, node_id)  # type: ignore[arg-type]
+            return
         _check_str(job_id, "job_id")
         if node_id is not None:
             _check_str(node_id, "node_id")
@@ -629,7 +707,11 @@ class Scheduler:
                 return done
         return self._release_slow(job_id, node_id=node_id)
 
-    def _release_slow(self, job_id: str, *, node_id: str | None = None) -> bool:
+    def _release_slow(self, job_id: str | int, *, node_id: str | None = None) -> bool:
+        if type(job_id) is int and self._fast is not None:  # a dispatch_batch handle
+            if node_id is not None:
+                _check_str(node_id, "node_id")
+            return self._reservations.release_handle(job_id, node_id)  # type: ignore[attr-defined]
         _check_str(job_id, "job_id")
         if node_id is not None:
             _check_str(node_id, "node_id")
@@ -668,7 +750,11 @@ class Scheduler:
         """(service mask, need bits) of a ``services`` argument."""
         hashable = isinstance(services, (tuple, frozenset))
         if hashable:
-            mask = self._mask_cache.get(services)
+            try:
+                mask = self._mask_cache.get(services)
+            except TypeError:  # a tuple holding a list: normalize_services names the problem below
+                hashable = False
+                mask = None
             if mask is not None:
                 return mask, 0
         servs = normalize_services(services, "services")
@@ -1067,6 +1153,108 @@ class Scheduler:
         batch.flush()
         return results
 
+    def dispatch_batch(
+        self,
+        session_ids: Sequence[str] | np.ndarray,
+        src: str | Sequence[str] | np.ndarray,
+        tgt: str | Sequence[str] | np.ndarray,
+        *,
+        tenant: str | None = None,
+        services: Iterable[str] = DEFAULT_SERVICES,
+        require_gpu: bool = True,
+    ) -> BatchResult:
+        """Place a batch of jobs in one compiled call, with arrays out and integer job handles.
+
+        ``session_ids`` is a sequence (or numpy array) of session ids;
+        ``src``/``tgt`` one code for every job or one per job. ``tenant``,
+        ``services`` and ``require_gpu`` apply to every job. The jobs are
+        placed in order exactly as that many :meth:`dispatch` calls with the
+        same seed would place them (sessions' bindings and every earlier
+        job's load included); instead of job id strings each placed job gets
+        an integer handle. Bad input raises ``ValueError``/``TypeError``
+        naming the job and changes nothing. Needs the in-process reservations
+        (``TypeError`` with any other backend). The pass holds the GIL: like
+        every reservation change it is atomic against other threads.
+        """
+        fast = self._fast
+        if fast is None:
+            raise TypeError("dispatch_batch needs the in-process LocalReservations backend; "
+                            "use dispatch_many with other backends")
+        sids = session_ids.tolist() if isinstance(session_ids, np.ndarray) else list(session_ids)
+        srcs = src if type(src) is str else (src.tolist() if isinstance(src, np.ndarray) else list(src))
+        tgts = tgt if type(tgt) is str else (tgt.tolist() if isinstance(tgt, np.ndarray) else list(tgt))
+        if tenant is not None:
+            _check_str(tenant, "tenant")
+        if type(require_gpu) is not bool:
+            raise TypeError(f"require_gpu must be a bool, got {type(require_gpu).__name__}: {require_gpu!r}")
+        mask, need = self._required(services)
+        need |= (NEED_GPU if require_gpu else 0) | (NEED_PUBLIC if tenant is None else 0)
+        snap = self._mgmt.snapshot
+        tenant_index = -1
+        if tenant is not None and tenant in self._tenant_pools:
+            tenant_index = snap.pool_index.get(self._tenant_pools[tenant], -1)
+        now = self._clock()
+        if now >= self._reservations.due_at:
+            self._reservations.expire_due(now)
+        if now >= self._sessions.next_sweep:
+            self._sessions.maybe_sweep(now)
+        n = len(sids)
+        slot = np.empty(n, dtype=np.int32)
+        pool_id = np.empty(n, dtype=np.int64)
+        handle = np.empty(n, dtype=np.int64)
+        keys = np.empty(n, dtype=np.int64)
+        fast.batch(sids, srcs, tgts, mask, need, tenant_index, now, slot, pool_id, handle, keys)
+        reason = np.zeros(n, dtype=np.uint8)
+        failed = np.flatnonzero(slot < 0)
+        if len(failed):
+            reason[failed] = self._batch_failures(self._mgmt.snapshot, keys[failed], mask, need, now)
+        return BatchResult(slot, pool_id, handle, reason, snap._node_ids)
+
+    def _batch_failures(self, snap: RuntimeSnapshot, keys: np.ndarray, mask: int, need: int,
+                        now: float) -> np.ndarray:
+        """Reason codes of the jobs a batch did not place: what one-by-one dispatch would have raised.
+
+        Every job of a pair that failed saw the same nodes for the same
+        reasons (load only grows within the batch, and a node once
+        ineligible takes no later job), so the reason is worked out once
+        per pair, over the nodes as they are after the batch.
+        """
+        out = np.empty(len(keys), dtype=np.uint8)
+        memo: dict[int, str] = {}
+        n_langs = snap.index.n_langs
+        for j, key in enumerate(keys.tolist()):
+            name = memo.get(key)
+            if name is None:
+                if key < 0 or not snap.kernel.pools_for(key // n_langs, key % n_langs):
+                    name = "no_pool"
+                else:
+                    reasons = self._node_reasons(snap, key // n_langs, key % n_langs, mask, need, now, (), {})
+                    name = _best_reason(reasons)[1]
+                memo[key] = name
+            out[j] = _BATCH_REASON[name]
+            self._outcomes.add(_OUT_NO_POOL if name == "no_pool" else _REASON_INDEX.get(name, _OUT_NO_NODES))
+        return out
+
+    def release_batch(self, handles: Sequence[int] | np.ndarray) -> int:
+        """Release the jobs of these :meth:`dispatch_batch` handles; how many held something."""
+        return self._handles_backend().release_handles(self._handle_array(handles))
+
+    def commit_batch(self, handles: Sequence[int] | np.ndarray) -> int:
+        """Commit the jobs of these :meth:`dispatch_batch` handles; how many were live."""
+        return self._handles_backend().commit_handles(self._handle_array(handles))
+
+    def _handles_backend(self) -> LocalReservations:
+        if self._fast is None:
+            raise TypeError("job handles need the in-process LocalReservations backend")
+        return self._reservations  # type: ignore[return-value]
+
+    @staticmethod
+    def _handle_array(handles: object) -> np.ndarray:
+        arr = np.asarray(handles)
+        if arr.dtype.kind not in "iu" and not (arr.size == 0):
+            raise TypeError(f"handles must be integers, got an array of {arr.dtype}")
+        return np.ascontiguousarray(arr, dtype=np.int64).reshape(-1)
+
     def _place_batch(self, b: _BatchBuilder) -> None:
         """Place, reserve and bind one pass of :meth:`dispatch_many` (see :class:`_BatchBuilder`)."""
         snap, reqs, results, now, rows = b.snap, b.reqs, b.results, b.now, b.rows
@@ -1230,16 +1418,8 @@ class Scheduler:
 
     def _no_node_error(self, s: str, t: str, reasons: Mapping[int, str]) -> NoNodeAvailable:
         """The :class:`NoNodeAvailable` for these per-node reasons (and count the outcome)."""
-        breakdown = _tally(reasons.values())
-        # the most frequent reason; ties go to the earliest check in eligibility
-        # order. "ok" (capacity that came back during the call) never "wins".
-        blocking = [r for r in breakdown if r != "ok"]
-        if blocking:
-            best = min(blocking, key=lambda r: (-breakdown[r], _REASON_INDEX.get(r, len(REASONS))))
-            self._outcomes.add(_REASON_INDEX.get(best, _OUT_NO_NODES))
-        else:
-            best = "no_nodes"
-            self._outcomes.add(_OUT_NO_NODES)
+        breakdown, best = _best_reason(reasons)
+        self._outcomes.add(_REASON_INDEX.get(best, _OUT_NO_NODES))
         return NoNodeAvailable(s, t, breakdown, best)
 
     def _node_reasons(self, snap: RuntimeSnapshot, src_id: int, tgt_id: int, mask: int, need: int, now: float,

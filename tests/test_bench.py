@@ -1,15 +1,21 @@
 """``pysched bench`` and :mod:`pysched.bench`.
 
-Every run here is a real, tiny benchmark (threads, heartbeats, all three
+Every run here is a real, tiny benchmark (threads, heartbeats, all four
 implementations) with scenarios of about 0.1 s, so the file takes a few
 seconds; the figures themselves are not asserted, only that each
-implementation dispatched and the report is complete.
+implementation dispatched and the report is complete and consistent. No
+assertion depends on how fast the machine is or how threads are scheduled:
+capacity is beyond anything a scenario can dispatch (no refusal), every
+worker thread makes at least one call even if it first runs after its
+window, and the pacing of the workers is checked on a fake clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,7 @@ from pysched.bench import BenchConfig, BenchReport, format_table, run_bench
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEGACY = REPO_ROOT / "benchmarks" / "legacy.py"
+PEER = REPO_ROOT / "benchmarks" / "peer.py"
 COMPILED = bench._compiled_available()
 
 
@@ -27,7 +34,8 @@ def _tiny(**overrides) -> BenchConfig:
     # in a 0.15 s scenario, so no refusal is possible however the threads are scheduled (a thread
     # descheduled on a busy machine keeps its held jobs until it runs again).
     values = dict(nodes=30, pools=6, sessions=80, rates=(0.0, 2000.0), threads=(1, 2), duration=0.1,
-                  warmup=0.05, legacy_path=str(LEGACY), goal_rate=2000.0, quick=True, max_concurrency=1_000_000)
+                  warmup=0.05, legacy_path=str(LEGACY), peer_path=str(PEER), goal_rate=2000.0, quick=True,
+                  max_concurrency=1_000_000)
     values.update(overrides)
     return BenchConfig(**values)
 
@@ -40,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
 @pytest.fixture(scope="module")
 def report() -> BenchReport:
-    """One tiny run of all three implementations, shared by the structure tests."""
-    assert LEGACY.is_file(), "the tests expect a source checkout with benchmarks/legacy.py"
+    """One tiny run of all four implementations, shared by the structure tests."""
+    assert LEGACY.is_file() and PEER.is_file(), "the tests expect a source checkout with benchmarks/"
     lines: list[str] = []
     rep = run_bench(_tiny(), progress=lines.append)
     rep.progress_lines = lines  # type: ignore[attr-defined]
@@ -49,72 +57,100 @@ def report() -> BenchReport:
 
 
 def test_every_implementation_dispatches(report):
-    expected = ["compiled", "python", "legacy"] if COMPILED else ["python", "legacy"]
+    cfg = report.config
+    expected = ["compiled", "python", "peer", "legacy"] if COMPILED else ["python", "peer", "legacy"]
     assert report.missing == ({} if COMPILED else {"compiled": report.missing["compiled"]})
     assert report.legacy_path == str(LEGACY)
+    assert report.peer_path == str(PEER) and report.peer_kind == "heap"
     assert not report.errors
     assert len(report.results) == len(expected) * 2 * 2
     for r in report.results:
         assert r.impl in expected
-        assert r.dispatches > 0, r
-        assert r.throughput > 0 and r.elapsed > 0
+        # every dispatching thread makes at least one call, however late it first runs
+        assert r.dispatches >= r.threads, r
+        assert r.throughput > 0 and r.elapsed >= cfg.duration * 0.999
         assert set(r.latency_us) == {"p50", "p99", "p99.9", "max", "mean"}
         lat = r.latency_us
         assert 0 < lat["p50"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
-        assert r.samples == r.dispatches and not r.sampled
+        # every call is a sample until a thread's buffer is full, then a uniform sample of them
+        assert 0 < r.samples <= r.dispatches and (r.sampled or r.samples == r.dispatches)
         # capacity beyond anything a scenario can dispatch: nothing is refused
         assert r.failed == 0
+        # CPU time of the dispatching threads: each thread's is within its own part of the window
+        assert 0 <= r.dispatch_cpu_s <= r.threads * r.elapsed + 0.05
+        assert r.throughput_per_cpu == (r.dispatches / r.dispatch_cpu_s if r.dispatch_cpu_s > 0 else 0.0)
         if r.rate > 0:
-            # not > 0 per scenario: on a saturated machine the heartbeat thread
-            # may not be scheduled at all within a 0.1 s window (a real result)
-            assert r.heartbeat_elapsed >= r.elapsed * 0.5 and r.heartbeat_ratio is not None
-            assert r.heartbeat_errors == 0
+            # the heartbeat thread runs until the deadline and sends at least the first heartbeat
+            assert r.heartbeat_elapsed >= cfg.duration * 0.999 and r.heartbeat_ratio is not None
+            assert r.heartbeats >= 1 and r.heartbeat_errors == 0
+            assert r.heartbeat_cpu_s >= 0
         else:
             assert r.heartbeats == 0 and r.heartbeat_ratio is None
-    assert sum(r.heartbeats for r in report.results if r.rate > 0) > 0
+    assert sum(r.dispatch_cpu_s for r in report.results) > 0
     # progress: a start and an end line per scenario
     assert len(report.progress_lines) == 2 * len(report.results)
 
 
 def test_ratios_and_goals(report):
     pysched_impls = ["compiled", "python"] if COMPILED else ["python"]
-    assert len(report.ratios) == len(pysched_impls) * 2 * 2
+    assert len(report.ratios) == len(pysched_impls) * 2 * 2 * 2  # x baselines x rates x threads
+    assert {(row["impl"], row["baseline"]) for row in report.ratios} == {
+        (impl, base) for impl in pysched_impls for base in ("peer", "legacy")}
     for row in report.ratios:
-        assert row["impl"] in pysched_impls
-        for key in ("throughput", "p50", "p99", "p99.9", "max"):
+        for key in ("throughput", "cpu_throughput", "p50", "p99", "p99.9", "max"):
             assert row[key] is not None and row[key] > 0, (key, row)
         if row["rate"] == 0:
             assert row["heartbeats"] is None
-    # three goals per thread count plus the p50 goal, all measurable at goal_rate=2000
-    assert len(report.goals) == 3 * 2 + 1
+    # per thread count: 2 vs legacy, heartbeats, 2 vs the peer; then the p50 goal; all measurable at goal_rate
+    assert len(report.goals) == 5 * 2 + 1
+    assert sum("the peer's" in g.goal for g in report.goals) == 2 * 2
     if COMPILED:
         assert all(g.verdict in ("PASS", "MISS") and g.measured is not None for g in report.goals)
         compiled = report.result("compiled", 2000, 1)
         p50_goal = report.goals[-1]
         assert p50_goal.measured == pytest.approx(compiled.latency_us["p50"])
         assert p50_goal.passed == (compiled.latency_us["p50"] <= 3.0)
-        ratio = next(r for r in report.ratios if (r["impl"], r["rate"], r["threads"]) == ("compiled", 2000.0, 1))
+
+        def ratio(baseline):
+            return next(r for r in report.ratios
+                        if (r["impl"], r["baseline"], r["rate"], r["threads"]) == ("compiled", baseline, 2000.0, 1))
+
         legacy = report.result("legacy", 2000, 1)
-        assert ratio["throughput"] == pytest.approx(compiled.throughput / legacy.throughput)
-        assert ratio["p99"] == pytest.approx(legacy.latency_us["p99"] / compiled.latency_us["p99"])
+        assert ratio("legacy")["throughput"] == pytest.approx(compiled.throughput / legacy.throughput)
+        assert ratio("legacy")["p99"] == pytest.approx(legacy.latency_us["p99"] / compiled.latency_us["p99"])
+        peer = report.result("peer", 2000, 1)
+        assert ratio("peer")["p50"] == pytest.approx(peer.latency_us["p50"] / compiled.latency_us["p50"])
+        assert ratio("peer")["cpu_throughput"] == pytest.approx(compiled.throughput_per_cpu / peer.throughput_per_cpu)
+        p50_peer, cpu_peer = [g for g in report.goals if "the peer's" in g.goal][:2]
+        assert p50_peer.measured == pytest.approx(ratio("peer")["p50"])
+        assert p50_peer.passed == (ratio("peer")["p50"] >= 5.0) and p50_peer.target == 5.0
+        assert cpu_peer.measured == pytest.approx(ratio("peer")["cpu_throughput"])
+        assert cpu_peer.passed == (ratio("peer")["cpu_throughput"] >= 3.0) and cpu_peer.target == 3.0
+        # 30 nodes: the notes say where the goals are stated
+        assert "1,000 and 10,000 nodes" in p50_peer.note and "1,000 nodes" in report.goals[0].note
 
 
 def test_table_and_json(report, tmp_path):
     table = format_table(report)
     assert table.startswith("pysched bench: 30 nodes in 6 auto pools")
     assert "machine: " in table and "Python " in table
+    assert f"peer: {PEER} (heap index)" in table
     for rate, threads in (("0", "1 dispatching thread"), ("2,000", "2 dispatching threads")):
         assert f"== {rate} heartbeats/s requested, {threads}" in table
-    assert "legacy (multi-lock)" in table and "pysched (python twin)" in table
-    assert "python vs legacy" in table
+    assert "legacy (multi-lock)" in table and "pysched (python twin)" in table and "peer (indexed, 1 lock)" in table
+    assert "python vs legacy" in table and "python vs peer" in table and "per CPU-s" in table
     assert "GOALS" in table and ("[PASS]" in table or "[MISS]" in table)
 
     data = json.loads(json.dumps(report.to_dict()))  # plain JSON types throughout
     assert data["config"]["nodes"] == 30
     assert data["machine"]["python"] and data["machine"]["cores"]
+    assert data["peer_path"] == str(PEER) and data["peer_kind"] == "heap"
     assert len(data["scenarios"]) == len(report.results)
-    assert {"throughput", "latency_us", "heartbeat_rate", "failures"} <= set(data["scenarios"][0])
+    assert {"throughput", "throughput_per_cpu", "dispatch_cpu_s", "heartbeat_cpu_s", "latency_us", "heartbeat_rate",
+            "failures"} <= set(data["scenarios"][0])
     assert len(data["ratios"]) == len(report.ratios)
+    assert {r["baseline"] for r in data["ratios"]} == {"peer", "legacy"}
+    assert all("cpu_throughput" in r for r in data["ratios"])
     assert {g["verdict"] for g in data["goals"]} <= {"PASS", "MISS", "N/A"}
 
 
@@ -129,10 +165,45 @@ def test_missing_legacy_still_runs_pysched(tmp_path, capsys):
     assert "legacy model not run" in captured.err and "nope.py" in captured.err
     data = json.loads(out.read_text(encoding="utf-8"))
     assert "legacy" in data["missing"]
-    assert {s["impl"] for s in data["scenarios"]} == ({"compiled", "python"} if COMPILED else {"python"})
+    assert {s["impl"] for s in data["scenarios"]} == ({"compiled", "python", "peer"} if COMPILED else {"python", "peer"})
     assert all(s["dispatches"] > 0 for s in data["scenarios"])
-    assert data["ratios"] == []
+    assert data["ratios"] and {r["baseline"] for r in data["ratios"]} == {"peer"}
     assert all(g["verdict"] == "N/A" for g in data["goals"] if "legacy" in g["goal"])
+
+
+def test_missing_peer_still_runs_the_rest(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = _parser().parse_args(["--quick", "--duration", "0.05", "--nodes", "20", "--sessions", "40",
+                                 "--rates", "20000", "--threads", "1", "--impl", "compiled,peer,legacy",
+                                 "--peer", str(tmp_path / "nope.py"), "--legacy", str(LEGACY),
+                                 "--json", str(out), "--quiet"])
+    assert bench.run(args) == 0
+    captured = capsys.readouterr()
+    assert "MISSING peer (indexed, 1 lock)" in captured.out
+    assert "peer not run" in captured.err and "nope.py" in captured.err
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert "peer" in data["missing"] and data["peer_path"] is None
+    assert "peer" not in {s["impl"] for s in data["scenarios"]}
+    assert {r["baseline"] for r in data["ratios"]} <= {"legacy"}
+    peer_goals = [g for g in data["goals"] if "the peer's" in g["goal"]]
+    assert len(peer_goals) == 2 and all(g["verdict"] == "N/A" for g in peer_goals)
+    if COMPILED:
+        assert all("peer missing" in g["note"] for g in peer_goals)
+
+
+def test_sortedlist_peer_runs(tmp_path):
+    """The issue's SortedList design is selectable, so the choice of the heap can be checked."""
+    try:
+        import sortedcontainers  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("sortedcontainers is not installed (the bench extra)")
+    rep = run_bench(_tiny(impls=("peer",), rates=(2000.0,), threads=(1,), peer_index="sortedlist"))
+    assert rep.peer_kind == "sortedlist" and not rep.errors and not rep.missing
+    (r,) = rep.results
+    assert r.impl == "peer" and r.dispatches >= 1 and r.failed == 0
+    assert rep.ratios == []
 
 
 def test_run_quick_via_argparse(tmp_path, capsys):
@@ -147,21 +218,26 @@ def test_run_quick_via_argparse(tmp_path, capsys):
     data = json.loads(out.read_text(encoding="utf-8"))
     assert data["config"]["quick"] is True and data["config"]["rates"] == [0.0, 20000.0]
     assert all(s["dispatches"] > 0 for s in data["scenarios"])
-    assert len(data["goals"]) == 7
+    assert {s["impl"] for s in data["scenarios"]} >= {"python", "peer", "legacy"}
+    assert len(data["goals"]) == 11
 
 
 def test_config_from_args():
     cfg = bench.config_from_args(_parser().parse_args([]))
     assert (cfg.nodes, cfg.pools, cfg.sessions, cfg.duration, cfg.hold_ms) == (1000, 50, 10_000, 2.0, 2.0)
     assert cfg.rates == (0.0, 2000.0, 20_000.0) and cfg.threads == (1, 4)
-    assert cfg.impls == ("compiled", "python", "legacy") and not cfg.quick
-    quick = bench.config_from_args(_parser().parse_args(["--quick", "--nodes", "300", "--impl", "legacy,compiled"]))
+    assert cfg.impls == ("compiled", "python", "peer", "legacy") and not cfg.quick
+    assert cfg.peer_path is None and cfg.peer_index is None
+    quick = bench.config_from_args(_parser().parse_args(["--quick", "--nodes", "300", "--impl", "legacy,compiled,peer",
+                                                         "--peer", "p.py", "--peer-index", "sortedlist"]))
     assert quick.quick and quick.nodes == 300 and quick.duration == 0.25
-    assert quick.impls == ("compiled", "legacy")  # canonical order
+    assert quick.impls == ("compiled", "peer", "legacy")  # canonical order
+    assert quick.peer_path == "p.py" and quick.peer_index == "sortedlist"
     assert bench.config_from_args(_parser().parse_args(["--nodes", "10"])).pools == 10
 
 
-@pytest.mark.parametrize("argv", [["--impl", "rust"], ["--rates", "-5"], ["--threads", "0"], ["--duration", "0"]])
+@pytest.mark.parametrize("argv", [["--impl", "rust"], ["--rates", "-5"], ["--threads", "0"], ["--duration", "0"],
+                                  ["--peer-index", "avl"]])
 def test_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         _parser().parse_args(argv)
@@ -173,6 +249,8 @@ def test_bad_config():
         BenchConfig(nodes=5, pools=10)
     with pytest.raises(ValueError, match="impls"):
         BenchConfig(impls=())
+    with pytest.raises(ValueError, match="peer_index"):
+        BenchConfig(peer_index="avl")
 
 
 def test_language_sets_are_distinct_and_realistic():
@@ -192,3 +270,135 @@ def test_legacy_loader(tmp_path):
     bad.write_text("x = 1\n", encoding="utf-8")
     with pytest.raises(ImportError, match="LegacyScheduler"):
         bench.load_legacy(bad)
+
+
+def test_peer_loader(tmp_path):
+    found, looked = bench.locate_peer(PEER)
+    assert found == PEER and looked == [PEER]
+    module = bench.load_peer(PEER)
+    assert module.PeerScheduler is module.INDEXES["heap"]
+    bad = tmp_path / "peer.py"
+    bad.write_text("x = 1\n", encoding="utf-8")
+    with pytest.raises(ImportError, match="PeerScheduler"):
+        bench.load_peer(bad)
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n", encoding="utf-8")
+    with pytest.raises(ImportError, match="boom"):
+        bench.load_peer(broken)
+
+
+# ------------------------------------------------------------------ workers on a fake clock
+class _FakeTime:
+    """Stands in for the ``time`` module inside pysched.bench: time moves only when the code under test
+    calls the scheduler (``step_ns`` per call) or sleeps, so the pacing is checked exactly."""
+
+    def __init__(self) -> None:
+        self.ns = 0
+        self.thread_ns = 0
+
+    def perf_counter_ns(self) -> int:
+        return self.ns
+
+    def thread_time_ns(self) -> int:
+        return self.thread_ns
+
+    def sleep(self, seconds: float) -> None:
+        self.ns += int(seconds * 1e9)
+
+
+class _CountingScheduler:
+    def __init__(self, fake: _FakeTime, step_ns: int, unknown: frozenset = frozenset()) -> None:
+        self.fake, self.step_ns, self.unknown = fake, step_ns, unknown
+        self.heartbeats = 0
+        self.dispatches = 0
+        self.released: list[str] = []
+
+    def heartbeat(self, node_id, **figures):
+        self.fake.ns += self.step_ns
+        self.fake.thread_ns += self.step_ns
+        if node_id in self.unknown:
+            raise KeyError(node_id)
+        self.heartbeats += 1
+
+    def dispatch(self, session_id, src, tgt):
+        self.fake.ns += self.step_ns
+        self.fake.thread_ns += self.step_ns
+        self.dispatches += 1
+        return types.SimpleNamespace(job_id=f"j{self.dispatches}")
+
+    def release(self, job_id):
+        self.released.append(job_id)
+        return True
+
+
+def test_heartbeat_pacing_on_a_fake_clock(monkeypatch):
+    fake = _FakeTime()
+    monkeypatch.setattr(bench, "time", fake)
+    sched = _CountingScheduler(fake, step_ns=100_000, unknown=frozenset({"gone"}))  # 100 µs a heartbeat
+    table = [("gone" if k % 10 == 0 else f"n{k}", 0, 1.0, 1.0, 1.0) for k in range(8192)]
+    run = bench._Run()
+    run.start_ns, run.deadline_ns = 0, 100_000_000  # a 0.1 s window
+    run.go.set()
+    worker = bench._HeartbeatWorker(sched, table, 2000.0, run)
+    worker()
+    assert not run.errors
+    sent = worker.applied + worker.errors
+    # due-count pacing: one due at the start, then 2,000/s for 0.1 s
+    assert 200 <= sent <= 202, sent
+    assert worker.applied == sched.heartbeats and worker.errors == sent // 10 + (sent % 10 > 0)
+    assert worker.elapsed_ns >= run.deadline_ns and worker.cpu_ns == sent * 100_000
+
+
+def test_late_threads_still_make_one_call(monkeypatch):
+    """A worker that first runs after its window closed (a saturated machine) still makes one call."""
+    fake = _FakeTime()
+    monkeypatch.setattr(bench, "time", fake)
+    fake.ns = 500_000_000  # 0.5 s late for a window that ended at 0.1 s
+    sched = _CountingScheduler(fake, step_ns=1000)
+    run = bench._Run()
+    run.start_ns, run.deadline_ns = 0, 100_000_000
+    run.go.set()
+    hb = bench._HeartbeatWorker(sched, [("n", 0, 1.0, 1.0, 1.0)] * 8192, 2000.0, run)
+    hb()
+    assert 1 <= hb.applied <= 64 and hb.applied == sched.heartbeats  # one burst of what was due
+    worker = bench._DispatchWorker(sched, [("s1", "en", "zh"), ("s2", "en", "zh")], run, 2_000_000, {}, 16, 1)
+    worker()
+    assert worker.count == 1 == sched.dispatches and worker.end_ns >= run.deadline_ns
+    assert worker.cpu_ns == 1000 and list(worker.samples()) == [1000]
+    # a thread without sessions (more threads than sessions) ends at once instead of spinning
+    idle = bench._DispatchWorker(sched, [], run, 2_000_000, {}, 16, 2)
+    idle()
+    assert idle.count == 0 and sched.dispatches == 1
+
+
+def test_dispatch_worker_window_on_a_fake_clock(monkeypatch):
+    fake = _FakeTime()
+    monkeypatch.setattr(bench, "time", fake)
+    sched = _CountingScheduler(fake, step_ns=10_000)  # 10 µs a dispatch
+    run = bench._Run()
+    run.start_ns, run.deadline_ns = 0, 1_000_000  # 1 ms
+    run.go.set()
+    worker = bench._DispatchWorker(sched, [("s1", "en", "zh"), ("s2", "en", "zh"), ("s3", "en", "zh")], run,
+                                   300_000, {}, 1000, 1)  # jobs held 0.3 ms
+    worker()
+    assert worker.count == sched.dispatches == 100  # 1 ms / 10 µs
+    assert worker.end_ns == 1_000_000 and worker.cpu_ns == 100 * 10_000
+    assert set(worker.samples()) == {10_000}
+    # jobs are released in order once their hold time passed; the last 0.3 ms of jobs are still held
+    assert sched.released == [f"j{k}" for k in range(1, len(sched.released) + 1)]
+    assert 100 - 31 <= len(sched.released) <= 100 - 29
+
+
+def test_a_failed_scenario_has_no_ratios_or_verdicts(tmp_path):
+    """An implementation whose setup raises is reported as an error; its zeros make no ratio or goal."""
+    cfg = _tiny(rates=(2000.0,), threads=(1,), impls=("python", "peer"))
+    good = bench.ScenarioResult("peer", 2000.0, 1, elapsed=0.1, dispatches=10, dispatch_cpu_s=0.05,
+                                latency_us={"p50": 2.0, "p99": 3.0, "p99.9": 4.0, "max": 5.0, "mean": 2.0})
+    broken = bench.ScenarioResult("python", 2000.0, 1, error="setup: AttributeError: boom")
+    ratios = bench._ratios([broken, good], cfg)
+    assert ratios == []
+    broken_c = bench.ScenarioResult("compiled", 2000.0, 1, error="setup: AttributeError: boom")
+    cfg_c = _tiny(rates=(2000.0,), threads=(1,), impls=("compiled", "peer"))
+    goals = bench._goals([broken_c, good], bench._ratios([broken_c, good], cfg_c), cfg_c, {})
+    assert len(goals) == 6 and all(g.verdict == "N/A" and g.measured is None for g in goals)
+    assert all("compiled raised: setup: AttributeError: boom" in g.note for g in goals)

@@ -2,6 +2,12 @@
 
 Each test runs a short real simulation (about a second): threads, heartbeats
 and the compiled kernel all take part, so these are integration tests.
+
+A simulation runs for a fixed wall-clock budget that includes its setup, so
+on a busy machine its threads may get little of it. Invariants (no
+over-commit, consistent counts) are asserted on every run; what needs the
+threads to have run (dispatches, heartbeats, a detected over-commit) is
+awaited by running again until it happened, within a long deadline.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +28,17 @@ from pysched.scheduler import Scheduler
 from pysched.simulate import Progress, SimulationConfig, SimulationReport, run_simulation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEADLINE = 120.0  # seconds to keep re-running a simulation until its threads did the work asserted
+SUBPROCESS_TIMEOUT = 180.0  # a 1 s simulation in a fresh interpreter; only a hang gets near this
+
+
+def _until(run, done, deadline: float = DEADLINE):
+    """``run()`` again and again until ``done(result)``, at most ``deadline`` seconds; the last result."""
+    end = time.monotonic() + deadline
+    while True:
+        result = run()
+        if done(result) or time.monotonic() >= end:
+            return result
 
 SUMMARY_RE = re.compile(
     r"^pysched simulate: [\d,]+ dispatches in \d+\.\d s \([\d,]+/s\), "
@@ -29,30 +47,33 @@ SUMMARY_RE = re.compile(
 
 
 def test_run_simulation_invariants():
-    seen: list[Progress] = []
     config = SimulationConfig(duration=1.0, nodes=20, sessions=50, threads=2, progress_interval=0.25)
-    report = run_simulation(config, progress=seen.append)
 
-    assert report.dispatches > 0
-    assert report.ok and report.overcommits == []
-    assert all(peak <= mx for peak, mx in report.max_held.values())
-    assert len(report.max_held) == 20
-    assert report.heartbeats > 0
+    def run():
+        seen: list[Progress] = []
+        report = run_simulation(config, progress=seen.append)
+        # invariants, whatever the machine's load
+        assert report.ok and report.overcommits == []
+        assert all(peak <= mx for peak, mx in report.max_held.values())
+        assert len(report.max_held) == 20
+        assert report.attempts == report.dispatches + sum(report.failures.values())
+        assert 0 < report.elapsed < report.wall
+        u = report.utilisation
+        assert 0 <= u["min"] <= u["mean"] <= u["max"] <= 1
+        # every job was released at the end: nothing leaks
+        assert report.stats["reservations"] == 0
+        assert report.stats["nodes_total"] == 20
+        # progress came from the calling thread, in order
+        assert [p.elapsed for p in seen] == sorted(p.elapsed for p in seen)
+        assert all(p.dispatches <= report.dispatches for p in seen)
+        assert SUMMARY_RE.match(report.summary_line())
+        json.dumps(report.to_dict())  # serialisable
+        return report, seen
+
+    report, seen = _until(run, lambda r: r[0].dispatches > 0 and r[0].heartbeats > 0 and r[1])
+    assert report.dispatches > 0 and report.heartbeats > 0 and seen
     lat = report.latency_us
     assert 0 < lat["p50"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
-    assert report.attempts == report.dispatches + sum(report.failures.values())
-    assert 0 < report.elapsed < report.wall
-    assert report.wall < 1.5  # the duration budget includes setup and teardown
-    u = report.utilisation
-    assert 0 <= u["min"] <= u["mean"] <= u["max"] <= 1
-    # every job was released at the end: nothing leaks
-    assert report.stats["reservations"] == 0
-    assert report.stats["nodes_total"] == 20
-    # progress came from the calling thread, in order
-    assert seen and [p.elapsed for p in seen] == sorted(p.elapsed for p in seen)
-    assert seen[-1].dispatches <= report.dispatches
-    assert SUMMARY_RE.match(report.summary_line())
-    json.dumps(report.to_dict())  # serialisable
 
 
 def test_overcommit_is_detected(monkeypatch):
@@ -65,7 +86,9 @@ def test_overcommit_is_detected(monkeypatch):
         real_register(self, node_id, languages, services, max_concurrency + 2, has_gpu, accept_public_jobs)
 
     monkeypatch.setattr(Scheduler, "register_node", register)
-    report = run_simulation(SimulationConfig(duration=0.6, nodes=5, sessions=60, threads=2))
+    # the first over-commit needs a few dozen dispatches: run until the threads got that far
+    report = _until(lambda: run_simulation(SimulationConfig(duration=0.6, nodes=5, sessions=60, threads=2)),
+                    lambda r: not r.ok)
     assert not report.ok
     assert report.overcommits and all(peak > mx for _, peak, mx in report.overcommits)
     summary = report.format_summary()
@@ -90,7 +113,10 @@ def test_main_simulate_writes_json(tmp_path, capsys):
     assert data["summary"] == first
     assert data["ok"] is True and data["overcommits"] == []
     assert set(data["latency_us"]) >= {"p50", "p99", "p99.9"}
-    assert data["heartbeats"]["applied"] > 0
+    # how many heartbeats the thread got to send depends on the machine; that they are sent is
+    # test_run_simulation_invariants' business
+    assert isinstance(data["heartbeats"]["applied"], int) and data["heartbeats"]["applied"] >= 0
+    assert data["attempts"] == data["dispatches"] + sum(data["failures"].values())
     assert data["config"]["nodes"] == 20 and data["config"]["threads"] == 2
 
 
@@ -150,7 +176,7 @@ def test_python_dash_m_subprocess():
     proc = subprocess.run(
         [sys.executable, "-m", "pysched", "simulate", "--duration", "1", "--nodes", "20", "--sessions", "40",
          "--threads", "2", "--seed", "7"],
-        capture_output=True, text=True, encoding="utf-8", env=env, cwd=str(REPO_ROOT), timeout=30,
+        capture_output=True, text=True, encoding="utf-8", env=env, cwd=str(REPO_ROOT), timeout=SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[0]

@@ -23,7 +23,7 @@ from benchmarks.legacy import (  # noqa: E402
     RWLock,
 )
 
-TIMEOUT = 5.0
+TIMEOUT = 60.0  # waits for an event that must happen: only a bug gets near this on a busy machine
 
 
 class FakeClock:
@@ -159,6 +159,7 @@ def test_rwlock_writers_exclusive_and_misuse():
         t.start()
     for t in ts:
         t.join(TIMEOUT)
+    assert not any(t.is_alive() for t in ts), "deadlock: a writer did not finish"
     assert counter[0] == 8000
     with pytest.raises(RuntimeError):
         lock.release_read()
@@ -511,7 +512,14 @@ def test_threaded_smoke_no_deadlock_no_overcommit():
     threads.append(threading.Thread(target=heartbeater, daemon=True))
     for t in threads:
         t.start()
+    # at least 0.3 s, and until every thread has done some work (on a busy machine that takes longer)
     time.sleep(0.3)
+
+    def worked() -> bool:
+        with count_lock:
+            return counts["ok"] > 0 and counts["hb"] > 0
+
+    _wait_until(lambda: worked() or bool(errors))
     stop.set()
     for t in threads:
         t.join(TIMEOUT)

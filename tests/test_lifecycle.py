@@ -519,7 +519,8 @@ def test_many_live_jobs_are_tracked_exactly(make_scheduler, clock):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_OPS = st.lists(st.tuples(st.sampled_from(["reserve", "commit", "renew", "release", "expire", "tick"]),
+_OPS = st.lists(st.tuples(st.sampled_from(["reserve", "commit", "renew", "release", "expire", "tick", "reserve_h",
+                                           "release_h", "commit_h"]),
                           st.integers(0, 11), st.integers(0, 3), st.integers(-1, 3)), max_size=120)
 
 
@@ -553,6 +554,37 @@ def test_job_table_twin_matches_the_compiled_table(ops):
                 results.append(table.release(job, other, now))
             elif op == "expire":
                 results.append(table.expire(now))
+            elif op == "reserve_h":
+                results.append(table.reserve_handle(slot, 2, 0, 7, "s", now + 1.0 + j % 3))
+            elif op == "release_h":
+                results.append(table.release_handle((1 + j % 3) << 32 | j, other, now))
+            elif op == "commit_h":
+                results.append(table.commit_handle((1 + j % 3) << 32 | j, other, now + 5.0, now))
             results[-1] = (results[-1], len(table), table.committed, table.expired, table.next_expiry,
                            counts.array.tolist(), table.jobs(), table.get(job, now))
         assert results[0] == results[1], (op, job)
+
+
+@pytest.mark.parametrize("services", [(["asr"],), frozenset({("asr",)}) and (("asr", ["x"]),)])
+def test_unhashable_services_name_the_argument(make_scheduler, services):
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"])
+    for call in (lambda: sched.dispatch("s", "zh", "en", services=services),
+                 lambda: sched.explain("zh", "en", services=services)):
+        with pytest.raises(TypeError, match="services"):
+            call()
+    assert sched.stats()["sessions"] == 0 and sched.reservations.count() == 0
+
+
+def test_any_heartbeat_forgets_a_long_dead_node(make_scheduler, clock):
+    sched = make_scheduler(heartbeat_timeout=10.0, forget_after=100.0)
+    seen = _events(sched)
+    sched.register_node("dead", ["zh", "en"])
+    sched.register_node("alive", ["zh", "en"])
+    clock.advance(50.0)
+    sched.heartbeat("alive")
+    assert "dead" in [n for p in sched.pools() for n in p.node_ids]
+    clock.advance(61.0)  # dead: silent 111 s, offline for 101 s
+    sched.heartbeat("alive")
+    assert [p.node_ids for p in sched.pools()] == [("alive",)]
+    assert [e[:2] for e in seen if e[0] == "forget"] == [("forget", "dead")]

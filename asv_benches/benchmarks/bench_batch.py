@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pysched
+
 from .common import build_fleet, cached, sessions_for
 
 
@@ -37,3 +39,46 @@ class DispatchMany:
     def time_dispatch_one_by_one_10k(self, n_nodes):
         dispatch = self.sched.dispatch
         self.jobs = [dispatch(sid, src, tgt) for sid, src, tgt in self.requests]
+
+
+def _array_fleet(pool_size):
+    """1,024 nodes in pools of ``pool_size`` (each pool its own language), 10,000 sessions."""
+    n_pools = max(1, 1024 // pool_size)
+    codes = [f"{a}{b}" for a in "bcdfghkl" for b in "aeiou"][:n_pools]
+    sched = pysched.Scheduler(seed=1, max_pools=max(50, n_pools))
+    for i in range(n_pools * pool_size):
+        sched.register_node(f"node-{i}", languages=["en", codes[i % n_pools]], max_concurrency=1_000_000)
+    sessions = [f"sess-{i:06d}" for i in range(10_000)]
+    src = [codes[i % n_pools] for i in range(10_000)]
+    sched.release_batch(sched.dispatch_batch(sessions, src, "en").handle)  # warm: bind every session
+    return sched, sessions, src
+
+
+class DispatchBatch:
+    """``dispatch_batch`` of 10,000 jobs (assignments/s = 10,000 / time), and its release.
+
+    ``pool_size`` nodes per pool: 32 (32 pools of 1,024 nodes) and 1,000 (one pool).
+    """
+
+    params = [32, 1000]
+    param_names = ["pool_size"]
+    repeat = 10
+    timeout = 600
+
+    def setup(self, pool_size):
+        self.sched, self.sessions, self.src = cached(("array", pool_size), lambda: _array_fleet(pool_size))
+        self.result = None
+
+    def teardown(self, pool_size):
+        if self.result is not None:
+            self.sched.release_batch(self.result.handle)
+            self.result = None
+
+    def time_dispatch_batch_10k(self, pool_size):
+        self.result = self.sched.dispatch_batch(self.sessions, self.src, "en")
+
+    def time_dispatch_and_release_batch_10k(self, pool_size):
+        self.sched.release_batch(self.sched.dispatch_batch(self.sessions, self.src, "en").handle)
+
+    def peakmem_dispatch_batch_10k(self, pool_size):
+        self.result = self.sched.dispatch_batch(self.sessions, self.src, "en")

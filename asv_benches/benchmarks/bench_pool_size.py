@@ -1,0 +1,62 @@
+"""``Scheduler.dispatch`` against the size of the pool that serves the pair.
+
+One pool of N nodes (every node speaks en/zh), 1,000 bound sessions. The
+goal (issue 7): decision time flat in the pool size, a 10,000-node pool
+within 1.5x of a 10-node one. ``loads="idle"``: every node reports nothing,
+so all of them tie and the random tie-break chooses among N; ``"varied"``:
+each node reports 0-3 running jobs and 0-60 % GPU use.
+
+Each ``time_*`` makes ``INNER`` (1,000) calls: divide by 1,000 for one.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pysched
+
+from .common import INNER, cached
+
+
+def _fleet(n_nodes: int, loads: str):
+    sched = pysched.Scheduler(seed=1)
+    rng = random.Random(3)
+    for i in range(n_nodes):
+        sched.register_node(f"node-{i}", languages=["en", "zh"], max_concurrency=1_000_000)
+        if loads == "varied":
+            sched.heartbeat(f"node-{i}", running=rng.randrange(4), gpu=float(rng.randrange(61)))
+    requests = [(f"sess-{i:08x}", *(("en", "zh") if i % 2 else ("zh", "en"))) for i in range(2 * INNER)]
+    for sid, src, tgt in requests:  # warm: every session bound once
+        sched.release(sched.dispatch(sid, src, tgt).job_id)
+    return sched, requests
+
+
+class DispatchPoolSize:
+    """dispatch (+ release) when one pool of ``pool_size`` nodes serves the pair."""
+
+    params = ([10, 100, 1000, 10000], ["idle", "varied"])
+    param_names = ["pool_size", "loads"]
+    timeout = 300
+
+    def setup(self, n_nodes, loads):
+        # heartbeats "age" with the real clock: a fleet cached across samples
+        # must not time out (heartbeat_timeout is 45 s), so refresh it
+        self.sched, self.requests = cached(("pool_size", n_nodes, loads), lambda: _fleet(n_nodes, loads))
+        heartbeat = self.sched.heartbeat
+        for i in range(n_nodes):
+            heartbeat(f"node-{i}")
+        self.jobs = []
+
+    def teardown(self, n_nodes, loads):
+        release = self.sched.release
+        for job in self.jobs:
+            release(job)
+
+    def time_dispatch_release(self, n_nodes, loads):
+        dispatch, release = self.sched.dispatch, self.sched.release
+        for sid, src, tgt in self.requests[:INNER]:
+            release(dispatch(sid, src, tgt).job_id)
+
+    def time_dispatch(self, n_nodes, loads):
+        dispatch = self.sched.dispatch
+        self.jobs = [dispatch(sid, src, tgt).job_id for sid, src, tgt in self.requests[INNER: 2 * INNER]]

@@ -1,0 +1,522 @@
+# Included by _core.pyx (one compiled module, one file per concept).
+"""The per-pool ordering: the best candidate of a pool in O(log n), kept up to date.
+
+What it holds. For every slot an ordering key, ``(eff, max_concurrency,
+gpu)`` with ``eff = max(in-flight, reported running)``, as of the slot's last
+change; ``eff = -1`` marks a slot that is not a *candidate*: a candidate is
+ready, below its max, not overloaded, and not *evicted* (found with a stale
+heartbeat by an earlier decision, until its next heartbeat). For every pool a
+tournament tree over its members in member order: each node keeps the slot of
+a best leaf below it (keys compared exactly: ``eff_a * max_b`` against
+``eff_b * max_a``, then GPU use) and how many leaves below tie with it, so the
+root gives the best key and the number of candidates that share it, and
+:func:`_tree_nth` finds the r-th of them, in member order, in one descent.
+
+Who changes it, and why that is atomic. In-flight counts change only in
+``SlotCounts.c_try_add`` / ``c_add`` (every count change, the job table's
+included), reported figures only in ``LoadTable.update`` (heartbeats), node
+records only at publication (a new ``SnapshotKernel`` retargets the
+ordering). Each of these calls, and every decision that reads or
+temporarily hides leaves, runs in one compiled call that holds the GIL and
+makes no Python-level call in the middle (no allocation either, except in
+:meth:`Ordering.retarget`, which runs under the management lock, before the
+kernel is published), so no other thread ever sees a half-updated tree. On a
+free-threaded build the place to take a lock is those calls: one per
+ordering would do, as every change is O(log n).
+
+Lifecycle. One ordering belongs to one (SlotCounts, LoadTable) pair; a kernel
+built over that pair's arrays retargets it (incrementally: records are
+compared with the previous target's and only changed slots, and pools whose
+member list changed, are rebuilt) and uses it while it is the ordering's
+current target (``epoch``). Older kernels, kernels scoring a batch's scratch
+counts, and kernels over arrays no SlotCounts owns compute the very same
+decision by scanning (``SnapshotKernel._choose_scan``). Growing the counts
+or the load table suspends the ordering (``ready`` false) until the next
+publication rebuilds it over the new arrays.
+"""
+
+from libc.stdlib cimport calloc, realloc
+from libc.string cimport memcmp
+
+import weakref
+
+# data address of a SlotCounts' counts -> that SlotCounts: a kernel handed the
+# array (by whichever backend owns it) finds the counts whose changes it must follow
+_COUNTS_BY_ADDRESS = weakref.WeakValueDictionary()
+
+cdef double NEG_INF = float("-inf")
+cdef int64_t LEAF_POS = 0xFFFFFFFF  # a leaf reference is tree id << 32 | position
+
+
+cdef inline int _key_cmp(const order_key* a, const order_key* b) noexcept nogil:
+    """-1, 0 or 1 as (a.eff/a.max, a.gpu) is lower than, equal to, or above b's, exactly."""
+    cdef int64_t lhs = <int64_t>a.eff * b.max_concurrency
+    cdef int64_t rhs = <int64_t>b.eff * a.max_concurrency
+    if lhs != rhs:
+        return -1 if lhs < rhs else 1
+    if a.gpu != b.gpu:
+        return -1 if a.gpu < b.gpu else 1
+    return 0
+
+
+cdef inline void _combine(order_node* nodes, const order_key* keys, Py_ssize_t v) noexcept nogil:
+    """Node ``v`` from its two children: the better one's best, or both when they tie."""
+    cdef const order_node* a = &nodes[2 * v]
+    cdef const order_node* b = &nodes[2 * v + 1]
+    cdef order_node* n = &nodes[v]
+    cdef int c
+    if b.win < 0:
+        c = -1
+    elif a.win < 0:
+        c = 1
+    else:
+        c = _key_cmp(&keys[a.win], &keys[b.win])
+    if c < 0:
+        n.win = a.win
+        n.ties = a.ties
+        n.left = a.ties
+    elif c > 0:
+        n.win = b.win
+        n.ties = b.ties
+        n.left = 0
+    else:
+        n.win = a.win
+        n.ties = a.ties + b.ties
+        n.left = a.ties
+
+
+cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win) noexcept nogil:
+    """Set member ``pos``'s leaf (its slot, or -1 to leave it out) and repair its path to the root.
+
+    Correct as long as at most this one leaf is out of date with ``keys``: the
+    climb stops at the first node whose answer did not change and whose best
+    is another slot, since nothing above depends on this leaf then. (Nodes
+    hold a slot, not a copy of its key: measured, copying 24-byte nodes cost
+    more than the lookups it saves.)
+    """
+    cdef Py_ssize_t v = t.size + pos
+    cdef int32_t slot = t.slots[pos]
+    cdef order_node old
+    t.nodes[v].win = win
+    t.nodes[v].ties = 1 if win >= 0 else 0
+    v >>= 1
+    while v >= 1:
+        old = t.nodes[v]
+        _combine(t.nodes, keys, v)
+        if (old.win == t.nodes[v].win and old.ties == t.nodes[v].ties and old.left == t.nodes[v].left
+                and old.win != slot):
+            break
+        v >>= 1
+
+
+cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
+    """Position of the ``r``-th (from 0, in member order) leaf tied with the root's best.
+
+    Each node knows how many of its ties lie in its left half, so the descent
+    reads one node a level and compares no keys.
+    """
+    cdef Py_ssize_t v = 1
+    cdef const order_node* nodes = t.nodes
+    while v < t.size:
+        if r < nodes[v].left:
+            v = 2 * v
+        else:
+            r -= nodes[v].left
+            v = 2 * v + 1
+    return v - t.size
+
+
+cdef inline int32_t _leaf_of(const order_key* keys, int32_t slot) noexcept nogil:
+    return slot if keys[slot].eff >= 0 else -1
+
+
+cdef void _tree_free(pool_tree* t) noexcept nogil:
+    if t != NULL:
+        free(t.slots)
+        free(t.next)
+        free(t.nodes)
+        free(t)
+
+
+cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* keys) noexcept nogil:
+    """A tree over ``slots`` (member order), leaves from ``keys``; NULL when out of memory."""
+    cdef Py_ssize_t size = 1, i, v
+    while size < n:
+        size <<= 1
+    cdef pool_tree* t = <pool_tree*>calloc(1, sizeof(pool_tree))
+    if t == NULL:
+        return NULL
+    t.size = <int32_t>size
+    t.n = <int32_t>n
+    t.slots = <int32_t*>malloc((n if n > 0 else 1) * sizeof(int32_t))
+    t.next = <int64_t*>malloc((n if n > 0 else 1) * sizeof(int64_t))
+    t.nodes = <order_node*>malloc(2 * size * sizeof(order_node))
+    if t.slots == NULL or t.next == NULL or t.nodes == NULL:
+        _tree_free(t)
+        return NULL
+    for i in range(n):
+        t.slots[i] = slots[i]
+        t.next[i] = -1
+    for i in range(size):
+        t.nodes[size + i].win = _leaf_of(keys, slots[i]) if i < n else -1
+        t.nodes[size + i].ties = 1 if t.nodes[size + i].win >= 0 else 0
+        t.nodes[size + i].left = 0
+    t.nodes[0].win = -1
+    t.nodes[0].ties = 0
+    t.nodes[0].left = 0
+    for v in range(size - 1, 0, -1):
+        _combine(t.nodes, keys, v)
+    return t
+
+
+@cython.final
+cdef class Ordering:
+    """Per-pool tournament trees over the candidates, kept in step with every change.
+
+    Built and attached by :class:`SnapshotKernel` (see the module notes in
+    ``_ordering.pxi``); decisions read it, ``SlotCounts`` and ``LoadTable``
+    notify it. ``horizon`` is the latest heartbeat deadline of any node it
+    evicted: a decision for a time at or before it cannot trust evictions
+    and scans. Python code only inspects it (tests, diagnostics).
+    """
+
+    def __cinit__(self):
+        self.keys = NULL
+        self.evicted = NULL
+        self.head = NULL
+        self.n_slots = 0
+        self.trees = NULL
+        self.n_trees = 0
+        self.pool_tree = NULL
+        self.n_pools = 0
+        self.recs = NULL
+        self.loads = NULL
+        self.counts = NULL
+        self.pool_off = NULL
+        self.pool_members = NULL
+        self.threshold = 0.0
+        self.target = None
+        self.epoch = 0
+        self.ready = False
+        self.horizon = NEG_INF
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.n_trees):
+            _tree_free(self.trees[i])
+        free(self.trees)
+        free(self.pool_tree)
+        free(self.keys)
+        free(self.evicted)
+        free(self.head)
+
+    # -- inspection (tests, diagnostics) -----------------------------------
+    def evicted_slots(self) -> list:
+        """Slots evicted for a stale heartbeat and not heard from since."""
+        cdef Py_ssize_t s
+        return [s for s in range(self.n_slots) if self.evicted[s]]
+
+    def best(self, Py_ssize_t pool) -> tuple:
+        """``(a best candidate slot or -1, how many candidates tie with it)`` in ``pool``."""
+        if not self.ready or pool < 0 or pool >= self.n_pools:
+            raise ValueError(f"pool {pool}: the ordering has no current tree for it")
+        cdef pool_tree* t = self.tree_of(pool)
+        if t == NULL:
+            raise MemoryError()
+        return (t.nodes[1].win, t.nodes[1].ties)
+
+    def check(self) -> None:
+        """Recompute every key and tree from the arrays; AssertionError on any difference (tests)."""
+        if not self.ready:
+            return
+        cdef Py_ssize_t s, p, v
+        cdef order_key k
+        cdef pool_tree* t
+        cdef pool_tree* fresh
+        for s in range(self.n_slots):
+            k = self.keys[s]
+            if self._key_update(s):
+                self.keys[s] = k
+                raise AssertionError(f"ordering: stale key for slot {s}")
+        for p in range(self.n_pools):
+            t = self.tree_of(p)
+            if t == NULL:
+                raise MemoryError()
+            if t.n != self.pool_off[p + 1] - self.pool_off[p] or memcmp(
+                    t.slots, &self.pool_members[self.pool_off[p]], t.n * sizeof(int32_t)) != 0:
+                raise AssertionError(f"ordering: the tree of pool {p} has other members")
+            for v in range(t.n):
+                if self.leaf_in(t.slots[v], self.pool_tree[p]) != v:
+                    raise AssertionError(f"ordering: slot {t.slots[v]} does not list its leaf in pool {p}")
+            fresh = _tree_new(t.slots, t.n, self.keys)
+            if fresh == NULL:
+                raise MemoryError()
+            try:
+                for v in range(1, 2 * t.size):
+                    if (fresh.nodes[v].win != t.nodes[v].win or fresh.nodes[v].ties != t.nodes[v].ties
+                            or fresh.nodes[v].left != t.nodes[v].left):
+                        raise AssertionError(f"ordering: the tree of pool {p} differs at node {v}")
+            finally:
+                _tree_free(fresh)
+
+    # -- notifications (each O(log n), atomic under the GIL) -----------------
+    cdef bint _key_update(self, Py_ssize_t s) noexcept nogil:
+        """Recompute slot ``s``'s key from the target arrays; whether it changed."""
+        cdef const node_rec* rec = &self.recs[s]
+        cdef const node_load* load = &self.loads[s]
+        cdef int32_t held = self.counts[s]
+        cdef int32_t eff = held if held > load.running else load.running
+        cdef double thr = self.threshold
+        cdef order_key k
+        if (rec.status != STATUS_READY or eff >= <int64_t>rec.max_concurrency or self.evicted[s]
+                or load.cpu >= thr or load.gpu >= thr or load.mem >= thr):
+            eff = -1
+        k.eff = eff
+        k.max_concurrency = <int32_t>rec.max_concurrency
+        k.gpu = load.gpu
+        if memcmp(&k, &self.keys[s], sizeof(order_key)) == 0:
+            return False
+        self.keys[s] = k
+        return True
+
+    cdef void _refresh(self, Py_ssize_t s) noexcept nogil:
+        """Bring every leaf of slot ``s`` in line with its key."""
+        cdef int64_t ref = self.head[s]
+        cdef pool_tree* t
+        cdef Py_ssize_t pos
+        while ref >= 0:
+            t = self.trees[ref >> 32]
+            pos = ref & LEAF_POS
+            _tree_set(t, self.keys, pos, _leaf_of(self.keys, <int32_t>s))
+            ref = t.next[pos]
+
+    cdef void on_count(self, Py_ssize_t slot) noexcept nogil:
+        if self.ready and slot < self.n_slots and self._key_update(slot):
+            self._refresh(slot)
+
+    cdef void on_load(self, Py_ssize_t slot) noexcept nogil:
+        if slot >= self.n_slots:
+            return
+        self.evicted[slot] = 0  # a heartbeat: the node is heard from again
+        if self.ready and self._key_update(slot):
+            self._refresh(slot)
+
+    cdef void evict(self, Py_ssize_t slot, double deadline) noexcept nogil:
+        if slot >= self.n_slots:
+            return
+        self.evicted[slot] = 1
+        if deadline > self.horizon:
+            self.horizon = deadline
+        if self.ready and self._key_update(slot):
+            self._refresh(slot)
+
+    cdef void suspend(self) noexcept nogil:
+        self.ready = False
+
+    cdef Py_ssize_t leaf_in(self, Py_ssize_t slot, int32_t tree_id) noexcept nogil:
+        """Position of ``slot``'s leaf in tree ``tree_id``, or -1."""
+        if slot < 0 or slot >= self.n_slots:
+            return -1
+        cdef int64_t ref = self.head[slot]
+        while ref >= 0:
+            if (ref >> 32) == tree_id:
+                return ref & LEAF_POS
+            ref = self.trees[ref >> 32].next[ref & LEAF_POS]
+        return -1
+
+    # -- retargeting (publication, under the management lock) -----------------
+    cdef int _resize(self, Py_ssize_t n) except -1:
+        cdef Py_ssize_t s, keep = self.n_slots if self.n_slots < n else n
+        cdef order_key* keys = <order_key*>realloc(self.keys, (n if n > 0 else 1) * sizeof(order_key))
+        if keys == NULL:
+            raise MemoryError()
+        self.keys = keys
+        cdef uint8_t* evicted = <uint8_t*>realloc(self.evicted, (n if n > 0 else 1) * sizeof(uint8_t))
+        if evicted == NULL:
+            raise MemoryError()
+        self.evicted = evicted
+        cdef int64_t* head = <int64_t*>realloc(self.head, (n if n > 0 else 1) * sizeof(int64_t))
+        if head == NULL:
+            raise MemoryError()
+        self.head = head
+        for s in range(keep, n):
+            self.keys[s].eff = -1
+            self.keys[s].max_concurrency = 0
+            self.keys[s].gpu = 0.0
+            self.evicted[s] = 0
+            self.head[s] = -1
+        self.n_slots = n
+        return 0
+
+    cdef int32_t _new_tree_id(self, pool_tree* t) noexcept nogil:
+        """A free tree id for ``t``; -1 when out of memory."""
+        cdef Py_ssize_t i, cap
+        cdef pool_tree** grown
+        for i in range(self.n_trees):
+            if self.trees[i] == NULL:
+                self.trees[i] = t
+                return <int32_t>i
+        cap = 2 * self.n_trees if self.n_trees else 16
+        grown = <pool_tree**>realloc(self.trees, cap * sizeof(pool_tree*))
+        if grown == NULL:
+            return -1
+        self.trees = grown
+        for i in range(self.n_trees, cap):
+            self.trees[i] = NULL
+        i = self.n_trees
+        self.n_trees = cap
+        self.trees[i] = t
+        return <int32_t>i
+
+    cdef pool_tree* tree_of(self, Py_ssize_t pool) noexcept nogil:
+        """The tree of ``pool`` (of the current target), built now if it has none; NULL when out of memory.
+
+        Trees are built on first use, not at publication: a burst of
+        registrations into one large pool then costs one build, by the first
+        decision that needs the pool, instead of one per registration.
+        """
+        cdef int32_t tid = self.pool_tree[pool]
+        cdef pool_tree* t
+        if tid >= 0:
+            return self.trees[tid]
+        t = _tree_new(&self.pool_members[self.pool_off[pool]], self.pool_off[pool + 1] - self.pool_off[pool],
+                      self.keys)
+        if t == NULL:
+            return NULL
+        tid = self._new_tree_id(t)
+        if tid < 0:
+            _tree_free(t)
+            return NULL
+        self._link(tid)
+        self.pool_tree[pool] = tid
+        return t
+
+    cdef void _link(self, int32_t tree_id) noexcept nogil:
+        cdef pool_tree* t = self.trees[tree_id]
+        cdef Py_ssize_t pos
+        cdef int32_t s
+        for pos in range(t.n):
+            s = t.slots[pos]
+            t.next[pos] = self.head[s]
+            self.head[s] = (<int64_t>tree_id << 32) | pos
+
+    cdef void _drop_tree(self, int32_t tree_id) noexcept nogil:
+        """Unlink every leaf of a tree from its slot's list, then free it."""
+        cdef pool_tree* t = self.trees[tree_id]
+        cdef Py_ssize_t pos
+        cdef int64_t ref, me, prev
+        cdef int32_t s
+        for pos in range(t.n):
+            s = t.slots[pos]
+            me = (<int64_t>tree_id << 32) | pos
+            if s >= self.n_slots:
+                continue
+            if self.head[s] == me:
+                self.head[s] = t.next[pos]
+                continue
+            prev = self.head[s]
+            while prev >= 0:
+                ref = self.trees[prev >> 32].next[prev & LEAF_POS]
+                if ref == me:
+                    self.trees[prev >> 32].next[prev & LEAF_POS] = t.next[pos]
+                    break
+                prev = ref
+        _tree_free(t)
+        self.trees[tree_id] = NULL
+
+    cdef int _match_trees(self, const int32_t* pool_off, const int32_t* members, Py_ssize_t n_pools,
+                          bint reuse) except -1:
+        """Give each pool its current tree when its member list is unchanged (with ``reuse``); drop the rest.
+
+        Pools left without a tree get one on first use (:meth:`tree_of`).
+        """
+        cdef int32_t* ids = <int32_t*>malloc((n_pools if n_pools > 0 else 1) * sizeof(int32_t))
+        cdef uint8_t* claimed = <uint8_t*>calloc(self.n_trees if self.n_trees > 0 else 1, sizeof(uint8_t))
+        cdef Py_ssize_t p, i, begin, n, pos
+        cdef int64_t ref
+        cdef int32_t tid
+        cdef pool_tree* t
+        if ids == NULL or claimed == NULL:
+            free(ids)
+            free(claimed)
+            raise MemoryError()
+        for p in range(n_pools):
+            ids[p] = -1
+            begin = pool_off[p]
+            n = pool_off[p + 1] - begin
+            if not reuse or n == 0 or members[begin] >= self.n_slots:
+                continue
+            ref = self.head[members[begin]]
+            while ref >= 0:
+                tid = <int32_t>(ref >> 32)
+                pos = ref & LEAF_POS
+                t = self.trees[tid]
+                if (pos == 0 and not claimed[tid] and t.n == n
+                        and memcmp(t.slots, &members[begin], n * sizeof(int32_t)) == 0):
+                    ids[p] = tid
+                    claimed[tid] = 1
+                    break
+                ref = t.next[pos]
+        for i in range(self.n_trees):
+            if self.trees[i] != NULL and not claimed[i]:
+                self._drop_tree(<int32_t>i)
+        free(claimed)
+        free(self.pool_tree)
+        self.pool_tree = ids
+        self.n_pools = n_pools
+        return 0
+
+    cdef int retarget(self, SnapshotKernel k) except -1:
+        """Make the trees describe kernel ``k``'s records and pools; ``k`` becomes the current target.
+
+        Incremental when only records (and possibly some pools) changed
+        since the previous target over the same load table and counts: the
+        records are compared slot by slot, changed slots are re-keyed one at
+        a time (so each tree repair sees at most one out-of-date leaf), and
+        only pools whose member list changed get a new tree. Otherwise
+        (first target, arrays grown, another threshold) everything is rebuilt.
+        """
+        cdef bint full = (not self.ready or k.loads != self.loads or <const int32_t*>k.inflight != self.counts
+                          or k.threshold != self.threshold or k.n_slots < self.n_slots)
+        cdef bint pools_changed = (k.pool_off != self.pool_off or k.pool_members != self.pool_members
+                                   or k.n_pools != self.n_pools)
+        cdef const node_rec* old_recs = self.recs
+        cdef object old_target = self.target  # keeps old_recs alive, and frees nothing before the end
+        cdef Py_ssize_t old_n = self.n_slots, s, s0, end, i
+        self.ready = False
+        self._resize(k.n_slots)
+        self.recs = k.recs
+        self.loads = k.loads
+        self.counts = k.inflight
+        self.threshold = k.threshold
+        self.pool_off = k.pool_off
+        self.pool_members = k.pool_members
+        if full:
+            for i in range(self.n_trees):
+                _tree_free(self.trees[i])
+                self.trees[i] = NULL
+            for s in range(self.n_slots):
+                self.head[s] = -1
+                self._key_update(s)
+            self._match_trees(k.pool_off, k.pool_members, k.n_pools, False)
+        else:
+            if pools_changed:
+                self._match_trees(k.pool_off, k.pool_members, k.n_pools, True)
+            # records that changed (compared 64 at a time, the common case being "none")
+            s0 = 0
+            while s0 < old_n:
+                end = s0 + 64 if s0 + 64 < old_n else old_n
+                if old_recs == self.recs or memcmp(&old_recs[s0], &self.recs[s0], (end - s0) * sizeof(node_rec)) == 0:
+                    s0 = end
+                    continue
+                for s in range(s0, end):
+                    if memcmp(&old_recs[s], &self.recs[s], sizeof(node_rec)) != 0 and self._key_update(s):
+                        self._refresh(s)
+                s0 = end
+            for s in range(old_n, self.n_slots):
+                if self._key_update(s):
+                    self._refresh(s)
+        self.target = k.refs  # keeps every array above alive
+        self.epoch += 1
+        self.ready = True
+        return 0  # old_target is released only now: no deallocation ran while the trees were not ready

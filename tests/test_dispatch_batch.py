@@ -1,0 +1,182 @@
+"""``Scheduler.dispatch_batch``: arrays in, arrays out, the same decisions as one-by-one dispatch."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import pysched
+from pysched.scheduler import BATCH_REASONS, BatchResult
+
+SETS = [["zh", "en"], ["de", "en", "zh"], ["en", "ja"], ["en", "ja", "ko"], ["en", "es", "pt"]]
+PAIRS = [("zh", "en"), ("ja", "en"), ("auto", "en"), ("de", "zh"), ("ko", "ja"), ("fr", "en"), ("es", "pt")]
+
+
+def fleet(make_scheduler, **kw):
+    sched = make_scheduler(**kw)
+    for i in range(25):
+        sched.register_node(f"n{i}", SETS[i % len(SETS)], max_concurrency=1 + i % 4,
+                            accept_public_jobs=i % 11 != 0)
+    sched.drain_node("n7")
+    sched.heartbeat("n3", gpu=90.0)
+    return sched
+
+
+def jobs(seed, n=150):
+    rng = np.random.default_rng(seed)
+    sids = [f"s{int(rng.integers(0, 23))}" for _ in range(n)]
+    pairs = [PAIRS[int(rng.integers(0, len(PAIRS)))] for _ in range(n)]
+    return sids, [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def one_by_one(sched, sids, srcs, tgts, **kw):
+    out = []
+    for sid, s, t in zip(sids, srcs, tgts):
+        try:
+            out.append(sched.dispatch(sid, s, t, **kw))
+        except pysched.SchedulerError as exc:
+            out.append(exc)
+    return out
+
+
+def _reason_of(x):
+    if isinstance(x, pysched.NoPoolForLanguagePair):
+        return "no_pool"
+    if isinstance(x, pysched.NoNodeAvailable):
+        return x.best_reason
+    return "ok"
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kw", [{}, {"tenant": "acme"}, {"require_gpu": False, "services": ("asr",)}])
+def test_batch_places_exactly_as_sequential_dispatch(make_scheduler, seed, kw):
+    seq = fleet(make_scheduler, tenant_pools={"acme": 2})
+    bat = fleet(make_scheduler, tenant_pools={"acme": 2})
+    warm = [(f"s{i}", "zh", "en") for i in range(6)]  # earlier traffic binds some sessions, in both
+    for sched in (seq, bat):
+        for w in warm:
+            sched.dispatch(*w)
+    sids, srcs, tgts = jobs(seed)
+    expected = one_by_one(seq, sids, srcs, tgts, **kw)
+    got = bat.dispatch_batch(sids, srcs, tgts, **kw)
+    assert isinstance(got, BatchResult) and len(got) == len(sids)
+    assert got.node_ids() == [x.node_id if isinstance(x, pysched.Assignment) else None for x in expected]
+    assert got.pool_id.tolist() == [x.pool_id if isinstance(x, pysched.Assignment) else -1 for x in expected]
+    assert got.reasons() == [_reason_of(x) for x in expected]
+    assert got.placed == sum(isinstance(x, pysched.Assignment) for x in expected) > 0
+    assert "full" in got.reasons() and "no_pool" in got.reasons()
+    # the same state afterwards: loads, bindings, counters, and the next job id
+    assert seq.reservations.inflight.tolist() == bat.reservations.inflight.tolist()
+    for sid in set(sids):
+        assert getattr(seq._sessions.get(sid), "binding", None) == getattr(bat._sessions.get(sid), "binding", None)
+    assert seq.stats()["dispatch"] == bat.stats()["dispatch"]
+    seq.register_node("late", ["zh", "en"], max_concurrency=50)
+    bat.register_node("late", ["zh", "en"], max_concurrency=50)
+    assert seq.dispatch("z", "zh", "en").job_id == bat.dispatch("z", "zh", "en").job_id
+
+
+def test_handles_release_and_commit_one_by_one_and_in_batches(make_scheduler, clock):
+    sched = make_scheduler(reservation_ttl=10.0, commit_lease=100.0)
+    sched.register_node("a", ["zh", "en"], max_concurrency=10)
+    got = sched.dispatch_batch([f"s{i}" for i in range(6)], "zh", "en")
+    h = got.handle
+    assert got.placed == 6 and len(set(h.tolist())) == 6 and (h >= 0).all()
+    assert sched.release(int(h[0])) is True and sched.release(int(h[0])) is False
+    sched.commit(int(h[1]))
+    assert sched.commit_batch(h[2:4]) == 2
+    assert sched.release_batch(h) == 5  # h[0] is gone already; committed jobs release too
+    assert sched.stats()["reservations"] == 0
+    # a stale handle never names a newer job that reuses the record
+    again = sched.dispatch_batch(["t"], "zh", "en").handle
+    assert sched.release(int(h[5])) is False and sched.stats()["reservations"] == 1
+    assert sched.release_batch(again) == 1
+    with pytest.raises(pysched.UnknownJob):
+        sched.commit(int(h[1]))
+
+
+def test_uncommitted_batch_jobs_expire_with_an_event(make_scheduler, clock):
+    sched = make_scheduler(reservation_ttl=5.0)
+    seen = []
+    sched.add_listener(lambda e, n, f: seen.append((e, n, f)))
+    sched.register_node("a", ["zh", "en"], max_concurrency=4)
+    got = sched.dispatch_batch(["s1", "s2"], "zh", "en")
+    sched.commit(int(got.handle[0]))
+    clock.advance(5.0)
+    assert sched.reservations.expire() == 1
+    (event,) = [e for e in seen if e[0] == "job_expired"]
+    assert event[1] == "a" and event[2]["job_id"] == int(got.handle[1]) and event[2]["committed"] is False
+
+
+def test_numpy_arrays_in(make_scheduler):
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en", "ja"], max_concurrency=100)
+    got = sched.dispatch_batch(np.array(["s1", "s2", "s3"]), np.array(["zh", "ja", "zh"]), "en")
+    assert got.node_ids() == ["a", "a", "a"] and got.ok.all()
+    assert got.reason.dtype == np.uint8 and got.handle.dtype == np.int64 and got.slot.dtype == np.int32
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((["s1", ""], "zh", "en"), TypeError, r"session_ids\[1\]"),
+    ((["s1", 5], "zh", "en"), TypeError, r"session_ids\[1\]"),
+    ((["s1", "s2"], ["zh", "not a code!"], "en"), ValueError, r"src\[1\]"),
+    ((["s1", "s2"], "zh", ["en"]), ValueError, "tgt must be one code or one per job"),
+    ((["s1"], "zh", "auto"), ValueError, "tgt"),
+])
+def test_bad_batches_change_nothing(make_scheduler, args, error, match):
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"])
+    with pytest.raises(error, match=match):
+        sched.dispatch_batch(*args)
+    assert sched.reservations.count() == 0 and sched.stats()["sessions"] == 0
+
+
+def test_batch_needs_the_local_backend(kernel_name):
+    class Custom(pysched.LocalReservations):
+        pass
+
+    sched = pysched.Scheduler(kernel=kernel_name, reservations=Custom())
+    with pytest.raises(TypeError, match="LocalReservations"):
+        sched.dispatch_batch(["s"], "zh", "en")
+
+
+def test_batches_and_dispatches_from_threads_never_over_commit(kernel_name):
+    sched = pysched.Scheduler(kernel=kernel_name, seed=4)
+    for i in range(6):
+        sched.register_node(f"n{i}", ["zh", "en"], max_concurrency=5)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def batcher(k):
+        try:
+            barrier.wait(timeout=60)
+            for _ in range(40):
+                got = sched.dispatch_batch([f"b{k}-{i}" for i in range(12)], "zh", "en")
+                assert (sched.reservations.inflight[:6] <= 5).all()
+                sched.release_batch(got.handle[got.ok])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def single():
+        try:
+            barrier.wait(timeout=60)
+            for i in range(300):
+                try:
+                    sched.release(sched.dispatch(f"x{i % 9}", "zh", "en").job_id)
+                except pysched.NoNodeAvailable:
+                    pass
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=batcher, args=(k,)) for k in range(2)] + [threading.Thread(target=single)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads) and not errors, errors[:3]
+    assert sched.reservations.count() == 0 and int(sched.reservations.inflight[:6].sum()) == 0
+
+
+def test_reason_names():
+    assert BATCH_REASONS[0] == "ok" and BATCH_REASONS[-2:] == ("no_pool", "no_nodes")
