@@ -29,7 +29,7 @@ from pysched.language_index import PoolLanguageIndex
 from pysched.languages import AUTO, DEFAULT_SERVICES, LANGUAGE_ALIASES, normalize_language
 from pysched.pools import PoolConfig, PoolInfo
 from pysched.reservations import Candidate, LocalReservations, Reservation, ReservationBackend
-from pysched.scheduler import Assignment, DispatchRequest, Explanation, Scheduler
+from pysched.scheduler import BATCH_REASONS, Assignment, BatchResult, DispatchRequest, Explanation, Scheduler
 from pysched.snapshot import RuntimeSnapshot
 
 __version__ = "0.1.0"
@@ -56,6 +56,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "AUTO",
     "Assignment",
+    "BATCH_REASONS",
+    "BatchResult",
     "COMPILED",
     "Candidate",
     "DEFAULT_SERVICES",

@@ -124,6 +124,8 @@ cdef class Ordering:
     cdef const int32_t* pool_members
     cdef double threshold
     cdef object target                 # keeps the target's arrays alive
+    cdef uint8_t** retired             # replaced evicted-flag arrays (freed at dealloc, see _resize)
+    cdef Py_ssize_t n_retired
     cdef readonly uint64_t epoch       # bumped by every retarget; a kernel uses the trees only at its own
     cdef readonly bint ready           # the trees describe the current target
     cdef readonly double horizon       # latest heartbeat deadline of an evicted node
@@ -142,7 +144,7 @@ cdef class Ordering:
     cdef void _drop_tree(self, int32_t tree_id) noexcept nogil
     cdef int _match_trees(self, const int32_t* pool_off, const int32_t* members, Py_ssize_t n_pools,
                           bint reuse) except -1
-    cdef int retarget(self, SnapshotKernel k) except -1
+    cdef int retarget(self, SnapshotKernel k, const int32_t* changed, Py_ssize_t n_changed) except -1
 
 
 cdef class Rng:
@@ -199,7 +201,7 @@ cdef class SnapshotKernel:
 
     cdef Py_ssize_t _pair_key(self, Py_ssize_t src_id, Py_ssize_t tgt_id) except -2
     cdef int _check_pool(self, Py_ssize_t pool) except -1
-    cdef int _attach(self, LoadTable loads, object inflight) except -1
+    cdef int _attach(self, LoadTable loads, object inflight, object changed) except -1
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
     cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
@@ -293,6 +295,8 @@ cdef class Dispatcher:
     cdef dict pool_index
 
     cdef object slow_dispatch, slow_release, slow_commit, no_node, default_services, normalize
+    cdef object assignment_type        # the process's Assignment type (see connect)
+    cdef bint own_assignment           # it is this module's: build it directly
     cdef int _refresh(self, object snap) except -1
     cdef PyObject* _code(self, str code) except? NULL
     cdef PyObject* _code_checked(self, object code, str name, Py_ssize_t i) except NULL

@@ -5,9 +5,17 @@ Everything here works on raw pointers captured once, when a snapshot is
 published (:class:`SnapshotKernel`); a typed memoryview of a structured
 array costs ~0.44 us to acquire, more than a whole 100-node scan, so no
 entry point takes arrays. Arguments are validated once at the boundary,
-then ``noexcept nogil`` helpers do the work. The GIL is held for ordinary
-pools (releasing it for one small decision costs more than it saves) and
-released for pools of at least ``nogil_min_pool`` members.
+then ``noexcept nogil`` helpers do the work.
+
+A decision in a pool does not scan it: a per-pool ordering
+(``_ordering.pxi``), kept in step with every count change, heartbeat and
+publication, gives the best candidates in O(log n), and each one drawn is
+checked for eligibility (see "How a node is chosen" below). Kernels the
+ordering does not describe (an older snapshot, a batch's scratch counts,
+counts no ``SlotCounts`` owns) make the same decisions by scanning; a scan
+holds the GIL for ordinary pools (releasing it for one small decision costs
+more than it saves) and releases it for pools of at least
+``nogil_min_pool`` members.
 
 ``pysched._pycore`` is the pure-Python twin of this module: same names,
 same results (including the random tie-breaks), used as the test oracle.
@@ -465,6 +473,7 @@ cdef class SnapshotKernel:
         double threshold,
         Py_ssize_t nogil_min_pool=4096,
         list node_ids=None,
+        changed=None,
     ):
         validate_kernel_arrays(recs, len(loads), inflight, pool_off, pool_members, pair_off, pair_pools,
                                n_langs, heartbeat_timeout)
@@ -486,14 +495,16 @@ cdef class SnapshotKernel:
         self.rng = rng
         self.node_ids = node_ids
         self.refs = (recs, loads, inflight, pool_off, pool_members, pair_off, pair_pools)
-        self._attach(loads, inflight)
+        self._attach(loads, inflight, changed)
 
-    def with_records(self, cnp.ndarray recs, LoadTable loads, cnp.ndarray inflight) -> SnapshotKernel:
+    def with_records(self, cnp.ndarray recs, LoadTable loads, cnp.ndarray inflight, changed=None) -> SnapshotKernel:
         """A kernel over new node records (and tables), sharing this one's pools and index.
 
         For publications that change nodes but not pools: only the arrays
         that changed are checked, not the membership and index arrays this
         kernel already validated (slots never shrink, so those stay valid).
+        ``changed``: the slots whose record differs from this kernel's, when
+        the caller knows them (it saves comparing every record); None: compare.
         """
         check_record_arrays(recs, len(loads), inflight, self.n_slots)
         cdef SnapshotKernel k = SnapshotKernel.__new__(SnapshotKernel)
@@ -513,10 +524,10 @@ cdef class SnapshotKernel:
         k.rng = self.rng
         k.node_ids = self.node_ids
         k.refs = (recs, loads, inflight) + tuple(self.refs[3:])
-        k._attach(loads, inflight)
+        k._attach(loads, inflight, changed)
         return k
 
-    cdef int _attach(self, LoadTable loads, object inflight) except -1:
+    cdef int _attach(self, LoadTable loads, object inflight, object changed) except -1:
         """Find the ordering of these arrays (creating it if need be) and retarget it to this kernel.
 
         Only in-flight counts that a live :class:`SlotCounts` owns can be
@@ -526,22 +537,40 @@ cdef class SnapshotKernel:
         """
         cdef SlotCounts counts = _COUNTS_BY_ADDRESS.get(<Py_ssize_t>self.inflight)
         cdef Ordering o
+        cdef Py_ssize_t n_changed = -1, i
+        cdef int32_t* slots = NULL
         self.ordering = None
-        if counts is None or counts.successor is not None or counts.n < self.n_slots:
+        if changed is not None:
+            n_changed = len(changed)
+            slots = <int32_t*>malloc((n_changed if n_changed > 0 else 1) * sizeof(int32_t))
+            if slots == NULL:
+                raise MemoryError()
+            try:
+                for i in range(n_changed):
+                    slots[i] = changed[i]
+                    if slots[i] < 0 or slots[i] >= self.n_slots:
+                        raise ValueError(f"changed holds slot {changed[i]!r}, outside [0, {self.n_slots})")
+            except BaseException:
+                free(slots)
+                raise
+        try:
+            if counts is None or counts.successor is not None or counts.n < self.n_slots:
+                return 0
+            o = counts.ordering
+            if o is None or loads.ordering is not o:
+                if o is not None:
+                    o.suspend()
+                if loads.ordering is not None:
+                    loads.ordering.suspend()
+                o = Ordering()
+                counts.ordering = o
+                loads.ordering = o
+            o.retarget(self, slots, n_changed)
+            self.ordering = o
+            self.ordering_epoch = o.epoch
             return 0
-        o = counts.ordering
-        if o is None or loads.ordering is not o:
-            if o is not None:
-                o.suspend()
-            if loads.ordering is not None:
-                loads.ordering.suspend()
-            o = Ordering()
-            counts.ordering = o
-            loads.ordering = o
-        o.retarget(self)
-        self.ordering = o
-        self.ordering_epoch = o.epoch
-        return 0
+        finally:
+            free(slots)
 
     @property
     def ordering(self):
@@ -926,7 +955,12 @@ cdef class SnapshotKernel:
                 return (<int64_t>bound << 32) | found
         else:
             bound = -1
-        pref = tenant if tenant >= 0 and self._serves(key, tenant) else self._most_free(key, req)
+        if tenant >= 0 and self._serves(key, tenant):
+            pref = tenant
+        elif end - begin == 1:
+            pref = self.pair_pools[begin]  # the only pool: it is the most free one, no need to scan it
+        else:
+            pref = self._most_free(key, req)
         if pref >= 0 and pref != bound:
             found = self._choose(pref, req, state)
             if found >= 0:

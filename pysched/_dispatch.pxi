@@ -133,6 +133,8 @@ cdef class Dispatcher:
         self.kernel = None
         self.default_mask = -1
         self.next_sweep = INF
+        self.own_assignment = True
+        self.assignment_type = Assignment
 
     def new_job_id(self) -> str:
         """The next job id of this scheduler (shared with the Python path)."""
@@ -285,7 +287,9 @@ cdef class Dispatcher:
             state.binding = (pair, pool_id)
         state.last_used = now
         self.outcomes.values[0] += 1
-        return _assignment(<str>kernel.node_ids[slot], pool_id, job_id, <str>session_id, s, t)
+        if self.own_assignment:
+            return _assignment(<str>kernel.node_ids[slot], pool_id, job_id, <str>session_id, s, t)
+        return self.assignment_type(kernel.node_ids[slot], pool_id, job_id, session_id, s, t)
 
     def release(self, object job_id):
         """Release a job held on any node; None when the Python path must answer (a bad argument)."""
@@ -303,9 +307,15 @@ cdef class Dispatcher:
     # -- the public entry points, as Scheduler methods on an instance ----------
     def connect(self, object sched, object default_services):
         """Route what the compiled calls do not finish to ``sched``'s Python path."""
+        from pysched._kernel import core as default_core
         from pysched.languages import normalize_language
 
         self.normalize = normalize_language
+        # One Assignment type per process: this module's, unless the process
+        # runs the pure-Python twin by default (PYSCHED_PURE_PYTHON) and this
+        # scheduler asked for the compiled kernel explicitly.
+        self.assignment_type = default_core.Assignment
+        self.own_assignment = self.assignment_type is Assignment
         self.slow_dispatch = sched._dispatch_slow
         self.slow_release = sched._release_slow
         self.slow_commit = sched._commit_slow

@@ -181,6 +181,8 @@ cdef class Ordering:
     """
 
     def __cinit__(self):
+        self.retired = NULL
+        self.n_retired = 0
         self.keys = NULL
         self.evicted = NULL
         self.head = NULL
@@ -202,6 +204,9 @@ cdef class Ordering:
 
     def __dealloc__(self):
         cdef Py_ssize_t i
+        for i in range(self.n_retired):
+            free(self.retired[i])
+        free(self.retired)
         for i in range(self.n_trees):
             _tree_free(self.trees[i])
         free(self.trees)
@@ -326,14 +331,33 @@ cdef class Ordering:
 
     # -- retargeting (publication, under the management lock) -----------------
     cdef int _resize(self, Py_ssize_t n) except -1:
+        if n == self.n_slots and self.keys != NULL:
+            return 0
         cdef Py_ssize_t s, keep = self.n_slots if self.n_slots < n else n
+        cdef uint8_t** retired
         cdef order_key* keys = <order_key*>realloc(self.keys, (n if n > 0 else 1) * sizeof(order_key))
         if keys == NULL:
             raise MemoryError()
         self.keys = keys
-        cdef uint8_t* evicted = <uint8_t*>realloc(self.evicted, (n if n > 0 else 1) * sizeof(uint8_t))
+        # The evicted flags are read without the GIL by a scanning decision of an
+        # older kernel (SnapshotKernel._choose_scan, large pools), which may run
+        # while this retarget happens: the old array is retired, not freed, so
+        # such a reader never touches freed memory (it sees stale flags, and its
+        # kernel is an older one anyway). Sizes double, so retired arrays add up
+        # to less than the live one.
+        cdef uint8_t* evicted = <uint8_t*>malloc((n if n > 0 else 1) * sizeof(uint8_t))
         if evicted == NULL:
             raise MemoryError()
+        if keep:
+            memcpy(evicted, self.evicted, keep * sizeof(uint8_t))
+        if self.evicted != NULL:
+            retired = <uint8_t**>realloc(self.retired, (self.n_retired + 1) * sizeof(uint8_t*))
+            if retired == NULL:
+                free(evicted)
+                raise MemoryError()
+            self.retired = retired
+            self.retired[self.n_retired] = self.evicted
+            self.n_retired += 1
         self.evicted = evicted
         cdef int64_t* head = <int64_t*>realloc(self.head, (n if n > 0 else 1) * sizeof(int64_t))
         if head == NULL:
@@ -466,15 +490,18 @@ cdef class Ordering:
         self.n_pools = n_pools
         return 0
 
-    cdef int retarget(self, SnapshotKernel k) except -1:
+    cdef int retarget(self, SnapshotKernel k, const int32_t* changed, Py_ssize_t n_changed) except -1:
         """Make the trees describe kernel ``k``'s records and pools; ``k`` becomes the current target.
 
         Incremental when only records (and possibly some pools) changed
-        since the previous target over the same load table and counts: the
-        records are compared slot by slot, changed slots are re-keyed one at
-        a time (so each tree repair sees at most one out-of-date leaf), and
-        only pools whose member list changed get a new tree. Otherwise
-        (first target, arrays grown, another threshold) everything is rebuilt.
+        since the previous target over the same load table and counts:
+        changed slots are re-keyed one at a time (so each tree repair sees at
+        most one out-of-date leaf), and only pools whose member list changed
+        lose their tree. The changed slots are ``changed`` when the publisher
+        knows them (``n_changed >= 0``: O(changes)); otherwise the records are
+        compared with the previous target's (O(slots), 64 records at a time).
+        Otherwise (first target, arrays grown, another threshold) everything
+        is rebuilt.
         """
         cdef bint full = (not self.ready or k.loads != self.loads or <const int32_t*>k.inflight != self.counts
                           or k.threshold != self.threshold or k.n_slots < self.n_slots)
@@ -502,8 +529,12 @@ cdef class Ordering:
         else:
             if pools_changed:
                 self._match_trees(k.pool_off, k.pool_members, k.n_pools, True)
+            for i in range(n_changed):
+                s = changed[i]
+                if s < old_n and self._key_update(s):
+                    self._refresh(s)
             # records that changed (compared 64 at a time, the common case being "none")
-            s0 = 0
+            s0 = 0 if n_changed < 0 else old_n
             while s0 < old_n:
                 end = s0 + 64 if s0 + 64 < old_n else old_n
                 if old_recs == self.recs or memcmp(&old_recs[s0], &self.recs[s0], (end - s0) * sizeof(node_rec)) == 0:

@@ -313,6 +313,7 @@ class SnapshotKernel:
         threshold: float,
         nogil_min_pool: int = 4096,
         node_ids: list | None = None,
+        changed=None,
     ) -> None:
         validate_kernel_arrays(recs, len(loads), inflight, pool_off, pool_members, pair_off, pair_pools,
                                n_langs, heartbeat_timeout)
@@ -330,18 +331,24 @@ class SnapshotKernel:
         self._node_ids = node_ids
         self._timeout = float(heartbeat_timeout)
         self._threshold = float(threshold)
-        self._attach(loads, inflight)
+        self._attach(loads, inflight, changed)
 
-    def with_records(self, recs: np.ndarray, loads: LoadTable, inflight: np.ndarray) -> "SnapshotKernel":
+    def with_records(self, recs: np.ndarray, loads: LoadTable, inflight: np.ndarray, changed=None) -> "SnapshotKernel":
         check_record_arrays(recs, len(loads), inflight, self.n_slots)
         k = object.__new__(SnapshotKernel)
         k.__dict__.update(self.__dict__)
         k._recs, k._loads, k._inflight, k.n_slots = recs, loads.array, inflight, len(recs)
-        k._attach(loads, inflight)
+        k._attach(loads, inflight, changed)
         return k
 
-    def _attach(self, loads: LoadTable, inflight: np.ndarray) -> None:
-        """As the compiled kernel: find (or create) the ordering of these arrays and retarget it."""
+    def _attach(self, loads: LoadTable, inflight: np.ndarray, changed=None) -> None:
+        """As the compiled kernel: find (or create) the ordering of these arrays and retarget it.
+
+        ``changed`` (slots whose record changed) only saves the compiled kernel work: checked, then unused.
+        """
+        for slot in () if changed is None else changed:
+            if not 0 <= slot < self.n_slots:
+                raise ValueError(f"changed holds slot {slot!r}, outside [0, {self.n_slots})")
         self._ordering: Ordering | None = None
         self._ordering_epoch = 0
         counts = _COUNTS_BY_ADDRESS.get(_address(inflight))

@@ -181,6 +181,9 @@ class ManagementRegistry:
         self._loads = core.LoadTable(0)
         self._recs = np.zeros(0, dtype=NODE_DTYPE)
         self._recs_shared = True  # the current recs array belongs to a published snapshot
+        # slots whose record was written since the last publication: every write
+        # to recs goes through _write_rec_locked or _remove_locked, which append
+        self._changed_slots: list[int] = []
         self._service_bits: dict[str, int] = {}
 
         # pools
@@ -362,6 +365,7 @@ class ManagementRegistry:
         self._unpooled.pop(st.node_id, None)
         recs = self._writable_recs_locked()
         recs[st.slot] = (0, 0, STATUS_ABSENT, 0, 0)
+        self._changed_slots.append(st.slot)
         self._leave_pools_locked(st, (), st.pool_ids)
         st.pool_ids = ()
         self._retry_unpooled_locked()
@@ -774,6 +778,7 @@ class ManagementRegistry:
         mask = self.service_mask(st.services) or 0
         flags = (FLAG_HAS_GPU if st.has_gpu else 0) | (FLAG_PUBLIC if st.public else 0)
         recs[st.slot] = (mask, st.max_concurrency, STATUS_CODES[st.status], flags, 0)
+        self._changed_slots.append(st.slot)
 
     def _publish_locked(self) -> None:
         if self._index_dirty:
@@ -797,14 +802,20 @@ class ManagementRegistry:
         self._recs_shared = True
         inflight = self._reservations.inflight
         previous = getattr(self, "snapshot", None)
+        # The slots whose record was written since the last publication, where the
+        # writers keep that list: the kernel then re-keys just those in its per-pool
+        # ordering instead of comparing every record (O(changes), not O(slots)).
+        # None: the kernel compares.
+        changed = self._changed_slots
         if previous is not None and not pools_changed:
-            kernel = previous.kernel.with_records(recs, self._loads, inflight)
+            kernel = previous.kernel.with_records(recs, self._loads, inflight, changed)
         else:
             kernel = self._core.SnapshotKernel(
                 recs, self._loads, inflight, self._pool_off, self._pool_members, index.pair_off, index.pair_pools,
                 index.n_langs, self._rng, self._heartbeat_timeout, self._threshold, self._nogil_min_pool,
-                self._node_ids,
+                self._node_ids, changed,
             )
+        self._changed_slots = []
         self.version += 1
         unpooled = tuple((nid, self._nodes[nid].languages) for nid in self._unpooled)
         self.snapshot = RuntimeSnapshot(

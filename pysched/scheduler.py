@@ -616,6 +616,10 @@ class Scheduler:
         if self._listeners:
             self._notify("remove", node_id, {})
 
+    def node_ids(self) -> list[str]:
+        """The ids of every registered node, in registration order."""
+        return self._mgmt.node_ids()
+
     def node(self, node_id: str) -> dict:
         """Management's view of one node."""
         return self._mgmt.node_info(node_id)

@@ -180,3 +180,55 @@ def test_batches_and_dispatches_from_threads_never_over_commit(kernel_name):
 
 def test_reason_names():
     assert BATCH_REASONS[0] == "ok" and BATCH_REASONS[-2:] == ("no_pool", "no_nodes")
+
+
+def _mixed_run(kernel, seed):
+    """A random mix of every dispatch path, heartbeats and time passing; returns everything observable."""
+    from conftest import FakeClock
+
+    clock = FakeClock()
+    rng = np.random.default_rng(seed)
+    sched = pysched.Scheduler(clock=clock, seed=seed, kernel=kernel, reservation_ttl=5.0, commit_lease=20.0,
+                              session_ttl=30.0, tenant_pools={"acme": 2})
+    for i in range(18):
+        sched.register_node(f"n{i}", SETS[i % len(SETS)], max_concurrency=1 + i % 3)
+    seen, held, handles = [], [], []
+    for step in range(160):
+        op = int(rng.integers(0, 9))
+        sid = f"s{int(rng.integers(0, 9))}"
+        src, tgt = PAIRS[int(rng.integers(0, len(PAIRS)))]
+        try:
+            if op <= 2:
+                a = sched.dispatch(sid, src, tgt)
+                held.append(a.job_id)
+                seen.append((a.node_id, a.pool_id, a.job_id))
+            elif op == 3:
+                got = sched.dispatch_batch([sid, f"{sid}b", sid], [src, "zh", src], [tgt, "en", tgt])
+                handles.extend(got.handle[got.ok].tolist())
+                seen.append((got.node_ids(), got.reasons(), got.handle.tolist()))
+            elif op == 4 and held:
+                seen.append(sched.release(held.pop(int(rng.integers(0, len(held))))))
+            elif op == 5 and handles:
+                seen.append(sched.release(handles.pop()))
+            elif op == 6 and held:
+                sched.commit(held[-1])
+                seen.append("committed")
+            elif op == 7:
+                sched.heartbeat(f"n{int(rng.integers(0, 18))}", running=int(rng.integers(0, 3)),
+                                gpu=float(rng.integers(0, 90)))
+                clock.advance(float(rng.integers(0, 4)))
+            else:
+                out = sched.dispatch_many([(sid, src, tgt), {"session_id": sid, "src": src, "tgt": tgt,
+                                                             "tenant": "acme"}])
+                seen.append([x.node_id if isinstance(x, pysched.Assignment) else type(x).__name__ for x in out])
+        except (pysched.NoNodeAvailable, pysched.NoPoolForLanguagePair, pysched.UnknownJob) as exc:
+            seen.append((type(exc).__name__, getattr(exc, "breakdown", None)))
+    seen.append(sched.reservations.inflight.tolist())
+    seen.append(sched.stats()["dispatch"])
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_and_twin_agree_on_every_path(seed):
+    pytest.importorskip("pysched._core")
+    assert _mixed_run("compiled", seed) == _mixed_run("python", seed)

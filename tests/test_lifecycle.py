@@ -588,3 +588,11 @@ def test_any_heartbeat_forgets_a_long_dead_node(make_scheduler, clock):
     sched.heartbeat("alive")
     assert [p.node_ids for p in sched.pools()] == [("alive",)]
     assert [e[:2] for e in seen if e[0] == "forget"] == [("forget", "dead")]
+
+
+def test_node_ids_lists_registered_nodes(make_scheduler):
+    sched = make_scheduler()
+    for n in ("b", "a", "c"):
+        sched.register_node(n, ["zh", "en"])
+    sched.remove_node("a")
+    assert sched.node_ids() == ["b", "c"]

@@ -55,11 +55,11 @@ class Twin:
         return self.core.SnapshotKernel(recs, self.loads, self.counts.array, off, members, pair_off, pair_pools, 1,
                                         self.rng, TIMEOUT, THRESHOLD, 4096, [f"n{i}" for i in range(len(recs))])
 
-    def republish(self):
-        """A publication that changes records only (pools shared)."""
+    def republish(self, changed=None):
+        """A publication that changes records only (pools shared); ``changed``: the slots it changed."""
         recs = self.recs.copy()
         recs.flags.writeable = False
-        self.kernel = self.kernel.with_records(recs, self.loads, self.counts.array)
+        self.kernel = self.kernel.with_records(recs, self.loads, self.counts.array, changed)
 
 
 def _fleet(draw, n):
@@ -160,9 +160,10 @@ def test_random_operations_keep_both_kernels_exact_and_equal(data):
             status = draw(st.sampled_from([0, 0, 2, 3, 4]))
             mx = draw(st.integers(1, 4))
             flags = draw(st.sampled_from([3, 1, 2]))
+            hint = draw(st.booleans())  # the publisher names the changed slot, or the kernel compares
             for t in fleets:
                 t.recs[s]["status"], t.recs[s]["max_concurrency"], t.recs[s]["flags"] = status, mx, flags
-                t.republish()
+                t.republish([s] if hint else None)
         elif op == "members":
             pools = _pools(draw, n)
             for t in fleets:
@@ -499,3 +500,28 @@ def test_trees_stay_exact_under_concurrent_dispatch_heartbeats_and_publications(
     assert kernel.ordered
     kernel.ordering.check()
     assert int(np.asarray(sched.snapshot.inflight).sum()) == 0  # every job released: nothing leaked
+
+
+@pytest.mark.parametrize("core", CORES, ids=["compiled", "python"])
+def test_a_bad_changed_hint_is_refused_and_changes_nothing(core):
+    f = Twin(core, 4, [[0, 1, 2, 3]], np.zeros(4, dtype=L.NODE_DTYPE), 1)
+    f.recs["max_concurrency"] = 2
+    f.recs["flags"] = 3
+    f.kernel = f.build()
+    epoch = f.kernel.ordering.epoch
+    with pytest.raises(ValueError, match="changed"):
+        f.kernel.with_records(f.recs.copy(), f.loads, f.counts.array, [7])
+    assert f.kernel.ordered and f.kernel.ordering.epoch == epoch
+
+
+def test_publications_that_name_their_changed_slots_keep_the_trees_exact():
+    sched = pysched.Scheduler(seed=2, kernel="compiled")
+    for i in range(40):
+        sched.register_node(f"n{i}", languages=["en", "zh"], max_concurrency=2)
+    mgmt = sched._mgmt
+    mgmt._changed_slots = []  # what a publisher that tracks its writes hands over
+    for i in range(0, 40, 3):
+        mgmt._changed_slots.append(sched.snapshot.slot(f"n{i}"))
+        sched.drain_node(f"n{i}")  # its own write is already listed
+        sched.snapshot.kernel.ordering.check()
+    assert mgmt._changed_slots == []  # consumed by each publication

@@ -457,3 +457,22 @@ def test_every_metric_the_readme_lists_is_exposed(client):
                  "pysched_pool_capacity", "pysched_pool_in_flight", "pysched_connections",
                  "pysched_messages_refused_total", "pysched_http_refused_total"):
         assert f"\n# TYPE {name.removesuffix('_bucket')} " in text, name
+
+
+def test_one_bad_job_in_a_batch_frame_does_not_sink_the_others(client, sched):
+    with client.websocket_connect("/v1/nodes", headers=bearer(NODE)) as node:
+        register(node, "n1", max_concurrency=4)
+        with client.websocket_connect("/v1/sessions/s1", headers=bearer(CLIENT)) as stream:
+            stream.send_text(json.dumps([
+                {"type": "job", "request_id": 1, "src": "zh", "tgt": "en"},
+                {"type": "job", "request_id": 2, "src": 5, "tgt": "en"},  # bad: src is not a str
+                {"type": "job", "request_id": 3, "src": "zh", "tgt": "en"},
+            ]))
+            err = stream.receive_json()
+            assert err["type"] == "error" and err["request_id"] == 2 and err["field"] == "src"
+            jobs = [node.receive_json(), node.receive_json()]
+            for j in jobs:
+                node.send_text(json.dumps({"type": "result", "job_id": j["job_id"], "ok": True}))
+            got = {stream.receive_json()["request_id"], stream.receive_json()["request_id"]}
+            assert got == {1, 3}
+        _poll(lambda: sched.stats()["reservations"] == 0)

@@ -240,6 +240,7 @@ async def post_job(request: Request) -> Response:
     service.metrics.observe_job("jobs", time.perf_counter() - job.received)
     if error is not None:
         return _error(error, service)
+    assert result is not None and job.job_id is not None and job.node_id is not None  # answered with a result
     return _json(JobResponse(job_id=job.job_id, node_id=job.node_id, ok=result.ok, payload=result.payload,
                              error=result.error, attempts=job.attempts))
 
@@ -273,10 +274,10 @@ async def post_dispatch(request: Request) -> Response:
     except ServeError as err:
         return _error(err, service)
     except _REQUEST_ERRORS as exc:
-        err = from_exception(exc, _DISPATCH_FIELDS)
-        if err.code in (ErrorCode.NO_NODE, ErrorCode.NO_POOL, ErrorCode.BACKEND_UNAVAILABLE):
-            service.metrics.dispatches.labels(err.code, err.best_reason or "").inc()
-        return _error(err, service)
+        failure = from_exception(exc, _DISPATCH_FIELDS)
+        if failure.code in (ErrorCode.NO_NODE, ErrorCode.NO_POOL, ErrorCode.BACKEND_UNAVAILABLE):
+            service.metrics.dispatches.labels(failure.code, failure.best_reason or "").inc()
+        return _error(failure, service)
     delivery.metrics.dispatch_ok.inc()
     return _json(DispatchResponse(job_id=a.job_id, node_id=a.node_id, pool_id=a.pool_id, session_id=a.session_id,
                                   src=a.src, tgt=a.tgt))
@@ -346,7 +347,7 @@ async def get_explain(request: Request) -> Response:
     try:
         service.auth.check(request.headers, CLIENT, ADMIN)
         q = request.query_params
-        src, tgt = q.get("src"), q.get("tgt")
+        src, tgt = q.get("src") or "", q.get("tgt") or ""
         for name, value in (("src", src), ("tgt", tgt)):
             if not value:
                 raise ServeError(ErrorCode.INVALID, f"query parameter {name} is required", field=name)
@@ -403,10 +404,10 @@ async def get_nodes(request: Request) -> Response:
         return _error(err, service)
     snap = service.scheduler.snapshot
     out = {}
-    for slot in range(len(snap.nodes)):
-        node_id = snap.node_id(slot) if slot < len(snap._node_ids) else None
-        if node_id is None or snap.slot(node_id) is None:
-            continue
+    for node_id in service.scheduler.node_ids():
+        slot = snap.slot(node_id)
+        if slot is None:
+            continue  # registered after this snapshot was read
         try:
             info = service.scheduler.node(node_id)
         except UnknownNode:

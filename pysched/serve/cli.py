@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         ws_ping_timeout=args.ws_ping_interval, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         ssl_keyfile_password=args.ssl_keyfile_password, ssl_ca_certs=args.ssl_ca_certs,
         **({} if args.ssl_cert_reqs is None else {"ssl_cert_reqs": args.ssl_cert_reqs}),
-        timeout_graceful_shutdown=5.0,
+        timeout_graceful_shutdown=5,
     )
 
     class DrainingServer(uvicorn.Server):

@@ -179,13 +179,13 @@ async def _node_loop(conn: NodeConnection, service: Service) -> None:
             data = None
             continue
         data = None
-        for msg in decoded if type(decoded) is list else (decoded,):
+        messages = decoded if isinstance(decoded, list) else (decoded,)
+        for msg in messages:
             try:
-                kind = type(msg)
-                if not conn.node_id and kind is not Register:
+                if not conn.node_id and not isinstance(msg, Register):
                     conn.refuse(ProtocolError(ErrorCode.NOT_REGISTERED, "send \"register\" first"))
                     break
-                if kind is Heartbeat:
+                if isinstance(msg, Heartbeat):
                     try:
                         heartbeat(conn.node_id, running=msg.running, cpu=msg.cpu, gpu=msg.gpu, mem=msg.mem,
                                   services=msg.services, languages=msg.languages, healthy=msg.healthy,
@@ -200,11 +200,11 @@ async def _node_loop(conn: NodeConnection, service: Service) -> None:
                         conn.refuse(ProtocolError(ErrorCode.INVALID, str(exc), field_of(exc, _HEARTBEAT_FIELDS)))
                     else:
                         applied.inc()
-                elif kind is Result:
+                elif isinstance(msg, Result):
                     delivery.on_result(conn, msg)
-                elif kind is Accept:
+                elif isinstance(msg, Accept):
                     delivery.on_accept(conn, msg.job_id)
-                elif kind is Register:
+                elif isinstance(msg, Register):
                     if conn.node_id and msg.node_id != conn.node_id:
                         logger.warning("node %r tried to register as %r: closing", conn.node_id, msg.node_id)
                         conn.close(CloseCode.WRONG_NODE)
@@ -222,7 +222,7 @@ async def _node_loop(conn: NodeConnection, service: Service) -> None:
                     conn.put(Registered(node_id=msg.node_id, heartbeat_interval=service.config.heartbeat_interval,
                                         max_message_bytes=service.config.max_message_bytes,
                                         guarantee=service.config.guarantee))
-                elif kind is Drain:
+                elif isinstance(msg, Drain):
                     try:
                         sched.drain_node(conn.node_id)
                     except UnknownNode:

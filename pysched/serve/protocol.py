@@ -400,6 +400,37 @@ def decode_session_message(data: bytes | str) -> SessionMessage | list[SessionMe
         raise _protocol_error(exc) from None
 
 
+def decode_session_items(data: bytes | str) -> list[SessionMessage | tuple[ProtocolError, Any]]:
+    """A session-stream frame, element by element: each message, or ``(error, request_id)`` for a bad one.
+
+    A batch with one bad element must not sink its good ones (their answers
+    would never come), and the answer to a bad one should carry its
+    ``request_id`` when it has one. Raises :class:`ProtocolError` only when
+    the frame is not JSON (or holds neither an object nor an array).
+    """
+    try:
+        decoded = _session_decoder.decode(data)
+        return decoded if isinstance(decoded, list) else [decoded]
+    except msgspec.DecodeError as exc:
+        whole = _protocol_error(exc)
+    try:
+        raw = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        raise whole from None
+    if not isinstance(raw, (list, dict)):
+        raise whole
+    out: list[SessionMessage | tuple[ProtocolError, Any]] = []
+    for item in raw if isinstance(raw, list) else [raw]:
+        request_id = item.get("request_id") if isinstance(item, dict) else None
+        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+            request_id = None
+        try:
+            out.append(msgspec.convert(item, SessionMessage))
+        except msgspec.ValidationError as exc:
+            out.append((_protocol_error(exc), request_id))
+    return out
+
+
 def decode_server_node_message(data: bytes | str) -> ServerNodeMessage | list[ServerNodeMessage]:
     """What the server sends a node (for node implementations); message or batch."""
     try:

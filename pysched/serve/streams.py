@@ -10,6 +10,7 @@ closes, its jobs still in flight are cancelled (their nodes get ``cancel``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket
@@ -24,7 +25,7 @@ from pysched.serve.protocol import (
     Result,
     SessionJob,
     SessionResult,
-    decode_session_message,
+    decode_session_items,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +42,8 @@ class SessionStream(Connection):
     def __init__(self, websocket: WebSocket, session_id: str, *, batch: bool, **limits: int) -> None:
         super().__init__(websocket, batch=batch, **limits)
         self.session_id = session_id
+        #: records a job's end-to-end time (the metrics histogram)
+        self.metrics_observe: Callable[[float], None] = lambda seconds: None
         #: request id -> its job, while in flight
         self.requests: dict[Any, JobState] = {}
 
@@ -52,9 +55,10 @@ def _reply(job: JobState, result: Result | None, error: ServeError | None) -> No
     stream: SessionStream = job.stream
     stream.requests.pop(job.request_id, None)
     stream.metrics_observe(time.perf_counter() - job.received)
-    if error is not None:
-        stream.put(error.frame(job.request_id))
+    if error is not None or result is None:
+        stream.put((error or ServeError(ErrorCode.INTERNAL, "no result")).frame(job.request_id))
     else:
+        assert job.job_id is not None and job.node_id is not None  # a result comes from a node
         stream.put(SessionResult(request_id=job.request_id, job_id=job.job_id, node_id=job.node_id, ok=result.ok,
                                  payload=result.payload, error=result.error, attempts=job.attempts))
 
@@ -66,7 +70,7 @@ async def serve_session(websocket: WebSocket, session_id: str, batch: bool, serv
                            max_bad_messages=config.max_bad_messages, max_send_queue=config.max_send_queue)
     metrics = service.metrics
     observe = metrics.job_seconds.labels("sessions").observe
-    stream.metrics_observe = observe  # type: ignore[attr-defined]
+    stream.metrics_observe = observe
     stream.on_bad_message = lambda code: metrics.refused.labels("session", code).inc()  # type: ignore[method-assign]
     gauge = metrics.connections.labels("session")
     gauge.inc()
@@ -102,15 +106,20 @@ async def _session_loop(stream: SessionStream, service: Service) -> None:
     while True:
         data = await receive()
         try:
-            decoded = decode_session_message(data)
+            messages = decode_session_items(data)
         except ProtocolError as exc:
             stream.refuse(exc)
             if stream.closed:
                 raise Closed(stream.close_code or CloseCode.BAD_MESSAGES) from None
             continue
-        for msg in decoded if type(decoded) is list else (decoded,):
+        for msg in messages:
+            if isinstance(msg, tuple):  # one bad element: answered on its own, the others go on
+                stream.refuse(msg[0], request_id=msg[1])
+                if stream.closed:
+                    raise Closed(stream.close_code or CloseCode.BAD_MESSAGES) from None
+                continue
             rid = msg.request_id
-            if type(msg) is SessionJob:
+            if isinstance(msg, SessionJob):
                 if rid in requests:
                     stream.put(ServeError(ErrorCode.DUPLICATE_REQUEST,
                                           f"request_id {rid!r} is already in flight on this stream",
@@ -128,9 +137,9 @@ async def _session_loop(stream: SessionStream, service: Service) -> None:
                 requests[rid] = job
                 delivery.submit(job)
             else:  # SessionCancel
-                job = requests.get(rid)
-                if job is None:
+                held = requests.get(rid)
+                if held is None:
                     stream.put(ServeError(ErrorCode.UNKNOWN_JOB, f"no job with request_id {rid!r} in flight",
                                           field="request_id").frame(rid))
                 else:
-                    delivery.cancel(job, ErrorCode.CANCELLED, "cancelled by the client")
+                    delivery.cancel(held, ErrorCode.CANCELLED, "cancelled by the client")
