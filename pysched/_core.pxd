@@ -298,6 +298,7 @@ cdef class Dispatcher:
     cdef object assignment_type        # the process's Assignment type (see connect)
     cdef bint own_assignment           # it is this module's: build it directly
     cdef int _refresh(self, object snap) except -1
+    cdef object _dispatch(self, object session_id, object src, object tgt)
     cdef PyObject* _code(self, str code) except? NULL
     cdef PyObject* _code_checked(self, object code, str name, Py_ssize_t i) except NULL
     cdef str _job_id(self, int64_t seq)

@@ -24,7 +24,7 @@ exactly as a batch does. The pure-Python twin does the same in every case,
 so both make the same decisions.
 """
 
-from cpython.unicode cimport PyUnicode_DATA
+from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH
 
 
 cdef extern from "Python.h":
@@ -194,6 +194,9 @@ cdef class Dispatcher:
 
     def dispatch(self, object session_id, object src, object tgt):
         """The common job's :class:`Assignment`; ``(src, tgt, now)`` when no node is eligible; else None."""
+        return self._dispatch(session_id, src, tgt)
+
+    cdef object _dispatch(self, object session_id, object src, object tgt):
         cdef PyObject* found_s
         cdef PyObject* found_t
         cdef PyObject* entry
@@ -206,7 +209,8 @@ cdef class Dispatcher:
         cdef int64_t found
         cdef int32_t h
         cdef tuple binding, pair = None
-        if type(session_id) is not str or not session_id or type(src) is not str or type(tgt) is not str:
+        if (type(session_id) is not str or PyUnicode_GET_LENGTH(session_id) == 0 or type(src) is not str
+                or type(tgt) is not str):
             return None
         if self.default_mask < 0:
             return None
@@ -329,7 +333,7 @@ cdef class Dispatcher:
             services = self.default_services
         if (job_id is None and exclude is None and tenant is None and prefer is None and require_gpu is True
                 and services is self.default_services):
-            done = self.dispatch(session_id, src, tgt)
+            done = self._dispatch(session_id, src, tgt)
             if done is not None:
                 if type(done) is tuple:
                     raise self.no_node(*done)
