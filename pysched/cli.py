@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "entry", "main", "positive_float", "positive_int",
-           "subcommand"]
+__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "entry", "main", "non_negative_float", "positive_float",
+           "positive_int", "subcommand"]
 
 #: Environment the command line wants before numpy loads: numpy's OpenBLAS
 #: worker threads otherwise spin and steal one of the two cores the dispatch
@@ -78,6 +78,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 

@@ -11,39 +11,13 @@ import argparse
 import os
 import sys
 
+from pysched.cli import non_negative_float as _non_negative
+from pysched.cli import positive_float as _positive
+from pysched.cli import positive_int as _count
+
 __all__ = ["add_arguments", "run"]
 
 _TOKEN_ENV = {"node": "PYSCHED_NODE_TOKEN", "client": "PYSCHED_CLIENT_TOKEN", "admin": "PYSCHED_ADMIN_TOKEN"}
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
