@@ -295,10 +295,12 @@ cdef class Dispatcher:
     cdef dict pool_index
 
     cdef object slow_dispatch, slow_release, slow_commit, no_node, default_services, normalize
+    cdef dict slots                    # node id -> slot, the backend's (for node-checked release/commit)
     cdef object assignment_type        # the process's Assignment type (see connect)
     cdef bint own_assignment           # it is this module's: build it directly
     cdef int _refresh(self, object snap) except -1
     cdef object _dispatch(self, object session_id, object src, object tgt)
+    cdef Py_ssize_t _slot_of(self, object node_id) except -3
     cdef PyObject* _code(self, str code) except? NULL
     cdef PyObject* _code_checked(self, object code, str name, Py_ssize_t i) except NULL
     cdef str _job_id(self, int64_t seq)

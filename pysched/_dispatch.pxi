@@ -320,6 +320,7 @@ cdef class Dispatcher:
         # scheduler asked for the compiled kernel explicitly.
         self.assignment_type = default_core.Assignment
         self.own_assignment = self.assignment_type is Assignment
+        self.slots = sched._reservations._slots  # node id -> slot (LocalReservations keeps it for life)
         self.slow_dispatch = sched._dispatch_slow
         self.slow_release = sched._release_slow
         self.slow_commit = sched._commit_slow
@@ -341,20 +342,38 @@ cdef class Dispatcher:
         return self.slow_dispatch(session_id, src, tgt, job_id=job_id, exclude=exclude, tenant=tenant,
                                   services=services, require_gpu=require_gpu, prefer=prefer)
 
+    cdef Py_ssize_t _slot_of(self, object node_id) except -3:
+        """-1 for any node; the node's slot; -2 for one never registered; -3 (with no error) for a bad id."""
+        cdef PyObject* entry
+        if node_id is None:
+            return -1
+        if type(node_id) is not str or PyUnicode_GET_LENGTH(node_id) == 0:
+            return -4  # the Python path names the problem
+        entry = _get(self.slots, node_id)
+        return -2 if entry == NULL else <object>entry
+
     def call_release(self, job_id, *, node_id=None):
         """``Scheduler.release``."""
-        if node_id is None and type(job_id) is str and job_id:
-            return self.jobs.c_release(<str>job_id, -1, self.clock())
+        cdef Py_ssize_t slot
+        if type(job_id) is str and PyUnicode_GET_LENGTH(job_id):
+            slot = self._slot_of(node_id)
+            if slot == -2:
+                return False  # a node this scheduler never saw holds nothing
+            if slot >= -1:
+                return self.jobs.c_release(<str>job_id, slot, self.clock())
         return self.slow_release(job_id, node_id=node_id)
 
     def call_commit(self, job_id, *, node_id=None):
         """``Scheduler.commit``."""
         cdef double now
-        if node_id is None and type(job_id) is str and job_id:
-            now = self.clock()
-            if self.jobs.c_commit(<str>job_id, -1, now + self.lease, now):
-                return None
-        return self.slow_commit(job_id, node_id=node_id)
+        cdef Py_ssize_t slot
+        if type(job_id) is str and PyUnicode_GET_LENGTH(job_id):
+            slot = self._slot_of(node_id)
+            if slot >= -1:
+                now = self.clock()
+                if self.jobs.c_commit(<str>job_id, slot, now + self.lease, now):
+                    return None
+        return self.slow_commit(job_id, node_id=node_id)  # refused: the Python path says why
 
     # -- array batches ----------------------------------------------------------
     cdef PyObject* _code_checked(self, object code, str name, Py_ssize_t i) except NULL:

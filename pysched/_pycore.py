@@ -1223,6 +1223,7 @@ class Dispatcher:
 
     # -- the public entry points, as Scheduler methods on an instance ----------
     def connect(self, sched, default_services) -> None:
+        self._slots = sched._reservations._slots
         self._slow_dispatch = sched._dispatch_slow
         self._slow_release = sched._release_slow
         self._slow_commit = sched._commit_slow
@@ -1243,15 +1244,28 @@ class Dispatcher:
         return self._slow_dispatch(session_id, src, tgt, job_id=job_id, exclude=exclude, tenant=tenant,
                                    services=services, require_gpu=require_gpu, prefer=prefer)
 
+    def _slot_of(self, node_id) -> int:
+        if node_id is None:
+            return -1
+        if type(node_id) is not str or not node_id:
+            return -4
+        return self._slots.get(node_id, -2)
+
     def call_release(self, job_id, *, node_id=None):
-        if node_id is None and type(job_id) is str and job_id:
-            return self._jobs.release(job_id, -1, self._clock()) is not None
+        if type(job_id) is str and job_id:
+            slot = self._slot_of(node_id)
+            if slot == -2:
+                return False
+            if slot >= -1:
+                return self._jobs.release(job_id, slot, self._clock()) is not None
         return self._slow_release(job_id, node_id=node_id)
 
     def call_commit(self, job_id, *, node_id=None):
-        if node_id is None and type(job_id) is str and job_id:
-            now = self._clock()
-            if self._jobs.commit(job_id, -1, now + self._lease, now):
-                return None
+        if type(job_id) is str and job_id:
+            slot = self._slot_of(node_id)
+            if slot >= -1:
+                now = self._clock()
+                if self._jobs.commit(job_id, slot, now + self._lease, now):
+                    return None
         return self._slow_commit(job_id, node_id=node_id)
 
