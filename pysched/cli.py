@@ -219,8 +219,8 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
-@subcommand("bench", "one workload against pysched (compiled and pure-Python) and the legacy multi-lock design",
-            _bench_arguments)
+@subcommand("bench", "one workload against pysched (compiled and pure-Python), the pure-Python indexed peer "
+            "and the legacy multi-lock design", _bench_arguments)
 def _bench(args: argparse.Namespace) -> int:
     """Run the side-by-side benchmark; print the table and write JSON."""
     from pysched.bench import run
