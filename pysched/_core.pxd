@@ -243,7 +243,9 @@ cdef class JobTable:
     cdef int32_t _live(self, str job_id, double now) except -2
     cdef bint _owned(self, int32_t h, Py_ssize_t slot) noexcept
     cdef void _drop(self, int32_t h) noexcept
-    cdef int _forget(self, str job_id, int32_t h) except -1
+    cdef int _forget(self, int32_t h) except -1
+    cdef void _commit(self, int32_t h, double expires_at) noexcept
+    cdef void _expire_at(self, int32_t h, double expires_at) noexcept
     cdef double next_expiry_c(self) noexcept
     cdef int32_t c_reserve(self, str job_id, Py_ssize_t slot, int64_t limit, int64_t running, object pool_id,
                            str session_id, double expires_at, object pair) except -4

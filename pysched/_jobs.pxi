@@ -301,11 +301,7 @@ cdef class JobTable:
         cdef int32_t h = self._live(job_id, now)
         if h < 0 or not self._owned(h, slot):
             return False
-        if not self.recs[h].committed:
-            self.recs[h].committed = 1
-            self.n_committed += 1
-        self.recs[h].expires_at = expires_at
-        self._heap_rekey(h)
+        self._commit(h, expires_at)
         return True
 
     def renew(self, str job_id not None, Py_ssize_t slot, double expires_at, double now) -> bool:
@@ -313,9 +309,18 @@ cdef class JobTable:
         cdef int32_t h = self._live(job_id, now)
         if h < 0 or not self._owned(h, slot):
             return False
+        self._expire_at(h, expires_at)
+        return True
+
+    cdef void _commit(self, int32_t h, double expires_at) noexcept:
+        if not self.recs[h].committed:
+            self.recs[h].committed = 1
+            self.n_committed += 1
+        self._expire_at(h, expires_at)
+
+    cdef void _expire_at(self, int32_t h, double expires_at) noexcept:
         self.recs[h].expires_at = expires_at
         self._heap_rekey(h)
-        return True
 
     cdef void _drop(self, int32_t h) noexcept:
         """Forget handle ``h`` and give its capacity back (no Python call can run in here)."""
@@ -341,7 +346,7 @@ cdef class JobTable:
             return None
         cdef job_rec* r = &self.recs[h]
         out = (r.slot, r.pool_id, self.session_ids[h], bool(r.committed))
-        self._forget(job_id, h)
+        self._forget(h)
         return out
 
     cdef bint c_release(self, str job_id, Py_ssize_t slot, double now) except -1:
@@ -349,13 +354,16 @@ cdef class JobTable:
         cdef int32_t h = self._live(job_id, now)
         if h < 0 or not self._owned(h, slot):
             return False
-        self._forget(job_id, h)
+        self._forget(h)
         return True
 
-    cdef int _forget(self, str job_id, int32_t h) except -1:
-        del self.index[job_id]
+    cdef int _forget(self, int32_t h) except -1:
+        """Drop record ``h`` everywhere: its job id (if it has one), its capacity, its heap entry, its objects."""
+        job_id = self.job_ids[h]
+        if job_id is not None:
+            del self.index[job_id]
+            self.job_ids[h] = None
         self._drop(h)
-        self.job_ids[h] = None
         self.session_ids[h] = None
         self.pairs[h] = None
         return 0
@@ -379,12 +387,7 @@ cdef class JobTable:
             slot, pool_id, expires_at, committed = r.slot, r.pool_id, r.expires_at, bool(r.committed)
             if job_id is None:
                 job_id = (<int64_t>r.gen << 32) | h  # a batch job: named by its handle
-            else:
-                del self.index[job_id]
-            self._drop(h)
-            self.job_ids[h] = None
-            self.session_ids[h] = None
-            self.pairs[h] = None
+            self._forget(h)
             self.n_expired += 1
             out.append((job_id, slot, pool_id, session_id, expires_at, committed))
         return out
@@ -449,9 +452,7 @@ cdef class JobTable:
         cdef int32_t h = self._of_handle(handle, now)
         if h < 0 or not self._owned(h, slot):
             return False
-        self._drop(h)
-        self.session_ids[h] = None
-        self.pairs[h] = None
+        self._forget(h)
         return True
 
     def commit_handle(self, int64_t handle, Py_ssize_t slot, double expires_at, double now) -> bool:
@@ -459,11 +460,7 @@ cdef class JobTable:
         cdef int32_t h = self._of_handle(handle, now)
         if h < 0 or not self._owned(h, slot):
             return False
-        if not self.recs[h].committed:
-            self.recs[h].committed = 1
-            self.n_committed += 1
-        self.recs[h].expires_at = expires_at
-        self._heap_rekey(h)
+        self._commit(h, expires_at)
         return True
 
     def renew_handle(self, int64_t handle, Py_ssize_t slot, double expires_at, double now) -> bool:
@@ -471,8 +468,7 @@ cdef class JobTable:
         cdef int32_t h = self._of_handle(handle, now)
         if h < 0 or not self._owned(h, slot):
             return False
-        self.recs[h].expires_at = expires_at
-        self._heap_rekey(h)
+        self._expire_at(h, expires_at)
         return True
 
     def get_handle(self, int64_t handle, double now):
@@ -490,9 +486,7 @@ cdef class JobTable:
         for i in range(handles.shape[0]):
             h = self._of_handle(handles[i], now)
             if h >= 0:
-                self._drop(h)
-                self.session_ids[h] = None
-                self.pairs[h] = None
+                self._forget(h)
                 done += 1
         return done
 
@@ -503,11 +497,7 @@ cdef class JobTable:
         for i in range(handles.shape[0]):
             h = self._of_handle(handles[i], now)
             if h >= 0:
-                if not self.recs[h].committed:
-                    self.recs[h].committed = 1
-                    self.n_committed += 1
-                self.recs[h].expires_at = expires_at
-                self._heap_rekey(h)
+                self._commit(h, expires_at)
                 done += 1
         return done
 

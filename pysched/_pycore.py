@@ -796,29 +796,24 @@ class JobTable:
 
     def release_handle(self, handle: int, slot: int, now: float) -> bool:
         with self._lock:
-            h = self._of_handle_locked(handle, now)
-            if h < 0 or (slot >= 0 and self._recs[h][1] != slot):
-                return False
-            self._drop_locked(h)
-            return True
+            h = self._owned_locked(self._of_handle_locked(handle, now), slot)
+            if h >= 0:
+                self._drop_locked(h)
+            return h >= 0
 
     def commit_handle(self, handle: int, slot: int, expires_at: float, now: float) -> bool:
         with self._lock:
-            h = self._of_handle_locked(handle, now)
-            if h < 0 or (slot >= 0 and self._recs[h][1] != slot):
-                return False
-            self._commit_locked(h, expires_at)
-            return True
+            h = self._owned_locked(self._of_handle_locked(handle, now), slot)
+            if h >= 0:
+                self._commit_locked(h, expires_at)
+            return h >= 0
 
     def renew_handle(self, handle: int, slot: int, expires_at: float, now: float) -> bool:
         with self._lock:
-            h = self._of_handle_locked(handle, now)
-            if h < 0 or (slot >= 0 and self._recs[h][1] != slot):
-                return False
-            rec = self._recs[h]
-            rec[4] = expires_at
-            self._push_locked(h, rec)
-            return True
+            h = self._owned_locked(self._of_handle_locked(handle, now), slot)
+            if h >= 0:
+                self._expire_at_locked(h, expires_at)
+            return h >= 0
 
     def get_handle(self, handle: int, now: float):
         with self._lock:
@@ -853,31 +848,30 @@ class JobTable:
         if not rec[5]:
             rec[5] = True
             self._committed += 1
+        self._expire_at_locked(h, expires_at)
+
+    def _owned_locked(self, h: int, slot: int) -> int:
+        """``h`` if it is a live record held on ``slot`` (any slot when ``slot < 0``), else -1."""
+        return h if h >= 0 and (slot < 0 or self._recs[h][1] == slot) else -1
+
+    def _expire_at_locked(self, h: int, expires_at: float) -> None:
+        rec = self._recs[h]
         rec[4] = expires_at
         self._push_locked(h, rec)
 
     def commit(self, job_id: str, slot: int, expires_at: float, now: float) -> bool:
         with self._lock:
-            h = self._live_locked(job_id, now)
-            if h < 0:
-                return False
-            rec = self._recs[h]
-            if slot >= 0 and rec[1] != slot:
-                return False
-            self._commit_locked(h, expires_at)
-            return True
+            h = self._owned_locked(self._live_locked(job_id, now), slot)
+            if h >= 0:
+                self._commit_locked(h, expires_at)
+            return h >= 0
 
     def renew(self, job_id: str, slot: int, expires_at: float, now: float) -> bool:
         with self._lock:
-            h = self._live_locked(job_id, now)
-            if h < 0:
-                return False
-            rec = self._recs[h]
-            if slot >= 0 and rec[1] != slot:
-                return False
-            rec[4] = expires_at
-            self._push_locked(h, rec)
-            return True
+            h = self._owned_locked(self._live_locked(job_id, now), slot)
+            if h >= 0:
+                self._expire_at_locked(h, expires_at)
+            return h >= 0
 
     def _drop_locked(self, h: int) -> list:
         rec = self._recs[h]
@@ -893,13 +887,10 @@ class JobTable:
 
     def release(self, job_id: str, slot: int, now: float):
         with self._lock:
-            h = self._live_locked(job_id, now)
+            h = self._owned_locked(self._live_locked(job_id, now), slot)
             if h < 0:
                 return None
-            rec = self._recs[h]
-            if slot >= 0 and rec[1] != slot:
-                return None
-            self._drop_locked(h)
+            rec = self._drop_locked(h)
             return (rec[1], rec[2], rec[3], rec[5])
 
     def expire(self, now: float) -> list:
