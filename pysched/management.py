@@ -451,7 +451,8 @@ class ManagementRegistry:
         languages: Iterable[str] | None = None,
         healthy: bool | None = None,
         max_concurrency: int | None = None,
-    ) -> None:
+    ) -> bool:
+        """Apply one heartbeat; True when some offline node could now be due for :meth:`forget_offline`."""
         running_v = -1 if running is None else _check_int(running, "running", 0)
         cpu_v = math.nan if cpu is None else _check_percent(cpu, "cpu")
         gpu_v = math.nan if gpu is None else _check_percent(gpu, "gpu")
@@ -499,13 +500,16 @@ class ManagementRegistry:
             if status != st.status:
                 st.status = status
                 structural = True
-            self._loads.update(st.slot, self._clock(), cpu_v, gpu_v, mem_v, running_v)
+            now = self._clock()
+            self._loads.update(st.slot, now, cpu_v, gpu_v, mem_v, running_v)
             if moved:
                 # languages decide auto pools; languages and services decide manual ones
                 self._place_locked(st)
             if structural:
                 self._write_rec_locked(st)
                 self._publish_locked()
+        # the caller runs forget_offline only when some node could be due (no extra clock read)
+        return now >= self._forget_next
 
     def set_status(self, node_id: str, status: str) -> None:
         """Operator status change: ``draining``, ``offline`` or back to ``ready``.

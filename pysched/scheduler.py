@@ -574,8 +574,8 @@ class Scheduler:
         A change of ``languages`` or ``services`` moves the node into
         exactly the pools the rules give it. Raises :class:`UnknownNode`.
         """
-        self._mgmt.heartbeat(node_id, running, cpu, gpu, mem, services, languages, healthy, max_concurrency)
-        self.forget_offline_nodes()  # one comparison until some node could be due
+        if self._mgmt.heartbeat(node_id, running, cpu, gpu, mem, services, languages, healthy, max_concurrency):
+            self.forget_offline_nodes()  # some node could be due
         if self._listeners:
             fields = {k: v for k, v in (("running", running), ("cpu", cpu), ("gpu", gpu), ("mem", mem),
                                         ("healthy", healthy), ("max_concurrency", max_concurrency))
