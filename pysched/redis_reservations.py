@@ -140,6 +140,8 @@ _KEY_MARGIN_MS = 5000
 _RECOVER_CHUNK = 200
 
 _INF = math.inf
+#: locks that order one job's round trips (see RedisReservations.__init__)
+_JOB_LOCK_STRIPES = 256
 
 
 class _Script:
@@ -320,6 +322,11 @@ class RedisReservations(ReservationBackend):
         self._recover_lock = threading.Lock()  # one recovery at a time
         self._write_lock = threading.Lock()  # capacity writes (max concurrency), in order
         self._stats_lock = threading.Lock()
+        # One job's round trips apply to the local tables in the order Redis ran
+        # them: a commit whose reply is read after a concurrent release (run
+        # later in Redis) would bring the released job back into the mirror.
+        # Striped by job id so unrelated jobs never wait on each other's calls.
+        self._job_locks = tuple(threading.Lock() for _ in range(_JOB_LOCK_STRIPES))
         self._round_trips = 0
         # job id -> live reservation *this* process holds (what the mirror counts)
         self._jobs: dict[str, Reservation] = {}
@@ -616,6 +623,15 @@ class RedisReservations(ReservationBackend):
             raise RuntimeError("reservation_ttl is not set: pass it to RedisReservations or call configure()")
         if self._writes:
             self._flush_writes()  # only after an outage
+        with self._job_lock(job_id):
+            return self._try_reserve(job_id, ttl, candidates, pool_id, session_id)
+
+    def _job_lock(self, job_id: str) -> threading.Lock:
+        return self._job_locks[hash(job_id) % _JOB_LOCK_STRIPES]
+
+    def _try_reserve(
+        self, job_id: str, ttl: float, candidates: Sequence[Candidate], pool_id: int, session_id: str
+    ) -> Reservation | list[str]:
         ttl_ms = _ms(ttl)
         # plain (slot, node_id, max, running) tuples are Candidates too
         cands = [c if isinstance(c, Candidate) else Candidate(*c[:4]) for c in candidates]
@@ -660,13 +676,14 @@ class RedisReservations(ReservationBackend):
 
     def get(self, job_id: str) -> Reservation | None:
         """The job's live reservation as Redis holds it, or ``None`` (never one past its expiry)."""
-        reply = self._run(self._get, [self._k_epoch, self._k_job(job_id)], [])
-        local_after = self._clock()
-        if _text(reply[0]) != "live":
-            with self._lock:
-                self._forget_locked(job_id, suspects=False)
-            return None
-        return self._adopt(job_id, reply[1:], local_after)
+        with self._job_lock(job_id):
+            reply = self._run(self._get, [self._k_epoch, self._k_job(job_id)], [])
+            local_after = self._clock()
+            if _text(reply[0]) != "live":
+                with self._lock:
+                    self._forget_locked(job_id, suspects=False)
+                return None
+            return self._adopt(job_id, reply[1:], local_after)
 
     def commit(self, job_id: str, node_id: str | None = None) -> bool:
         """Move the reservation to the node's leases: it holds capacity for ``commit_lease``.
@@ -805,6 +822,12 @@ class RedisReservations(ReservationBackend):
         if node_id is not None and not isinstance(node_id, str):
             raise TypeError(f"node_id must be a str or None, got {type(node_id).__name__}: {node_id!r}")
         explicit = "" if lease is None else _ms(_positive(lease, "lease"))
+        with self._job_lock(job_id):
+            return self._settle_job_locked(job_id, action, node_id, lease, explicit)
+
+    def _settle_job_locked(
+        self, job_id: str, action: str, node_id: str | None, lease: float | None, explicit: Any
+    ) -> bool:
         ttl_ms = _ms(self._ttl) if self._ttl is not None else _ms(self.commit_lease)
         lease_ms = _ms(self.commit_lease)
         me = self.holder_id

@@ -358,6 +358,45 @@ def test_release_is_idempotent_and_never_negative(any_client: Any) -> None:
     assert b.count() == 0 and b.inflight[0] == 0
 
 
+def test_a_release_racing_a_commit_leaves_nothing_held(redis_client: Any) -> None:
+    """A commit's reply read after a concurrent release of the same job must not bring the job back.
+
+    The commit runs first in Redis; a release from another thread is started
+    between the commit's round trip and its local update (the serve
+    failover race: accept commits on one worker thread while the lost link
+    releases on another). Whatever order the threads get, nothing may stay
+    held locally or in Redis.
+    """
+    b = make_backend(redis_client, {"a": 2})
+    assert isinstance(b.try_reserve("j", [cand(b, "a")], 0, "s"), Reservation)
+    run = b._run
+    releaser: list[threading.Thread] = []
+    released: list[bool] = []
+
+    def run_then_race(script: Any, keys: Any, tail: Any) -> Any:
+        reply = run(script, keys, tail)
+        if script is b._settle and "commit" in tail and not releaser:
+            t = threading.Thread(target=lambda: released.append(b.release("j", node_id="a")))
+            releaser.append(t)
+            t.start()
+            # Give the release every chance to overtake this commit's local
+            # update; it must wait for it instead (the test holds either way).
+            t.join(0.3)
+        return reply
+
+    b._run = run_then_race  # type: ignore[method-assign]
+    try:
+        assert b.commit("j", node_id="a") is True
+        releaser[0].join(60)
+        assert not releaser[0].is_alive()
+    finally:
+        b._run = run  # type: ignore[method-assign]
+    assert released == [True]
+    assert b.stats()["held"] == 0 and b.get("j") is None
+    assert b.count() == 0 and zcard_sum(redis_client, "a") == 0
+    assert b.inflight[0] == 0
+
+
 def test_release_of_a_job_reserved_by_another_process(redis_client: Any) -> None:
     mine = make_backend(redis_client, {"a": 1})
     other = make_backend(redis_client, {"a": 1})
