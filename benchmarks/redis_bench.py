@@ -132,7 +132,7 @@ def make_member(url: str | None = None, unix_socket: str | None = None, name: st
     from redis.retry import Retry
 
     import pysched
-    from pysched.redis_reservations import RedisReservations
+    from pysched.redis import RedisReservations
 
     options = dict(socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
     if unix_socket:
@@ -177,7 +177,7 @@ def measure_round_trips(m: dict, n: int) -> dict:
     fleet.stop()
     try:
         rt = 0
-        for i in range(n):
+        for _ in range(n):
             before = backend.round_trips
             a = sched.dispatch(f"rt-{rng.randrange(1000)}", *rng.choice(PAIRS))
             rt += backend.round_trips - before
@@ -195,7 +195,7 @@ def measure_latency(m: dict, n: int) -> dict:
         sched.release(sched.dispatch(f"w-{i}", *rng.choice(PAIRS)).job_id)
     samples = []
     calls = 0
-    for i in range(n):
+    for _ in range(n):
         pair = rng.choice(PAIRS)
         session = f"lat-{rng.randrange(1000)}"
         c0 = counting.calls

@@ -52,7 +52,7 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
+    """CPU seconds (utime + stime) of a process, from /proc."""
     user, system = cpu_split(pid)
     return user + system
 
@@ -245,7 +245,7 @@ def run_nodes(args: argparse.Namespace) -> None:
 
 
 # ====================================================================== load roles
-def run_load(args: argparse.Namespace) -> None:
+def run_load(args: argparse.Namespace) -> None:  # noqa: PLR0915  one role of the script: its modes share its tally
     import msgspec
 
     enc = msgspec.json.encode
@@ -412,7 +412,7 @@ def spawn(role: str, tmp: Path, name: str, *extra: str) -> tuple[subprocess.Pope
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
-    log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115
+    log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115  the child writes it; it lives as long as the child
     proc = subprocess.Popen([sys.executable, str(HERE), "--role", role, "--out", str(out), *extra],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, out
@@ -427,7 +427,7 @@ def wait_file(path: Path, proc: subprocess.Popen, timeout: float, what: str) -> 
 
 
 def histogram(port: int, name: str, labels: str = "") -> dict[float, float]:
-    """le -> cumulative count of one histogram, from /metrics."""
+    """Read one histogram from /metrics: bucket bound (``le``) -> cumulative count."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
     out = {}
     for line in text.splitlines():
@@ -444,7 +444,7 @@ def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> d
     total = counts[-1] if counts else 0
     out = {}
     for q in (50, 90, 99, 99.9):
-        for b, c in zip(bounds, counts):
+        for b, c in zip(bounds, counts, strict=True):
             if total and c >= total * q / 100:
                 out[f"p{q}"] = f"<= {b * 1e3:g} ms"
                 break
@@ -503,7 +503,7 @@ def scenario(name: str, *, nodes: int, mode: str, sessions: int, window: int = 0
         split1 = cpu_split(server.pid)
         hb1 = metric(port, 'pysched_heartbeats_total{result="applied"}')
         h1 = histogram(port, "pysched_job_seconds", endpoint)
-        for p, out in loads:
+        for p, _ in loads:
             p.wait(60)
         results = [json.loads(out.read_text()) for _, out in loads]
         wait_file(node_out, node_proc, seconds + 60, "nodes summary")

@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pysched.client.testing import PyschedProcess, ServeProcess, free_port  # noqa: E402
+from pysched.client.testing import PyschedProcess, ServeProcess, free_port  # noqa: E402  after sys.path: this checkout
 
 GOALS = {"stream_jobs_per_s": 10_000, "post_jobs_per_s": 3_000, "p99_added_ms": 2.0, "heartbeats_applied": 0.95,
          "scheduler_cpu_share": 0.05}
@@ -70,7 +70,7 @@ def metric(server: ServeProcess, name: str, labels: str = "") -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, seconds."""
+    """CPU seconds (utime + stime) of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -80,12 +80,13 @@ def connected_nodes(server: ServeProcess) -> int:
     return int(stats["server"]["node_connections"])
 
 
-def start_nodes(server: ServeProcess, count: int, logdir: str, seconds: float, *extra: str) -> PyschedProcess:
+def start_nodes(server: ServeProcess, count: int, logdir: str, seconds: float,
+                *extra: str) -> tuple[PyschedProcess, Path]:
+    """Start ``pysched nodes`` and wait until every node is connected; the process and its summary's path."""
     out = Path(logdir) / f"nodes-{count}.json"
     nodes = PyschedProcess(["nodes", "--url", server.ws_url, "--token", server.node_token, "--count", count,
                             "--latency-ms", "0", "--max-concurrency", "8", "--duration", seconds, "--quiet",
                             "--json", out, *extra], log_dir=logdir, name=f"nodes-{count}")
-    nodes.json_path = out  # type: ignore[attr-defined]
     nodes.spawn()
     deadline = time.monotonic() + 120
     while connected_nodes(server) < count:
@@ -94,7 +95,7 @@ def start_nodes(server: ServeProcess, count: int, logdir: str, seconds: float, *
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {connected_nodes(server)} of {count} nodes connected")
         time.sleep(0.2)
-    return nodes
+    return nodes, out
 
 
 def load(server: ServeProcess, logdir: str, name: str, *args: str) -> dict:
@@ -132,7 +133,7 @@ def run_backend(label: str, serve_args: list[str], seconds: float, logdir: str) 
     server.start(timeout=120)
     try:
         warm = ["--warmup", "1.5", "--duration", seconds + 1.5]
-        nodes = start_nodes(server, 200, logdir, 10 * seconds + 120)
+        nodes, _ = start_nodes(server, 200, logdir, 10 * seconds + 120)
         try:
             s = load(server, logdir, f"{label}-stream-max", "--mode", "stream", "--sessions", 32,
                      "--concurrency", 1024, *warm)
@@ -144,10 +145,10 @@ def run_backend(label: str, serve_args: list[str], seconds: float, logdir: str) 
             result["post_max"] = j
             print(f"  POST /v1/jobs, closed:  {j['jobs_per_s']:>9,.0f} jobs/s  p99 {j['latency'].get('p99_ms')} ms  "
                   f"errors {j['errors']}", flush=True)
-            for key, mode, rate in (("stream_half", "stream", s["jobs_per_s"] / 2),
-                                    ("post_half", "jobs", j["jobs_per_s"] / 2),
-                                    ("stream_1000", "stream", 1000.0), ("post_1000", "jobs", 1000.0)):
-                rate = max(1.0, rate)
+            for key, mode, wanted in (("stream_half", "stream", s["jobs_per_s"] / 2),
+                                      ("post_half", "jobs", j["jobs_per_s"] / 2),
+                                      ("stream_1000", "stream", 1000.0), ("post_1000", "jobs", 1000.0)):
+                rate = max(1.0, wanted)
                 h = load(server, logdir, f"{label}-{key}", "--mode", mode, "--sessions", 32, "--rate", rate, *warm)
                 result[key] = h
                 lat = h["latency"]
@@ -161,15 +162,17 @@ def run_backend(label: str, serve_args: list[str], seconds: float, logdir: str) 
         hb_seconds = max(seconds, 10.0)
         applied0 = metric(server, "pysched_heartbeats_total", 'result="applied"')
         dispatch0 = metric(server, "pysched_dispatch_seconds_sum")
-        cpu0 = cpu_seconds(server.proc.pid)  # type: ignore[union-attr]
+        assert server.proc is not None  # started above
+        server_pid = server.proc.pid
+        cpu0 = cpu_seconds(server_pid)
         t0 = time.monotonic()
-        nodes = start_nodes(server, 1000, logdir, hb_seconds + 30, "--heartbeat-interval", "0.5")
+        nodes, nodes_json = start_nodes(server, 1000, logdir, hb_seconds + 30, "--heartbeat-interval", "0.5")
         connected_in = time.monotonic() - t0
         rate = max(100.0, result["stream_max"]["jobs_per_s"] / 4)
         served = load(server, logdir, f"{label}-hb", "--mode", "stream", "--sessions", 32, "--rate", rate,
                       "--duration", hb_seconds)
         nodes.stop(signal.SIGINT)
-        summary = json.loads(Path(nodes.json_path).read_text())  # type: ignore[attr-defined]
+        summary = json.loads(nodes_json.read_text())
         # the server may still be reading what the nodes wrote before they exited: wait until it settles
         applied, settle_deadline = -1.0, time.monotonic() + 30
         while time.monotonic() < settle_deadline:
@@ -178,7 +181,7 @@ def run_backend(label: str, serve_args: list[str], seconds: float, logdir: str) 
                 break
             applied = now_applied
             time.sleep(0.5)
-        cpu = cpu_seconds(server.proc.pid) - cpu0  # type: ignore[union-attr]
+        cpu = cpu_seconds(server_pid) - cpu0
         in_dispatch = metric(server, "pysched_dispatch_seconds_sum") - dispatch0
         per_beat = heartbeat_cost()
         sched_share = (in_dispatch + applied * per_beat) / cpu if cpu > 0 else float("nan")

@@ -15,7 +15,9 @@ reservation backend make the final, atomic capacity decision.
 True
 """
 
-from pysched._kernel import COMPILED
+from typing import TYPE_CHECKING
+
+from pysched._impl import COMPILED
 from pysched.errors import (
     NoNodeAvailable,
     NoPoolForLanguagePair,
@@ -29,20 +31,27 @@ from pysched.language_index import PoolLanguageIndex
 from pysched.languages import AUTO, DEFAULT_SERVICES, LANGUAGE_ALIASES, normalize_language
 from pysched.pools import PoolConfig, PoolInfo
 from pysched.reservations import Candidate, LocalReservations, Reservation, ReservationBackend
-from pysched.scheduler import BATCH_REASONS, Assignment, BatchResult, DispatchRequest, Explanation, Scheduler
+from pysched.results import BATCH_REASONS, Assignment, BatchResult, DispatchRequest, Explanation
+from pysched.scheduler import Scheduler
 from pysched.snapshot import RuntimeSnapshot
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it (dynamic)
 
 
-def __getattr__(name: str):
+if TYPE_CHECKING:
+    # Imported for the type checker only: at run time __getattr__ imports them on first use.
+    from pysched.redis.fleet import RedisFleet
+    from pysched.redis.reservations import RedisReservations
+
+
+def __getattr__(name: str) -> object:
     # The Redis classes import redis-py lazily, so `import pysched` works without it.
     if name == "RedisReservations":
-        from pysched.redis_reservations import RedisReservations
+        from pysched.redis.reservations import RedisReservations
 
         return RedisReservations
     if name == "RedisFleet":
-        from pysched.redis_fleet import RedisFleet
+        from pysched.redis.fleet import RedisFleet
 
         return RedisFleet
     raise AttributeError(f"module 'pysched' has no attribute {name!r}")

@@ -1,6 +1,6 @@
-"""``python -m pysched``: the command line, see :mod:`pysched.cli`."""
+"""``python -m pysched``: the command line, see :mod:`pysched.tools.cli`."""
 
-from pysched.cli import entry
+from pysched.tools.cli import entry
 
 if __name__ == "__main__":
     entry()

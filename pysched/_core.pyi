@@ -1,8 +1,16 @@
 """Type stubs for the compiled kernel (``pysched/_core.pyx``); ``pysched._pycore`` has the same surface."""
 
+import threading
 from collections.abc import Callable, Sequence
+from typing import final
 
 import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "COMPILED", "NODE_DTYPE", "LOAD_DTYPE", "REASONS", "STATUS_CODES", "Rng", "Counters", "LoadTable",
+    "SlotCounts", "Ordering", "SnapshotKernel", "JobTable", "Assignment", "SessionState", "Dispatcher",
+]
 
 COMPILED: bool
 NODE_DTYPE: np.dtype
@@ -10,17 +18,20 @@ LOAD_DTYPE: np.dtype
 REASONS: tuple[str, ...]
 STATUS_CODES: dict[str, int]
 
+@final
 class Rng:
     """Seeded tie-break randomness; decision k draws from its own stream."""
 
     decisions: int
     def __init__(self, seed: int = 0) -> None: ...
 
+@final
 class Counters:
     def __init__(self) -> None: ...
     def add(self, index: int, amount: int = 1) -> None: ...
     def to_list(self) -> list[int]: ...
 
+@final
 class Ordering:
     """Per-pool tournament trees over the candidates (compiled); the twin keeps only the shared state."""
 
@@ -28,8 +39,10 @@ class Ordering:
     ready: bool
     horizon: float
     def evicted_slots(self) -> list[int]: ...
+    def best(self, pool: int) -> tuple[int, int]: ...
     def check(self) -> None: ...
 
+@final
 class LoadTable:
     array: np.ndarray
     ordering: Ordering | None
@@ -39,6 +52,7 @@ class LoadTable:
     def update(self, slot: int, now: float, cpu: float, gpu: float, mem: float, running: int) -> None: ...
     def get(self, slot: int) -> tuple[float, float, float, float, int]: ...
 
+@final
 class SlotCounts:
     array: np.ndarray
     ordering: Ordering | None
@@ -46,10 +60,14 @@ class SlotCounts:
     def __len__(self) -> int: ...
     def grown(self, n: int) -> SlotCounts: ...
     def try_add(self, slot: int, limit: int, running: int) -> bool: ...
+    def try_add_many(
+        self, slots: npt.NDArray[np.int32], limits: npt.NDArray[np.int64], running: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.bool_]: ...
     def add(self, slot: int, delta: int) -> int: ...
     def set(self, slot: int, value: int) -> None: ...
     def get(self, slot: int) -> int: ...
 
+@final
 class SnapshotKernel:
     n_pools: int
     n_langs: int
@@ -77,6 +95,22 @@ class SnapshotKernel:
         self, recs: np.ndarray, loads: LoadTable, inflight: np.ndarray, changed: Sequence[int] | None = None
     ) -> SnapshotKernel: ...
     def pools_for(self, src_id: int, tgt_id: int) -> tuple[int, ...]: ...
+    def select_batch(
+        self,
+        src_ids: npt.NDArray[np.int32],
+        tgt_ids: npt.NDArray[np.int32],
+        service_masks: npt.NDArray[np.uint64],
+        needs: npt.NDArray[np.int32],
+        tenant_pools: npt.NDArray[np.int32],
+        session_of: npt.NDArray[np.int32],
+        bound_key: npt.NDArray[np.int64],
+        bound_pool: npt.NDArray[np.int32],
+        exclude_off: npt.NDArray[np.int32],
+        exclude: npt.NDArray[np.int32],
+        scratch: npt.NDArray[np.int32],
+        now: float,
+        out: npt.NDArray[np.int64],
+    ) -> None: ...
     def select(
         self, src_id: int, tgt_id: int, preferred: int, service_mask: int, need: int, now: float,
         exclude: Sequence[int] = (), tenant: int = -1,
@@ -103,8 +137,11 @@ class SnapshotKernel:
         self, src_id: int, tgt_id: int, service_mask: int, need: int, now: float, exclude: Sequence[int] = ()
     ) -> int: ...
 
-JobRecord = tuple[str, int, int, str, float, bool]  # job_id, slot, pool_id, session_id, expires_at, committed
+# job_id (an int handle for dispatch_batch jobs), slot, pool_id, session_id, expires_at, committed
+_JobRecord = tuple[str | int, int, int, str, float, bool]
+_Pair = tuple[str, str]
 
+@final
 class JobTable:
     """Live reservations by job id, per-node counts and an exact expiry heap; every call atomic."""
 
@@ -120,27 +157,28 @@ class JobTable:
     def bind(self, slot: int) -> None: ...
     def unbind(self, slot: int) -> None: ...
     def handle(self, job_id: str, now: float) -> int: ...
-    def get(self, job_id: str, now: float) -> tuple[int, int, str, float, bool, object] | None: ...
+    def get(self, job_id: str, now: float) -> tuple[int, int, str, float, bool, _Pair | None] | None: ...
     def reserve(
         self, job_id: str, slot: int, limit: int, running: int, pool_id: int, session_id: str, expires_at: float,
-        pair: object = None,
+        pair: _Pair | None = None,
     ) -> int: ...
     def commit(self, job_id: str, slot: int, expires_at: float, now: float) -> bool: ...
     def renew(self, job_id: str, slot: int, expires_at: float, now: float) -> bool: ...
     def release(self, job_id: str, slot: int, now: float) -> tuple[int, int, str, bool] | None: ...
-    def expire(self, now: float) -> list[JobRecord]: ...
-    def jobs(self) -> list[JobRecord]: ...
+    def expire(self, now: float) -> list[_JobRecord]: ...
+    def jobs(self) -> list[_JobRecord]: ...
     def reserve_handle(
         self, slot: int, limit: int, running: int, pool_id: int, session_id: object, expires_at: float,
-        pair: object = None,
+        pair: _Pair | None = None,
     ) -> int: ...
     def release_handle(self, handle: int, slot: int, now: float) -> bool: ...
     def commit_handle(self, handle: int, slot: int, expires_at: float, now: float) -> bool: ...
     def renew_handle(self, handle: int, slot: int, expires_at: float, now: float) -> bool: ...
-    def get_handle(self, handle: int, now: float) -> tuple[int, int, object, float, bool, object] | None: ...
+    def get_handle(self, handle: int, now: float) -> tuple[int, int, str, float, bool, _Pair | None] | None: ...
     def release_handles(self, handles: np.ndarray, now: float) -> int: ...
     def commit_handles(self, handles: np.ndarray, expires_at: float, now: float) -> int: ...
 
+@final
 class Assignment:
     """Where a job goes: ``node_id`` in ``pool_id``, under ``job_id``."""
 
@@ -152,8 +190,9 @@ class Assignment:
     tgt: str
     def __init__(self, node_id: str, pool_id: int, job_id: str, session_id: str, src: str, tgt: str) -> None: ...
 
+@final
 class SessionState:
-    lock: object
+    lock: threading.Lock
     binding: tuple[tuple[str, str], int] | None
     last_used: float
     def __init__(self, now: float) -> None: ...
@@ -162,6 +201,7 @@ class SessionState:
     @property
     def pool_id(self) -> int | None: ...
 
+@final
 class Dispatcher:
     """The common dispatch, release and commit, each in one compiled call."""
 

@@ -23,7 +23,7 @@ same results (including the random tie-breaks), used as the test oracle.
 
 cimport cython
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memmove, memset
 
@@ -35,6 +35,10 @@ cnp.import_array()
 
 from pysched import _layout
 from pysched._layout import LOAD_DTYPE, NODE_DTYPE, REASONS, STATUS_CODES, check_record_arrays, validate_kernel_arrays
+
+# The same public names as the pure-Python twin (pysched._pycore).
+__all__ = ["COMPILED", "NODE_DTYPE", "LOAD_DTYPE", "REASONS", "STATUS_CODES", "Rng", "Counters", "LoadTable",
+           "SlotCounts", "Ordering", "SnapshotKernel", "JobTable", "Assignment", "SessionState", "Dispatcher"]
 
 cdef enum:
     MAX_STACK_EXCLUDE = 32
@@ -200,24 +204,24 @@ cdef class LoadTable:
         """
         if slot < 0 or slot >= self.n:
             raise IndexError(f"slot {slot} out of range [0, {self.n})")
-        cdef node_load* l = &self.loads[slot]
-        l.last_heartbeat = now
-        if cpu == cpu:
-            l.cpu = cpu
+        cdef node_load* rec = &self.loads[slot]
+        rec.last_heartbeat = now
+        if cpu == cpu:  # NaN: not reported, keep the last figure
+            rec.cpu = cpu
         if gpu == gpu:
-            l.gpu = gpu
+            rec.gpu = gpu
         if mem == mem:
-            l.mem = mem
+            rec.mem = mem
         if running >= 0:
-            l.running = running
+            rec.running = running
         if self.ordering is not None:
             self.ordering.on_load(slot)
 
     def get(self, Py_ssize_t slot) -> tuple:
         if slot < 0 or slot >= self.n:
             raise IndexError(f"slot {slot} out of range [0, {self.n})")
-        cdef node_load* l = &self.loads[slot]
-        return (l.last_heartbeat, l.cpu, l.gpu, l.mem, l.running)
+        cdef node_load* rec = &self.loads[slot]
+        return (rec.last_heartbeat, rec.cpu, rec.gpu, rec.mem, rec.running)
 
 
 @cython.final
@@ -431,6 +435,16 @@ cdef inline void _free_request(request_t* req, int32_t* stack) noexcept:
     if req.exclude != stack:
         free(<void*>req.exclude)
         req.exclude = stack
+
+
+cdef inline void _free_top(int32_t* top_slot, int64_t* top_eff, int64_t* top_max, double* top_gpu,
+                           uint64_t* top_key) noexcept nogil:
+    # rank()'s scratch columns; free(NULL) is a no-op, so a partial allocation is fine
+    free(top_slot)
+    free(top_eff)
+    free(top_max)
+    free(top_gpu)
+    free(top_key)
 
 
 cdef inline int _better(int64_t eff, int64_t mx, double gpu,
@@ -1080,7 +1094,7 @@ cdef class SnapshotKernel:
         cdef double* top_gpu = <double*>malloc(k * sizeof(double))
         cdef uint64_t* top_key = <uint64_t*>malloc(k * sizeof(uint64_t))
         if not (top_slot and top_eff and top_max and top_gpu and top_key):
-            free(top_slot); free(top_eff); free(top_max); free(top_gpu); free(top_key)
+            _free_top(top_slot, top_eff, top_max, top_gpu, top_key)
             _free_request(&req, stack)
             raise MemoryError()
         try:
@@ -1117,7 +1131,7 @@ cdef class SnapshotKernel:
                 top_key[m] = key
             return [top_slot[j] for j in range(n)]
         finally:
-            free(top_slot); free(top_eff); free(top_max); free(top_gpu); free(top_key)
+            _free_top(top_slot, top_eff, top_max, top_gpu, top_key)
             _free_request(&req, stack)
 
     def reasons(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> bytes:

@@ -311,14 +311,14 @@ cdef class Dispatcher:
     # -- the public entry points, as Scheduler methods on an instance ----------
     def connect(self, object sched, object default_services):
         """Route what the compiled calls do not finish to ``sched``'s Python path."""
-        from pysched._kernel import core as default_core
+        from pysched._impl import kernel as default_kernel
         from pysched.languages import normalize_language
 
         self.normalize = normalize_language
         # One Assignment type per process: this module's, unless the process
         # runs the pure-Python twin by default (PYSCHED_PURE_PYTHON) and this
         # scheduler asked for the compiled kernel explicitly.
-        self.assignment_type = default_core.Assignment
+        self.assignment_type = default_kernel.Assignment
         self.own_assignment = self.assignment_type is Assignment
         self.slots = sched._reservations._slots  # node id -> slot (LocalReservations keeps it for life)
         self.slow_dispatch = sched._dispatch_slow

@@ -6,7 +6,10 @@ import that the dtypes below match them byte for byte.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import NDArray
 
 #: one record per node slot, immutable once published (``node_rec`` in _core.pxd)
 NODE_DTYPE = np.dtype(
@@ -63,7 +66,7 @@ MASK64 = 0xFFFFFFFFFFFFFFFF
 GOLDEN = 0x9E3779B97F4A7C15
 
 
-def _check_array(arr: object, dtype: np.dtype, name: str) -> None:
+def _check_array(arr: object, dtype: np.dtype[Any], name: str) -> None:
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(arr).__name__}")
     if arr.dtype != dtype:
@@ -72,8 +75,16 @@ def _check_array(arr: object, dtype: np.dtype, name: str) -> None:
         raise ValueError(f"{name} must be a one-dimensional, aligned, C-contiguous array")
 
 
-def check_record_arrays(recs: np.ndarray, n_loads: int, inflight: np.ndarray, min_slots: int = 0) -> None:
-    """The per-slot arrays: node records, and load/in-flight tables covering them."""
+def check_record_arrays(recs: NDArray[np.void], n_loads: int, inflight: NDArray[np.int32], min_slots: int = 0) -> None:
+    """Check the per-slot arrays: node records, and load/in-flight tables covering them.
+
+    :param recs: node records (:data:`NODE_DTYPE`).
+    :param n_loads: slots the load table covers.
+    :param inflight: in-flight counts by slot (``int32``).
+    :param min_slots: slots the pool membership refers to (``recs`` must cover them).
+    :raises TypeError: an array of the wrong type or dtype.
+    :raises ValueError: an array of the wrong shape or length.
+    """
     _check_array(recs, NODE_DTYPE, "recs")
     _check_array(inflight, np.dtype(np.int32), "inflight")
     if len(recs) < min_slots:
@@ -82,18 +93,31 @@ def check_record_arrays(recs: np.ndarray, n_loads: int, inflight: np.ndarray, mi
         raise ValueError("loads and inflight must cover every slot of recs")
 
 
-def validate_kernel_arrays(
-    recs: np.ndarray,
+def validate_kernel_arrays(  # noqa: PLR0917  the SnapshotKernel constructors of both kernels pass these in order
+    recs: NDArray[np.void],
     n_loads: int,
-    inflight: np.ndarray,
-    pool_off: np.ndarray,
-    pool_members: np.ndarray,
-    pair_off: np.ndarray,
-    pair_pools: np.ndarray,
+    inflight: NDArray[np.int32],
+    pool_off: NDArray[np.int32],
+    pool_members: NDArray[np.int32],
+    pair_off: NDArray[np.int32],
+    pair_pools: NDArray[np.int32],
     n_langs: int,
     heartbeat_timeout: float,
 ) -> None:
-    """Check once, at the boundary, everything the kernel will trust blindly."""
+    """Check once, at the boundary, everything the kernel will trust blindly.
+
+    :param recs: node records (:data:`NODE_DTYPE`), one per slot.
+    :param n_loads: slots the load table covers.
+    :param inflight: in-flight counts by slot.
+    :param pool_off: pool membership offsets by pool index (CSR, ``n_pools + 1`` entries).
+    :param pool_members: the members' slots, pool after pool.
+    :param pair_off: pair-key offsets into ``pair_pools`` (``(n_langs + 1) * n_langs + 1`` entries).
+    :param pair_pools: the pool indices serving each pair key.
+    :param n_langs: distinct languages in the index.
+    :param heartbeat_timeout: seconds without a heartbeat before a node counts as offline.
+    :raises TypeError: an array of the wrong type or dtype.
+    :raises ValueError: inconsistent arrays, or a timeout that is not positive.
+    """
     check_record_arrays(recs, n_loads, inflight)
     for arr, name in ((pool_off, "pool_off"), (pool_members, "pool_members"), (pair_off, "pair_off"),
                       (pair_pools, "pair_pools")):

@@ -12,9 +12,12 @@ from __future__ import annotations
 import heapq
 import threading
 import weakref
+from collections.abc import Callable, Container, Iterable, Sequence
 from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from pysched._layout import (
     FLAG_HAS_GPU,
@@ -44,11 +47,22 @@ from pysched._layout import (
     validate_kernel_arrays,
 )
 
-__all__ = ["COMPILED", "NODE_DTYPE", "LOAD_DTYPE", "REASONS", "STATUS_CODES", "Rng", "Counters", "LoadTable", "SlotCounts",
-           "Ordering", "SnapshotKernel", "JobTable",
-           "Assignment", "SessionState", "Dispatcher"]
+if TYPE_CHECKING:
+    from pysched import _core
+    from pysched.snapshot import RuntimeSnapshot
+
+__all__ = ["COMPILED", "NODE_DTYPE", "LOAD_DTYPE", "REASONS", "STATUS_CODES", "Rng", "Counters", "LoadTable",
+           "SlotCounts", "Ordering", "SnapshotKernel", "JobTable", "Assignment", "SessionState", "Dispatcher"]
 
 COMPILED = False
+
+#: outcome counters a Counters holds (the compiled one's fixed array)
+_N_COUNTERS = 16
+#: what _choose_candidates returns when ORDER_DRAWS candidates were rejected
+_DRAWS_REJECTED = -2
+
+# An ordering key: (effective load, max concurrency, gpu %); lower load ratio, then gpu, is better.
+_Key = tuple[int, int, float]
 
 
 def _splitmix64(x: int) -> int:
@@ -93,24 +107,24 @@ class Counters:
     """Outcome counters (a lock stands in for the compiled version's GIL atomicity)."""
 
     def __init__(self) -> None:
-        self._values = [0] * 16
+        self._values = [0] * _N_COUNTERS
         self._lock = threading.Lock()
 
     def add(self, index: int, amount: int = 1) -> None:
-        if index < 0 or index >= 16:
+        if index < 0 or index >= 16:  # noqa: PLR2004  _N_COUNTERS, a literal on the per-dispatch path
             raise IndexError(f"counter index {index} out of range")
         with self._lock:
             self._values[index] += amount
 
-    def to_list(self) -> list:
+    def to_list(self) -> list[int]:
         return list(self._values)
 
 
 # data address of a SlotCounts' array -> that SlotCounts (as in _ordering.pxi)
-_COUNTS_BY_ADDRESS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_COUNTS_BY_ADDRESS: weakref.WeakValueDictionary[int, SlotCounts] = weakref.WeakValueDictionary()
 
 
-def _address(arr: np.ndarray) -> int:
+def _address(arr: NDArray[Any]) -> int:
     return int(arr.__array_interface__["data"][0])
 
 
@@ -135,7 +149,7 @@ class Ordering:
         self.ready = False
         self.horizon = float("-inf")
 
-    def evicted_slots(self) -> list:
+    def evicted_slots(self) -> list[int]:
         return sorted(self.evicted)
 
     def check(self) -> None:
@@ -153,7 +167,7 @@ class Ordering:
     def suspend(self) -> None:
         self.ready = False
 
-    def retarget(self, kernel: "SnapshotKernel") -> None:
+    def retarget(self, kernel: SnapshotKernel) -> None:
         n = kernel.n_slots
         self.evicted = {s for s in self.evicted if s < n}
         self.n_slots = n
@@ -167,13 +181,13 @@ class LoadTable:
     def __init__(self, n: int) -> None:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        self.array = np.zeros(n, dtype=LOAD_DTYPE)
+        self.array: NDArray[np.void] = np.zeros(n, dtype=LOAD_DTYPE)
         self.ordering: Ordering | None = None
 
     def __len__(self) -> int:
         return len(self.array)
 
-    def grown(self, n: int) -> "LoadTable":
+    def grown(self, n: int) -> LoadTable:
         bigger = LoadTable(max(n, len(self.array)))
         bigger.array[: len(self.array)] = self.array
         if self.ordering is not None:
@@ -188,11 +202,12 @@ class LoadTable:
         with nullcontext() if ordering is None else ordering.lock:
             rec = self.array[slot]
             rec["last_heartbeat"] = now
-            if cpu == cpu:
+            # x == x is False only for NaN ("not reported": keep the last figure), as in the compiled update
+            if cpu == cpu:  # noqa: PLR0124  NaN test (see above)
                 rec["cpu"] = cpu
-            if gpu == gpu:
+            if gpu == gpu:  # noqa: PLR0124  NaN test
                 rec["gpu"] = gpu
-            if mem == mem:
+            if mem == mem:  # noqa: PLR0124  NaN test
                 rec["mem"] = mem
             if running >= 0:
                 rec["running"] = running
@@ -200,7 +215,7 @@ class LoadTable:
             if ordering is not None:
                 ordering.on_load(slot)
 
-    def get(self, slot: int) -> tuple:
+    def get(self, slot: int) -> tuple[float, float, float, float, int]:
         if slot < 0 or slot >= len(self.array):
             raise IndexError(f"slot {slot} out of range [0, {len(self.array)})")
         r = self.array[slot]
@@ -213,13 +228,13 @@ class SlotCounts:
     def __init__(self, n: int, _lock: threading.Lock | None = None) -> None:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        self.array = np.zeros(n, dtype=np.int32)
+        self.array: NDArray[np.int32] = np.zeros(n, dtype=np.int32)
         self._lock = _lock or threading.Lock()  # shared with successors (and the ordering)
         self._successor: SlotCounts | None = None
         self.ordering: Ordering | None = None
         _COUNTS_BY_ADDRESS[_address(self.array)] = self
 
-    def _live(self) -> "SlotCounts":
+    def _live(self) -> SlotCounts:
         c = self
         while c._successor is not None:
             c = c._successor
@@ -228,13 +243,13 @@ class SlotCounts:
     def __len__(self) -> int:
         return len(self._live().array)
 
-    def _checked(self, slot: int) -> np.ndarray:
+    def _checked(self, slot: int) -> NDArray[np.int32]:
         arr = self._live().array
         if slot < 0 or slot >= len(arr):
             raise IndexError(f"slot {slot} out of range [0, {len(arr)})")
         return arr
 
-    def grown(self, n: int) -> "SlotCounts":
+    def grown(self, n: int) -> SlotCounts:
         with self._lock:
             live = self._live()
             bigger = SlotCounts(max(n, len(live.array)), self._lock)
@@ -253,7 +268,9 @@ class SlotCounts:
             arr[slot] += 1
             return True
 
-    def try_add_many(self, slots, limits, running) -> np.ndarray:
+    def try_add_many(
+        self, slots: NDArray[np.int32], limits: NDArray[np.int64], running: NDArray[np.int64]
+    ) -> NDArray[np.bool_]:
         if not len(slots) == len(limits) == len(running):
             raise ValueError("try_add_many: slots, limits and running must have the same length")
         with self._lock:
@@ -298,22 +315,22 @@ def _better(eff: int, mx: int, gpu: float, best_eff: int, best_max: int, best_gp
 class SnapshotKernel:
     """Pure-Python twin of the compiled ``SnapshotKernel``."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917  the compiled constructor's arguments, in its order
         self,
-        recs: np.ndarray,
+        recs: NDArray[np.void],
         loads: LoadTable,
-        inflight: np.ndarray,
-        pool_off: np.ndarray,
-        pool_members: np.ndarray,
-        pair_off: np.ndarray,
-        pair_pools: np.ndarray,
+        inflight: NDArray[np.int32],
+        pool_off: NDArray[np.int32],
+        pool_members: NDArray[np.int32],
+        pair_off: NDArray[np.int32],
+        pair_pools: NDArray[np.int32],
         n_langs: int,
         rng: Rng,
         heartbeat_timeout: float,
         threshold: float,
         nogil_min_pool: int = 4096,
-        node_ids: list | None = None,
-        changed=None,
+        node_ids: list[str] | None = None,
+        changed: Sequence[int] | None = None,
     ) -> None:
         validate_kernel_arrays(recs, len(loads), inflight, pool_off, pool_members, pair_off, pair_pools,
                                n_langs, heartbeat_timeout)
@@ -333,7 +350,10 @@ class SnapshotKernel:
         self._threshold = float(threshold)
         self._attach(loads, inflight, changed)
 
-    def with_records(self, recs: np.ndarray, loads: LoadTable, inflight: np.ndarray, changed=None) -> "SnapshotKernel":
+    def with_records(
+        self, recs: NDArray[np.void], loads: LoadTable, inflight: NDArray[np.int32],
+        changed: Sequence[int] | None = None,
+    ) -> SnapshotKernel:
         check_record_arrays(recs, len(loads), inflight, self.n_slots)
         k = object.__new__(SnapshotKernel)
         k.__dict__.update(self.__dict__)
@@ -341,7 +361,7 @@ class SnapshotKernel:
         k._attach(loads, inflight, changed)
         return k
 
-    def _attach(self, loads: LoadTable, inflight: np.ndarray, changed=None) -> None:
+    def _attach(self, loads: LoadTable, inflight: NDArray[np.int32], changed: Sequence[int] | None = None) -> None:
         """As the compiled kernel: find (or create) the ordering of these arrays and retarget it.
 
         ``changed`` (slots whose record changed) only saves the compiled kernel work: checked, then unused.
@@ -384,10 +404,13 @@ class SnapshotKernel:
         if pool < 0 or pool >= self.n_pools:
             raise IndexError(f"pool index {pool} out of range [0, {self.n_pools})")
 
-    def _members(self, pool: int) -> list:
+    def _members(self, pool: int) -> list[int]:
         return [int(s) for s in self._pool_members[self._pool_off[pool]: self._pool_off[pool + 1]]]
 
-    def _reason(self, slot: int, mask: int, need: int, now: float, exclude, inflight=None) -> int:
+    def _reason(  # noqa: PLR0917  a request's fields, which the compiled _reason takes as one struct
+        self, slot: int, mask: int, need: int, now: float, exclude: Container[int],
+        inflight: NDArray[np.int32] | None = None,
+    ) -> int:
         rec = self._recs[slot]
         load = self._loads[slot]
         status = int(rec["status"])
@@ -411,32 +434,40 @@ class SnapshotKernel:
             return R_OVERLOADED
         return R_OK
 
-    def _effective(self, slot: int, inflight=None) -> int:
+    def _effective(self, slot: int, inflight: NDArray[np.int32] | None = None) -> int:
         held = (self._inflight if inflight is None else inflight)[slot]
         return max(int(held), int(self._loads[slot]["running"]))
 
-    def _score(self, slot: int, inflight=None) -> tuple:
+    def _score(self, slot: int, inflight: NDArray[np.int32] | None = None) -> _Key:
         return (self._effective(slot, inflight), int(self._recs[slot]["max_concurrency"]),
                 float(self._loads[slot]["gpu"]))
 
     # How a node is chosen in one pool: see "How a node is chosen" in _core.pyx.
     # The compiled kernel walks a tree for step 1 where it can; the twin always
     # carries the steps out by scanning (the compiled _choose_scan).
-    def _choose(self, pool: int, mask: int, need: int, now: float, exclude, stream: _Stream, inflight=None) -> int:
+    # The private helpers below take a request's fields as separate positional
+    # arguments where the compiled ones take a request struct: no packing per call.
+    def _choose(  # noqa: PLR0917  a request's fields (see above)
+        self, pool: int, mask: int, need: int, now: float, exclude: Container[int], stream: _Stream,
+        inflight: NDArray[np.int32] | None = None,
+    ) -> int:
         inflight = self._inflight if inflight is None else inflight
         o = self._ordering
         with nullcontext() if o is None else o.lock:
             if o is None or now > o.horizon:
                 found = self._choose_candidates(pool, mask, need, now, exclude, stream, inflight, o)
-                if found != -2:
+                if found != -2:  # noqa: PLR2004  _DRAWS_REJECTED, a literal on the per-decision path
                     return found
             return self._scan_best(pool, mask, need, now, exclude, stream, inflight)
 
-    def _choose_candidates(self, pool, mask, need, now, exclude, stream, inflight, o) -> int:
-        """Step 1: -2 when ORDER_DRAWS candidates were rejected (step 2 decides)."""
-        evicted = () if o is None else o.evicted
+    def _choose_candidates(  # noqa: PLR0917  a request's fields
+        self, pool: int, mask: int, need: int, now: float, exclude: Container[int], stream: _Stream,
+        inflight: NDArray[np.int32], o: Ordering | None,
+    ) -> int:
+        """Step 1: ``_DRAWS_REJECTED`` when ORDER_DRAWS candidates were rejected (step 2 decides)."""
+        evicted: Container[int] = () if o is None else o.evicted
         thr = self._threshold
-        candidates = []  # (slot, key), member order
+        candidates: list[tuple[int, _Key]] = []  # (slot, key), member order
         for slot in self._members(pool):
             rec, load = self._recs[slot], self._loads[slot]
             eff = max(int(inflight[slot]), int(load["running"]))
@@ -446,7 +477,7 @@ class SnapshotKernel:
                     or slot in exclude):
                 continue
             candidates.append((slot, (eff, mx, float(load["gpu"]))))
-        tied: list = []
+        tied: list[tuple[int, _Key]] = []
         for _ in range(ORDER_DRAWS):
             if not tied:
                 if not candidates:
@@ -464,9 +495,12 @@ class SnapshotKernel:
             if o is not None and now - last > self._timeout:
                 o.evict(slot, last + self._timeout)
             candidates.remove(tied.pop(r))
-        return -2
+        return -2  # _DRAWS_REJECTED
 
-    def _scan_best(self, pool, mask, need, now, exclude, stream, inflight) -> int:
+    def _scan_best(  # noqa: PLR0917  a request's fields
+        self, pool: int, mask: int, need: int, now: float, exclude: Container[int], stream: _Stream,
+        inflight: NDArray[np.int32],
+    ) -> int:
         """Step 2: the r-th (one draw) of the eligible members with the best key, or -1."""
         eligible = [(s, self._score(s, inflight)) for s in self._members(pool)
                     if self._reason(s, mask, need, now, exclude, inflight) == R_OK]
@@ -480,23 +514,29 @@ class SnapshotKernel:
         return tied[((stream.next() >> 32) * len(tied)) >> 32]
 
     # -- entry points ----------------------------------------------------------
-    def pools_for(self, src_id: int, tgt_id: int) -> tuple:
+    def pools_for(self, src_id: int, tgt_id: int) -> tuple[int, ...]:
         key = self._pair_key(src_id, tgt_id)
         if key < 0:
             return ()
         return tuple(int(p) for p in self._pair_pools[self._pair_off[key]: self._pair_off[key + 1]])
 
-    def select(self, src_id: int, tgt_id: int, preferred: int, service_mask: int, need: int, now: float,
-               exclude=(), tenant: int = -1) -> int:
+    def select(  # noqa: PLR0917  the compiled select's signature
+        self, src_id: int, tgt_id: int, preferred: int, service_mask: int, need: int, now: float,
+        exclude: Iterable[int] = (), tenant: int = -1,
+    ) -> int:
         pools = self.pools_for(src_id, tgt_id)
         if not pools:
             return -2
         stream = self._rng.next_stream()
         return self._select(src_id, tgt_id, pools, preferred, tenant, service_mask, need, now, set(exclude), stream)
 
-    def _select(self, src_id: int, tgt_id: int, pools: tuple, bound: int, tenant: int, mask: int, need: int,
-                now: float, exclude: set, stream: _Stream, inflight=None) -> int:
-        """The bound pool; failing that, the pool a new binding gets (tenant's, else most free), then index order.
+    def _select(  # noqa: PLR0917  a request's fields
+        self, src_id: int, tgt_id: int, pools: tuple[int, ...], bound: int, tenant: int, mask: int, need: int,
+        now: float, exclude: Container[int], stream: _Stream, inflight: NDArray[np.int32] | None = None,
+    ) -> int:
+        """Try the bound pool; failing that, the pool a new binding gets (tenant's, else most free), then index order.
+
+        ``bound``, ``tenant`` and the result's high half are pool indices, not pool ids.
 
         ``inflight``: the counts to score with (a batch's scratch copy), default the live ones.
         """
@@ -508,15 +548,32 @@ class SnapshotKernel:
             bound = -1
         pref = tenant if tenant >= 0 and tenant in pools else self._most_free(
             src_id, tgt_id, mask, need, now, exclude, inflight)
-        order = ([pref] if pref >= 0 and pref != bound else []) + [p for p in pools if p != pref and p != bound]
+        # two int compares per pool, as the compiled loop makes (no tuple per pool)
+        order = ([pref] if pref >= 0 and pref != bound else []) + [
+            p for p in pools if p != pref and p != bound  # noqa: PLR1714  (see above)
+        ]
         for pool in order:
             found = self._choose(pool, mask, need, now, exclude, stream, inflight)
             if found >= 0:
                 return (pool << 32) | found
         return -1
 
-    def select_batch(self, src_ids, tgt_ids, service_masks, needs, tenant_pools, session_of, bound_key,
-                     bound_pool, exclude_off, exclude, scratch, now, out) -> None:
+    def select_batch(  # noqa: PLR0917  the compiled select_batch's signature
+        self,
+        src_ids: NDArray[np.int32],
+        tgt_ids: NDArray[np.int32],
+        service_masks: NDArray[np.uint64],
+        needs: NDArray[np.int32],
+        tenant_pools: NDArray[np.int32],
+        session_of: NDArray[np.int32],
+        bound_key: NDArray[np.int64],
+        bound_pool: NDArray[np.int32],
+        exclude_off: NDArray[np.int32],
+        exclude: NDArray[np.int32],
+        scratch: NDArray[np.int32],
+        now: float,
+        out: NDArray[np.int64],
+    ) -> None:
         n = len(src_ids)
         if not all(len(a) == n for a in (tgt_ids, service_masks, needs, tenant_pools, session_of, out)) \
                 or len(exclude_off) != n + 1:
@@ -555,29 +612,33 @@ class SnapshotKernel:
                 bound_key[sess] = key
                 bound_pool[sess] = found >> 32
 
-    def select_candidate(self, src_id: int, tgt_id: int, preferred: int, service_mask: int, need: int,
-                         now: float, exclude=(), tenant: int = -1):
+    def select_candidate(  # noqa: PLR0917  the compiled select_candidate's signature
+        self, src_id: int, tgt_id: int, preferred: int, service_mask: int, need: int, now: float,
+        exclude: Iterable[int] = (), tenant: int = -1,
+    ) -> int | tuple[int, str, int, int, int]:
         found = self.select(src_id, tgt_id, preferred, service_mask, need, now, exclude, tenant)
         if found < 0:
             return found
         return self.candidate(found & 0xFFFFFFFF) + (found >> 32,)
 
-    def pick(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> int:
+    def pick(self, pool: int, service_mask: int, need: int, now: float, exclude: Iterable[int] = ()) -> int:
         self._check_pool(pool)
         return self._choose(pool, service_mask, need, now, set(exclude), self._rng.next_stream())
 
-    def noop(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> int:
+    def noop(self, pool: int, service_mask: int, need: int, now: float, exclude: Iterable[int] = ()) -> int:
         return -1
 
-    def rank(self, pool: int, service_mask: int, need: int, now: float, exclude=(), k: int = 4) -> list:
+    def rank(
+        self, pool: int, service_mask: int, need: int, now: float, exclude: Iterable[int] = (), k: int = 4
+    ) -> list[int]:
         self._check_pool(pool)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         stream = self._rng.next_stream()
-        exclude = set(exclude)
-        top: list[tuple] = []  # (score, key, slot), best first
+        excluded = set(exclude)
+        top: list[tuple[_Key, int, int]] = []  # (score, key, slot), best first
         for slot in self._members(pool):
-            if self._reason(slot, service_mask, need, now, exclude) != R_OK:
+            if self._reason(slot, service_mask, need, now, excluded) != R_OK:
                 continue
             score = self._score(slot)
             key = stream.next()
@@ -594,41 +655,50 @@ class SnapshotKernel:
             del top[k:]
         return [slot for _, _, slot in top]
 
-    def reasons(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> bytes:
+    def reasons(self, pool: int, service_mask: int, need: int, now: float, exclude: Iterable[int] = ()) -> bytes:
         self._check_pool(pool)
-        exclude = set(exclude)
-        return bytes(self._reason(s, service_mask, need, now, exclude) for s in self._members(pool))
+        excluded = set(exclude)
+        return bytes(self._reason(s, service_mask, need, now, excluded) for s in self._members(pool))
 
-    def capacity(self, slot: int) -> tuple:
+    def capacity(self, slot: int) -> tuple[int, int]:
         if slot < 0 or slot >= self.n_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
         return (int(self._recs[slot]["max_concurrency"]), int(self._loads[slot]["running"]))
 
-    def candidate(self, slot: int) -> tuple:
+    def candidate(self, slot: int) -> tuple[int, str, int, int]:
         mx, running = self.capacity(slot)
-        return (slot, self._node_ids[slot], mx, running)
+        # node_ids None (not given) fails here with TypeError, as in the compiled kernel
+        return (slot, self._node_ids[slot], mx, running)  # type: ignore[index]
 
-    def members(self, pool: int) -> list:
+    def members(self, pool: int) -> list[int]:
         self._check_pool(pool)
         return self._members(pool)
 
-    def _free(self, pool: int, mask: int, need: int, now: float, exclude, inflight=None) -> int:
+    def _free(  # noqa: PLR0917  a request's fields
+        self, pool: int, mask: int, need: int, now: float, exclude: Container[int],
+        inflight: NDArray[np.int32] | None = None,
+    ) -> int:
         return sum(
             int(self._recs[s]["max_concurrency"]) - self._effective(s, inflight)
             for s in self._members(pool)
             if self._reason(s, mask, need, now, exclude, inflight) == R_OK
         )
 
-    def free_capacity(self, pool: int, service_mask: int, need: int, now: float, exclude=()) -> int:
+    def free_capacity(
+        self, pool: int, service_mask: int, need: int, now: float, exclude: Iterable[int] = ()
+    ) -> int:
         self._check_pool(pool)
         return self._free(pool, service_mask, need, now, set(exclude))
 
-    def most_free_pool(self, src_id: int, tgt_id: int, service_mask: int, need: int, now: float,
-                       exclude=()) -> int:
+    def most_free_pool(
+        self, src_id: int, tgt_id: int, service_mask: int, need: int, now: float, exclude: Iterable[int] = ()
+    ) -> int:
         return self._most_free(src_id, tgt_id, service_mask, need, now, set(exclude))
 
-    def _most_free(self, src_id: int, tgt_id: int, mask: int, need: int, now: float, exclude: set,
-                   inflight=None) -> int:
+    def _most_free(  # noqa: PLR0917  a request's fields
+        self, src_id: int, tgt_id: int, mask: int, need: int, now: float, exclude: Container[int],
+        inflight: NDArray[np.int32] | None = None,
+    ) -> int:
         best, best_free = -1, -1
         for pool in self.pools_for(src_id, tgt_id):
             free_now = self._free(pool, mask, need, now, exclude, inflight)
@@ -636,7 +706,7 @@ class SnapshotKernel:
                 best, best_free = pool, free_now
         return best
 
-    def reason(self, slot: int, service_mask: int, need: int, now: float, exclude=()) -> int:
+    def reason(self, slot: int, service_mask: int, need: int, now: float, exclude: Iterable[int] = ()) -> int:
         if not 0 <= slot < self.n_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
         return self._reason(slot, service_mask, need, now, set(exclude))
@@ -644,6 +714,15 @@ class SnapshotKernel:
     def is_member(self, pool: int, slot: int) -> bool:
         self._check_pool(pool)
         return slot in self._members(pool)
+
+
+# One job's record, by handle: [job_id (None for a batch job), slot, pool_id,
+# session_id, expires_at, committed, version, pair]. A list indexed by position,
+# the twin's stand-in for the compiled struct (list[Any]: its fields differ in type).
+_JobRec = list[Any]
+# What expire() and jobs() report per job: (job_id, or the handle of a batch
+# job, slot, pool_id, session_id, expires_at, committed).
+_JobRecord = tuple[str | int, int, int, object, float, bool]
 
 
 class JobTable:
@@ -667,8 +746,7 @@ class JobTable:
         self._lock = threading.Lock()
         self._counts = counts
         self._index: dict[str, int] = {}
-        # handle -> [job_id, slot, pool_id, session_id, expires_at, committed, version, pair]
-        self._recs: list[list | None] = []
+        self._recs: list[_JobRec | None] = []  # handle -> record (_JobRec), None while the handle is free
         self._free: list[int] = []
         self._gen: list[int] = []  # handle -> times reused: the high half of a public job handle
         self._n_live = 0
@@ -717,7 +795,7 @@ class JobTable:
                 return
             heapq.heappop(heap)
 
-    def _push_locked(self, h: int, rec: list) -> None:
+    def _push_locked(self, h: int, rec: _JobRec) -> None:
         # versions are unique for the table's life: a reused handle's stale entries never match
         self._version += 1
         rec[6] = self._version
@@ -725,7 +803,8 @@ class JobTable:
 
     def _live_locked(self, job_id: str, now: float) -> int:
         h = self._index.get(job_id)
-        if h is None or self._recs[h][4] <= now:
+        # an indexed handle's record is set (None only while a handle is free)
+        if h is None or self._recs[h][4] <= now:  # type: ignore[index]
             return -1
         return h
 
@@ -733,16 +812,18 @@ class JobTable:
         with self._lock:
             return self._live_locked(job_id, now)
 
-    def get(self, job_id: str, now: float):
+    def get(self, job_id: str, now: float) -> tuple[int, int, str, float, bool, object] | None:
         with self._lock:
             h = self._live_locked(job_id, now)
             if h < 0:
                 return None
-            rec = self._recs[h]
+            rec: _JobRec = self._recs[h]  # type: ignore[assignment]  # h is live: its record is set
             return (rec[1], rec[2], rec[3], rec[4], rec[5], rec[7])
 
-    def reserve(self, job_id: str, slot: int, limit: int, running: int, pool_id: int, session_id: str,
-                expires_at: float, pair: object = None) -> int:
+    def reserve(  # noqa: PLR0917  the compiled reserve's signature
+        self, job_id: str, slot: int, limit: int, running: int, pool_id: int, session_id: str, expires_at: float,
+        pair: object = None,
+    ) -> int:
         if type(job_id) is not str or type(session_id) is not str:
             raise TypeError("job_id and session_id must be str")
         with self._lock:
@@ -772,8 +853,10 @@ class JobTable:
         return h
 
     # -- jobs named by handle (array batches) ---------------------------------
-    def reserve_handle(self, slot: int, limit: int, running: int, pool_id: int, session_id: object,
-                       expires_at: float, pair: object = None) -> int:
+    def reserve_handle(  # noqa: PLR0917  the compiled reserve_handle's signature
+        self, slot: int, limit: int, running: int, pool_id: int, session_id: object, expires_at: float,
+        pair: object = None,
+    ) -> int:
         with self._lock:
             if slot not in self._bound:
                 return self.GONE
@@ -815,15 +898,15 @@ class JobTable:
                 self._expire_at_locked(h, expires_at)
             return h >= 0
 
-    def get_handle(self, handle: int, now: float):
+    def get_handle(self, handle: int, now: float) -> tuple[int, int, object, float, bool, object] | None:
         with self._lock:
             h = self._of_handle_locked(handle, now)
             if h < 0:
                 return None
-            rec = self._recs[h]
+            rec: _JobRec = self._recs[h]  # type: ignore[assignment]  # h is live: its record is set
             return (rec[1], rec[2], rec[3], rec[4], rec[5], rec[7])
 
-    def release_handles(self, handles, now: float) -> int:
+    def release_handles(self, handles: NDArray[np.int64], now: float) -> int:
         with self._lock:
             done = 0
             for handle in np.asarray(handles, dtype=np.int64).tolist():
@@ -833,7 +916,7 @@ class JobTable:
                     done += 1
             return done
 
-    def commit_handles(self, handles, expires_at: float, now: float) -> int:
+    def commit_handles(self, handles: NDArray[np.int64], expires_at: float, now: float) -> int:
         with self._lock:
             done = 0
             for handle in np.asarray(handles, dtype=np.int64).tolist():
@@ -844,7 +927,7 @@ class JobTable:
             return done
 
     def _commit_locked(self, h: int, expires_at: float) -> None:
-        rec = self._recs[h]
+        rec: _JobRec = self._recs[h]  # type: ignore[assignment]  # callers pass live handles only
         if not rec[5]:
             rec[5] = True
             self._committed += 1
@@ -852,10 +935,11 @@ class JobTable:
 
     def _owned_locked(self, h: int, slot: int) -> int:
         """``h`` if it is a live record held on ``slot`` (any slot when ``slot < 0``), else -1."""
-        return h if h >= 0 and (slot < 0 or self._recs[h][1] == slot) else -1
+        # h >= 0 is a live handle: its record is set
+        return h if h >= 0 and (slot < 0 or self._recs[h][1] == slot) else -1  # type: ignore[index]
 
     def _expire_at_locked(self, h: int, expires_at: float) -> None:
-        rec = self._recs[h]
+        rec: _JobRec = self._recs[h]  # type: ignore[assignment]  # callers pass live handles only
         rec[4] = expires_at
         self._push_locked(h, rec)
 
@@ -873,8 +957,8 @@ class JobTable:
                 self._expire_at_locked(h, expires_at)
             return h >= 0
 
-    def _drop_locked(self, h: int) -> list:
-        rec = self._recs[h]
+    def _drop_locked(self, h: int) -> _JobRec:
+        rec: _JobRec = self._recs[h]  # type: ignore[assignment]  # callers pass live handles only
         if rec[0] is not None:
             del self._index[rec[0]]
         self._counts.add(rec[1], -1)
@@ -885,7 +969,7 @@ class JobTable:
         self._n_live -= 1
         return rec
 
-    def release(self, job_id: str, slot: int, now: float):
+    def release(self, job_id: str, slot: int, now: float) -> tuple[int, int, str, bool] | None:
         with self._lock:
             h = self._owned_locked(self._live_locked(job_id, now), slot)
             if h < 0:
@@ -893,8 +977,8 @@ class JobTable:
             rec = self._drop_locked(h)
             return (rec[1], rec[2], rec[3], rec[5])
 
-    def expire(self, now: float) -> list:
-        out = []
+    def expire(self, now: float) -> list[_JobRecord]:
+        out: list[_JobRecord] = []
         with self._lock:
             heap = self._heap
             while True:
@@ -908,7 +992,7 @@ class JobTable:
                 out.append((job_id, rec[1], rec[2], rec[3], rec[4], rec[5]))
         return out
 
-    def jobs(self) -> list:
+    def jobs(self) -> list[_JobRecord]:
         with self._lock:
             out = [(r[0] if r[0] is not None else (self._gen[h] << 32) | h, r[1], r[2], r[3], r[4], r[5])
                    for h, r in enumerate(self._recs) if r is not None]
@@ -939,7 +1023,7 @@ class Assignment:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Assignment], tuple[str, int, str, str, str, str]]:
         return (type(self), (self.node_id, self.pool_id, self.job_id, self.session_id, self.src, self.tgt))
 
 
@@ -971,6 +1055,18 @@ class SessionState:
 _UNSET = object()  # "argument not given" (None is a value the Python path validates)
 
 
+class _Published(Protocol):
+    """What :class:`Dispatcher` reads from the management layer: its current snapshot."""
+
+    @property
+    def snapshot(self) -> RuntimeSnapshot: ...
+
+
+# What dispatch reads from one snapshot: (kernel, language ids, language count,
+# pool id by pool index, pool index by pool id).
+_View = tuple[SnapshotKernel, dict[str, int], int, tuple[int, ...], dict[int, int]]
+
+
 class Dispatcher:
     """The common dispatch, start to finish, in one call (twin of the compiled class).
 
@@ -990,8 +1086,11 @@ class Dispatcher:
     call's atomicity under the GIL.
     """
 
-    def __init__(self, mgmt: object, jobs: JobTable, outcomes: Counters, sessions: dict, languages: dict,
-                 clock, prefix: str, reservation_ttl: float, session_ttl: float, lease: float) -> None:
+    def __init__(  # noqa: PLR0917  the compiled constructor's signature
+        self, mgmt: _Published, jobs: JobTable, outcomes: Counters, sessions: dict[str, SessionState],
+        languages: dict[str, str], clock: Callable[[], float], prefix: str, reservation_ttl: float,
+        session_ttl: float, lease: float,
+    ) -> None:
         self._lock = threading.Lock()
         self._mgmt = mgmt
         self._jobs = jobs
@@ -1004,33 +1103,39 @@ class Dispatcher:
         self._session_ttl = float(session_ttl)
         self._lease = float(lease)
         self._seq = 0
-        self._snap: object = None
-        self._view: tuple | None = None
+        self._snap: RuntimeSnapshot | None = None
+        self._view: _View | None = None
         self.default_mask = -1  # unknown until every default service has a bit
         self.next_sweep = float("inf")
         # one Assignment type per process, whichever kernel made it (the compiled one when built)
-        from pysched._kernel import core as default_core
+        from pysched._impl import kernel as default_kernel
 
-        self._assignment = default_core.Assignment
+        self._assignment = default_kernel.Assignment
 
     def new_job_id(self) -> str:
         with self._lock:
             self._seq += 1
             return f"{self._prefix}{self._seq}"
 
-    def publish(self, snap) -> None:
-        """Management's ``on_publish`` hook: cache what dispatch reads from the new snapshot."""
+    def publish(self, snap: RuntimeSnapshot) -> None:
+        """Cache what dispatch reads from a new snapshot (management's ``on_publish`` hook)."""
         with self._lock:
             self._view_of(snap)
 
-    def _view_of(self, snap) -> tuple:
-        if snap is not self._snap:
+    def _view_of(self, snap: RuntimeSnapshot) -> _View:
+        view = self._view
+        if view is None or snap is not self._snap:
+            # Typed as the compiled class (the stub types every kernel); the scheduler builds
+            # this Dispatcher and the registry's kernels from one kernel module, so it is the twin's.
+            kernel = cast(SnapshotKernel, snap.kernel)
             index = snap.index
-            self._view = (snap.kernel, index.lang_ids, index.n_langs, snap.pool_ids, snap.pool_index)
+            view = self._view = (kernel, index.lang_ids, index.n_langs, snap.pool_ids, snap.pool_index)
             self._snap = snap
-        return self._view
+        return view
 
-    def dispatch(self, session_id: object, src: object, tgt: object):
+    def dispatch(
+        self, session_id: object, src: object, tgt: object
+    ) -> _core.Assignment | tuple[str, str, float] | None:
         if type(session_id) is not str or not session_id or type(src) is not str or type(tgt) is not str:
             return None
         s = self._languages.get(src)
@@ -1080,7 +1185,8 @@ class Dispatcher:
                 state.binding = (pair, pool_id)
             state.last_used = now
             self._outcomes.add(0)
-            return self._assignment(kernel._node_ids[slot], pool_id, job_id, session_id, s, t)
+            # the management layer always gives the kernel its node ids
+            return self._assignment(kernel._node_ids[slot], pool_id, job_id, session_id, s, t)  # type: ignore[index]
 
     def release(self, job_id: object) -> bool | None:
         """Release a job held on any node; None when the Python path must answer (bad argument)."""
@@ -1096,7 +1202,9 @@ class Dispatcher:
         return self._jobs.commit(job_id, -1, now + self._lease, now)
 
     # -- array batches ----------------------------------------------------------
-    def _code_checked(self, code, name: str, i: int, lang_ids: dict, n_langs: int) -> tuple[str, int]:
+    def _code_checked(  # noqa: PLR0917  the compiled helper's (code, name, i), plus the view it keeps on self
+        self, code: object, name: str, i: int, lang_ids: dict[str, int], n_langs: int
+    ) -> tuple[str, int]:
         norm = self._languages.get(code) if type(code) is str else None
         if norm is None:
             from pysched.languages import normalize_language
@@ -1109,8 +1217,13 @@ class Dispatcher:
             return norm, n_langs
         return norm, lang_ids.get(norm, -1)
 
-    def batch(self, session_ids, src, tgt, service_mask: int, need: int, tenant: int, now: float,
-              out_slot, out_pool, out_handle, out_key) -> int:
+    # One function, like the compiled batch it mirrors line for line: splitting
+    # it would part the twins.
+    def batch(  # noqa: PLR0912, PLR0915, PLR0917  (see above; the compiled signature)
+        self, session_ids: Sequence[object], src: str | Sequence[object], tgt: str | Sequence[object],
+        service_mask: int, need: int, tenant: int, now: float, out_slot: NDArray[np.int32],
+        out_pool: NDArray[np.int64], out_handle: NDArray[np.int64], out_key: NDArray[np.int64],
+    ) -> int:
         n = len(session_ids)
         if not (len(out_slot) == n and len(out_pool) == n and len(out_handle) == n and len(out_key) == n):
             raise ValueError("batch: every output array must have one entry per job")
@@ -1123,12 +1236,13 @@ class Dispatcher:
             kernel, lang_ids, n_langs, pool_ids, pool_index = self._view or self._view_of(self._mgmt.snapshot)
             if tenant >= kernel.n_pools:
                 raise ValueError(f"batch: tenant pool index {tenant} out of range")
-            s_entry = self._code_checked(src, "src", 0, lang_ids, n_langs) if one_src else None
-            t_entry = self._code_checked(tgt, "tgt", 0, lang_ids, n_langs) if one_tgt else None
+            # (code, id) of the one src/tgt, else set per job below (the placeholder is never read)
+            s_entry = self._code_checked(src, "src", 0, lang_ids, n_langs) if one_src else ("", -1)
+            t_entry = self._code_checked(tgt, "tgt", 0, lang_ids, n_langs) if one_tgt else ("", -1)
             pair_number: dict[int, int] = {}
-            pairs: list = []
+            pairs: list[tuple[str, str]] = []
             pair_of: list[int] = []
-            number: dict = {}
+            number: dict[str, int] = {}
             session_of: list[int] = []
             for i in range(n):
                 sid = session_ids[i]
@@ -1146,16 +1260,18 @@ class Dispatcher:
                 out_key[i] = key
                 p = -1
                 if key >= 0:
-                    p = pair_number.get(key)
-                    if p is None:
-                        p = pair_number[key] = len(pairs)
+                    known_pair = pair_number.get(key)
+                    if known_pair is None:
+                        known_pair = pair_number[key] = len(pairs)
                         pairs.append((s_entry[0], t_entry[0]))
+                    p = known_pair
                 pair_of.append(p)
                 k = number.get(sid)
                 if k is None:
                     k = number[sid] = len(number)
                 session_of.append(k)
-            states: list = [None] * len(number)
+            sids = cast("Sequence[str]", session_ids)  # every entry was checked to be a non-empty str above
+            states: list[SessionState | None] = [None] * len(number)
             bound_pair = [-1] * len(number)
             bound_index = [-1] * len(number)
             for sid, k in number.items():
@@ -1204,25 +1320,30 @@ class Dispatcher:
                 if bound != pidx or bound_pair[k] != pair_of[i]:
                     bound_pair[k] = pair_of[i]
                     bound_index[k] = pidx
-                    if states[k] is None:
-                        states[k] = SessionState(now)
-                        self._sessions[session_ids[i]] = states[k]
-                    states[k].binding = (pair, pool_id)
+                    state = states[k]
+                    if state is None:
+                        state = states[k] = SessionState(now)
+                        self._sessions[sids[i]] = state
+                    state.binding = (pair, pool_id)
             self._seq += placed
             self._outcomes.add(0, placed)
             return placed
 
     # -- the public entry points, as Scheduler methods on an instance ----------
-    def connect(self, sched, default_services) -> None:
-        self._slots = sched._reservations._slots
-        self._slow_dispatch = sched._dispatch_slow
-        self._slow_release = sched._release_slow
-        self._slow_commit = sched._commit_slow
-        self._no_node = sched._no_node_now
+    # ``sched`` is the Scheduler facade (Any: its private slow paths are looked
+    # up by name, as the compiled connect does); what is taken from it is typed below.
+    def connect(self, sched: Any, default_services: object) -> None:
+        self._slots: dict[str, int] = sched._reservations._slots
+        self._slow_dispatch: Callable[..., _core.Assignment] = sched._dispatch_slow
+        self._slow_release: Callable[..., bool] = sched._release_slow
+        self._slow_commit: Callable[..., None] = sched._commit_slow
+        self._no_node: Callable[[str, str, float], Exception] = sched._no_node_now
         self._default_services = default_services
 
-    def call(self, session_id, src, tgt, *, job_id=None, exclude=None, tenant=None, services=_UNSET,
-             require_gpu=True, prefer=None):
+    def call(
+        self, session_id: object, src: object, tgt: object, *, job_id: object = None, exclude: object = None,
+        tenant: object = None, services: object = _UNSET, require_gpu: object = True, prefer: object = None,
+    ) -> _core.Assignment:
         if services is _UNSET:
             services = self._default_services
         if (job_id is None and exclude is None and tenant is None and prefer is None and require_gpu is True
@@ -1231,27 +1352,28 @@ class Dispatcher:
             if done is not None:
                 if type(done) is tuple:
                     raise self._no_node(*done)
-                return done
+                return done  # type: ignore[return-value]  # an Assignment: the tuple was raised above
         return self._slow_dispatch(session_id, src, tgt, job_id=job_id, exclude=exclude, tenant=tenant,
                                    services=services, require_gpu=require_gpu, prefer=prefer)
 
-    def _slot_of(self, node_id) -> int:
+    def _slot_of(self, node_id: object) -> int:
+        """The node's slot; -1 for "any node", -2 for a node never registered, -4 for a bad node id."""
         if node_id is None:
             return -1
         if type(node_id) is not str or not node_id:
             return -4
         return self._slots.get(node_id, -2)
 
-    def call_release(self, job_id, *, node_id=None):
+    def call_release(self, job_id: object, *, node_id: object = None) -> bool:
         if type(job_id) is str and job_id:
             slot = self._slot_of(node_id)
-            if slot == -2:
+            if slot == -2:  # noqa: PLR2004  a node never registered (see _slot_of)
                 return False
             if slot >= -1:
                 return self._jobs.release(job_id, slot, self._clock()) is not None
         return self._slow_release(job_id, node_id=node_id)
 
-    def call_commit(self, job_id, *, node_id=None):
+    def call_commit(self, job_id: object, *, node_id: object = None) -> None:
         if type(job_id) is str and job_id:
             slot = self._slot_of(node_id)
             if slot >= -1:

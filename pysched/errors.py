@@ -25,7 +25,11 @@ class SchedulerError(Exception):
 
 
 class NoPoolForLanguagePair(SchedulerError, LookupError):
-    """No pool serves the requested (source, target) language pair."""
+    """No pool serves the requested (source, target) language pair.
+
+    :param src: the source language code, as normalised.
+    :param tgt: the target language code, as normalised.
+    """
 
     def __init__(self, src: str, tgt: str) -> None:
         super().__init__(f"no pool serves the language pair {src!r} -> {tgt!r}")
@@ -36,10 +40,13 @@ class NoPoolForLanguagePair(SchedulerError, LookupError):
 class NoNodeAvailable(SchedulerError, LookupError):
     """Pools serve the pair, but no node in them can take the job now.
 
-    ``breakdown`` maps a reason code (``"offline"``, ``"full"``, ...) to the
-    number of distinct candidate nodes, over every eligible pool, that failed
-    with that reason; ``best_reason`` is the most frequent one (the earliest
-    in eligibility order on ties, ``"no_nodes"`` when the pools are empty).
+    :param src: the source language code, as normalised.
+    :param tgt: the target language code, as normalised.
+    :param breakdown: reason code (``"offline"``, ``"full"``, ...) -> the
+        number of distinct candidate nodes, over every eligible pool, that
+        failed with that reason (kept as a copy in ``breakdown``).
+    :param best_reason: the most frequent reason (the earliest in eligibility
+        order on ties, ``"no_nodes"`` when the pools are empty).
     """
 
     def __init__(self, src: str, tgt: str, breakdown: Mapping[str, int], best_reason: str) -> None:
@@ -52,7 +59,10 @@ class NoNodeAvailable(SchedulerError, LookupError):
 
 
 class UnknownNode(SchedulerError, KeyError):
-    """The node id is not registered."""
+    """The node id is not registered.
+
+    :param node_id: the id asked for (whatever was passed).
+    """
 
     def __init__(self, node_id: object) -> None:
         super().__init__(node_id)
@@ -63,7 +73,10 @@ class UnknownNode(SchedulerError, KeyError):
 
 
 class UnknownJob(SchedulerError, KeyError):
-    """The job id holds no reservation (never dispatched, released or expired)."""
+    """The job id holds no reservation (never dispatched, released or expired).
+
+    :param job_id: the id asked for (whatever was passed).
+    """
 
     def __init__(self, job_id: object) -> None:
         super().__init__(job_id)
@@ -80,6 +93,10 @@ class WrongNode(UnknownJob):
     ``node_id``: a late report from a node the job has moved away from (after
     a failover) must not touch the new node's job. Nothing is changed. It is
     an :class:`UnknownJob` (the job is unknown *on that node*).
+
+    :param job_id: the job asked for.
+    :param node_id: the node the caller named.
+    :param holder: the node that holds the job.
     """
 
     def __init__(self, job_id: object, node_id: object, holder: object) -> None:

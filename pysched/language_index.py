@@ -6,32 +6,70 @@ first: the smallest set, then the lowest pool id. ``src="auto"`` is served
 by every pool containing the target. The index is rebuilt only when pools
 change; a lookup is one dict access in Python, or one offset read in the
 compiled kernel, which gets the same index as two ``int32`` arrays.
+
+The kernel numbers languages densely (``lang_ids``) and a pair by its *pair
+key*, :func:`pair_key`: the one definition of that numbering in Python
+(the compiled ``SnapshotKernel._pair_key`` computes the same in C).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from pysched.languages import AUTO
 
-__all__ = ["PoolLanguageIndex"]
+#: an int, or an integer numpy array (key arithmetic works on either)
+IntOrArray = TypeVar("IntOrArray", int, np.ndarray)
+
+#: most pairs ``pair_ids`` remembers: normalised codes only arrive there, so this
+#: bounds a memo of the pairs clients use, not of arbitrary input
+_MEMO_LIMIT = 65536
+
+#: ``pair_ids``' memo marker for "not looked up yet" (one dict lookup per job, typed)
+_UNSEEN: tuple[int, int] = (-1, -1)
+
+__all__ = ["PoolLanguageIndex", "pair_key", "split_pair_key"]
+
+
+def pair_key(src_id: int, tgt_id: int, n_langs: int) -> int:
+    """The kernel's key of a language pair: ``src_id * n_langs + tgt_id``.
+
+    Keys are dense, ``(n_langs + 1) * n_langs`` of them: ``src_id == n_langs``
+    stands for ``"auto"`` (any source), a target is never ``"auto"``.
+
+    :param src_id: the source's language id, or ``n_langs`` for ``"auto"``.
+    :param tgt_id: the target's language id.
+    :param n_langs: how many languages the index numbers.
+    """
+    return src_id * n_langs + tgt_id
+
+
+def split_pair_key(key: IntOrArray, n_langs: int) -> tuple[IntOrArray, IntOrArray]:
+    """``(src_id, tgt_id)`` of a :func:`pair_key` (or of an array of them).
+
+    :param key: a pair key (>= 0), or an integer array of them.
+    :param n_langs: how many languages the index numbers.
+    """
+    return divmod(key, n_langs)
 
 
 class PoolLanguageIndex:
     """Immutable index over the pools of one snapshot.
 
-    ``pools`` lists ``(pool_id, languages)`` in pool-index order (the order
-    of the snapshot's membership arrays).
-
-    Attributes:
-        by_language_pair: ``(src, tgt) -> pool ids`` for every pair a pool covers.
-        by_mixed_pool: ``tgt -> pool ids`` of pools containing ``tgt`` (``src="auto"``).
-        by_language_set: ``frozenset -> pool ids`` with exactly that language set.
-        lang_ids: language code -> dense id used by the kernel.
-        pair_off, pair_pools: the kernel's CSR form; key ``src_id * L + tgt_id``
-            (``src_id == L`` for "auto") lists pool *indices*.
+    :param pools: ``(pool_id, languages)`` in pool-index order (the order of
+        the snapshot's membership arrays).
+    :ivar pool_ids: the pool id of each pool index.
+    :ivar by_language_pair: ``(src, tgt) -> pool ids`` for every pair a pool covers.
+    :ivar by_mixed_pool: ``tgt -> pool ids`` of pools containing ``tgt`` (``src="auto"``).
+    :ivar by_language_set: ``frozenset -> pool ids`` with exactly that language set.
+    :ivar lang_ids: language code -> dense id used by the kernel.
+    :ivar pair_off: with ``pair_pools``, the kernel's CSR form: entries
+        ``pair_off[k]:pair_off[k + 1]`` of ``pair_pools`` are the pool
+        *indices* serving the pair whose :func:`pair_key` is ``k``.
+    :ivar pair_pools: see ``pair_off``.
     """
 
     __slots__ = ("by_language_pair", "by_mixed_pool", "by_language_set", "lang_ids", "pair_off", "pair_pools",
@@ -62,9 +100,9 @@ class PoolLanguageIndex:
         flat: list[list[int]] = [[] for _ in range((n + 1) * n)]
         ids = self.lang_ids
         for (src, tgt), pids in self.by_language_pair.items():
-            flat[ids[src] * n + ids[tgt]] = [index_of[p] for p in pids]
+            flat[pair_key(ids[src], ids[tgt], n)] = [index_of[p] for p in pids]
         for tgt, pids in self.by_mixed_pool.items():
-            flat[n * n + ids[tgt]] = [index_of[p] for p in pids]
+            flat[pair_key(n, ids[tgt], n)] = [index_of[p] for p in pids]
         for key, entry in enumerate(flat):
             counts[key] = len(entry)
         self.pair_off = np.zeros((n + 1) * n + 1, dtype=np.int32)
@@ -76,6 +114,7 @@ class PoolLanguageIndex:
 
     @property
     def n_langs(self) -> int:
+        """How many languages the pools cover (``src_id == n_langs`` is ``"auto"``)."""
         return len(self.lang_ids)
 
     def lookup(self, src: str, tgt: str) -> tuple[int, ...]:
@@ -90,15 +129,20 @@ class PoolLanguageIndex:
         Only pairs of codes that already passed normalisation arrive here, so
         the memo is bounded by the pairs clients actually use.
         """
-        ids = self._pair_ids.get(pair, False)
-        if ids is False:
+        ids = self._pair_ids.get(pair, _UNSEEN)
+        if ids is _UNSEEN:
             ids = self.kernel_ids(pair[0], pair[1])
-            if len(self._pair_ids) < 65536:
+            if len(self._pair_ids) < _MEMO_LIMIT:
                 self._pair_ids[pair] = ids
         return ids
 
+    def key(self, pair: tuple[str, str]) -> int:
+        """The :func:`pair_key` of a ``(src, tgt)`` tuple (normalised codes), or -1 if no pool has both."""
+        ids = self.pair_ids(pair)
+        return -1 if ids is None else pair_key(ids[0], ids[1], len(self.lang_ids))
+
     def kernel_ids(self, src: str, tgt: str) -> tuple[int, int] | None:
-        """The kernel's (src_id, tgt_id) for a pair, or None if no pool has both languages."""
+        """The kernel's ``(src_id, tgt_id)`` for a pair, or None if no pool has both languages."""
         tgt_id = self.lang_ids.get(tgt)
         if tgt_id is None:
             return None

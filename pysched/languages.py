@@ -47,17 +47,22 @@ _LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]{2,8})*$")
 _SERVICE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 # raw input -> normalised code; only valid codes are cached, so the cache is
-# bounded by the set of distinct well-formed spellings callers use.
+# bounded by the set of distinct well-formed spellings callers use, and by
+# _CACHE_LIMIT entries against a caller that invents new ones forever.
 _language_cache: dict[str, str] = {}
 _service_cache: dict[str, str] = {}
+_CACHE_LIMIT = 65536
 
 
 def normalize_language(code: object, field: str = "language", *, allow_auto: bool = False) -> str:
     """Return the canonical form of one language code, or raise.
 
-    ``TypeError`` for a non-string, ``ValueError`` (naming ``field`` and the
-    value) for an empty or malformed code, or for ``"auto"`` where it is not
-    allowed.
+    :param code: the code as given (trimmed, lower-cased, ``_`` -> ``-``, aliases folded).
+    :param field: the argument name that error messages name.
+    :param allow_auto: accept ``"auto"`` (any source language).
+    :raises TypeError: for a non-string.
+    :raises ValueError: naming ``field`` and the value, for an empty or
+        malformed code, or for ``"auto"`` where it is not allowed.
     """
     cached = _language_cache.get(code) if type(code) is str else None
     if cached is not None:
@@ -75,13 +80,19 @@ def normalize_language(code: object, field: str = "language", *, allow_auto: boo
     if not _LANGUAGE_RE.match(text):
         raise ValueError(f"{field}: malformed language code {code!r}")
     text = LANGUAGE_ALIASES.get(text, text)
-    if len(_language_cache) < 65536:
+    if len(_language_cache) < _CACHE_LIMIT:
         _language_cache[code] = text
     return text
 
 
 def normalize_languages(codes: object, field: str = "languages") -> frozenset[str]:
-    """Normalise a non-empty iterable of language codes (not a bare string)."""
+    """Normalise a non-empty iterable of language codes (not a bare string).
+
+    :param codes: the codes, each as :func:`normalize_language` takes it.
+    :param field: the argument name that error messages name.
+    :raises TypeError: for a string or a non-iterable, or a non-string code.
+    :raises ValueError: for an empty iterable or a malformed code.
+    """
     if isinstance(codes, (str, bytes)) or not isinstance(codes, Iterable):
         raise TypeError(f"{field} must be an iterable of language codes, got {type(codes).__name__}: {codes!r}")
     result = frozenset(normalize_language(c, field) for c in codes)
@@ -91,7 +102,13 @@ def normalize_languages(codes: object, field: str = "languages") -> frozenset[st
 
 
 def normalize_service(name: object, field: str = "services") -> str:
-    """Return the canonical (lower-case) service name, or raise."""
+    """Return the canonical (trimmed, lower-case) service name, or raise.
+
+    :param name: the service name as given.
+    :param field: the argument name that error messages name.
+    :raises TypeError: for a non-string.
+    :raises ValueError: for a malformed name.
+    """
     cached = _service_cache.get(name) if type(name) is str else None
     if cached is not None:
         return cached
@@ -100,13 +117,20 @@ def normalize_service(name: object, field: str = "services") -> str:
     text = name.strip().lower()
     if not _SERVICE_RE.match(text):
         raise ValueError(f"{field}: malformed service name {name!r}")
-    if len(_service_cache) < 65536:
+    if len(_service_cache) < _CACHE_LIMIT:
         _service_cache[name] = text
     return text
 
 
 def normalize_services(names: object, field: str = "services", *, allow_empty: bool = True) -> frozenset[str]:
-    """Normalise an iterable of service names (not a bare string)."""
+    """Normalise an iterable of service names (not a bare string).
+
+    :param names: the names, each as :func:`normalize_service` takes it.
+    :param field: the argument name that error messages name.
+    :param allow_empty: accept an empty iterable.
+    :raises TypeError: for a string or a non-iterable, or a non-string name.
+    :raises ValueError: for a malformed name, or an empty iterable unless allowed.
+    """
     if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
         raise TypeError(f"{field} must be an iterable of service names, got {type(names).__name__}: {names!r}")
     result = frozenset(normalize_service(n, field) for n in names)

@@ -18,10 +18,13 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-from pysched._kernel import core as default_core
+from pysched._impl import kernel as default_kernel
 from pysched._layout import (
     FLAG_HAS_GPU,
     FLAG_PUBLIC,
@@ -36,6 +39,9 @@ from pysched.pools import MAX_POOL_ID, PoolConfig, auto_pool_name
 from pysched.reservations import ReservationBackend
 from pysched.snapshot import PoolMeta, RuntimeSnapshot
 
+if TYPE_CHECKING:
+    from pysched import _core
+
 __all__ = ["ManagementRegistry", "NodeState", "UNHEALTHY_LIMIT"]
 
 #: consecutive ``healthy=False`` heartbeats that turn a ready node degraded
@@ -43,9 +49,20 @@ UNHEALTHY_LIMIT = 3
 
 _STATUS_NAMES = {code: name for name, code in STATUS_CODES.items()}
 
+#: the largest count or limit a node may report (the kernel keeps them as int32)
+_INT32_MAX = 2**31 - 1
+#: load figures are percentages
+_MAX_PERCENT = 100.0
+#: the longest node id, in characters
+_MAX_NODE_ID_LENGTH = 256
+
 
 class NodeState:
-    """Management's own record of one node (never seen by dispatch)."""
+    """Management's own record of one node (never seen by dispatch).
+
+    :param node_id: the node's id.
+    :param slot: its slot in the per-node arrays (for the scheduler's life).
+    """
 
     __slots__ = ("node_id", "slot", "languages", "services", "max_concurrency", "has_gpu", "public", "status",
                  "unhealthy_streak", "pool_ids", "registered_at", "warming", "marked_offline_at")
@@ -69,12 +86,12 @@ class NodeState:
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
-    if type(value) is int and minimum <= value <= 2**31 - 1:
+    if type(value) is int and minimum <= value <= _INT32_MAX:
         return value
     if type(value) is not int and not isinstance(value, np.integer):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum or value > 2**31 - 1:
-        raise ValueError(f"{name} must be in [{minimum}, {2**31 - 1}], got {value!r}")
+    if value < minimum or value > _INT32_MAX:
+        raise ValueError(f"{name} must be in [{minimum}, {_INT32_MAX}], got {value!r}")
     return int(value)
 
 
@@ -85,12 +102,12 @@ def _check_bool(value: object, name: str) -> bool:
 
 
 def _check_percent(value: object, name: str) -> float:
-    if type(value) is float and 0.0 <= value <= 100.0:
+    if type(value) is float and 0.0 <= value <= _MAX_PERCENT:
         return value  # the usual heartbeat figure: one type check, one chained compare (NaN fails it)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
     number = float(value)
-    if math.isnan(number) or not 0.0 <= number <= 100.0:
+    if math.isnan(number) or not 0.0 <= number <= _MAX_PERCENT:
         raise ValueError(f"{name} must be a percentage in [0, 100], got {value!r}")
     return number
 
@@ -103,7 +120,11 @@ def _node_key(node_id: object) -> str:
 
 
 def check_forget_after(value: object) -> float | None:
-    """``None`` (never forget) or a positive finite number of seconds."""
+    """Validate ``forget_after``: ``None`` (never forget) or a positive finite number of seconds.
+
+    :raises TypeError: for a non-number.
+    :raises ValueError: for a number that is not positive and finite.
+    """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -115,11 +136,15 @@ def check_forget_after(value: object) -> float | None:
 
 
 def check_node_id(node_id: object) -> str:
-    """Validate a node id: a non-empty str of printable characters."""
+    """Validate a node id: a non-empty str of printable characters.
+
+    :raises TypeError: for a non-string.
+    :raises ValueError: for an empty, too long or unprintable id.
+    """
     if not isinstance(node_id, str):
         raise TypeError(f"node_id must be a str, got {type(node_id).__name__}: {node_id!r}")
-    if not node_id or len(node_id) > 256 or not node_id.isprintable():
-        raise ValueError(f"node_id must be 1-256 printable characters, got {node_id!r}")
+    if not node_id or len(node_id) > _MAX_NODE_ID_LENGTH or not node_id.isprintable():
+        raise ValueError(f"node_id must be 1-{_MAX_NODE_ID_LENGTH} printable characters, got {node_id!r}")
     return node_id
 
 
@@ -145,6 +170,19 @@ class ManagementRegistry:
     * a node without a pool is listed in ``unpooled``, and only then.
 
     Status (draining, degraded, offline, registering) never changes membership.
+
+    :param pools: ``"auto"``, or the manual pools.
+    :param heartbeat_timeout: seconds of silence after which a node counts as offline.
+    :param resource_threshold: the cpu/gpu/mem percentage at which a node is overloaded.
+    :param max_pools: the most pools at once.
+    :param clock: the scheduler's clock.
+    :param rng: the kernel's ``Rng`` (tie-breaks), handed to every ``SnapshotKernel``.
+    :param reservations: the backend told about node slots (registration,
+        removal, capacity growth), under the lock.
+    :param nogil_min_pool: pool size from which the compiled kernel scans without the GIL.
+    :param core: the kernel module (``pysched._core`` or ``pysched._pycore``).
+    :param forget_after: seconds offline after which an idle node is forgotten
+        (:meth:`forget_offline`); ``None``: never.
     """
 
     def __init__(
@@ -158,12 +196,12 @@ class ManagementRegistry:
         rng: object,
         reservations: ReservationBackend,
         nogil_min_pool: int = 4096,
-        core=default_core,
+        core: ModuleType = default_kernel,
         forget_after: float | None = None,
     ) -> None:
         self._forget_after = check_forget_after(forget_after)
         self._lock = threading.Lock()
-        self._core = core
+        self._kernel = core
         self._clock = clock
         self._rng = rng
         self._reservations = reservations
@@ -178,8 +216,8 @@ class ManagementRegistry:
         # reservations it still holds there).
         self._node_ids: list[str] = []
         self._slot_of: dict[str, int] = {}
-        self._loads = core.LoadTable(0)
-        self._recs = np.zeros(0, dtype=NODE_DTYPE)
+        self._loads: _core.LoadTable = core.LoadTable(0)
+        self._recs: NDArray[np.void] = np.zeros(0, dtype=NODE_DTYPE)
         self._recs_shared = True  # the current recs array belongs to a published snapshot
         # slots whose record was written since the last publication: every write
         # to recs goes through _write_rec_locked or _remove_locked, which append
@@ -192,7 +230,7 @@ class ManagementRegistry:
         self._auto_ids: dict[frozenset[str], int] = {}
         self._next_pool_id = 1
         self._meta: dict[int, PoolMeta] = {}
-        self._members: dict[int, np.ndarray] = {}  # active pool id -> sorted slots
+        self._members: dict[int, NDArray[np.int32]] = {}  # active pool id -> sorted slots
         self._unpooled: dict[str, None] = {}  # insertion-ordered set of node ids
         self._pools_grew = False  # an auto pool opened since the last retry of the unpooled nodes
         # The earliest time any node could be due to be forgotten (a lower
@@ -202,9 +240,9 @@ class ManagementRegistry:
         self._forget_next = math.inf
         self._index_dirty = True
         self._members_dirty = True
-        self._index: PoolLanguageIndex | None = None
-        self._pool_off = np.zeros(1, dtype=np.int32)
-        self._pool_members = np.zeros(0, dtype=np.int32)
+        self._index: PoolLanguageIndex | None = None  # built by the first publication
+        self._pool_off: NDArray[np.int32] = np.zeros(1, dtype=np.int32)
+        self._pool_members: NDArray[np.int32] = np.zeros(0, dtype=np.int32)
 
         #: auto mode: language set -> new pool id. The default counts up locally;
         #: a fleet of processes installs one that allocates ids in shared storage
@@ -232,14 +270,20 @@ class ManagementRegistry:
 
     @property
     def slot_of(self) -> dict[str, int]:
+        """Node id -> slot, for every node ever registered. Grows only; safe to read without the lock."""
         return self._slot_of
 
     def node_ids(self) -> list[str]:
+        """The registered node ids, in registration order."""
         with self._lock:
             return list(self._nodes)
 
-    def node_info(self, node_id: str) -> dict:
-        """Management's view of one node (status, languages, services, pools, loads)."""
+    # A report of mixed value types, served as JSON (Any: its readers index it by key).
+    def node_info(self, node_id: str) -> dict[str, Any]:
+        """Management's view of one node (status, languages, services, pools, loads).
+
+        :raises UnknownNode: if ``node_id`` is not registered.
+        """
         node_id = _node_key(node_id)
         with self._lock:
             st = self._nodes.get(node_id)
@@ -267,7 +311,8 @@ class ManagementRegistry:
             return "offline"
         return st.status
 
-    def stats(self) -> dict:
+    # A report of mixed value types, which the scheduler extends and serves as JSON.
+    def stats(self) -> dict[str, Any]:
         """Nodes by status, pools with member counts, nodes without a pool."""
         with self._lock:
             now = self._clock()
@@ -288,6 +333,7 @@ class ManagementRegistry:
             }
 
     def pool_configs(self) -> list[tuple[PoolMeta, tuple[str, ...]]]:
+        """Each active pool, by pool id, with its member node ids (in slot order)."""
         with self._lock:
             return [
                 (self._meta[pid], tuple(self._node_ids[s] for s in self._members[pid]))
@@ -295,7 +341,7 @@ class ManagementRegistry:
             ]
 
     # ------------------------------------------------------------ registration
-    def register(
+    def register(  # noqa: PLR0917  Scheduler.register_node's arguments, which it passes on in order
         self,
         node_id: str,
         languages: Iterable[str],
@@ -309,6 +355,11 @@ class ManagementRegistry:
 
         ``ready=False`` starts it ``registering`` (not eligible, reason
         ``not_ready``) until its first ``healthy=True`` heartbeat.
+
+        :raises TypeError: an argument of the wrong type, naming it.
+        :raises ValueError: a bad value, naming it; nothing is changed.
+        :raises ReservationBackendUnavailable: the backend could not be told;
+            nothing is changed.
         """
         node_id = check_node_id(node_id)
         langs = normalize_languages(languages, "languages")
@@ -321,10 +372,9 @@ class ManagementRegistry:
             self._check_service_room_locked(servs)
             if self._auto:
                 self._reserve_pool_id_locked(langs)
-            slot = self._slot_of.get(node_id)
-            new_slot = slot is None
-            if new_slot:
-                slot = len(self._node_ids)
+            known = self._slot_of.get(node_id)
+            new_slot = known is None
+            slot = len(self._node_ids) if known is None else known
             # The backend may fail (Redis down): ask it before changing anything.
             self._reservations.ensure_capacity(slot + 1)
             self._reservations.bind_node(slot, node_id, max_concurrency)
@@ -350,6 +400,10 @@ class ManagementRegistry:
             self._publish_locked()
 
     def remove(self, node_id: str) -> None:
+        """Remove a node: no pool, no new reservations; its slot stays its own.
+
+        :raises UnknownNode: if ``node_id`` is not registered.
+        """
         node_id = _node_key(node_id)
         with self._lock:
             st = self._nodes.get(node_id)
@@ -440,7 +494,7 @@ class ManagementRegistry:
         return forgotten
 
     # -------------------------------------------------------------- heartbeats
-    def heartbeat(
+    def heartbeat(  # noqa: PLR0917  Scheduler.heartbeat's fields, passed on in order on every heartbeat
         self,
         node_id: str,
         running: int | None = None,
@@ -545,6 +599,13 @@ class ManagementRegistry:
 
     # ------------------------------------------------------------------ pools
     def set_pools(self, pools: str | Sequence[PoolConfig]) -> None:
+        """Switch to ``"auto"`` pools or to these manual pools, and place every node again.
+
+        :raises TypeError: ``pools`` is neither ``"auto"`` nor a sequence of :class:`PoolConfig`.
+        :raises ValueError: a duplicate pool id, more than ``max_pools``
+            pools, or too many distinct services; nothing is changed.
+        """
+        configs: tuple[PoolConfig, ...] | None
         if isinstance(pools, str):
             if pools != "auto":
                 raise ValueError(f"pools must be 'auto' or a sequence of PoolConfig, got {pools!r}")
@@ -785,12 +846,12 @@ class ManagementRegistry:
         self._changed_slots.append(st.slot)
 
     def _publish_locked(self) -> None:
-        if self._index_dirty:
+        index = self._index
+        if index is None or self._index_dirty:
             order = sorted(self._members)
-            self._index = PoolLanguageIndex([(pid, self._meta[pid].languages) for pid in order])
+            index = self._index = PoolLanguageIndex([(pid, self._meta[pid].languages) for pid in order])
             self._index_dirty = False
             self._members_dirty = True
-        index = self._index
         pools_changed = self._members_dirty
         if self._members_dirty:
             arrays = [self._members[pid] for pid in index.pool_ids]
@@ -805,16 +866,17 @@ class ManagementRegistry:
         recs.flags.writeable = False
         self._recs_shared = True
         inflight = self._reservations.inflight
-        previous = getattr(self, "snapshot", None)
+        previous: RuntimeSnapshot | None = getattr(self, "snapshot", None)  # None: the first publication
         # The slots whose record was written since the last publication, where the
         # writers keep that list: the kernel then re-keys just those in its per-pool
         # ordering instead of comparing every record (O(changes), not O(slots)).
         # None: the kernel compares.
         changed = self._changed_slots
+        snapshot_kernel: _core.SnapshotKernel
         if previous is not None and not pools_changed:
-            kernel = previous.kernel.with_records(recs, self._loads, inflight, changed)
+            snapshot_kernel = previous.kernel.with_records(recs, self._loads, inflight, changed)
         else:
-            kernel = self._core.SnapshotKernel(
+            snapshot_kernel = self._kernel.SnapshotKernel(
                 recs, self._loads, inflight, self._pool_off, self._pool_members, index.pair_off, index.pair_pools,
                 index.n_langs, self._rng, self._heartbeat_timeout, self._threshold, self._nogil_min_pool,
                 self._node_ids, changed,
@@ -824,7 +886,7 @@ class ManagementRegistry:
         unpooled = tuple((nid, self._nodes[nid].languages) for nid in self._unpooled)
         self.snapshot = RuntimeSnapshot(
             self.version, recs, self._loads.array, inflight, self._pool_off, self._pool_members, index,
-            {pid: self._meta[pid] for pid in index.pool_ids}, unpooled, kernel, self._node_ids, self._slot_of,
+            {pid: self._meta[pid] for pid in index.pool_ids}, unpooled, snapshot_kernel, self._node_ids, self._slot_of,
         )
         if self.on_publish is not None:
             self.on_publish(self.snapshot)

@@ -18,7 +18,7 @@ from pysched.languages import normalize_languages, normalize_services
 
 __all__ = ["PoolConfig", "PoolInfo", "auto_pool_name", "MAX_POOL_ID"]
 
-#: pool ids are non-negative and fit the kernel's packed 32-bit pool index
+#: the largest pool id: ids are non-negative signed 32-bit integers
 MAX_POOL_ID = 2**31 - 1
 
 
@@ -27,12 +27,20 @@ def auto_pool_name(languages: Iterable[str]) -> str:
     return "-".join(sorted(languages))
 
 
-@dataclass(frozen=True)
+# init=False: the constructor takes any iterable of codes and stores them
+# normalised as frozensets, which the generated __init__ could not type.
+@dataclass(frozen=True, init=False)
 class PoolConfig:
     """One manually configured pool.
 
-    ``languages`` and ``required_services`` are normalised on construction;
-    bad values raise ``ValueError``/``TypeError`` naming the field.
+    :param pool_id: the pool id, in ``[0, MAX_POOL_ID]``.
+    :param name: a non-empty display name.
+    :param languages: the pool's language codes (an iterable, not a bare
+        string), stored normalised as a frozenset.
+    :param required_services: services every member must run, stored
+        normalised as a frozenset.
+    :raises TypeError: a value of the wrong type, naming the field.
+    :raises ValueError: a bad value, naming the field.
     """
 
     pool_id: int
@@ -40,22 +48,35 @@ class PoolConfig:
     languages: frozenset[str]
     required_services: frozenset[str] = field(default_factory=frozenset)
 
-    def __post_init__(self) -> None:
-        if type(self.pool_id) is not int:
-            raise TypeError(f"pool_id must be an int, got {type(self.pool_id).__name__}: {self.pool_id!r}")
-        if not 0 <= self.pool_id <= MAX_POOL_ID:
-            raise ValueError(f"pool_id must be in [0, {MAX_POOL_ID}], got {self.pool_id!r}")
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"name must be a non-empty str, got {self.name!r}")
-        object.__setattr__(self, "languages", normalize_languages(self.languages, "languages"))
-        object.__setattr__(
-            self, "required_services", normalize_services(self.required_services, "required_services")
-        )
+    def __init__(
+        self, pool_id: int, name: str, languages: Iterable[str], required_services: Iterable[str] = ()
+    ) -> None:
+        if type(pool_id) is not int:
+            raise TypeError(f"pool_id must be an int, got {type(pool_id).__name__}: {pool_id!r}")
+        if not 0 <= pool_id <= MAX_POOL_ID:
+            raise ValueError(f"pool_id must be in [0, {MAX_POOL_ID}], got {pool_id!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        langs = normalize_languages(languages, "languages")
+        services = normalize_services(required_services, "required_services")
+        # frozen: fields are set once, here, the way the generated __init__ sets them
+        object.__setattr__(self, "pool_id", pool_id)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "languages", langs)
+        object.__setattr__(self, "required_services", services)
 
 
 @dataclass(frozen=True)
 class PoolInfo:
-    """A pool as reported by :meth:`Scheduler.pools`."""
+    """A pool as reported by :meth:`Scheduler.pools`.
+
+    :param pool_id: the pool id.
+    :param name: the pool's name (an auto pool's is :func:`auto_pool_name`).
+    :param languages: its language codes.
+    :param required_services: services every member runs (empty for auto pools).
+    :param node_ids: the member node ids, in slot order.
+    :param auto: an automatic language-set pool rather than a :class:`PoolConfig`.
+    """
 
     pool_id: int
     name: str

@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from types import ModuleType
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import numpy as np
+from numpy.typing import NDArray
 
-from pysched._kernel import core as default_core
+from pysched._impl import kernel as default_kernel
+
+if TYPE_CHECKING:
+    from pysched import _core
 
 __all__ = [
     "Candidate",
+    "CandidateTuple",
     "Reservation",
     "ReservationBackend",
     "LocalReservations",
@@ -51,14 +57,34 @@ class Candidate(NamedTuple):
     running: int  #: jobs the node itself last reported running
 
 
+#: A candidate as the reserve calls take it: a :class:`Candidate`, or a plain tuple
+#: that starts with its fields (the kernel's ``candidate()`` and
+#: ``select_candidate()`` tuples; the latter's fifth field, the pool index, is ignored).
+CandidateTuple: TypeAlias = tuple[int, str, int, int] | tuple[int, str, int, int, int]
+
+
 class Reservation:
-    """One job's claim on one node's capacity."""
+    """One job's claim on one node's capacity.
+
+    :param job_id: the job: its id, or the integer handle of a
+        :meth:`~pysched.Scheduler.dispatch_batch` job.
+    :param node_id: the node whose capacity it holds.
+    :param slot: that node's slot in the scheduler's per-node arrays.
+    :param pool_id: the pool id the job was dispatched through.
+    :param session_id: the session that dispatched it.
+    :param expires_at: when it lapses unless committed, renewed or released
+        (the scheduler's clock).
+    :param committed: accepted by the node (it then lapses at the end of its lease).
+    :param src: the source language of the dispatch that made it (``None``
+        where a backend does not keep it).
+    :param tgt: its target language (likewise).
+    """
 
     __slots__ = ("job_id", "node_id", "slot", "pool_id", "session_id", "expires_at", "committed", "src", "tgt")
 
-    def __init__(
+    def __init__(  # noqa: PLR0917  public record: its fields in order, which callers pass positionally
         self,
-        job_id: str,
+        job_id: str | int,
         node_id: str,
         slot: int,
         pool_id: int,
@@ -75,7 +101,6 @@ class Reservation:
         self.session_id = session_id
         self.expires_at = expires_at
         self.committed = committed
-        #: the language pair of the dispatch that made it (None where a backend does not keep it)
         self.src = src
         self.tgt = tgt
 
@@ -103,7 +128,7 @@ class ReservationBackend:
 
     #: per-slot in-flight counts read by the kernel; replaced (never resized
     #: in place) by :meth:`ensure_capacity`.
-    inflight: np.ndarray
+    inflight: NDArray[np.int32]
 
     #: dispatch calls :meth:`expire_due` only once the clock reaches this
     #: (a plain attribute read on the hot path); 0 means "always call".
@@ -128,7 +153,7 @@ class ReservationBackend:
         """
         raise NotImplementedError
 
-    def ensure_capacity(self, n_slots: int) -> np.ndarray:
+    def ensure_capacity(self, n_slots: int) -> NDArray[np.int32]:
         """Make :attr:`inflight` hold at least ``n_slots`` entries; return it."""
         raise NotImplementedError
 
@@ -143,43 +168,53 @@ class ReservationBackend:
     def try_reserve(
         self,
         job_id: str,
-        candidates: Sequence[Candidate],
+        candidates: Sequence[CandidateTuple],
         pool_id: int,
         session_id: str,
     ) -> Reservation | list[str]:
         """Reserve the first candidate with free capacity.
 
-        Returns the :class:`Reservation` on success. If ``job_id`` already
-        holds a reservation, returns that one unchanged (safe retries).
-        Otherwise returns one refusal reason per candidate, in order.
+        :param job_id: the job to reserve for.
+        :param candidates: the nodes to try, in order (:data:`CandidateTuple`).
+        :param pool_id: the pool id the job is dispatched through.
+        :param session_id: the session dispatching it.
+        :returns: the :class:`Reservation` on success. If ``job_id`` already
+            holds a reservation, that one unchanged (safe retries). Otherwise
+            one refusal reason per candidate, in order.
         """
         raise NotImplementedError
 
     def reserve_one(
-        self, job_id: str, candidate: Candidate, pool_id: int, session_id: str, now: float,
+        self, job_id: str, candidate: CandidateTuple, pool_id: int, session_id: str, now: float,
         pair: tuple[str, str] | None = None,
     ) -> Reservation | str | None:
         """Single-candidate fast path used by dispatch.
 
-        ``candidate`` is ``(slot, node_id, max_concurrency, running, ...)``:
-        extra trailing fields are ignored. Returns ``None`` when ``candidate`` was reserved for ``job_id``, a
-        refusal reason string when it was not, or a :class:`Reservation`
-        (the one ``job_id`` already held, or the new one) whose node and pool
-        the caller then uses. ``now`` is the caller's reading of the
-        scheduler's clock; ``pair`` the job's ``(src, tgt)``, which a backend
-        may keep with the reservation. The default delegates to :meth:`try_reserve`.
+        The default delegates to :meth:`try_reserve`.
+
+        :param job_id: the job to reserve for.
+        :param candidate: ``(slot, node_id, max_concurrency, running, ...)``:
+            extra trailing fields are ignored.
+        :param pool_id: the pool id the job is dispatched through.
+        :param session_id: the session dispatching it.
+        :param now: the caller's reading of the scheduler's clock.
+        :param pair: the job's ``(src, tgt)``, which a backend may keep with the reservation.
+        :returns: ``None`` when ``candidate`` was reserved for ``job_id``, a
+            refusal reason string when it was not, or a :class:`Reservation`
+            (the one ``job_id`` already held, or the new one) whose node and
+            pool the caller then uses.
         """
         result = self.try_reserve(job_id, [candidate], pool_id, session_id)
         if isinstance(result, Reservation):
             return result  # fresh or pre-existing: the caller takes node and pool from it
         return result[0]
 
-    def reserve_placed(
+    def reserve_placed(  # noqa: PLR0917  the batch's parallel arrays, one per field, in the order of reserve_one's
         self,
         job_ids: Sequence[str],
-        slots: np.ndarray,
-        limits: np.ndarray,
-        running: np.ndarray,
+        slots: NDArray[np.integer],
+        limits: NDArray[np.integer],
+        running: NDArray[np.integer],
         pool_ids: Sequence[int],
         session_ids: Sequence[str],
         node_id: Callable[[int], str],
@@ -188,17 +223,27 @@ class ReservationBackend:
     ) -> list[Reservation | str | None]:
         """Reserve a placed batch: job ``job_ids[k]`` on slot ``slots[k]`` (for ``pairs[k]``).
 
-        Returns one result per job as :meth:`reserve_one` would, or an empty
-        list when every job was reserved as placed (the common case, which a
-        backend may answer without building a list). The default makes one
-        :meth:`reserve_one` call per job.
+        The default makes one :meth:`reserve_one` call per job.
+
+        :param job_ids: the jobs, in batch order.
+        :param slots: each job's node slot.
+        :param limits: each node's max concurrency.
+        :param running: the jobs each node last reported running.
+        :param pool_ids: each job's pool id.
+        :param session_ids: each job's session.
+        :param node_id: slot -> node id.
+        :param now: the caller's reading of the scheduler's clock.
+        :param pairs: each job's ``(src, tgt)``.
+        :returns: one result per job as :meth:`reserve_one` would, or an empty
+            list when every job was reserved as placed (the common case, which
+            a backend may answer without building a list).
         """
-        pairs = pairs if pairs is not None else [None] * len(job_ids)
+        job_pairs: Sequence[tuple[str, str] | None] = pairs if pairs is not None else [None] * len(job_ids)
         results = [
             self.reserve_one(job_id, (int(slot), node_id(int(slot)), int(limit), int(run)), pool_id, session_id, now,
                              pair)
             for job_id, slot, limit, run, pool_id, session_id, pair in zip(
-                job_ids, slots, limits, running, pool_ids, session_ids, pairs)
+                job_ids, slots, limits, running, pool_ids, session_ids, job_pairs, strict=True)
         ]
         return results if any(r is not None for r in results) else []
 
@@ -219,8 +264,14 @@ class ReservationBackend:
         raise NotImplementedError
 
     def renew(self, job_id: str, lease: float | None = None, node_id: str | None = None) -> bool:
-        """Move a live job's expiry to now + ``lease`` (default: the commit lease when
-        committed, the reservation TTL otherwise). False, nothing changed, if refused."""
+        """Move a live job's expiry to now + ``lease``.
+
+        :param job_id: the job.
+        :param lease: seconds; default: the commit lease when committed, the
+            reservation TTL otherwise.
+        :param node_id: when given, a job held on another node is refused.
+        :returns: False, with nothing changed, if refused.
+        """
         raise NotImplementedError
 
     def expire(self) -> int:
@@ -231,7 +282,7 @@ class ReservationBackend:
         """Reservations held (for one node, or in total)."""
         raise NotImplementedError
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, object]:
         """Local figures for monitoring, with no network call.
 
         ``{"name", "available", "error", "held", "committed", "expired"}``:
@@ -270,7 +321,22 @@ class LocalReservations(ReservationBackend):
     the TTL to the microsecond, and ``get``/``commit``/``release`` treat a
     job past its expiry as gone even before the sweep. Expired jobs are
     reported through the ``on_expired`` callback.
+
+    :param reservation_ttl: seconds an uncommitted reservation lives; default:
+        the scheduler's (:meth:`configure`).
+    :param clock: default: the scheduler's.
+    :param commit_lease: seconds a committed job holds capacity after its
+        commit or last renewal; default: the scheduler's.
+    :param core: the kernel module (``pysched._core`` or ``pysched._pycore``)
+        whose ``SlotCounts`` and ``JobTable`` hold the reservations.
     """
+
+    # Set by the constructor when given there (they then win over what
+    # configure() passes), else by configure(): the backend is unusable until
+    # one of the two has set them.
+    _ttl: float
+    _lease: float
+    _clock: Callable[[], float]
 
     def __init__(
         self,
@@ -278,21 +344,24 @@ class LocalReservations(ReservationBackend):
         clock: Callable[[], float] | None = None,
         *,
         commit_lease: float | None = None,
-        core=default_core,
+        core: ModuleType = default_kernel,
     ) -> None:
         self._lock = threading.Lock()  # management calls only (growth, binding)
-        self._ttl = reservation_ttl
-        self._lease = commit_lease
-        self._clock = clock
+        if reservation_ttl is not None:
+            self._ttl = reservation_ttl
+        if commit_lease is not None:
+            self._lease = commit_lease
+        if clock is not None:
+            self._clock = clock
         self._on_expired: Callable[[list[Reservation]], None] | None = None
         # slot <-> node id; a slot belongs to one node id for the scheduler's
         # life, so neither map ever loses an entry (held jobs of a removed node
         # still name it). Whether a live node owns a slot is the table's business.
         self._names: dict[int, str] = {}
         self._slots: dict[str, int] = {}
-        self._counts = core.SlotCounts(0)
+        self._counts: _core.SlotCounts = core.SlotCounts(0)
         self.inflight = self._counts.array
-        self._table = core.JobTable(self._counts)
+        self._table: _core.JobTable = core.JobTable(self._counts)
 
     # -- management side ---------------------------------------------------
     def configure(
@@ -303,11 +372,12 @@ class LocalReservations(ReservationBackend):
         commit_lease: float = 3600.0,
         on_expired: Callable[[list[Reservation]], None] | None = None,
     ) -> None:
-        if self._ttl is None:
+        """Take the scheduler's TTL, clock and lease where the constructor was not given them."""
+        if not hasattr(self, "_ttl"):
             self._ttl = float(reservation_ttl)
-        if self._lease is None:
+        if not hasattr(self, "_lease"):
             self._lease = float(commit_lease)
-        if self._clock is None:
+        if not hasattr(self, "_clock"):
             self._clock = clock
         self.commit_lease = self._lease
         self._on_expired = on_expired
@@ -317,7 +387,8 @@ class LocalReservations(ReservationBackend):
         """The earliest expiry of any held job: dispatch sweeps when the clock reaches it."""
         return self._table.next_expiry
 
-    def ensure_capacity(self, n_slots: int) -> np.ndarray:
+    def ensure_capacity(self, n_slots: int) -> NDArray[np.int32]:
+        """Grow the counts (to at least double) when ``n_slots`` exceeds them; the in-flight array."""
         with self._lock:
             if n_slots > len(self._counts):
                 # grown() forwards the old table to the new one atomically, so a
@@ -328,21 +399,24 @@ class LocalReservations(ReservationBackend):
             return self.inflight
 
     def bind_node(self, slot: int, node_id: str, max_concurrency: int) -> None:
+        """Let reservations on ``slot`` succeed; its limit comes with each reservation."""
         with self._lock:
             self._names[slot] = node_id
             self._slots[node_id] = slot
             self._table.bind(slot)
 
     def unbind_node(self, slot: int, node_id: str) -> None:
+        """Refuse new reservations on ``slot`` (``"offline"``) if ``node_id`` still owns it."""
         with self._lock:
             if self._names.get(slot) == node_id:
                 self._table.unbind(slot)
 
     # -- dispatch side -----------------------------------------------------
     def reserve_one(
-        self, job_id: str, candidate: Candidate, pool_id: int, session_id: str, now: float,
+        self, job_id: str, candidate: CandidateTuple, pool_id: int, session_id: str, now: float,
         pair: tuple[str, str] | None = None,
     ) -> Reservation | str | None:
+        """One call into the job table; see :meth:`ReservationBackend.reserve_one`."""
         # candidate by index: it may carry more fields (the pool index)
         code = self._table.reserve(job_id, candidate[0], candidate[2], candidate[3], pool_id, session_id,
                                    now + self._ttl, pair)
@@ -366,25 +440,27 @@ class LocalReservations(ReservationBackend):
             return REFUSED_GONE
         return self._view(job_id, now) or REFUSED_FULL
 
-    def reserve_placed(
+    def reserve_placed(  # noqa: PLR0917  as ReservationBackend.reserve_placed, which it overrides
         self,
         job_ids: Sequence[str],
-        slots: np.ndarray,
-        limits: np.ndarray,
-        running: np.ndarray,
+        slots: NDArray[np.integer],
+        limits: NDArray[np.integer],
+        running: NDArray[np.integer],
         pool_ids: Sequence[int],
         session_ids: Sequence[str],
         node_id: Callable[[int], str],
         now: float,
         pairs: Sequence[tuple[str, str]] | None = None,
     ) -> list[Reservation | str | None]:
+        """One job-table call per job, no Python lock; see :meth:`ReservationBackend.reserve_placed`."""
         reserve = self._table.reserve
         expires = now + self._ttl
-        results: list = []
+        results: list[Reservation | str | None] = []
         failed = False
-        pairs = pairs if pairs is not None else [None] * len(job_ids)
+        job_pairs: Sequence[tuple[str, str] | None] = pairs if pairs is not None else [None] * len(job_ids)
         for job_id, slot, limit, run, pool_id, session_id, pair in zip(
-                job_ids, slots.tolist(), limits.tolist(), running.tolist(), pool_ids, session_ids, pairs):
+                job_ids, slots.tolist(), limits.tolist(), running.tolist(), pool_ids, session_ids, job_pairs,
+                strict=True):
             code = reserve(job_id, slot, limit, run, pool_id, session_id, expires, pair)
             if code >= 0:
                 results.append(None)
@@ -401,10 +477,11 @@ class LocalReservations(ReservationBackend):
     def try_reserve(
         self,
         job_id: str,
-        candidates: Sequence[Candidate],
+        candidates: Sequence[CandidateTuple],
         pool_id: int,
         session_id: str,
     ) -> Reservation | list[str]:
+        """:meth:`reserve_one` on each candidate in turn; see :meth:`ReservationBackend.try_reserve`."""
         now = self._clock()
         self.expire_due(now)
         reasons: list[str] = []
@@ -422,13 +499,14 @@ class LocalReservations(ReservationBackend):
         return reasons
 
     def _slot_of(self, node_id: str | None) -> int:
-        """-1 for "any node"; the node's slot; -2 for a node this backend never saw."""
+        """``_ANY_NODE`` for "any node"; the node's slot; ``_NEVER_SEEN`` for a node this backend never saw."""
         if node_id is None:
-            return -1
+            return _ANY_NODE
         slot = self._slots.get(node_id)
-        return -2 if slot is None else slot
+        return _NEVER_SEEN if slot is None else slot
 
     def get(self, job_id: str) -> Reservation | None:
+        """The job's live reservation, or ``None``."""
         if job_id not in self._table:
             return None  # the common answer, without reading the clock
         return self._view(job_id, self._clock())
@@ -442,15 +520,17 @@ class LocalReservations(ReservationBackend):
         return Reservation(job_id, self._names[slot], slot, pool_id, session_id, expires_at, committed, src, tgt)
 
     def commit(self, job_id: str, node_id: str | None = None) -> bool:
+        """Commit in the job table; see :meth:`ReservationBackend.commit`."""
         slot = self._slot_of(node_id)
-        if slot == -2:
+        if slot == _NEVER_SEEN:
             return False
         now = self._clock()
         return self._table.commit(job_id, slot, now + self._lease, now)
 
     def renew(self, job_id: str, lease: float | None = None, node_id: str | None = None) -> bool:
+        """Renew in the job table; see :meth:`ReservationBackend.renew`."""
         slot = self._slot_of(node_id)
-        if slot == -2:
+        if slot == _NEVER_SEEN:
             return False
         now = self._clock()
         if lease is None:
@@ -461,8 +541,9 @@ class LocalReservations(ReservationBackend):
         return self._table.renew(job_id, slot, now + lease, now)
 
     def release(self, job_id: str, node_id: str | None = None) -> bool:
+        """Release from the job table; see :meth:`ReservationBackend.release`."""
         slot = self._slot_of(node_id)
-        if slot == -2:
+        if slot == _NEVER_SEEN:
             return False
         return self._table.release(job_id, slot, self._clock()) is not None
 
@@ -470,27 +551,29 @@ class LocalReservations(ReservationBackend):
     def release_handle(self, handle: int, node_id: str | None = None) -> bool:
         """Release a batch job by its handle (only if held on ``node_id``, when given)."""
         slot = self._slot_of(node_id)
-        return slot != -2 and self._table.release_handle(handle, slot, self._clock())
+        return slot != _NEVER_SEEN and self._table.release_handle(handle, slot, self._clock())
 
     def commit_handle(self, handle: int, node_id: str | None = None) -> bool:
         """Commit a batch job by its handle; it then holds capacity for the commit lease."""
         slot = self._slot_of(node_id)
         now = self._clock()
-        return slot != -2 and self._table.commit_handle(handle, slot, now + self._lease, now)
+        return slot != _NEVER_SEEN and self._table.commit_handle(handle, slot, now + self._lease, now)
 
-    def release_handles(self, handles: np.ndarray) -> int:
+    def release_handles(self, handles: NDArray[np.int64]) -> int:
         """Release every live batch job in ``handles``; how many were."""
         return self._table.release_handles(handles, self._clock())
 
-    def commit_handles(self, handles: np.ndarray) -> int:
+    def commit_handles(self, handles: NDArray[np.int64]) -> int:
         """Commit every live batch job in ``handles``; how many were."""
         now = self._clock()
         return self._table.commit_handles(handles, now + self._lease, now)
 
     def expire(self) -> int:
+        """Sweep now; how many jobs expired."""
         return self._sweep(self._clock())
 
     def expire_due(self, now: float) -> None:
+        """Sweep once ``now`` reaches the earliest expiry of any held job."""
         if now >= self._table.next_expiry:
             self._sweep(now)
 
@@ -507,13 +590,15 @@ class LocalReservations(ReservationBackend):
         return len(expired)
 
     def count(self, node_id: str | None = None) -> int:
+        """Jobs held, after a due sweep (for one node, or in total)."""
         self.expire_due(self._clock())
         if node_id is None:
             return len(self._table)
         slot = self._slots.get(node_id)
         return 0 if slot is None else self._counts.get(slot)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, object]:
+        """See :meth:`ReservationBackend.stats`; ``name`` is ``"local"``, always available."""
         table = self._table
         return {"name": "local", "available": True, "error": None, "held": len(table),
                 "committed": table.committed, "expired": table.expired}
@@ -525,4 +610,7 @@ class LocalReservations(ReservationBackend):
                 for job_id, slot, pool_id, session_id, expires_at, committed in self._table.jobs()]
 
 
+# JobTable.reserve's refusal codes (JobTable.FULL, JobTable.GONE), as constants
 _FULL, _GONE = -1, -2
+# _slot_of's answers besides a slot: any node, and a node this backend never saw
+_ANY_NODE, _NEVER_SEEN = -1, -2

@@ -13,6 +13,15 @@ Dispatch follows the design's ten steps and takes no management lock:
 9. if that fails, reserve the next candidate, then try the next eligible pool;
 10. bind the session to the pool that served it.
 
+With the in-process reservations the common job does all ten in one call
+into the compiled ``Dispatcher`` (``_dispatch.pxi``), installed as the
+instance's ``dispatch``; :meth:`Scheduler._place` is the same rules in
+Python, for everything else. Around the facade: :mod:`pysched.results`
+(what it answers), :mod:`pysched._validate` (argument checks),
+:mod:`pysched._batch` (``dispatch_many`` passes, ``dispatch_batch``
+reasons), :mod:`pysched._outcomes` (outcome counters, why no node),
+:mod:`pysched._impl` (which kernel).
+
 Lock order, always: snapshot read -> session lock -> reservation. The
 management layer (registration, heartbeats, pools) never touches sessions.
 """
@@ -24,341 +33,99 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pysched._kernel import core as default_core
-from pysched._kernel import resolve
+from pysched import _batch
+from pysched._impl import resolve
 from pysched._layout import NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE, REASONS
+from pysched._outcomes import (
+    OUTCOME_BACKEND_UNAVAILABLE,
+    OUTCOME_NO_POOL,
+    OUTCOME_OK,
+    no_node_error,
+    node_reasons,
+    outcome_counts,
+)
+from pysched._validate import (
+    check_bool,
+    check_callable,
+    check_in_range,
+    check_positive,
+    check_positive_int,
+    check_seed,
+    check_str,
+    check_tenant_pools,
+    exclude_slots,
+    handle_array,
+    prefer_slots,
+)
 from pysched.errors import (
-    NoNodeAvailable,
     NoPoolForLanguagePair,
     ReservationBackendUnavailable,
     SchedulerError,
     UnknownJob,
     WrongNode,
 )
-from pysched.languages import _language_cache as _LANGUAGE_CACHE
 from pysched.languages import AUTO, DEFAULT_SERVICES, normalize_language, normalize_languages, normalize_services
+from pysched.languages import _language_cache as _LANGUAGE_CACHE
 from pysched.management import ManagementRegistry
 from pysched.pools import PoolConfig, PoolInfo
 from pysched.reservations import LocalReservations, Reservation, ReservationBackend
-from pysched.sessions import SessionManager, SessionState
+from pysched.results import BATCH_REASONS, Assignment, BatchResult, DispatchRequest, Explanation, Request
+from pysched.sessions import SessionManager
 from pysched.snapshot import RuntimeSnapshot
 
-__all__ = ["Scheduler", "Assignment", "Explanation", "DispatchRequest", "BatchResult", "BATCH_REASONS"]
+if TYPE_CHECKING:
+    from types import ModuleType
 
-# Indices of the dispatch outcome counters (reason codes 1..8 keep their own index).
-_OUT_OK = 0
-_OUT_NO_POOL = 9
-_OUT_NO_NODES = 10
-_OUT_BACKEND = 11
-_OUTCOME_NAMES = {_OUT_OK: "ok", _OUT_NO_POOL: "no_pool", _OUT_NO_NODES: "no_nodes",
-                  _OUT_BACKEND: "backend_unavailable"}
-_OUTCOME_NAMES.update({i: REASONS[i] for i in range(1, len(REASONS))})
-_REASON_INDEX = {name: i for i, name in enumerate(REASONS)}
+    from pysched._core import Counters, Dispatcher, Rng, SnapshotKernel
 
+# The result types are importable from here too (``from pysched.scheduler import Assignment``).
+__all__ = ["BATCH_REASONS", "Assignment", "BatchResult", "DispatchRequest", "Explanation", "Scheduler"]
 
-#: Where a job goes: ``node_id`` in ``pool_id``, under ``job_id`` (also ``session_id``,
-#: ``src``, ``tgt``). One type per process, made by the compiled kernel when it is
-#: built (the compiled dispatch creates it directly), else by the pure-Python twin.
-Assignment = default_core.Assignment
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """Why each node could or could not take a job for a language pair.
-
-    ``pools`` are the eligible pool ids in dispatch order; ``nodes`` maps
-    every distinct node of those pools to its reason code (``"ok"`` when it
-    is eligible), plus ``"no_pool"`` for nodes that speak the pair but could
-    not get a pool; ``unpooled`` lists every node without a pool.
-    ``preferred`` (with ``explain(..., prefer=)``) maps each preferred node,
-    in order, to what a new session's dispatch would make of it: ``"ok"``
-    (it is chosen; later ones are not listed), its reason code,
-    ``"not_in_pool"``, ``"load"`` (eligible, but loaded more than
-    ``prefer_slack`` above the best candidate) or ``"unknown"``.
-    """
-
-    src: str
-    tgt: str
-    pools: tuple[int, ...]
-    nodes: dict[str, str] = field(default_factory=dict)
-    unpooled: tuple[str, ...] = ()
-    preferred: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def breakdown(self) -> dict[str, int]:
-        """Reason -> number of nodes."""
-        return _tally(self.nodes.values())
-
-
-def _best_reason(reasons: Mapping[int, str]) -> tuple[dict[str, int], str]:
-    """(breakdown, best reason) of per-node reasons, as :class:`NoNodeAvailable` reports them.
-
-    The best is the most frequent reason; ties go to the earliest check in
-    eligibility order. "ok" (capacity that came back during the call) never
-    "wins"; with no blocking reason at all it is "no_nodes".
-    """
-    breakdown = _tally(reasons.values())
-    blocking = [r for r in breakdown if r != "ok"]
-    if not blocking:
-        return breakdown, "no_nodes"
-    return breakdown, min(blocking, key=lambda r: (-breakdown[r], _REASON_INDEX.get(r, len(REASONS))))
-
-
-def _tally(reasons: Iterable[str]) -> dict[str, int]:
-    """Reason code -> how many nodes have it, in first-seen order."""
-    out: dict[str, int] = {}
-    for reason in reasons:
-        out[reason] = out.get(reason, 0) + 1
-    return out
-
-
-@dataclass(frozen=True)
-class DispatchRequest:
-    """A validated request, as :meth:`Scheduler.dispatch_many` sees it."""
-
-    session_id: str
-    src: str
-    tgt: str
-    job_id: str | None = None
-    exclude: tuple[str, ...] = ()
-    tenant: str | None = None
-    services: tuple[str, ...] = DEFAULT_SERVICES
-
-
-#: reason codes of :attr:`BatchResult.reason`: 0 is "ok", 1-8 the eligibility reasons in order,
-#: then "no_pool" and "no_nodes" (pools serve the pair but hold no node)
-BATCH_REASONS: tuple[str, ...] = (*REASONS, "no_pool", "no_nodes")
-_BATCH_REASON = {name: i for i, name in enumerate(BATCH_REASONS)}
-
-
-class BatchResult:
-    """What :meth:`Scheduler.dispatch_batch` placed, one entry per job, as numpy arrays.
-
-    Attributes:
-        slot: the node's slot (``int32``, -1 where the job was not placed);
-            :meth:`node_ids` turns them into node ids.
-        pool_id: the pool that served each job (``int64``, -1 where none).
-        handle: each placed job's integer handle (``int64``, -1 where none):
-            :meth:`Scheduler.release_batch`, :meth:`Scheduler.commit_batch`,
-            and :meth:`Scheduler.release`/:meth:`Scheduler.commit` one by one, take it.
-        reason: ``uint8`` code per job, 0 where placed, else its
-            :data:`BATCH_REASONS` index: the reason a one-by-one dispatch's
-            :class:`NoNodeAvailable` would give as ``best_reason``, or ``no_pool``.
-    """
-
-    __slots__ = ("slot", "pool_id", "handle", "reason", "_node_ids")
-
-    def __init__(self, slot: np.ndarray, pool_id: np.ndarray, handle: np.ndarray, reason: np.ndarray,
-                 node_ids: list[str]) -> None:
-        self.slot = slot
-        self.pool_id = pool_id
-        self.handle = handle
-        self.reason = reason
-        self._node_ids = node_ids
-
-    def __len__(self) -> int:
-        return len(self.slot)
-
-    @property
-    def ok(self) -> np.ndarray:
-        """Where each job was placed (bool array)."""
-        return self.reason == 0
-
-    @property
-    def placed(self) -> int:
-        """How many jobs were placed."""
-        return int(np.count_nonzero(self.reason == 0))
-
-    def node_ids(self) -> list[str | None]:
-        """The node id of each job (``None`` where it was not placed)."""
-        names = self._node_ids
-        return [names[s] if s >= 0 else None for s in self.slot.tolist()]
-
-    def reasons(self) -> list[str]:
-        """The reason name of each job (``"ok"`` where placed)."""
-        return [BATCH_REASONS[r] for r in self.reason.tolist()]
-
-    def __repr__(self) -> str:
-        return f"<BatchResult jobs={len(self)} placed={self.placed}>"
-
-
-def _check_positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_str(value: object, name: str) -> str:
-    if type(value) is not str:
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}: {value!r}")
-    if not value:
-        raise ValueError(f"{name} must be a non-empty str, got {value!r}")
-    return value
-
-
+#: the need bits of a public job that requires a GPU (the common request)
 _NEED_PUBLIC_GPU = NEED_GPU | NEED_PUBLIC
-_REQUEST_KEYWORDS = frozenset({"job_id", "exclude", "tenant", "services", "require_gpu", "prefer"})
-#: what a batch request's result slot may hold instead of an Assignment (one set, everywhere)
-_REQUEST_ERRORS = (SchedulerError, ValueError, TypeError)
 
+#: a listener of node and job events: ``listener(event, node_id, fields)``
+Listener = Callable[[str, str, dict[str, Any]], None]
 
-def _unpack_request(req: object) -> tuple[object, object, object, dict]:
-    """``(session_id, src, tgt, keywords)`` of one :meth:`Scheduler.dispatch_many` request."""
-    if isinstance(req, DispatchRequest):
-        return req.session_id, req.src, req.tgt, {
-            "job_id": req.job_id, "exclude": req.exclude or None, "tenant": req.tenant, "services": req.services,
-        }
-    if isinstance(req, Mapping):
-        kw = dict(req)
-        try:
-            sid, src, tgt = kw.pop("session_id"), kw.pop("src"), kw.pop("tgt")
-        except KeyError as exc:
-            raise ValueError(f"request {req!r} is missing {exc.args[0]!r}") from None
-        unknown = set(kw) - _REQUEST_KEYWORDS
-        if unknown:
-            raise TypeError(f"request has unknown keywords {sorted(unknown)!r}")
-        return sid, src, tgt, kw
-    if isinstance(req, tuple) and len(req) == 3:
-        return req[0], req[1], req[2], {}
-    raise TypeError(f"a request must be (session_id, src, tgt), a mapping or a DispatchRequest, got {req!r}")
-
-
-class _BatchBuilder:
-    """One compiled pass of :meth:`Scheduler.dispatch_many`: the requests it can place together.
-
-    Requests are validated as they are added; a bad one gets its exception
-    in its result slot at once. One entry per request the kernel will
-    place, in request order, lives in the parallel lists below (the kernel
-    takes them as arrays).
-    """
-
-    __slots__ = ("sched", "reqs", "results", "snap", "now", "pair_keys", "session_no", "rows", "pairs", "sids",
-                 "keys", "sessions", "masks", "needs", "job_ids", "extras", "seen_jobs")
-
-    def __init__(self, sched: Scheduler, reqs: list, results: list) -> None:
-        self.sched = sched
-        self.reqs = reqs
-        self.results = results
-        self.snap = sched._mgmt.snapshot
-        self.now = sched._clock()
-        self.pair_keys: dict[tuple[str, str], int] = {}  # pair -> kernel pair key, -1 when not served
-        self.session_no: dict[str, int] = {}
-        self.rows: list[int] = []
-        self.pairs: list[tuple[str, str]] = []
-        self.sids: list[str] = []
-        self.keys: list[int] = []
-        self.sessions: list[int] = []
-        self.masks: list[int] = []
-        self.needs: list[int] = []
-        self.job_ids: list[str | None] = []
-        self.extras: dict[int, tuple] = {}  # row -> (tenant, excluded slots) where either is set
-        self.seen_jobs: set[str] = set()
-
-    def add(self, i: int, req: object) -> bool:
-        """Take request ``i`` into this pass; False when it must be dispatched on its own (see dispatch_many)."""
-        sched = self.sched
-        tenant = None
-        excl: tuple[int, ...] = ()
-        job_id = None
-        fast = False
-        if type(req) is tuple and len(req) == 3:
-            sid, src, tgt = req
-            s = _LANGUAGE_CACHE.get(src) if type(src) is str else None
-            t = _LANGUAGE_CACHE.get(tgt) if type(tgt) is str else None
-            fast = (s is not None and t is not None and t != AUTO and sched._default_mask is not None
-                    and type(sid) is str and sid != "")
-        if fast:
-            mask, need = sched._default_mask, _NEED_PUBLIC_GPU
-        else:
-            try:
-                sid, src, tgt, kw = _unpack_request(req)
-                if kw.get("prefer") is not None:
-                    return False
-                job_id = kw.get("job_id")
-                if job_id is not None and job_id in self.seen_jobs:
-                    return False
-                tenant = kw.get("tenant")
-                s, t, existing, mask, need, excl = sched._prepare(
-                    self.snap, sid, src, tgt, job_id, kw.get("exclude"), tenant,
-                    kw.get("services", DEFAULT_SERVICES), kw.get("require_gpu", True),
-                )
-            except _REQUEST_ERRORS as exc:
-                self.results[i] = exc
-                return True
-            if existing is not None:
-                self.results[i] = existing
-                return True
-            if job_id is not None:
-                self.seen_jobs.add(job_id)
-        pair = (s, t)
-        key = self.pair_keys.get(pair)
-        if key is None:
-            key = self.pair_keys[pair] = sched._pair_key(self.snap, pair)
-        if key < 0:
-            sched._outcomes.add(_OUT_NO_POOL)
-            self.results[i] = NoPoolForLanguagePair(s, t)
-            return True
-        k = self.session_no.get(sid)
-        if k is None:
-            k = self.session_no[sid] = len(self.session_no)
-        if tenant is not None or excl:
-            self.extras[len(self.rows)] = (tenant, excl)
-        self.rows.append(i)
-        self.pairs.append(pair)
-        self.sids.append(sid)
-        self.keys.append(key)
-        self.sessions.append(k)
-        self.masks.append(mask)
-        self.needs.append(need)
-        self.job_ids.append(job_id)
-        return True
-
-    def flush(self) -> None:
-        """Place and reserve everything added, in one compiled pass."""
-        if self.rows:
-            reservations = self.sched._reservations
-            if self.now >= reservations.due_at:
-                reservations.expire_due(self.now)
-            self.sched._place_batch(self)
-            self.rows = []
+#: a kernel's selection: ``(slot, node_id, max_concurrency, running, pool_index)``
+Found = tuple[int, str, int, int, int]
 
 
 class Scheduler:
     """Decides which worker node runs each job.
 
-    Args:
-        pools: ``"auto"`` (one pool per distinct node language set) or a
-            sequence of :class:`PoolConfig` (manual pools).
-        heartbeat_timeout: seconds without a heartbeat after which a node is offline.
-        reservation_ttl: seconds an uncommitted reservation holds capacity.
-        resource_threshold: cpu/gpu/mem percentage at which a node is overloaded.
-        max_pools: the most pools auto mode creates (and manual mode accepts).
-        session_ttl: seconds after which an idle session is forgotten.
-        tenant_pools: tenant -> pool id that a new session of that tenant prefers.
-        clock: monotonic time source in seconds (inject one in tests).
-        seed: seed of the random tie-break; the same seed and calls give the same decisions.
-        reservations: a :class:`ReservationBackend`; in-process
-            :class:`LocalReservations` by default.
-        kernel: ``"auto"`` (the compiled kernel unless ``PYSCHED_PURE_PYTHON``
-            is set), ``"compiled"``, or ``"python"`` (the pure-Python twin,
-            for comparison and debugging).
-        commit_lease: seconds a committed job holds its node's capacity
-            without a :meth:`release` or :meth:`renew`; then it expires (event
-            ``"job_expired"``), so a lost release cannot hold capacity forever.
-        forget_after: seconds after which an offline node that holds nothing
-            is removed (event ``"forget"``); ``None`` never forgets.
-        prefer_slack: how much higher (as a fraction of max concurrency) a
-            preferred node's effective load may be than the best candidate's
-            for ``dispatch(..., prefer=)`` to still choose it.
+    :param pools: ``"auto"`` (one pool per distinct node language set) or a
+        sequence of :class:`PoolConfig` (manual pools).
+    :param heartbeat_timeout: seconds without a heartbeat after which a node is offline.
+    :param reservation_ttl: seconds an uncommitted reservation holds capacity.
+    :param resource_threshold: cpu/gpu/mem percentage at which a node is overloaded.
+    :param max_pools: the most pools auto mode creates (and manual mode accepts).
+    :param session_ttl: seconds after which an idle session is forgotten.
+    :param tenant_pools: tenant -> pool id that a new session of that tenant prefers.
+    :param clock: monotonic time source in seconds (inject one in tests).
+    :param seed: seed of the random tie-break; the same seed and calls give the same decisions.
+    :param reservations: a :class:`ReservationBackend`; in-process
+        :class:`LocalReservations` by default.
+    :param kernel: ``"auto"`` (the compiled kernel unless ``PYSCHED_PURE_PYTHON``
+        is set), ``"compiled"``, or ``"python"`` (the pure-Python twin,
+        for comparison and debugging).
+    :param commit_lease: seconds a committed job holds its node's capacity
+        without a :meth:`release` or :meth:`renew`; then it expires (event
+        ``"job_expired"``), so a lost release cannot hold capacity forever.
+    :param forget_after: seconds after which an offline node that holds nothing
+        is removed (event ``"forget"``); ``None`` never forgets.
+    :param prefer_slack: how much higher (as a fraction of max concurrency) a
+        preferred node's effective load may be than the best candidate's
+        for ``dispatch(..., prefer=)`` to still choose it.
+    :raises TypeError: for an argument of the wrong type.
+    :raises ValueError: for an argument out of range, or an unknown ``kernel``.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0917  the public signature: these have been positional since the first release
         self,
         pools: str | Sequence[PoolConfig] = "auto",
         heartbeat_timeout: float = 45.0,
@@ -376,100 +143,99 @@ class Scheduler:
         forget_after: float | None = 3600.0,
         prefer_slack: float = 0.25,
     ) -> None:
-        heartbeat_timeout = _check_positive(heartbeat_timeout, "heartbeat_timeout")
-        reservation_ttl = _check_positive(reservation_ttl, "reservation_ttl")
-        session_ttl = _check_positive(session_ttl, "session_ttl")
-        commit_lease = _check_positive(commit_lease, "commit_lease")
+        heartbeat_timeout = check_positive(heartbeat_timeout, "heartbeat_timeout")
+        reservation_ttl = check_positive(reservation_ttl, "reservation_ttl")
+        session_ttl = check_positive(session_ttl, "session_ttl")
+        commit_lease = check_positive(commit_lease, "commit_lease")
         if forget_after is not None:
-            forget_after = _check_positive(forget_after, "forget_after")
-        if isinstance(prefer_slack, bool) or not isinstance(prefer_slack, (int, float)):
-            raise TypeError(f"prefer_slack must be a number, got {type(prefer_slack).__name__}: {prefer_slack!r}")
-        if not 0 <= prefer_slack <= 1:
-            raise ValueError(f"prefer_slack must be in [0, 1], got {prefer_slack!r}")
-        if isinstance(resource_threshold, bool) or not isinstance(resource_threshold, (int, float)):
-            raise TypeError(f"resource_threshold must be a number, got {resource_threshold!r}")
-        if not 0 < resource_threshold <= 100:
-            raise ValueError(f"resource_threshold must be in (0, 100], got {resource_threshold!r}")
-        if type(max_pools) is not int or max_pools < 1:
-            raise ValueError(f"max_pools must be an int >= 1, got {max_pools!r}")
-        if not callable(clock):
-            raise TypeError(f"clock must be callable, got {clock!r}")
-        self._tenant_pools = self._check_tenant_pools(tenant_pools)
+            forget_after = check_positive(forget_after, "forget_after")
+        prefer_slack = check_in_range(prefer_slack, "prefer_slack", 0, 1)
+        resource_threshold = check_in_range(resource_threshold, "resource_threshold", 0, 100, low_open=True)
+        max_pools = check_positive_int(max_pools, "max_pools")
+        check_callable(clock, "clock")
+        self._tenant_pools = check_tenant_pools(tenant_pools)
+        seed = check_seed(seed)
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
-        elif type(seed) is not int:
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}: {seed!r}")
-        core = resolve(kernel)
+        #: the kernel module (``pysched._core`` or ``pysched._pycore``) this scheduler runs on
+        self._kernel: ModuleType = resolve(kernel)
         if reservations is None:
-            reservations = LocalReservations(core=core)
+            reservations = LocalReservations(core=self._kernel)
         elif not isinstance(reservations, ReservationBackend):
             raise TypeError(f"reservations must be a ReservationBackend, got {type(reservations).__name__}")
         reservations.configure(reservation_ttl, clock, commit_lease=commit_lease, on_expired=self._jobs_expired)
 
         self.heartbeat_timeout = heartbeat_timeout
         self.reservation_ttl = reservation_ttl
-        self.resource_threshold = float(resource_threshold)
+        self.resource_threshold = resource_threshold
         self.max_pools = max_pools
         self.session_ttl = session_ttl
         self.commit_lease = commit_lease
         self.forget_after = forget_after
-        self.prefer_slack = float(prefer_slack)
+        self.prefer_slack = prefer_slack
         self.seed = seed
         self._clock = clock
         self._reservations = reservations
-        self._rng = core.Rng(seed)
-        self._outcomes = core.Counters()
+        self._rng: Rng = self._kernel.Rng(seed)
+        self._outcomes: Counters = self._kernel.Counters()
         self._mgmt = ManagementRegistry(
             pools=pools,
             heartbeat_timeout=heartbeat_timeout,
-            resource_threshold=float(resource_threshold),
+            resource_threshold=resource_threshold,
             max_pools=max_pools,
             clock=clock,
             rng=self._rng,
             reservations=reservations,
-            core=core,
+            core=self._kernel,
             forget_after=forget_after,
         )
-        self._core = core
-        self._sessions = SessionManager(session_ttl, clock, core=core)
+        self._sessions = SessionManager(session_ttl, clock, core=self._kernel)
         self._session_map = self._sessions.entries  # read-only fast path for dispatch
         # Job ids must not collide between processes sharing a Redis namespace,
         # even with the same seed: the process id is part of the prefix.
         self._job_prefix = f"{random.Random(seed).getrandbits(32):08x}{os.getpid():x}-"
+        self._mask_cache: dict[object, int] = {}
+        self._default_mask: int | None = None  # set once every default service is known
+        self._shortlist = max(1, int(getattr(reservations, "shortlist", 1)))
+        self._listeners: list[Listener] = []
+        self._fast: Dispatcher | None = None
+        #: the in-process reservations when the compiled calls own them (job handles need them)
+        self._local: LocalReservations | None = None
+        self._new_job_id: Callable[[], str]
         # The common dispatch, release and commit in one compiled call each,
         # when the reservations are the plain in-process table (a subclass may
         # change what reserving means, and Redis decides remotely).
-        table = getattr(reservations, "_table", None)
-        self._fast = None
-        if type(reservations) is LocalReservations and isinstance(table, core.JobTable):
-            self._fast = core.Dispatcher(self._mgmt, table, self._outcomes, self._session_map, _LANGUAGE_CACHE,
-                                         clock, self._job_prefix, reservations._ttl, session_ttl,
-                                         reservations.commit_lease)
-            self._fast.next_sweep = self._sessions.next_sweep
-            self._sessions.on_next_sweep = self._set_next_sweep
-            self._mgmt.on_publish = self._fast.publish
-            self._fast.publish(self._mgmt.snapshot)
-            self._fast.connect(self, DEFAULT_SERVICES)
-            # The public entry points become the compiled ones on this instance
-            # (same signatures and rules; they call _*_slow for what they don't
-            # finish), saving the Python frame of the methods below per call.
-            # A subclass that overrides one keeps its own.
-            cls = type(self)
-            if cls.dispatch is Scheduler.dispatch:
-                self.dispatch = self._fast.call  # type: ignore[method-assign]
-            if cls.release is Scheduler.release:
-                self.release = self._fast.call_release  # type: ignore[method-assign]
-            if cls.commit is Scheduler.commit:
-                self.commit = self._fast.call_commit  # type: ignore[method-assign]
-            self._new_job_id = self._fast.new_job_id
+        if type(reservations) is LocalReservations and isinstance(reservations._table, self._kernel.JobTable):
+            self._connect_compiled(reservations)
         else:
             seq = itertools.count(1)
             prefix = self._job_prefix
             self._new_job_id = lambda: f"{prefix}{next(seq)}"
-        self._mask_cache: dict[object, int] = {}
-        self._default_mask: int | None = None  # set once every default service is known
-        self._shortlist = max(1, int(getattr(reservations, "shortlist", 1)))
-        self._listeners: list[Callable[[str, str, dict], None]] = []
+
+    def _connect_compiled(self, reservations: LocalReservations) -> None:
+        """Route dispatch, release and commit of the common job through the compiled ``Dispatcher``."""
+        fast = self._fast = self._kernel.Dispatcher(
+            self._mgmt, reservations._table, self._outcomes, self._session_map, _LANGUAGE_CACHE, self._clock,
+            self._job_prefix, reservations._ttl, self.session_ttl, reservations.commit_lease,
+        )
+        self._local = reservations
+        fast.next_sweep = self._sessions.next_sweep
+        self._sessions.on_next_sweep = self._set_next_sweep
+        self._mgmt.on_publish = fast.publish
+        fast.publish(self._mgmt.snapshot)
+        fast.connect(self, DEFAULT_SERVICES)
+        # The public entry points become the compiled ones on this instance
+        # (same signatures and rules; they call _*_slow for what they don't
+        # finish), saving the Python frame of the methods below per call.
+        # A subclass that overrides one keeps its own.
+        cls = type(self)
+        if cls.dispatch is Scheduler.dispatch:
+            self.dispatch = fast.call  # type: ignore[method-assign]  # the same signature, compiled
+        if cls.release is Scheduler.release:
+            self.release = fast.call_release  # type: ignore[method-assign]  # the same signature, compiled
+        if cls.commit is Scheduler.commit:
+            self.commit = fast.call_commit  # type: ignore[method-assign]  # the same signature, compiled
+        self._new_job_id = fast.new_job_id
 
     # ------------------------------------------------------------ properties
     @property
@@ -479,15 +245,17 @@ class Scheduler:
 
     @property
     def reservations(self) -> ReservationBackend:
+        """The reservation backend: the final word on capacity."""
         return self._reservations
 
     @property
     def compiled(self) -> bool:
         """True when the compiled kernel (not the pure-Python twin) is in use."""
-        return self._core.COMPILED
+        compiled: bool = self._kernel.COMPILED
+        return compiled
 
     # ------------------------------------------------------------ listeners
-    def add_listener(self, listener: Callable[[str, str, dict], None]) -> None:
+    def add_listener(self, listener: Listener) -> None:
         """Call ``listener(event, node_id, fields)`` after every successful node change.
 
         Events: ``"register"`` (fields: the register_node arguments),
@@ -500,17 +268,18 @@ class Scheduler:
         after the management lock is released; they must be quick (queue
         the work) and must not raise. :class:`pysched.RedisFleet` uses this
         to share node events between processes.
+
+        :raises TypeError: if ``listener`` is not callable.
         """
-        if not callable(listener):
-            raise TypeError(f"listener must be callable, got {listener!r}")
+        check_callable(listener, "listener")
         self._listeners = [*self._listeners, listener]
 
-    def remove_listener(self, listener: Callable[[str, str, dict], None]) -> None:
+    def remove_listener(self, listener: Listener) -> None:
         """Stop calling a listener added with :meth:`add_listener`."""
         # ==, not is: a bound method is a new object at every attribute access
         self._listeners = [x for x in self._listeners if x != listener]
 
-    def _notify(self, event: str, node_id: str, fields: dict) -> None:
+    def _notify(self, event: str, node_id: str, fields: dict[str, Any]) -> None:
         for listener in self._listeners:
             listener(event, node_id, fields)
 
@@ -521,13 +290,15 @@ class Scheduler:
         storage so the same language set gets the same id everywhere. It is
         called under the management lock, once per new language set; its
         ids must be unique and are kept for life.
+
+        :raises TypeError: if ``allocator`` is neither callable nor ``None``.
         """
         if allocator is not None and not callable(allocator):
             raise TypeError(f"allocator must be callable or None, got {allocator!r}")
         self._mgmt.pool_id_allocator = allocator
 
     # ------------------------------------------------------------ management
-    def register_node(
+    def register_node(  # noqa: PLR0917  the public signature: these have been positional since the first release
         self,
         node_id: str,
         languages: Iterable[str],
@@ -572,14 +343,18 @@ class Scheduler:
         ``healthy=True`` makes it ready again, and makes a ``registering``
         node ready. A heartbeat from a node marked offline brings it back.
         A change of ``languages`` or ``services`` moves the node into
-        exactly the pools the rules give it. Raises :class:`UnknownNode`.
+        exactly the pools the rules give it.
+
+        :raises UnknownNode: if the node is not registered.
         """
         if self._mgmt.heartbeat(node_id, running, cpu, gpu, mem, services, languages, healthy, max_concurrency):
             self.forget_offline_nodes()  # some node could be due
         if self._listeners:
-            fields = {k: v for k, v in (("running", running), ("cpu", cpu), ("gpu", gpu), ("mem", mem),
-                                        ("healthy", healthy), ("max_concurrency", max_concurrency))
-                      if v is not None}
+            fields: dict[str, Any] = {
+                k: v for k, v in (("running", running), ("cpu", cpu), ("gpu", gpu), ("mem", mem),
+                                  ("healthy", healthy), ("max_concurrency", max_concurrency))
+                if v is not None
+            }
             if services is not None:
                 fields["services"] = sorted(normalize_services(services))
             if languages is not None:
@@ -604,7 +379,9 @@ class Scheduler:
         Resuming counts as a sign of life, like a heartbeat: a node offline
         by heartbeat age (silent for longer than ``heartbeat_timeout``) is
         eligible again too, until it stays silent for ``heartbeat_timeout``
-        once more. Raises :class:`UnknownNode`.
+        once more.
+
+        :raises UnknownNode: if the node is not registered.
         """
         self._mgmt.set_status(node_id, "ready")
         if self._listeners:
@@ -620,7 +397,7 @@ class Scheduler:
         """The ids of every registered node, in registration order."""
         return self._mgmt.node_ids()
 
-    def node(self, node_id: str) -> dict:
+    def node(self, node_id: str) -> dict[str, Any]:
         """Management's view of one node."""
         return self._mgmt.node_info(node_id)
 
@@ -660,9 +437,9 @@ class Scheduler:
         return self._sessions.sweep()
 
     # ------------------------------------------------------------ reservations
-    def _held_error(self, job_id: str, node_id: str | None) -> UnknownJob:
+    def _held_error(self, job_id: str | int, node_id: str | None) -> UnknownJob:
         """Why a commit or renew was refused: unknown, or held on another node."""
-        if node_id is not None:
+        if node_id is not None and type(job_id) is str:  # a handle names no job the backend can look up
             held = self._reservations.get(job_id)
             if held is not None and held.node_id != node_id:
                 return WrongNode(job_id, node_id, held.node_id)
@@ -672,9 +449,12 @@ class Scheduler:
         """The node accepted the job: it now holds capacity until released or its lease ends.
 
         The lease is ``commit_lease`` seconds (renew it with :meth:`renew`).
-        With ``node_id``, a job held on another node is refused
-        (:class:`WrongNode`). Raises :class:`UnknownJob` if the job holds no
-        reservation. Nothing changes when it raises.
+        Nothing changes when it raises.
+
+        :param job_id: the job's id (or a :meth:`dispatch_batch` handle).
+        :param node_id: the node reporting; a job held on another node is refused.
+        :raises UnknownJob: if the job holds no reservation.
+        :raises WrongNode: with ``node_id``, if the job is held on another node.
         """
         if node_id is None and self._fast is not None:
             done = self._fast.commit(job_id)
@@ -685,15 +465,16 @@ class Scheduler:
         self._commit_slow(job_id, node_id=node_id)
 
     def _commit_slow(self, job_id: str | int, *, node_id: str | None = None) -> None:
-        if type(job_id) is int and self._fast is not None:  # a dispatch_batch handle
+        """:meth:`commit` in Python: every case the compiled call does not finish itself."""
+        if type(job_id) is int and self._local is not None:  # a dispatch_batch handle
             if node_id is not None:
-                _check_str(node_id, "node_id")
-            if not self._reservations.commit_handle(job_id, node_id):  # type: ignore[attr-defined]
-                raise self._held_error(job_id, node_id)  # type: ignore[arg-type]
+                check_str(node_id, "node_id")
+            if not self._local.commit_handle(job_id, node_id):
+                raise self._held_error(job_id, node_id)
             return
-        _check_str(job_id, "job_id")
+        job_id = check_str(job_id, "job_id")
         if node_id is not None:
-            _check_str(node_id, "node_id")
+            check_str(node_id, "node_id")
         if not self._reservations.commit(job_id, node_id):
             raise self._held_error(job_id, node_id)
 
@@ -712,13 +493,14 @@ class Scheduler:
         return self._release_slow(job_id, node_id=node_id)
 
     def _release_slow(self, job_id: str | int, *, node_id: str | None = None) -> bool:
-        if type(job_id) is int and self._fast is not None:  # a dispatch_batch handle
+        """:meth:`release` in Python: every case the compiled call does not finish itself."""
+        if type(job_id) is int and self._local is not None:  # a dispatch_batch handle
             if node_id is not None:
-                _check_str(node_id, "node_id")
-            return self._reservations.release_handle(job_id, node_id)  # type: ignore[attr-defined]
-        _check_str(job_id, "job_id")
+                check_str(node_id, "node_id")
+            return self._local.release_handle(job_id, node_id)
+        job_id = check_str(job_id, "job_id")
         if node_id is not None:
-            _check_str(node_id, "node_id")
+            check_str(node_id, "node_id")
         return self._reservations.release(job_id, node_id)
 
     def renew(self, job_id: str, *, lease: float | None = None, node_id: str | None = None) -> None:
@@ -726,19 +508,23 @@ class Scheduler:
 
         The default ``lease`` is ``commit_lease`` for a committed job and
         ``reservation_ttl`` for an uncommitted one. Long jobs renew before
-        their lease ends. Raises :class:`UnknownJob` (or :class:`WrongNode`
-        with ``node_id``), changing nothing.
+        their lease ends. Nothing changes when it raises.
+
+        :raises UnknownJob: if the job holds nothing.
+        :raises WrongNode: with ``node_id``, if the job is held on another node.
         """
-        _check_str(job_id, "job_id")
+        check_str(job_id, "job_id")
         if lease is not None:
-            lease = _check_positive(lease, "lease")
+            lease = check_positive(lease, "lease")
         if node_id is not None:
-            _check_str(node_id, "node_id")
+            check_str(node_id, "node_id")
         if not self._reservations.renew(job_id, lease, node_id):
             raise self._held_error(job_id, node_id)
 
     def _set_next_sweep(self, when: float) -> None:
-        self._fast.next_sweep = when
+        """The session manager's ``on_next_sweep``: the compiled dispatch reads the time itself."""
+        if self._fast is not None:
+            self._fast.next_sweep = when
 
     def _jobs_expired(self, expired: list[Reservation]) -> None:
         """Backend callback: tell the listeners about jobs whose TTL or lease ended."""
@@ -766,7 +552,7 @@ class Scheduler:
         if mask is None:
             # a service nobody announced yet; not cached, it may appear later
             return 0, NEED_UNKNOWN_SERVICE
-        if hashable and len(self._mask_cache) < 1024:
+        if hashable and len(self._mask_cache) < 1024:  # noqa: PLR2004  a bound, not a rule
             # bits are never reassigned, so a known mask stays valid for life
             self._mask_cache[services] = mask
             if services is DEFAULT_SERVICES:
@@ -774,20 +560,6 @@ class Scheduler:
                 if self._fast is not None:
                     self._fast.default_mask = mask
         return mask, 0
-
-    def _exclude_slots(self, snap: RuntimeSnapshot, exclude: object) -> tuple[int, ...]:
-        if exclude is None:
-            return ()
-        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
-            raise TypeError(f"exclude must be an iterable of node ids, got {type(exclude).__name__}: {exclude!r}")
-        slots = []
-        for node_id in exclude:
-            if type(node_id) is not str:
-                raise TypeError(f"exclude must hold node id strs, got {type(node_id).__name__}: {node_id!r}")
-            slot = snap.slot(node_id)
-            if slot is not None:
-                slots.append(slot)
-        return tuple(slots)
 
     def dispatch(
         self,
@@ -811,10 +583,14 @@ class Scheduler:
         accepting public jobs take them. ``prefer`` (a node id, or ids in
         order of preference) places the job on the first preferred node that
         is eligible and whose effective load is within ``prefer_slack`` of
-        the best candidate's; otherwise the job is placed normally. Raises
-        :class:`NoPoolForLanguagePair`, :class:`NoNodeAvailable`,
-        :class:`ReservationBackendUnavailable`, or ``ValueError``/``TypeError``
-        for bad arguments; a failed call changes nothing.
+        the best candidate's; otherwise the job is placed normally. A failed
+        call changes nothing.
+
+        :raises NoPoolForLanguagePair: if no pool serves the pair.
+        :raises NoNodeAvailable: if no node of those pools can take the job now.
+        :raises ReservationBackendUnavailable: if the backend cannot be reached.
+        :raises ValueError: for a bad argument value (or a retry of another job).
+        :raises TypeError: for an argument of the wrong type.
         """
         # With the in-process backend an instance attribute replaces this
         # method by the compiled Dispatcher.call, which does the common job in
@@ -827,7 +603,7 @@ class Scheduler:
                 if done is not None:
                     if type(done) is tuple:  # no eligible node at that moment: say why
                         raise self._no_node_now(*done)
-                    return done
+                    return done  # type: ignore[return-value]  # an Assignment: the tuple case raised above
         return self._dispatch_slow(session_id, src, tgt, job_id=job_id, exclude=exclude, tenant=tenant,
                                    services=services, require_gpu=require_gpu, prefer=prefer)
 
@@ -856,7 +632,7 @@ class Scheduler:
             mask = self._default_mask
             if s is not None and t is not None and t != AUTO and mask is not None:
                 return self._place(snap, session_id, s, t, None, (), None, mask, _NEED_PUBLIC_GPU, self._clock())
-        pref = () if prefer is None else self._prefer_slots(snap, prefer)
+        pref = () if prefer is None else prefer_slots(snap, prefer)
         s, t, existing, mask, need, excl = self._prepare(
             snap, session_id, src, tgt, job_id, exclude, tenant, services, require_gpu
         )
@@ -869,30 +645,15 @@ class Scheduler:
         snap = self._mgmt.snapshot
         ids = snap.index.pair_ids((s, t))
         if ids is None:
-            self._outcomes.add(_OUT_NO_POOL)
+            self._outcomes.add(OUTCOME_NO_POOL)
             return NoPoolForLanguagePair(s, t)
-        reasons = self._node_reasons(snap, ids[0], ids[1], self._default_mask, _NEED_PUBLIC_GPU, now, (), {})
-        return self._no_node_error(s, t, reasons)
+        mask = self._default_mask
+        # the compiled dispatch only handles the common job once the default mask is known
+        assert mask is not None
+        reasons = node_reasons(snap.kernel, ids[0], ids[1], mask, _NEED_PUBLIC_GPU, now)
+        return no_node_error(self._outcomes, s, t, reasons)
 
-    def _prefer_slots(self, snap: RuntimeSnapshot, prefer: object) -> tuple[int, ...]:
-        """Slots of the live preferred nodes, in order (unknown ids are skipped, like ``exclude``)."""
-        if type(prefer) is str:
-            ids: Iterable[object] = (_check_str(prefer, "prefer"),)
-        elif isinstance(prefer, bytes) or not isinstance(prefer, Iterable):
-            raise TypeError(f"prefer must be a node id or an iterable of node ids, got "
-                            f"{type(prefer).__name__}: {prefer!r}")
-        else:
-            ids = list(prefer)
-        slots: list[int] = []
-        for node_id in ids:
-            if type(node_id) is not str or not node_id:
-                raise TypeError(f"prefer must hold node id strs, got {type(node_id).__name__}: {node_id!r}")
-            slot = snap.slot(node_id)
-            if slot is not None and slot not in slots:
-                slots.append(slot)
-        return tuple(slots)
-
-    def _prepare(
+    def _prepare(  # noqa: PLR0917  runs per job: positional arguments are the cheapest call
         self,
         snap: RuntimeSnapshot,
         session_id: object,
@@ -912,7 +673,7 @@ class Scheduler:
         lookup each: this runs on every job.
         """
         if type(session_id) is not str or not session_id:
-            _check_str(session_id, "session_id")
+            check_str(session_id, "session_id")
         s = _LANGUAGE_CACHE.get(src) if type(src) is str else None
         if s is None:
             s = normalize_language(src, "src", allow_auto=True)
@@ -920,37 +681,38 @@ class Scheduler:
         if t is None or t == AUTO:
             t = normalize_language(tgt, "tgt")
         if tenant is not None:
-            _check_str(tenant, "tenant")
+            check_str(tenant, "tenant")
         if type(require_gpu) is not bool:
-            raise TypeError(f"require_gpu must be a bool, got {type(require_gpu).__name__}: {require_gpu!r}")
-        if services is DEFAULT_SERVICES and self._default_mask is not None:
-            mask, need = self._default_mask, 0
+            check_bool(require_gpu, "require_gpu")
+        default_mask = self._default_mask
+        if services is DEFAULT_SERVICES and default_mask is not None:
+            mask, need = default_mask, 0
         else:
             mask, need = self._required(services)
         if require_gpu:
             need |= NEED_GPU
         if tenant is None:
             need |= NEED_PUBLIC
-        excl = () if exclude is None else self._exclude_slots(snap, exclude)
+        excl = () if exclude is None else exclude_slots(snap, exclude)
         if job_id is not None:
-            _check_str(job_id, "job_id")
+            job_id = check_str(job_id, "job_id")
             held = self._reservations.get(job_id)
             if held is not None:
-                return s, t, self._held_assignment(held, session_id, s, t), 0, 0, ()
+                return s, t, self._held_assignment(held, job_id, session_id, s, t), 0, 0, ()
         return s, t, None, mask, need, excl
 
     @staticmethod
-    def _held_assignment(held: Reservation, session_id: str, s: str, t: str) -> Assignment:
-        """The assignment a retried ``job_id`` holds; a retry for another job is refused."""
+    def _held_assignment(held: Reservation, job_id: str, session_id: object, s: str, t: str) -> Assignment:
+        """The assignment ``held``, the reservation of ``job_id``, makes; a retry for another job is refused."""
         if held.session_id != session_id or (held.src is not None and (held.src, held.tgt) != (s, t)):
             held_pair = "" if held.src is None else f" for {held.src!r} -> {held.tgt!r}"
             raise ValueError(
                 f"job_id {held.job_id!r} is held by session {held.session_id!r}{held_pair}: a retry must repeat "
                 f"the held job's session and language pair, got session {session_id!r}, {s!r} -> {t!r}"
             )
-        return Assignment(held.node_id, held.pool_id, held.job_id, held.session_id, s, t)
+        return Assignment(held.node_id, held.pool_id, job_id, held.session_id, s, t)
 
-    def _place(
+    def _place(  # noqa: PLR0912, PLR0915, PLR0917  steps 2-10 in one frame: this runs per job
         self,
         snap: RuntimeSnapshot,
         session_id: str,
@@ -964,17 +726,31 @@ class Scheduler:
         now: float,
         prefer: tuple[int, ...] = (),
     ) -> Assignment:
+        """Steps 2-10 of a validated job: session binding, selection, reservation, binding.
+
+        :param snap: the snapshot read in step 1.
+        :param session_id: the job's session.
+        :param s: the normalised source code.
+        :param t: the normalised target code.
+        :param job_id: the caller's job id, or ``None`` to number the job once a node is found.
+        :param excl: the slots the job excludes.
+        :param tenant: the job's tenant, or ``None`` for a public job.
+        :param mask: the job's required-service bits.
+        :param need: the job's need bits.
+        :param now: the scheduler's clock reading.
+        :param prefer: the slots of the preferred nodes, in order.
+        """
         pair = (s, t)
         ids = snap.index.pair_ids(pair)
         if ids is None:
-            self._outcomes.add(_OUT_NO_POOL)
+            self._outcomes.add(OUTCOME_NO_POOL)
             raise NoPoolForLanguagePair(s, t)
         src_id, tgt_id = ids
-        kernel = snap.kernel
+        kernel: SnapshotKernel = snap.kernel
 
         # Steps 2-4: the session's binding, read under its own lock.
         session = self._session_map.get(session_id)
-        bound = None
+        bound_id = None  # the pool id the session is bound to for this pair
         if session is not None:
             lock = session.lock
             lock.acquire()  # cheaper than `with` (~50 ns a dispatch) and nothing in here can raise
@@ -985,13 +761,13 @@ class Scheduler:
             session.last_used = now
             lock.release()
             if binding is not None and binding[0] == pair:
-                bound = binding[1]
-        bound_index = -1 if bound is None else snap.pool_index.get(bound, -1)
+                bound_id = binding[1]
+        bound_index = -1 if bound_id is None else snap.pool_index.get(bound_id, -1)
         tenant_index = -1
         if tenant is not None:
-            pid = self._tenant_pools.get(tenant)
-            if pid is not None:
-                tenant_index = snap.pool_index.get(pid, -1)
+            tenant_pool_id = self._tenant_pools.get(tenant)
+            if tenant_pool_id is not None:
+                tenant_index = snap.pool_index.get(tenant_pool_id, -1)
 
         # Steps 5-9: kernel selection, then the reservation decides.
         reservations = self._reservations
@@ -1003,22 +779,22 @@ class Scheduler:
         retries = 0
         while True:
             found = kernel.select_candidate(src_id, tgt_id, bound_index, mask, need, now, excl, tenant_index)
-            if type(found) is int:
-                if supplied:
+            if type(found) is not tuple:  # -1: no eligible node, -2: no pool serves the pair
+                if supplied and job_id is not None:
                     # A concurrent retry of the same job may have taken the last
                     # slot since the caller's check: answer with its assignment.
                     existing = reservations.get(job_id)
                     if existing is not None:
-                        return self._held_assignment(existing, session_id, s, t)
-                if found == -2:
-                    self._outcomes.add(_OUT_NO_POOL)
+                        return self._held_assignment(existing, job_id, session_id, s, t)
+                if found == -2:  # noqa: PLR2004  the kernel's "no pool serves the pair"
+                    self._outcomes.add(OUTCOME_NO_POOL)
                     raise NoPoolForLanguagePair(s, t)
-                reasons = self._node_reasons(snap, src_id, tgt_id, mask, need, now, excl, refused)
-                if "ok" in reasons.values() and retries < 3:
+                reasons = node_reasons(kernel, src_id, tgt_id, mask, need, now, excl=excl, refused=refused)
+                if "ok" in reasons.values() and retries < 3:  # noqa: PLR2004  a bound, not a rule
                     # capacity came back between the scan and now: look again
                     retries += 1
                     continue
-                raise self._no_node_error(s, t, reasons)
+                raise no_node_error(self._outcomes, s, t, reasons)
             if prefer:
                 found = self._preferred(snap, found, prefer, src_id, tgt_id, bound_index, mask, need, now, excl)
             if job_id is None:
@@ -1026,12 +802,14 @@ class Scheduler:
             pool_index = found[4]
             pool_id = snap.pool_ids[pool_index]
             try:
+                # one variable for both answers: every local slot costs each call a little
+                result: Reservation | str | list[str] | None
                 if shortlist == 1:
                     result = reservations.reserve_one(job_id, found, pool_id, session_id, now, pair)
                     if result is None:
                         node_id = found[1]
                         break
-                    if type(result) is str:
+                    if isinstance(result, str):
                         refused[found[0]] = result
                         excl = excl + (found[0],)
                         prefer = tuple(p for p in prefer if p != found[0])
@@ -1043,22 +821,22 @@ class Scheduler:
                     candidates = [kernel.candidate(c) for c in slots]
                     result = reservations.try_reserve(job_id, candidates, pool_id, session_id)
                     if not isinstance(result, Reservation):
-                        for cand, reason in zip(candidates, result):
+                        for cand, reason in zip(candidates, result, strict=False):
                             refused[cand[0]] = reason
                         excl = excl + tuple(c[0] for c in candidates)
                         prefer = tuple(p for p in prefer if p not in excl)
                         continue
             except ReservationBackendUnavailable:
-                self._outcomes.add(_OUT_BACKEND)
+                self._outcomes.add(OUTCOME_BACKEND_UNAVAILABLE)
                 raise
             # a Reservation: fresh from the backend, or the one job_id already held
             if supplied and result.session_id != session_id:
-                return self._held_assignment(result, session_id, s, t)
+                return self._held_assignment(result, job_id, session_id, s, t)
             node_id, pool_id = result.node_id, result.pool_id
             break
 
         # Step 10: bind the session to the pool that served it.
-        if session is None or pool_id != bound:
+        if session is None or pool_id != bound_id:
             if session is None:
                 session = self._sessions.entry(session_id, now)
             with session.lock:
@@ -1066,11 +844,12 @@ class Scheduler:
                 session.last_used = now
         if now >= self._sessions.next_sweep:
             self._sessions.maybe_sweep(now)
-        self._outcomes.add(_OUT_OK)
+        self._outcomes.add(OUTCOME_OK)
         return Assignment(node_id, pool_id, job_id, session_id, s, t)
 
-    def _preferred(self, snap: RuntimeSnapshot, found: tuple, prefer: tuple[int, ...], src_id: int, tgt_id: int,
-                   bound_index: int, mask: int, need: int, now: float, excl: tuple[int, ...]) -> tuple:
+    def _preferred(self, snap: RuntimeSnapshot, found: Found, prefer: tuple[int, ...], src_id: int,  # noqa: PLR0917
+                   tgt_id: int, bound_index: int, mask: int, need: int, now: float,
+                   excl: tuple[int, ...]) -> Found:
         """The candidate to reserve when the caller prefers some nodes.
 
         The first preferred node that is eligible for this job in a pool
@@ -1080,23 +859,24 @@ class Scheduler:
         the first serving pool (index order) that has it. Otherwise ``found``.
         """
         verdicts = self._prefer_verdicts(snap, prefer, found[0], src_id, tgt_id, bound_index, mask, need, now, excl)
-        for slot, (verdict, pool) in verdicts.items():
+        for slot, (verdict, pool_index) in verdicts.items():
             if verdict == "ok":
-                return snap.kernel.candidate(slot) + (pool,)
+                kernel: SnapshotKernel = snap.kernel
+                return (*kernel.candidate(slot), pool_index)
         return found
 
-    def _prefer_verdicts(self, snap: RuntimeSnapshot, prefer: tuple[int, ...], best: int | None, src_id: int,
-                         tgt_id: int, bound_index: int, mask: int, need: int, now: float,
+    def _prefer_verdicts(self, snap: RuntimeSnapshot, prefer: tuple[int, ...], best: int | None,  # noqa: PLR0917
+                         src_id: int, tgt_id: int, bound_index: int, mask: int, need: int, now: float,
                          excl: tuple[int, ...]) -> dict[int, tuple[str, int]]:
-        """slot -> (verdict, pool index) for each preferred node, up to the first ``"ok"``.
+        """Slot -> ``(verdict, pool index)`` for each preferred node, up to the first ``"ok"``.
 
         A verdict is ``"ok"``, the node's reason code, ``"not_in_pool"`` (no
         pool serving the pair has it) or ``"load"`` (eligible, but loaded
         beyond ``prefer_slack`` over the best candidate ``best``).
         """
-        kernel = snap.kernel
-        pools = kernel.pools_for(src_id, tgt_id)
-        order = ([bound_index] if bound_index in pools else []) + [p for p in pools if p != bound_index]
+        kernel: SnapshotKernel = snap.kernel
+        serving = kernel.pools_for(src_id, tgt_id)
+        order = ([bound_index] if bound_index in serving else []) + [p for p in serving if p != bound_index]
         inflight, loads, recs = snap.inflight, snap.loads, snap.nodes
 
         def ratio(slot: int) -> float:
@@ -1106,23 +886,21 @@ class Scheduler:
         best_ratio = None if best is None else ratio(best)
         out: dict[int, tuple[str, int]] = {}
         for slot in prefer:
-            pool = next((p for p in order if kernel.is_member(p, slot)), -1)
-            if pool < 0:
+            pool_index = next((p for p in order if kernel.is_member(p, slot)), -1)
+            if pool_index < 0:
                 out[slot] = ("not_in_pool", -1)
                 continue
             reason = REASONS[kernel.reason(slot, mask, need, now, excl)]
             if reason != "ok":
-                out[slot] = (reason, pool)
+                out[slot] = (reason, pool_index)
             elif best_ratio is not None and ratio(slot) > best_ratio + self.prefer_slack:
-                out[slot] = ("load", pool)
+                out[slot] = ("load", pool_index)
             else:
-                out[slot] = ("ok", pool)
+                out[slot] = ("ok", pool_index)
                 break
         return out
 
-    def dispatch_many(
-        self, requests: Iterable[tuple[str, str, str] | Mapping[str, object] | DispatchRequest]
-    ) -> list[Assignment | Exception]:
+    def dispatch_many(self, requests: Iterable[Request]) -> list[Assignment | Exception]:
         """Dispatch a batch; return, in order, an :class:`Assignment` or the exception.
 
         Each request is ``(session_id, src, tgt)``, a mapping with the
@@ -1140,22 +918,10 @@ class Scheduler:
         reservation, or a ``prefer``) ends the current pass; it is dispatched
         on its own, in its place, and the next pass starts after it. A
         request the backend refuses after all (capacity taken by another
-        thread meanwhile) falls back to :meth:`dispatch`.
+        thread meanwhile) falls back to :meth:`dispatch`. The passes are
+        :mod:`pysched._batch`.
         """
-        reqs = requests if isinstance(requests, list) else list(requests)
-        results: list = [None] * len(reqs)
-        batch = _BatchBuilder(self, reqs, results)
-        for i, req in enumerate(reqs):
-            if not batch.add(i, req):
-                batch.flush()
-                try:
-                    sid, src, tgt, kw = _unpack_request(req)
-                    results[i] = self.dispatch(sid, src, tgt, **kw)
-                except _REQUEST_ERRORS as exc:
-                    results[i] = exc
-                batch = _BatchBuilder(self, reqs, results)
-        batch.flush()
-        return results
+        return _batch.dispatch_many(self, requests)
 
     def dispatch_batch(
         self,
@@ -1175,10 +941,12 @@ class Scheduler:
         placed in order exactly as that many :meth:`dispatch` calls with the
         same seed would place them (sessions' bindings and every earlier
         job's load included); instead of job id strings each placed job gets
-        an integer handle. Bad input raises ``ValueError``/``TypeError``
-        naming the job and changes nothing. Needs the in-process reservations
-        (``TypeError`` with any other backend). The pass holds the GIL: like
-        every reservation change it is atomic against other threads.
+        an integer handle. The pass holds the GIL: like every reservation
+        change it is atomic against other threads.
+
+        :raises ValueError: for a bad value, naming the job; nothing changes.
+        :raises TypeError: for a wrong type, or with any backend but the
+            in-process :class:`LocalReservations`.
         """
         fast = self._fast
         if fast is None:
@@ -1188,9 +956,8 @@ class Scheduler:
         srcs = src if type(src) is str else (src.tolist() if isinstance(src, np.ndarray) else list(src))
         tgts = tgt if type(tgt) is str else (tgt.tolist() if isinstance(tgt, np.ndarray) else list(tgt))
         if tenant is not None:
-            _check_str(tenant, "tenant")
-        if type(require_gpu) is not bool:
-            raise TypeError(f"require_gpu must be a bool, got {type(require_gpu).__name__}: {require_gpu!r}")
+            check_str(tenant, "tenant")
+        check_bool(require_gpu, "require_gpu")
         mask, need = self._required(services)
         need |= (NEED_GPU if require_gpu else 0) | (NEED_PUBLIC if tenant is None else 0)
         snap = self._mgmt.snapshot
@@ -1211,232 +978,23 @@ class Scheduler:
         reason = np.zeros(n, dtype=np.uint8)
         failed = np.flatnonzero(slot < 0)
         if len(failed):
-            reason[failed] = self._batch_failures(self._mgmt.snapshot, keys[failed], mask, need, now)
+            # the reasons are the nodes' as they are after the batch
+            reason[failed] = _batch.batch_failures(self._mgmt.snapshot, self._outcomes, keys[failed], mask, need, now)
         return BatchResult(slot, pool_id, handle, reason, snap._node_ids)
-
-    def _batch_failures(self, snap: RuntimeSnapshot, keys: np.ndarray, mask: int, need: int,
-                        now: float) -> np.ndarray:
-        """Reason codes of the jobs a batch did not place: what one-by-one dispatch would have raised.
-
-        Every job of a pair that failed saw the same nodes for the same
-        reasons (load only grows within the batch, and a node once
-        ineligible takes no later job), so the reason is worked out once
-        per pair, over the nodes as they are after the batch.
-        """
-        out = np.empty(len(keys), dtype=np.uint8)
-        memo: dict[int, str] = {}
-        n_langs = snap.index.n_langs
-        for j, key in enumerate(keys.tolist()):
-            name = memo.get(key)
-            if name is None:
-                if key < 0 or not snap.kernel.pools_for(key // n_langs, key % n_langs):
-                    name = "no_pool"
-                else:
-                    reasons = self._node_reasons(snap, key // n_langs, key % n_langs, mask, need, now, (), {})
-                    name = _best_reason(reasons)[1]
-                memo[key] = name
-            out[j] = _BATCH_REASON[name]
-            self._outcomes.add(_OUT_NO_POOL if name == "no_pool" else _REASON_INDEX.get(name, _OUT_NO_NODES))
-        return out
 
     def release_batch(self, handles: Sequence[int] | np.ndarray) -> int:
         """Release the jobs of these :meth:`dispatch_batch` handles; how many held something."""
-        return self._handles_backend().release_handles(self._handle_array(handles))
+        return self._handles_backend().release_handles(handle_array(handles))
 
     def commit_batch(self, handles: Sequence[int] | np.ndarray) -> int:
         """Commit the jobs of these :meth:`dispatch_batch` handles; how many were live."""
-        return self._handles_backend().commit_handles(self._handle_array(handles))
+        return self._handles_backend().commit_handles(handle_array(handles))
 
     def _handles_backend(self) -> LocalReservations:
-        if self._fast is None:
+        """The in-process reservations, which alone know job handles."""
+        if self._local is None:
             raise TypeError("job handles need the in-process LocalReservations backend")
-        return self._reservations  # type: ignore[return-value]
-
-    @staticmethod
-    def _handle_array(handles: object) -> np.ndarray:
-        arr = np.asarray(handles)
-        if arr.dtype.kind not in "iu" and not (arr.size == 0):
-            raise TypeError(f"handles must be integers, got an array of {arr.dtype}")
-        return np.ascontiguousarray(arr, dtype=np.int64).reshape(-1)
-
-    def _place_batch(self, b: _BatchBuilder) -> None:
-        """Place, reserve and bind one pass of :meth:`dispatch_many` (see :class:`_BatchBuilder`)."""
-        snap, reqs, results, now, rows = b.snap, b.reqs, b.results, b.now, b.rows
-        pairs, sids, keys, sessions, masks, needs = b.pairs, b.sids, b.keys, b.sessions, b.masks, b.needs
-        job_ids, extras, session_no = b.job_ids, b.extras, b.session_no
-        kernel = snap.kernel
-        n = len(rows)
-        n_langs = snap.index.n_langs
-        pool_index = snap.pool_index
-        pool_ids = snap.pool_ids
-        key_arr = np.array(keys, dtype=np.int64)
-        src_ids = (key_arr // n_langs).astype(np.int32)
-        tgt_ids = (key_arr % n_langs).astype(np.int32)
-        # Each session's binding is read with one attribute load (a consistent
-        # tuple); decisions are written back under the session's lock below.
-        keys_init = [-1] * len(session_no)
-        pools_init = [-1] * len(session_no)
-        session_map = self._session_map
-        states: list[SessionState | None] = []
-        own_keys = dict(zip(pairs, keys))
-        idle_before = now - self.session_ttl
-        for sid, k in session_no.items():
-            state = session_map.get(sid)
-            states.append(state)
-            if state is None:
-                continue
-            if state.last_used < idle_before:
-                with state.lock:  # idle past its TTL: forgotten at lookup, as in dispatch
-                    if state.last_used < idle_before:
-                        state.binding = None
-            state.last_used = now
-            binding = state.binding
-            if binding is None:
-                continue
-            key = own_keys.get(binding[0])
-            if key is None:
-                key = self._pair_key(snap, binding[0])
-            if key >= 0:
-                keys_init[k] = key
-                pools_init[k] = pool_index.get(binding[1], -1)
-        bound_key = np.array(keys_init, dtype=np.int64)
-        bound_pool = np.array(pools_init, dtype=np.int32)
-        tenants = np.full(n, -1, dtype=np.int32)
-        excl_off = np.zeros(n + 1, dtype=np.int32)
-        excl_flat: list[int] = []
-        if extras:
-            tenant_pools = self._tenant_pools
-            for j in range(n):
-                extra = extras.get(j)
-                if extra is not None:
-                    tenant, excl = extra
-                    if tenant is not None and tenant in tenant_pools:
-                        # the kernel uses it only where it serves the pair, as in dispatch
-                        tenants[j] = pool_index.get(tenant_pools[tenant], -1)
-                    excl_flat.extend(excl)
-                excl_off[j + 1] = len(excl_flat)
-        scratch = np.array(snap.inflight, dtype=np.int32)  # a writable copy
-        out = np.empty(n, dtype=np.int64)
-        kernel.select_batch(
-            src_ids, tgt_ids, np.array(masks, dtype=np.uint64), np.array(needs, dtype=np.int32), tenants,
-            np.array(sessions, dtype=np.int32), bound_key, bound_pool, excl_off, np.array(excl_flat, dtype=np.int32),
-            scratch, now, out,
-        )
-
-        # job ids in request order for the placed requests, as one-by-one dispatch numbers them
-        new_job_id = self._new_job_id
-        for j in np.flatnonzero(out >= 0).tolist():
-            if job_ids[j] is None:
-                job_ids[j] = new_job_id()
-
-        # the reservations, together
-        placed = np.flatnonzero(out >= 0)
-        placed_rows = placed.tolist()
-        slots = (out[placed] & 0xFFFFFFFF).astype(np.int32)
-        pools = (out[placed] >> 32).tolist()
-        session_ids = [sids[j] for j in placed_rows]
-        try:
-            refused: list | None = self._reservations.reserve_placed(
-                [job_ids[j] for j in placed_rows], slots, snap.nodes["max_concurrency"][slots],
-                snap.loads["running"][slots], [pool_ids[p] for p in pools], session_ids, snap.node_id, now,
-                [pairs[j] for j in placed_rows],
-            )
-        except ReservationBackendUnavailable as exc:
-            self._outcomes.add(_OUT_BACKEND, len(placed_rows))
-            for j in placed_rows:
-                results[rows[j]] = exc
-            refused = None
-        retry: list[int] = []
-        if refused is not None:
-            node_ids = snap._node_ids
-            slot_list = slots.tolist()
-            served = 0
-            for pos, j in enumerate(placed_rows):
-                result = refused[pos] if refused else None
-                s, t = pairs[j]
-                if result is None:
-                    results[rows[j]] = Assignment(node_ids[slot_list[pos]], pool_ids[pools[pos]], job_ids[j],
-                                                  session_ids[pos], s, t)
-                    served += 1
-                elif isinstance(result, Reservation):
-                    results[rows[j]] = Assignment(result.node_id, result.pool_id, job_ids[j], session_ids[pos], s, t)
-                    served += 1
-                else:
-                    retry.append(j)
-            self._outcomes.add(_OUT_OK, served)
-
-            # bind each session to the pool that last served it in the batch, under its lock
-            key_pair = dict(zip(keys, pairs))
-            final_keys, final_pools = bound_key.tolist(), bound_pool.tolist()
-            for sid, k in session_no.items():
-                key, pool = final_keys[k], final_pools[k]
-                if key == keys_init[k] and pool == pools_init[k] or pool < 0 or key not in key_pair:
-                    continue  # unchanged by this batch
-                binding = (key_pair[key], pool_ids[pool])
-                state = states[k]
-                if state is not None and state.binding == binding:
-                    continue
-                if state is None:
-                    state = self._sessions.entry(sid, now)
-                with state.lock:
-                    state.binding = binding
-                    state.last_used = now
-
-        for j in np.flatnonzero(out < 0).tolist():
-            i = rows[j]
-            s, t = pairs[j]
-            if out[j] == -2:
-                self._outcomes.add(_OUT_NO_POOL)
-                results[i] = NoPoolForLanguagePair(s, t)
-            else:
-                excl = extras.get(j, (None, ()))[1]
-                reasons = self._node_reasons(snap, int(src_ids[j]), int(tgt_ids[j]), masks[j], needs[j], now, excl,
-                                             {})
-                results[i] = self._no_node_error(s, t, reasons)
-        for j in retry:
-            try:
-                sid, src, tgt, kw = _unpack_request(reqs[rows[j]])
-                kw["job_id"] = job_ids[j]
-                results[rows[j]] = self.dispatch(sid, src, tgt, **kw)
-            except _REQUEST_ERRORS as exc:
-                results[rows[j]] = exc
-
-    @staticmethod
-    def _pair_key(snap: RuntimeSnapshot, pair: tuple[str, str]) -> int:
-        """The kernel's key of a language pair in ``snap``, or -1."""
-        n_langs = snap.index.n_langs
-        tgt_id = snap.index.lang_ids.get(pair[1])
-        src_id = n_langs if pair[0] == AUTO else snap.index.lang_ids.get(pair[0])
-        return -1 if src_id is None or tgt_id is None else src_id * n_langs + tgt_id
-
-    def _choose_pool(self, snap: RuntimeSnapshot, tenant: str | None, src_id: int, tgt_id: int, mask: int,
-                     need: int, now: float, excl: tuple[int, ...]) -> int:
-        """A new binding: the tenant's pool if eligible, else the one with the most free capacity."""
-        if tenant is not None:
-            pid = self._tenant_pools.get(tenant)
-            if pid is not None:
-                index = snap.pool_index.get(pid, -1)
-                if index >= 0 and index in snap.kernel.pools_for(src_id, tgt_id):
-                    return index
-        return snap.kernel.most_free_pool(src_id, tgt_id, mask, need, now, excl)
-
-    def _no_node_error(self, s: str, t: str, reasons: Mapping[int, str]) -> NoNodeAvailable:
-        """The :class:`NoNodeAvailable` for these per-node reasons (and count the outcome)."""
-        breakdown, best = _best_reason(reasons)
-        self._outcomes.add(_REASON_INDEX.get(best, _OUT_NO_NODES))
-        return NoNodeAvailable(s, t, breakdown, best)
-
-    def _node_reasons(self, snap: RuntimeSnapshot, src_id: int, tgt_id: int, mask: int, need: int, now: float,
-                      excl: tuple[int, ...], refused: Mapping[int, str]) -> dict[int, str]:
-        """slot -> reason code over every distinct node of every eligible pool."""
-        kernel = snap.kernel
-        out: dict[int, str] = {}
-        for pool in kernel.pools_for(src_id, tgt_id):
-            codes = kernel.reasons(pool, mask, need, now, excl)
-            for slot, code in zip(kernel.members(pool), codes):
-                if slot not in out:
-                    out[slot] = refused.get(slot) or REASONS[code]
-        return out
+        return self._local
 
     # ------------------------------------------------------------ inspection
     def explain(
@@ -1455,18 +1013,20 @@ class Scheduler:
         Reservations and leases that have expired by now count as gone, as
         they do for dispatch. Draws no random numbers: explaining never
         changes a later decision.
+
+        :raises ValueError: for a bad argument value.
+        :raises TypeError: for an argument of the wrong type.
         """
         snap = self._mgmt.snapshot
         s = normalize_language(src, "src", allow_auto=True)
         t = normalize_language(tgt, "tgt")
         if tenant is not None:
-            _check_str(tenant, "tenant")
-        if type(require_gpu) is not bool:
-            raise TypeError(f"require_gpu must be a bool, got {type(require_gpu).__name__}: {require_gpu!r}")
+            check_str(tenant, "tenant")
+        check_bool(require_gpu, "require_gpu")
         mask, need = self._required(services)
         need |= (NEED_GPU if require_gpu else 0) | (NEED_PUBLIC if tenant is None else 0)
-        excl = self._exclude_slots(snap, exclude)
-        pref = () if prefer is None else self._prefer_slots(snap, prefer)
+        excl = exclude_slots(snap, exclude)
+        pref = () if prefer is None else prefer_slots(snap, prefer)
         now = self._clock()
         reservations = self._reservations
         if now >= reservations.due_at:
@@ -1475,10 +1035,12 @@ class Scheduler:
         preferred: dict[str, str] = {}
         ids = snap.index.kernel_ids(s, t)
         if ids is not None:
-            reasons = self._node_reasons(snap, ids[0], ids[1], mask, need, now, excl, {})
+            reasons = node_reasons(snap.kernel, ids[0], ids[1], mask, need, now, excl=excl)
             nodes = {snap.node_id(slot): reason for slot, reason in reasons.items()}
             if pref:
-                tenant_index = snap.pool_index.get(self._tenant_pools.get(tenant, -1), -1) if tenant else -1
+                tenant_index = -1
+                if tenant:
+                    tenant_index = snap.pool_index.get(self._tenant_pools.get(tenant, -1), -1)
                 best = self._best_for_new_session(snap, ids[0], ids[1], tenant_index, mask, need, now, excl)
                 verdicts = self._prefer_verdicts(snap, pref, best, ids[0], ids[1], -1, mask, need, now, excl)
                 preferred = {snap.node_id(slot): verdict for slot, (verdict, _) in verdicts.items()}
@@ -1494,22 +1056,26 @@ class Scheduler:
                 nodes.setdefault(node_id, "no_pool")
         return Explanation(s, t, snap.index.lookup(s, t), nodes, tuple(n for n, _ in snap.unpooled), preferred)
 
-    def _best_for_new_session(self, snap: RuntimeSnapshot, src_id: int, tgt_id: int, tenant_index: int, mask: int,
-                              need: int, now: float, excl: tuple[int, ...]) -> int | None:
+    def _best_for_new_session(self, snap: RuntimeSnapshot, src_id: int, tgt_id: int,  # noqa: PLR0917
+                              tenant_index: int, mask: int, need: int, now: float,
+                              excl: tuple[int, ...]) -> int | None:
         """A best candidate a new session's dispatch would pick (ties aside), without drawing randomness."""
-        kernel = snap.kernel
-        pools = kernel.pools_for(src_id, tgt_id)
-        first = tenant_index if tenant_index in pools else kernel.most_free_pool(src_id, tgt_id, mask, need, now, excl)
-        for pool in ([first] if first >= 0 else []) + [p for p in pools if p != first]:
-            ok = [slot for slot, code in zip(kernel.members(pool), kernel.reasons(pool, mask, need, now, excl))
-                  if code == 0]
+        kernel: SnapshotKernel = snap.kernel
+        serving = kernel.pools_for(src_id, tgt_id)
+        first = (tenant_index if tenant_index in serving
+                 else kernel.most_free_pool(src_id, tgt_id, mask, need, now, excl))
+        for pool_index in ([first] if first >= 0 else []) + [p for p in serving if p != first]:
+            codes = kernel.reasons(pool_index, mask, need, now, excl)
+            ok = [slot for slot, code in zip(kernel.members(pool_index), codes, strict=False) if code == 0]
             if ok:
-                inflight, running, mx = snap.inflight, snap.loads["running"], snap.nodes["max_concurrency"]
-                return min(ok, key=lambda x: (max(int(inflight[x]), int(running[x])) / int(mx[x]),
-                                              float(snap.loads["gpu"][x])))
+                inflight, running, limits = snap.inflight, snap.loads["running"], snap.nodes["max_concurrency"]
+                gpu = snap.loads["gpu"]
+                best: int = min(ok, key=lambda x: (max(int(inflight[x]), int(running[x])) / int(limits[x]),
+                                                   float(gpu[x])))
+                return best
         return None
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """The figures a dashboard wants, from local state only.
 
         Nodes by status, pools with member counts, capacity (sum of max
@@ -1532,44 +1098,28 @@ class Scheduler:
         snap = self._mgmt.snapshot
         offsets, members = snap.pool_offsets, snap.pool_members
         limits, inflight = snap.nodes["max_concurrency"], snap.inflight
-        for i, pid in enumerate(snap.pool_ids):
-            entry = out["pools"].get(pid)
+        for pool_index, pool_id in enumerate(snap.pool_ids):
+            entry = out["pools"].get(pool_id)
             if entry is not None:
-                slots = members[offsets[i]:offsets[i + 1]]
+                slots = members[offsets[pool_index]:offsets[pool_index + 1]]
                 entry["capacity"] = int(limits[slots].sum())
                 entry["inflight"] = int(inflight[slots].sum())
         backend = dict(self._reservations.stats())
-        values = self._outcomes.to_list()
         out["sessions"] = len(self._sessions)
         out["reservations"] = backend.get("held", 0)
         out["jobs"] = {k: backend.get(k, 0) for k in ("held", "committed", "expired")}
         out["backend"] = backend
-        out["dispatch"] = {name: values[i] for i, name in sorted(_OUTCOME_NAMES.items())}
-        out["compiled"] = self._core.COMPILED
+        out["dispatch"] = outcome_counts(self._outcomes)
+        out["compiled"] = self.compiled
         return out
 
     # ------------------------------------------------------------ helpers
-    @staticmethod
-    def _check_tenant_pools(tenant_pools: object) -> dict[str, int]:
-        if tenant_pools is None:
-            return {}
-        if not isinstance(tenant_pools, Mapping):
-            raise TypeError(f"tenant_pools must be a mapping tenant -> pool id, got {type(tenant_pools).__name__}")
-        out = {}
-        for tenant, pid in tenant_pools.items():
-            _check_str(tenant, "tenant_pools key")
-            if type(pid) is not int or pid < 0:
-                raise ValueError(f"tenant_pools[{tenant!r}] must be a pool id (int >= 0), got {pid!r}")
-            out[tenant] = pid
-        return out
-
     def close(self) -> None:
         """Release the reservation backend's resources."""
         self._reservations.close()
 
-    def __enter__(self) -> "Scheduler":
+    def __enter__(self) -> Scheduler:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

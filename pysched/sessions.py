@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from types import ModuleType
 
-from pysched._kernel import core as default_core
+from pysched._impl import kernel as default_kernel
 
 __all__ = ["SessionState", "SessionManager"]
 
@@ -19,7 +20,7 @@ __all__ = ["SessionState", "SessionManager"]
 #: pool_id)`` or ``None``, so a reader gets a consistent view from one
 #: attribute read) and ``last_used``. It is the kernel's type, because the
 #: compiled dispatch reads and writes it directly.
-SessionState = default_core.SessionState
+SessionState = default_kernel.SessionState
 
 
 class SessionManager:
@@ -28,13 +29,19 @@ class SessionManager:
     Creating an entry is one atomic ``dict.setdefault``; two threads racing
     on a new session end up with the same entry. Idle entries are swept at
     most every ``sweep_interval`` seconds, by whichever dispatch notices first.
+
+    :param session_ttl: seconds of idleness after which a session is forgotten.
+    :param clock: the scheduler's clock.
+    :param core: the kernel module (``pysched._core`` or ``pysched._pycore``)
+        whose ``SessionState`` the entries are.
+    :param on_next_sweep: told every time ``next_sweep`` moves.
     """
 
-    def __init__(self, session_ttl: float, clock: Callable[[], float], *, core=default_core,
+    def __init__(self, session_ttl: float, clock: Callable[[], float], *, core: ModuleType = default_kernel,
                  on_next_sweep: Callable[[float], None] | None = None) -> None:
         self._ttl = session_ttl
         self._clock = clock
-        self._state = core.SessionState
+        self._state: Callable[[float], SessionState] = core.SessionState
         self._entries: dict[str, SessionState] = {}
         self._sweep_interval = min(max(session_ttl / 8.0, 0.05), 60.0)
         self.next_sweep = clock() + self._sweep_interval
@@ -54,6 +61,7 @@ class SessionManager:
         return session_id in self._entries
 
     def get(self, session_id: str) -> SessionState | None:
+        """The session's state, or ``None`` if it is not known."""
         return self._entries.get(session_id)
 
     def entry(self, session_id: str, now: float) -> SessionState:

@@ -47,7 +47,7 @@ def kernel_name(request) -> str:
 @pytest.fixture
 def core(kernel_name):
     """The kernel module itself (``pysched._core`` or ``pysched._pycore``)."""
-    from pysched._kernel import resolve
+    from pysched._impl import resolve
 
     return resolve(kernel_name)
 

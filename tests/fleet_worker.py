@@ -1,7 +1,7 @@
 """One scheduler process of the multi-process fleet tests (``multiprocessing``, spawn).
 
 Each worker builds its own client, :class:`~pysched.Scheduler`,
-:class:`~pysched.redis_reservations.RedisReservations` and
+:class:`~pysched.redis.RedisReservations` and
 :class:`~pysched.RedisFleet` on the shared redis-server, registers *its*
 nodes, waits until it sees the whole fleet, reports its pools, then
 dispatches bursts of jobs from several threads.
@@ -18,6 +18,7 @@ to the children).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -45,8 +46,7 @@ class NodeCounters:
     def start(self, index: int) -> None:
         with self.held.get_lock():
             self.held[index] += 1
-            if self.held[index] > self.peak[index]:
-                self.peak[index] = self.held[index]
+            self.peak[index] = max(self.peak[index], self.held[index])
 
     def end(self, index: int) -> None:
         with self.held.get_lock():
@@ -69,7 +69,7 @@ def _client(socket_path: str, timeout: float) -> Any:
 def build(cfg: dict) -> tuple[Any, Any, Any, Any]:
     """(client, backend, scheduler, fleet) for one worker, fleet started."""
     import pysched
-    from pysched.redis_reservations import RedisReservations
+    from pysched.redis import RedisReservations
 
     client = _client(cfg["socket"], cfg.get("timeout", 0.3))
     backend = RedisReservations(client, namespace=cfg["namespace"], holder_id=cfg["name"],
@@ -272,10 +272,8 @@ def _hog(cfg: dict, sched: Any, reports: Any) -> None:
     i = 0
     while True:
         i += 1
-        try:
+        with contextlib.suppress(pysched.SchedulerError):
             sched.dispatch(f"hog-more-{i}", *cfg["pairs"][0])
-        except pysched.SchedulerError:
-            pass
         time.sleep(0.005)
 
 

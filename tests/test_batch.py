@@ -120,7 +120,7 @@ def test_batch_job_ids_are_idempotent(make_scheduler):
 
 
 def test_batch_falls_back_when_the_backend_refuses(make_scheduler, kernel_name):
-    from pysched._kernel import resolve
+    from pysched._impl import resolve
     from pysched.reservations import REFUSED_FULL, LocalReservations
 
     class RefuseOnce(LocalReservations):

@@ -1,4 +1,4 @@
-"""``pysched bench`` and :mod:`pysched.bench`.
+"""``pysched bench`` and :mod:`pysched.tools.bench`.
 
 Every run here is a real, tiny benchmark (threads, heartbeats, all four
 implementations) with scenarios of about 0.1 s, so the file takes a few
@@ -20,13 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from pysched import bench
-from pysched.bench import BenchConfig, BenchReport, format_table, run_bench
+from pysched.tools import bench
+from pysched.tools.bench import BenchConfig, BenchReport, format_table, harness, run_bench, workload
+from pysched.tools.bench import legacy as legacy_module
+from pysched.tools.bench import peer as peer_module
+from pysched.tools.bench import report as report_mod
+from pysched.tools.bench.config import PEER_INDEXES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LEGACY = REPO_ROOT / "benchmarks" / "legacy.py"
-PEER = REPO_ROOT / "benchmarks" / "peer.py"
-COMPILED = bench._compiled_available()
+# the baselines are modules of the package: where they were imported from (a checkout or an installed wheel)
+LEGACY = Path(legacy_module.__file__)
+PEER = Path(peer_module.__file__)
+COMPILED = bench.compiled_available()
 
 
 def _tiny(**overrides) -> BenchConfig:
@@ -34,8 +38,7 @@ def _tiny(**overrides) -> BenchConfig:
     # in a 0.15 s scenario, so no refusal is possible however the threads are scheduled (a thread
     # descheduled on a busy machine keeps its held jobs until it runs again).
     values = dict(nodes=30, pools=6, sessions=80, rates=(0.0, 2000.0), threads=(1, 2), duration=0.1,
-                  warmup=0.05, legacy_path=str(LEGACY), peer_path=str(PEER), goal_rate=2000.0, quick=True,
-                  max_concurrency=1_000_000)
+                  warmup=0.05, goal_rate=2000.0, quick=True, max_concurrency=1_000_000)
     values.update(overrides)
     return BenchConfig(**values)
 
@@ -48,8 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @pytest.fixture(scope="module")
 def report() -> BenchReport:
-    """One tiny run of all four implementations, shared by the structure tests."""
-    assert LEGACY.is_file() and PEER.is_file(), "the tests expect a source checkout with benchmarks/"
+    """One tiny run of all four implementations (the baselines imported as modules), shared by the structure tests."""
     lines: list[str] = []
     rep = run_bench(_tiny(), progress=lines.append)
     rep.progress_lines = lines  # type: ignore[attr-defined]
@@ -165,7 +167,8 @@ def test_missing_legacy_still_runs_pysched(tmp_path, capsys):
     assert "legacy model not run" in captured.err and "nope.py" in captured.err
     data = json.loads(out.read_text(encoding="utf-8"))
     assert "legacy" in data["missing"]
-    assert {s["impl"] for s in data["scenarios"]} == ({"compiled", "python", "peer"} if COMPILED else {"python", "peer"})
+    expected = {"compiled", "python", "peer"} if COMPILED else {"python", "peer"}
+    assert {s["impl"] for s in data["scenarios"]} == expected
     assert all(s["dispatches"] > 0 for s in data["scenarios"])
     assert data["ratios"] and {r["baseline"] for r in data["ratios"]} == {"peer"}
     assert all(g["verdict"] == "N/A" for g in data["goals"] if "legacy" in g["goal"])
@@ -183,6 +186,7 @@ def test_missing_peer_still_runs_the_rest(tmp_path, capsys):
     assert "peer not run" in captured.err and "nope.py" in captured.err
     data = json.loads(out.read_text(encoding="utf-8"))
     assert "peer" in data["missing"] and data["peer_path"] is None
+    assert data["legacy_path"] == str(LEGACY)  # --legacy PATH loads that file
     assert "peer" not in {s["impl"] for s in data["scenarios"]}
     assert {r["baseline"] for r in data["ratios"]} <= {"legacy"}
     peer_goals = [g for g in data["goals"] if "the peer's" in g["goal"]]
@@ -262,19 +266,22 @@ def test_language_sets_are_distinct_and_realistic():
 
 
 def test_legacy_loader(tmp_path):
-    found, looked = bench.locate_legacy(LEGACY)
-    assert found == LEGACY and looked == [LEGACY]
+    # the default: the module of the package (so `pysched bench` runs from an installed wheel)
+    assert bench.load_legacy() is legacy_module
+    # --legacy PATH: another file stands in for it
     module = bench.load_legacy(LEGACY)
-    assert hasattr(module, "LegacyScheduler")
+    assert module is not legacy_module and hasattr(module, "LegacyScheduler") and module.__file__ == str(LEGACY)
     bad = tmp_path / "legacy.py"
     bad.write_text("x = 1\n", encoding="utf-8")
     with pytest.raises(ImportError, match="LegacyScheduler"):
         bench.load_legacy(bad)
+    with pytest.raises(ImportError, match="nope.py not found"):
+        bench.load_legacy(tmp_path / "nope.py")
 
 
 def test_peer_loader(tmp_path):
-    found, looked = bench.locate_peer(PEER)
-    assert found == PEER and looked == [PEER]
+    assert bench.load_peer() is peer_module
+    assert set(PEER_INDEXES) == set(peer_module.INDEXES)  # what --peer-index offers is what the peer has
     module = bench.load_peer(PEER)
     assert module.PeerScheduler is module.INDEXES["heap"]
     bad = tmp_path / "peer.py"
@@ -287,10 +294,26 @@ def test_peer_loader(tmp_path):
         bench.load_peer(broken)
 
 
+def test_bench_needs_no_checkout(tmp_path):
+    """The baselines are importable modules: nothing is looked up relative to the current directory."""
+    import subprocess
+    import sys
+
+    import pysched
+
+    code = ("from pysched.tools.bench import load_legacy, load_peer; "
+            "print(load_legacy().__name__, load_peer().__name__)")
+    env = {**os.environ, "PYTHONPATH": str(Path(pysched.__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["pysched.tools.bench.legacy", "pysched.tools.bench.peer"]
+
+
 # ------------------------------------------------------------------ workers on a fake clock
 class _FakeTime:
-    """Stands in for the ``time`` module inside pysched.bench: time moves only when the code under test
-    calls the scheduler (``step_ns`` per call) or sleeps, so the pacing is checked exactly."""
+    """Stands in for the ``time`` module inside the bench's harness and workload: time moves only when
+    the code under test calls the scheduler (``step_ns`` per call) or sleeps, so the pacing is checked exactly."""
 
     def __init__(self) -> None:
         self.ns = 0
@@ -333,60 +356,111 @@ class _CountingScheduler:
 
 def test_heartbeat_pacing_on_a_fake_clock(monkeypatch):
     fake = _FakeTime()
-    monkeypatch.setattr(bench, "time", fake)
+    monkeypatch.setattr(harness, "time", fake)
     sched = _CountingScheduler(fake, step_ns=100_000, unknown=frozenset({"gone"}))  # 100 µs a heartbeat
     table = [("gone" if k % 10 == 0 else f"n{k}", 0, 1.0, 1.0, 1.0) for k in range(8192)]
-    run = bench._Run()
-    run.start_ns, run.deadline_ns = 0, 100_000_000  # a 0.1 s window
-    run.go.set()
-    worker = bench._HeartbeatWorker(sched, table, 2000.0, run)
-    worker()
-    assert not run.errors
-    sent = worker.applied + worker.errors
+    window = harness.Window()
+    window.open(0, 100_000_000)  # a 0.1 s window
+    beats = workload.TableHeartbeats(sched, table)
+    pacer = harness.PacedHeartbeats(window, 2000.0, beats)
+    pacer()
+    assert not window.errors
+    sent = beats.applied + beats.errors
+    assert sent == pacer.sent
     # due-count pacing: one due at the start, then 2,000/s for 0.1 s
     assert 200 <= sent <= 202, sent
-    assert worker.applied == sched.heartbeats and worker.errors == sent // 10 + (sent % 10 > 0)
-    assert worker.elapsed_ns >= run.deadline_ns and worker.cpu_ns == sent * 100_000
+    assert beats.applied == sched.heartbeats and beats.errors == sent // 10 + (sent % 10 > 0)
+    assert pacer.elapsed_ns >= window.deadline_ns and pacer.cpu_ns == sent * 100_000
+
+
+def _recorder(cap: int, seed: int = 1) -> harness.LatencyRecorder:
+    return harness.LatencyRecorder(cap, keep=cap, seed=seed)
 
 
 def test_late_threads_still_make_one_call(monkeypatch):
     """A worker that first runs after its window closed (a saturated machine) still makes one call."""
     fake = _FakeTime()
-    monkeypatch.setattr(bench, "time", fake)
+    monkeypatch.setattr(harness, "time", fake)
+    monkeypatch.setattr(workload, "time", fake)
     fake.ns = 500_000_000  # 0.5 s late for a window that ended at 0.1 s
     sched = _CountingScheduler(fake, step_ns=1000)
-    run = bench._Run()
-    run.start_ns, run.deadline_ns = 0, 100_000_000
-    run.go.set()
-    hb = bench._HeartbeatWorker(sched, [("n", 0, 1.0, 1.0, 1.0)] * 8192, 2000.0, run)
-    hb()
-    assert 1 <= hb.applied <= 64 and hb.applied == sched.heartbeats  # one burst of what was due
-    worker = bench._DispatchWorker(sched, [("s1", "en", "zh"), ("s2", "en", "zh")], run, 2_000_000, {}, 16, 1)
+    window = harness.Window()
+    window.open(0, 100_000_000)
+    beats = workload.TableHeartbeats(sched, [("n", 0, 1.0, 1.0, 1.0)] * 8192)
+    harness.PacedHeartbeats(window, 2000.0, beats)()
+    assert 1 <= beats.applied <= 64 and beats.applied == sched.heartbeats  # one burst of what was due
+    worker = workload.DispatchWorker(sched, [("s1", "en", "zh"), ("s2", "en", "zh")], window, 2_000_000, {},
+                                     _recorder(16))
     worker()
-    assert worker.count == 1 == sched.dispatches and worker.end_ns >= run.deadline_ns
-    assert worker.cpu_ns == 1000 and list(worker.samples()) == [1000]
+    assert worker.count == 1 == sched.dispatches and worker.end_ns >= window.deadline_ns
+    assert worker.cpu_ns == 1000 and list(worker.latency.samples()) == [1000]
     # a thread without sessions (more threads than sessions) ends at once instead of spinning
-    idle = bench._DispatchWorker(sched, [], run, 2_000_000, {}, 16, 2)
+    idle = workload.DispatchWorker(sched, [], window, 2_000_000, {}, _recorder(16, 2))
     idle()
     assert idle.count == 0 and sched.dispatches == 1
 
 
 def test_dispatch_worker_window_on_a_fake_clock(monkeypatch):
     fake = _FakeTime()
-    monkeypatch.setattr(bench, "time", fake)
+    monkeypatch.setattr(workload, "time", fake)
     sched = _CountingScheduler(fake, step_ns=10_000)  # 10 µs a dispatch
-    run = bench._Run()
-    run.start_ns, run.deadline_ns = 0, 1_000_000  # 1 ms
-    run.go.set()
-    worker = bench._DispatchWorker(sched, [("s1", "en", "zh"), ("s2", "en", "zh"), ("s3", "en", "zh")], run,
-                                   300_000, {}, 1000, 1)  # jobs held 0.3 ms
+    window = harness.Window()
+    window.open(0, 1_000_000)  # 1 ms
+    worker = workload.DispatchWorker(sched, [("s1", "en", "zh"), ("s2", "en", "zh"), ("s3", "en", "zh")], window,
+                                     300_000, {}, _recorder(1000))  # jobs held 0.3 ms
     worker()
     assert worker.count == sched.dispatches == 100  # 1 ms / 10 µs
     assert worker.end_ns == 1_000_000 and worker.cpu_ns == 100 * 10_000
-    assert set(worker.samples()) == {10_000}
+    assert set(worker.latency.samples()) == {10_000}
     # jobs are released in order once their hold time passed; the last 0.3 ms of jobs are still held
     assert sched.released == [f"j{k}" for k in range(1, len(sched.released) + 1)]
     assert 100 - 31 <= len(sched.released) <= 100 - 29
+
+
+def test_latency_recorder_grows_then_samples():
+    """Every sample is kept up to ``keep`` (the buffer grows), a uniform sample of them beyond; max stays exact."""
+    rec = harness.LatencyRecorder(4, keep=8, seed=3)
+    lat, cap = rec.buffer, rec.capacity
+    n = 0
+    for dt in range(1, 101):
+        if n < cap:
+            lat[n] = dt
+        else:
+            cap = rec.overflow(n, dt)
+        n += 1
+    rec.count = n
+    kept = list(rec.samples())
+    assert cap == rec.capacity == 8 and len(kept) == 8 and rec.sampled
+    assert set(kept) != set(range(1, 9))  # the reservoir replaced some of the first eight
+    assert set(kept) <= set(range(1, 101)) and len(set(kept)) == 8
+    summary = harness.summarise([rec])
+    assert summary.samples == 8 and summary.sampled
+    assert summary.us["max"] == 0.1  # 100 ns: the largest sample, kept or not
+    unbounded = harness.LatencyRecorder(2)
+    lat, cap = unbounded.buffer, unbounded.capacity
+    for n, dt in enumerate((5, 6, 7, 8, 9)):
+        if n < cap:
+            lat[n] = dt
+        else:
+            cap = unbounded.overflow(n, dt)
+    unbounded.count = 5
+    assert list(unbounded.samples()) == [5, 6, 7, 8, 9] and not unbounded.sampled
+    assert harness.summarise([]).us == {} and harness.summarise([]).samples == 0
+
+
+def test_threads_report_what_a_worker_raised():
+    window = harness.Window()
+    runner = harness.Threads(window)
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    runner.add(boom, "t-boom", "dispatch thread")
+    runner.add(window.go.wait, "t-wait", "heartbeat thread")
+    runner.start()
+    window.open(0, 1)
+    runner.join()
+    assert [str(e) for e in window.errors] == ["dispatch thread: RuntimeError: boom"]
 
 
 def test_a_failed_scenario_has_no_ratios_or_verdicts(tmp_path):
@@ -395,10 +469,21 @@ def test_a_failed_scenario_has_no_ratios_or_verdicts(tmp_path):
     good = bench.ScenarioResult("peer", 2000.0, 1, elapsed=0.1, dispatches=10, dispatch_cpu_s=0.05,
                                 latency_us={"p50": 2.0, "p99": 3.0, "p99.9": 4.0, "max": 5.0, "mean": 2.0})
     broken = bench.ScenarioResult("python", 2000.0, 1, error="setup: AttributeError: boom")
-    ratios = bench._ratios([broken, good], cfg)
+    ratios = report_mod.ratios([broken, good], cfg)
     assert ratios == []
     broken_c = bench.ScenarioResult("compiled", 2000.0, 1, error="setup: AttributeError: boom")
     cfg_c = _tiny(rates=(2000.0,), threads=(1,), impls=("compiled", "peer"))
-    goals = bench._goals([broken_c, good], bench._ratios([broken_c, good], cfg_c), cfg_c, {})
+    goals = report_mod.check_goals([broken_c, good], report_mod.ratios([broken_c, good], cfg_c), cfg_c, {})
     assert len(goals) == 6 and all(g.verdict == "N/A" and g.measured is None for g in goals)
     assert all("compiled raised: setup: AttributeError: boom" in g.note for g in goals)
+
+
+def test_goals_are_data():
+    """The goals the table reports are the GOALS records, in order, with their targets."""
+    cfg = _tiny(rates=(2000.0,), threads=(1, 2))
+    goals = report_mod.check_goals([], [], cfg, {})
+    per_thread = [g for g in bench.GOALS if g.per_thread_count]
+    once = [g for g in bench.GOALS if not g.per_thread_count]
+    assert [g.goal for g in goals] == [g.text for g in per_thread] * 2 + [g.text for g in once]
+    assert [g.target for g in goals[:len(per_thread)]] == [g.target for g in per_thread]
+    assert goals[0].goal == "dispatch throughput >= 20x legacy" and goals[2].goal.endswith(">= 95% of requested")

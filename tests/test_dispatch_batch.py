@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
 import pytest
 
 import pysched
-from pysched.scheduler import BATCH_REASONS, BatchResult
+from pysched.results import BATCH_REASONS, BatchResult
 
 SETS = [["zh", "en"], ["de", "en", "zh"], ["en", "ja"], ["en", "ja", "ko"], ["en", "es", "pt"]]
 PAIRS = [("zh", "en"), ("ja", "en"), ("auto", "en"), ("de", "zh"), ("ko", "ja"), ("fr", "en"), ("es", "pt")]
@@ -33,7 +34,7 @@ def jobs(seed, n=150):
 
 def one_by_one(sched, sids, srcs, tgts, **kw):
     out = []
-    for sid, s, t in zip(sids, srcs, tgts):
+    for sid, s, t in zip(sids, srcs, tgts, strict=True):
         try:
             out.append(sched.dispatch(sid, s, t, **kw))
         except pysched.SchedulerError as exc:
@@ -162,10 +163,8 @@ def test_batches_and_dispatches_from_threads_never_over_commit(kernel_name):
         try:
             barrier.wait(timeout=60)
             for i in range(300):
-                try:
+                with contextlib.suppress(pysched.NoNodeAvailable):
                     sched.release(sched.dispatch(f"x{i % 9}", "zh", "en").job_id)
-                except pysched.NoNodeAvailable:
-                    pass
         except BaseException as exc:  # pragma: no cover
             errors.append(exc)
 
@@ -193,7 +192,7 @@ def _mixed_run(kernel, seed):
     for i in range(18):
         sched.register_node(f"n{i}", SETS[i % len(SETS)], max_concurrency=1 + i % 3)
     seen, held, handles = [], [], []
-    for step in range(160):
+    for _ in range(160):
         op = int(rng.integers(0, 9))
         sid = f"s{int(rng.integers(0, 9))}"
         src, tgt = PAIRS[int(rng.integers(0, len(PAIRS)))]

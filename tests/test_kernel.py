@@ -2,36 +2,44 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 import pysched
 from pysched import _layout as L
 from pysched import _pycore
 
+if TYPE_CHECKING:
+    from pysched import _core
 
-def test_installed_package_uses_the_compiled_kernel():
+
+def test_installed_package_uses_the_compiled_kernel() -> None:
     """Fails when a build silently fell back to the pure-Python twin."""
     if os.environ.get("PYSCHED_PURE_PYTHON"):
         pytest.skip("PYSCHED_PURE_PYTHON is set on purpose")
-    from pysched import _kernel
+    from pysched import _impl
 
-    assert _kernel.COMPILED is True
+    assert _impl.COMPILED is True
     assert pysched.COMPILED is True
-    assert _kernel.core.__name__ == "pysched._core"
+    assert _impl.kernel.__name__ == "pysched._core"
     assert pysched.Scheduler().compiled is True
 
 
-def test_tests_run_against_the_installed_package():
+def test_tests_run_against_the_installed_package() -> None:
     """CI sets PYSCHED_EXPECT_INSTALLED: the wheel, not the source tree, must be under test."""
     if not os.environ.get("PYSCHED_EXPECT_INSTALLED"):
         pytest.skip("only checked where the installed wheel is expected (CI)")
     assert "site-packages" in pysched.__file__, pysched.__file__
 
 
-def test_struct_layout_matches_dtypes():
+def test_struct_layout_matches_dtypes() -> None:
     from pysched import _core
 
     assert _core.NODE_DTYPE == L.NODE_DTYPE and L.NODE_DTYPE.itemsize == 16
@@ -40,11 +48,49 @@ def test_struct_layout_matches_dtypes():
     assert _core.REASONS == L.REASONS
 
 
+# Public methods only the compiled kernel has, and why the twin has none.
+_COMPILED_ONLY = {
+    ("Ordering", "best"): "inspects the tournament trees, which the twin (deciding by scanning) does not keep",
+}
+
+
+def _parameters(func: Callable[..., object]) -> list[tuple[str, object, object]]:
+    """Name, kind and default of each parameter; a sentinel default (a bare object()) as its type."""
+    out: list[tuple[str, object, object]] = []
+    for p in inspect.signature(func).parameters.values():
+        default = p.default
+        if type(default) is object:
+            default = object
+        out.append((p.name, p.kind, default))
+    return out
+
+
+def test_twin_has_the_compiled_surface() -> None:
+    """The twin has every public name of the compiled module, each method with the same parameters."""
+    from pysched import _core
+
+    compiled_names: list[str] = vars(_core)["__all__"]
+    assert sorted(_pycore.__all__) == sorted(compiled_names)
+    for name in compiled_names:
+        compiled, twin = getattr(_core, name), getattr(_pycore, name)
+        if not isinstance(compiled, type):
+            assert type(twin) is type(compiled), name
+            continue
+        for attr, member in vars(compiled).items():
+            if attr.startswith("_") or (name, attr) in _COMPILED_ONLY:
+                continue
+            if type(member) is int:  # class constants (JobTable.FULL, ...)
+                assert getattr(twin, attr) == member, f"{name}.{attr}"
+            elif callable(member):
+                assert callable(getattr(twin, attr, None)), f"{name}.{attr} is missing from the twin"
+                assert _parameters(member) == _parameters(getattr(twin, attr)), f"{name}.{attr}"
+
+
 # ---------------------------------------------------------------- fixtures
 class Fleet:
     """A hand-made kernel input: one pool per entry of ``pools`` (lists of slots)."""
 
-    def __init__(self, core, n, pools, seed=7, now=100.0):
+    def __init__(self, core: ModuleType, n: int, pools: list[list[int]], seed: int = 7, now: float = 100.0) -> None:
         self.core = core
         self.now = now
         self.recs = np.zeros(n, dtype=L.NODE_DTYPE)
@@ -58,7 +104,7 @@ class Fleet:
         self.pools = pools
         self.seed = seed
 
-    def kernel(self, pair_pools=None, rng=None):
+    def kernel(self, pair_pools: list[int] | None = None, rng: _core.Rng | None = None) -> _core.SnapshotKernel:
         off = np.zeros(len(self.pools) + 1, dtype=np.int32)
         off[1:] = np.cumsum([len(p) for p in self.pools])
         members = np.array([s for p in self.pools for s in p], dtype=np.int32)
@@ -66,15 +112,18 @@ class Fleet:
         order = list(range(len(self.pools))) if pair_pools is None else pair_pools
         pair_off = np.array([0, len(order), 2 * len(order)], dtype=np.int32)
         pp = np.array(order + order, dtype=np.int32)
-        return self.core.SnapshotKernel(self.recs, self.loads, self.inflight, off, members, pair_off, pp, 1,
-                                        rng or self.core.Rng(self.seed), 45.0, 85.0, 4096, [f"n{i}" for i in range(len(self.recs))])
+        node_ids = [f"n{i}" for i in range(len(self.recs))]
+        kernel: _core.SnapshotKernel = self.core.SnapshotKernel(
+            self.recs, self.loads, self.inflight, off, members, pair_off, pp, 1, rng or self.core.Rng(self.seed), 45.0,
+            85.0, 4096, node_ids)
+        return kernel
 
 
 MASK = 0b011
 NEED = L.NEED_GPU | L.NEED_PUBLIC
 
 
-def test_each_reason_code_in_eligibility_order(core):
+def test_each_reason_code_in_eligibility_order(core: ModuleType) -> None:
     f = Fleet(core, 9, [list(range(9))])
     f.recs["status"][0] = L.STATUS_OFFLINE
     f.loads.update(1, f.now - 46.0, 10.0, 10.0, 10.0, 0)  # heartbeat too old
@@ -92,7 +141,7 @@ def test_each_reason_code_in_eligibility_order(core):
     ]
 
 
-def test_status_codes_map_to_reasons(core):
+def test_status_codes_map_to_reasons(core: ModuleType) -> None:
     f = Fleet(core, 5, [list(range(5))])
     for slot, status in enumerate(("ready", "registering", "degraded", "draining", "offline")):
         f.recs["status"][slot] = L.STATUS_CODES[status]
@@ -100,13 +149,13 @@ def test_status_codes_map_to_reasons(core):
     assert codes == ["ok", "not_ready", "not_ready", "not_ready", "offline"]
 
 
-def test_reported_running_counts_when_higher_than_reservations(core):
+def test_reported_running_counts_when_higher_than_reservations(core: ModuleType) -> None:
     f = Fleet(core, 2, [[0, 1]])
     f.loads.update(0, f.now, 1.0, 1.0, 1.0, 4)
     assert [L.REASONS[c] for c in f.kernel().reasons(0, MASK, NEED, f.now)] == ["full", "ok"]
 
 
-def test_unknown_service_and_unneeded_gpu(core):
+def test_unknown_service_and_unneeded_gpu(core: ModuleType) -> None:
     f = Fleet(core, 1, [[0]])
     f.recs["flags"][0] = L.FLAG_PUBLIC
     k = f.kernel()
@@ -114,7 +163,7 @@ def test_unknown_service_and_unneeded_gpu(core):
     assert k.pick(0, MASK, L.NEED_PUBLIC | L.NEED_UNKNOWN_SERVICE, f.now) == -1
 
 
-def test_least_effective_load_then_gpu(core):
+def test_least_effective_load_then_gpu(core: ModuleType) -> None:
     f = Fleet(core, 4, [[0, 1, 2, 3]])
     f.recs["max_concurrency"] = [4, 8, 4, 4]
     f.inflight[:] = [2, 2, 1, 1]  # ratios .5, .25, .25, .25
@@ -127,7 +176,7 @@ def test_least_effective_load_then_gpu(core):
     assert k.rank(0, MASK, NEED, f.now, (2,), 2) == [1, 3]
 
 
-def test_ties_are_broken_at_random_but_reproducibly(core):
+def test_ties_are_broken_at_random_but_reproducibly(core: ModuleType) -> None:
     f = Fleet(core, 8, [list(range(8))])
     k = f.kernel()
     picks = [k.pick(0, MASK, NEED, f.now) for _ in range(400)]
@@ -138,7 +187,7 @@ def test_ties_are_broken_at_random_but_reproducibly(core):
     assert [again.pick(0, MASK, NEED, f.now) for _ in range(400)] == picks
 
 
-def test_select_bound_pool_then_new_binding_then_index_order(core):
+def test_select_bound_pool_then_new_binding_then_index_order(core: ModuleType) -> None:
     f = Fleet(core, 4, [[0], [1], [2, 3]])
     k = f.kernel()
     assert k.select(0, 0, 2, MASK, NEED, f.now) >> 32 == 2  # the bound pool first
@@ -159,7 +208,7 @@ def test_select_bound_pool_then_new_binding_then_index_order(core):
     assert k.pools_for(0, 0) == (0, 1, 2) and k.pools_for(5, 0) == ()
 
 
-def test_free_capacity_and_most_free_pool(core):
+def test_free_capacity_and_most_free_pool(core: ModuleType) -> None:
     f = Fleet(core, 4, [[0, 1], [2, 3]])
     f.inflight[:] = [1, 3, 0, 4]
     k = f.kernel()
@@ -170,7 +219,7 @@ def test_free_capacity_and_most_free_pool(core):
     assert k.most_free_pool(0, 0, MASK, NEED, f.now) == 1
 
 
-def test_many_excluded_slots_use_the_heap_path(core):
+def test_many_excluded_slots_use_the_heap_path(core: ModuleType) -> None:
     f = Fleet(core, 100, [list(range(100))])
     k = f.kernel()
     excl = tuple(range(99))
@@ -179,7 +228,7 @@ def test_many_excluded_slots_use_the_heap_path(core):
     assert k.reasons(0, MASK, NEED, f.now, excl).count(L.R_EXCLUDED) == 99
 
 
-def test_candidate_and_capacity(core):
+def test_candidate_and_capacity(core: ModuleType) -> None:
     f = Fleet(core, 2, [[0, 1]])
     f.loads.update(1, f.now, 1.0, 1.0, 1.0, 3)
     k = f.kernel()
@@ -189,16 +238,18 @@ def test_candidate_and_capacity(core):
         k.candidate(2)
 
 
-def test_boundary_validation(core):
+def test_boundary_validation(core: ModuleType) -> None:
     f = Fleet(core, 2, [[0, 1]])
     good = dict(recs=f.recs, loads=f.loads, inflight=f.inflight, pool_off=np.array([0, 2], np.int32),
                 pool_members=np.array([0, 1], np.int32), pair_off=np.array([0, 1, 2], np.int32),
                 pair_pools=np.array([0, 0], np.int32))
 
-    def build(**over):
+    def build(**over: object) -> _core.SnapshotKernel:
         a = {**good, **over}
-        return core.SnapshotKernel(a["recs"], a["loads"], a["inflight"], a["pool_off"], a["pool_members"],
-                                   a["pair_off"], a["pair_pools"], 1, core.Rng(1), 45.0, 85.0)
+        kernel: _core.SnapshotKernel = core.SnapshotKernel(
+            a["recs"], a["loads"], a["inflight"], a["pool_off"], a["pool_members"], a["pair_off"], a["pair_pools"], 1,
+            core.Rng(1), 45.0, 85.0)
+        return kernel
 
     build()
     with pytest.raises(TypeError, match="inflight"):
@@ -217,7 +268,7 @@ def test_boundary_validation(core):
         build().rank(0, MASK, NEED, f.now, (), 0)
 
 
-def test_load_table_update_keeps_unreported_figures(core):
+def test_load_table_update_keeps_unreported_figures(core: ModuleType) -> None:
     t = core.LoadTable(3)
     t.update(1, 5.0, 10.0, 20.0, 30.0, 2)
     t.update(1, 6.0, float("nan"), 25.0, float("nan"), -1)
@@ -228,7 +279,7 @@ def test_load_table_update_keeps_unreported_figures(core):
         t.update(3, 0.0, 0.0, 0.0, 0.0, 0)
 
 
-def test_slot_counts(core):
+def test_slot_counts(core: ModuleType) -> None:
     c = core.SlotCounts(2)
     assert c.try_add(0, 2, 0) and c.try_add(0, 2, 0) and not c.try_add(0, 2, 0)
     assert not c.try_add(1, 2, 2)  # reported running counts too
@@ -237,7 +288,12 @@ def test_slot_counts(core):
 
 
 # ---------------------------------------------------------------- parity
-def _random_fleet(rng, n, n_pools, n_langs):
+# recs, last heartbeat, cpu, gpu, running, inflight by slot; pool members; pair key -> pool indices
+_FleetData = tuple[NDArray[np.void], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64],
+                   NDArray[np.int64], NDArray[np.int32], list[list[int]], dict[int, list[int]]]
+
+
+def _random_fleet(rng: np.random.Generator, n: int, n_pools: int, n_langs: int) -> _FleetData:
     recs = np.zeros(n, dtype=L.NODE_DTYPE)
     recs["service_mask"] = rng.integers(0, 16, n)
     recs["max_concurrency"] = rng.integers(1, 6, n)
@@ -249,13 +305,13 @@ def _random_fleet(rng, n, n_pools, n_langs):
     running = rng.integers(0, 4, n)
     inflight = rng.integers(0, 5, n).astype(np.int32)
     members = [sorted(rng.choice(n, rng.integers(0, n // 2 + 1), replace=False).tolist()) for _ in range(n_pools)]
-    pairs = {}
+    pairs: dict[int, list[int]] = {}
     for key in range((n_langs + 1) * n_langs):
         pairs[key] = rng.choice(n_pools, rng.integers(0, n_pools + 1), replace=False).tolist()
     return recs, last, cpu, gpu, running, inflight, members, pairs
 
 
-def _kernel_from(core, data, n_langs, seed):
+def _kernel_from(core: ModuleType, data: _FleetData, n_langs: int, seed: int) -> _core.SnapshotKernel:
     recs, last, cpu, gpu, running, inflight, members, pairs = data
     loads = core.LoadTable(len(recs))
     for s in range(len(recs)):
@@ -266,12 +322,14 @@ def _kernel_from(core, data, n_langs, seed):
     pair_off = np.zeros(len(pairs) + 1, dtype=np.int32)
     pair_off[1:] = np.cumsum([len(pairs[k]) for k in range(len(pairs))])
     pair_pools = np.array([p for k in range(len(pairs)) for p in pairs[k]], dtype=np.int32)
-    return core.SnapshotKernel(recs.copy(), loads, inflight.copy(), off, flat, pair_off, pair_pools, n_langs,
-                               core.Rng(seed), 45.0, 85.0, 4096, [f"n{i}" for i in range(len(recs))])
+    kernel: _core.SnapshotKernel = core.SnapshotKernel(
+        recs.copy(), loads, inflight.copy(), off, flat, pair_off, pair_pools, n_langs, core.Rng(seed), 45.0, 85.0, 4096,
+        [f"n{i}" for i in range(len(recs))])
+    return kernel
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_compiled_and_twin_agree_exactly(seed):
+def test_compiled_and_twin_agree_exactly(seed: int) -> None:
     from pysched import _core
 
     rng = np.random.default_rng(seed)
@@ -300,16 +358,18 @@ def test_compiled_and_twin_agree_exactly(seed):
         assert kc.pools_for(src, tgt) == kp.pools_for(src, tgt)
 
 
-def test_scheduler_decisions_agree_between_kernels():
+def test_scheduler_decisions_agree_between_kernels() -> None:
     """End to end: the same seed and calls give the same assignments on both kernels."""
+    def clock() -> float:
+        return 1000.0
+
     results = []
     for kernel in ("compiled", "python"):
-        t = [1000.0]
-        sched = pysched.Scheduler(seed=99, kernel=kernel, clock=lambda: t[0])
+        sched = pysched.Scheduler(seed=99, kernel=kernel, clock=clock)
         sets = [["zh", "en"], ["en", "ja"], ["de", "en", "zh"], ["en", "es", "pt"]]
         for i in range(24):
             sched.register_node(f"node-{i}", languages=sets[i % 4], max_concurrency=1 + i % 3)
-        out = []
+        out: list[tuple[str, str | int]] = []
         jobs = []
         for j in range(150):
             pair = [("zh", "en"), ("en", "ja"), ("auto", "en"), ("de", "zh"), ("es", "en")][j % 5]
@@ -325,19 +385,19 @@ def test_scheduler_decisions_agree_between_kernels():
     assert results[0] == results[1]
 
 
-def test_large_pool_releases_the_gil_and_still_agrees():
+def test_large_pool_releases_the_gil_and_still_agrees() -> None:
     from pysched import _core
 
     n = 5000
     rng = np.random.default_rng(3)
     data = _random_fleet(rng, n, 1, 1)
-    data = (*data[:6], [list(range(n))], {0: [0], 1: [0]})
+    data = (*data[:6], [list(range(n))], {0: [0], 1: [0]})  # one pool of every node, serving every pair
     kc = _kernel_from(_core, data, 1, 5)
     kp = _kernel_from(_pycore, data, 1, 5)
     assert kc.pick(0, 3, 3, 100.0) == kp.pick(0, 3, 3, 100.0)
 
 
-def test_rng_streams_are_per_decision(core):
+def test_rng_streams_are_per_decision(core: ModuleType) -> None:
     """Each decision consumes exactly one stream, whatever it scans."""
     rng = core.Rng(42)
     f = Fleet(core, 4, [[0, 1, 2, 3]])
@@ -350,7 +410,7 @@ def test_rng_streams_are_per_decision(core):
     assert rng.decisions == 3
 
 
-def test_with_records_shares_pools_and_checks_the_new_arrays(core):
+def test_with_records_shares_pools_and_checks_the_new_arrays(core: ModuleType) -> None:
     f = Fleet(core, 4, [[0, 1], [2, 3]])
     k = f.kernel()
     recs = f.recs.copy()

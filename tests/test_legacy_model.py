@@ -1,20 +1,14 @@
-"""Tests for benchmarks/legacy.py, the pure-Python model of the G0 "before" scheduler."""
+"""Tests for :mod:`pysched.tools.bench.legacy`, the pure-Python model of the G0 "before" scheduler."""
 
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)  # after site-packages: the installed pysched wins
-
-from benchmarks.legacy import (  # noqa: E402
+from pysched.tools.bench.legacy import (
     BREAKDOWN_KEYS,
     LegacyAssignment,
     LegacyNoNodeAvailable,

@@ -6,6 +6,7 @@ everywhere; the threaded tests assert invariants, never timing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -18,6 +19,7 @@ from pysched import (
     UnknownJob,
     WrongNode,
 )
+from pysched._validate import unpack_request
 from pysched.reservations import Reservation
 
 
@@ -132,10 +134,8 @@ def test_local_reservations_stay_exact_under_threads(kernel_name, threads):
                 except NoNodeAvailable:
                     a = None
                 if a is not None and i % 3 == 0:
-                    try:
+                    with contextlib.suppress(UnknownJob):  # expired or released by another thread meanwhile
                         sched.commit(job, node_id=a.node_id)
-                    except UnknownJob:
-                        pass  # expired or released by another thread meanwhile
                 if i % 4 == 0:
                     sched.release(job)
                 if i % 5 == 0:
@@ -298,7 +298,7 @@ def test_dispatch_many_places_exactly_as_one_by_one_with_repeats_and_prefer(kern
     one, many = fleet(), fleet()
     sequential = []
     for req in _requests_with_repeats():
-        sid, src, tgt, kw = pysched.scheduler._unpack_request(req)
+        sid, src, tgt, kw = unpack_request(req)
         try:
             sequential.append(one.dispatch(sid, src, tgt, **kw))
         except Exception as exc:  # noqa: BLE001 - compared below

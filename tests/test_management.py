@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 import pysched
 from pysched import PoolConfig
-from pysched._kernel import resolve
+from pysched._impl import resolve
 from pysched.pools import auto_pool_name
 from pysched.reservations import LocalReservations
 
@@ -32,25 +34,31 @@ class FakeClock:
         self.now += seconds
 
 
+# a scheduler factory on the fake clock (the make_scheduler fixture)
+MakeScheduler = Callable[..., pysched.Scheduler]
+# an event's fields: register_node's or heartbeat's keywords, or {"offline_for": seconds}
+Fields = dict[str, Any]
+
+
 class Events:
     """A listener that records every node event."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[str, str, dict]] = []
+        self.seen: list[tuple[str, str, Fields]] = []
 
-    def __call__(self, event: str, node_id: str, fields: dict) -> None:
+    def __call__(self, event: str, node_id: str, fields: Fields) -> None:
         self.seen.append((event, node_id, fields))
 
-    def of(self, kind: str) -> list[tuple[str, dict]]:
+    def of(self, kind: str) -> list[tuple[str, Fields]]:
         return [(node_id, fields) for event, node_id, fields in self.seen if event == kind]
 
 
-def members(sched) -> dict[str, tuple[str, ...]]:
+def members(sched: pysched.Scheduler) -> dict[str, tuple[str, ...]]:
     return {p.name: p.node_ids for p in sched.pools()}
 
 
 # ====================================================================== item 3: placement
-def test_heartbeat_adding_a_required_service_joins_the_manual_pool(make_scheduler):
+def test_heartbeat_adding_a_required_service_joins_the_manual_pool(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler(pools=[PoolConfig(10, "tts", {"zh", "en"}, {"asr", "tts"})])
     sched.register_node("a", ["zh", "en"], services=("asr", "nmt"))
     assert members(sched) == {"tts": ()} and sched.stats()["unpooled"] == ["a"]
@@ -60,7 +68,7 @@ def test_heartbeat_adding_a_required_service_joins_the_manual_pool(make_schedule
     assert sched.dispatch("s", "zh", "en", services=("asr", "tts")).node_id == "a"
 
 
-def test_heartbeat_removing_a_required_service_leaves_the_manual_pool(make_scheduler):
+def test_heartbeat_removing_a_required_service_leaves_the_manual_pool(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler(pools=[PoolConfig(10, "tts", {"zh", "en"}, {"tts"}),
                                   PoolConfig(11, "any", {"zh", "en"})])
     sched.register_node("a", ["zh", "en"], services=ALL)
@@ -73,7 +81,7 @@ def test_heartbeat_removing_a_required_service_leaves_the_manual_pool(make_sched
     assert members(sched) == {"tts": (), "any": ()} and sched.stats()["unpooled"] == ["a"]
 
 
-def test_waiting_node_joins_when_a_heartbeat_opens_its_sets_pool(make_scheduler):
+def test_waiting_node_joins_when_a_heartbeat_opens_its_sets_pool(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler(max_pools=1)
     sched.register_node("a", ["de", "fr"])
     sched.register_node("b", ["en", "zh"])
@@ -84,7 +92,7 @@ def test_waiting_node_joins_when_a_heartbeat_opens_its_sets_pool(make_scheduler)
     assert sched.explain("zh", "en").nodes == {"a": "ok", "b": "ok"}
 
 
-def test_waiting_node_joins_when_a_reregistration_opens_its_sets_pool(make_scheduler):
+def test_waiting_node_joins_when_a_reregistration_opens_its_sets_pool(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler(max_pools=1)
     sched.register_node("a", ["de", "fr"])
     sched.register_node("b", ["en", "zh"])
@@ -92,7 +100,7 @@ def test_waiting_node_joins_when_a_reregistration_opens_its_sets_pool(make_sched
     assert members(sched) == {"en-zh": ("a", "b")} and sched.stats()["unpooled"] == []
 
 
-def test_room_goes_to_the_longest_waiting_set_and_all_its_nodes(make_scheduler):
+def test_room_goes_to_the_longest_waiting_set_and_all_its_nodes(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler(max_pools=1)
     for name, langs in (("a", ["de", "fr"]), ("b", ["en", "zh"]), ("c", ["ja", "ko"]), ("d", ["zh", "en"])):
         sched.register_node(name, langs)
@@ -102,7 +110,7 @@ def test_room_goes_to_the_longest_waiting_set_and_all_its_nodes(make_scheduler):
     assert sched.explain("ja", "ko").nodes == {"c": "no_pool"}
 
 
-def test_status_changes_keep_pool_membership(make_scheduler, clock):
+def test_status_changes_keep_pool_membership(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=10.0)
     sched.register_node("a", ["zh", "en"])
     sched.register_node("b", ["zh", "en"])
@@ -139,8 +147,12 @@ operations = st.one_of(
 )
 
 
-def _apply(sched, clock, model: dict, forgotten: Events, op: tuple) -> None:
-    """Apply one operation to the scheduler and the model."""
+# node id -> [languages, services], as the test expects the scheduler to have them
+Model = dict[str, list[frozenset[str]]]
+
+
+def _apply(sched: pysched.Scheduler, clock: FakeClock, model: Model, forgotten: Events, op: tuple[Any, ...]) -> None:
+    """Apply one operation (one of ``operations``: its fields vary by kind) to the scheduler and the model."""
     kind = op[0]
 
     def forget() -> None:  # whoever forgot a node (this call, or a periodic check inside another)
@@ -186,7 +198,7 @@ def _apply(sched, clock, model: dict, forgotten: Events, op: tuple) -> None:
     forget()
 
 
-def _check_placement(sched, model: dict, set_ids: dict) -> None:
+def _check_placement(sched: pysched.Scheduler, model: Model, set_ids: dict[frozenset[str], int]) -> None:
     """Every node is in exactly the pools the rules say; the unpooled list is exactly right."""
     pools = sched.pools()
     stats = sched.stats()
@@ -200,7 +212,7 @@ def _check_placement(sched, model: dict, set_ids: dict) -> None:
     assert set(snap.pool_ids) == set(by_id)
     for p in pools:
         assert snap.members(p.pool_id) == p.node_ids
-    for node_id, (langs, servs) in model.items():
+    for node_id in model:
         held = sched.node(node_id)["pool_ids"]
         assert tuple(sorted(held)) == tuple(sorted(set(held)))
         assert sorted(held) == sorted(p.pool_id for p in pools if node_id in p.node_ids)
@@ -239,12 +251,12 @@ def _check_placement(sched, model: dict, set_ids: dict) -> None:
               ("register", "a", frozenset({"de", "en"}), frozenset({"asr"}), True),
               ("services", "a", frozenset({"asr", "tts"})),
               ("services", "a", frozenset({"nmt"}))], max_pools=1)
-def test_placement_follows_every_change(kernel_name, ops, max_pools):
+def test_placement_follows_every_change(kernel_name: str, ops: list[tuple[Any, ...]], max_pools: int) -> None:
     clock = FakeClock()
     sched = pysched.Scheduler(clock=clock, seed=1, kernel=kernel_name, max_pools=max_pools,
                               heartbeat_timeout=45.0, forget_after=100.0)
-    model: dict[str, list] = {}
-    set_ids: dict[frozenset, int] = {}
+    model: Model = {}
+    set_ids: dict[frozenset[str], int] = {}
     forgotten = Events()
     sched.add_listener(forgotten)
     try:
@@ -256,7 +268,7 @@ def test_placement_follows_every_change(kernel_name, ops, max_pools):
 
 
 # ====================================================================== item 13: resume
-def test_resume_brings_back_a_node_offline_by_heartbeat_age(make_scheduler, clock):
+def test_resume_brings_back_a_node_offline_by_heartbeat_age(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=10.0)
     events = Events()
     sched.add_listener(events)
@@ -273,7 +285,7 @@ def test_resume_brings_back_a_node_offline_by_heartbeat_age(make_scheduler, cloc
     assert sched.node("a")["status"] == "offline"
 
 
-def test_resume_of_a_marked_offline_node_that_also_aged_out(make_scheduler, clock):
+def test_resume_of_a_marked_offline_node_that_also_aged_out(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=10.0)
     sched.register_node("a", ["zh", "en"])
     sched.mark_offline("a")
@@ -284,7 +296,7 @@ def test_resume_of_a_marked_offline_node_that_also_aged_out(make_scheduler, cloc
 
 # ====================================================================== item 14: unhashable ids
 @pytest.mark.parametrize("method", ["heartbeat", "drain_node", "mark_offline", "resume_node", "remove_node", "node"])
-def test_unhashable_node_id_is_a_type_error_naming_node_id(make_scheduler, method):
+def test_unhashable_node_id_is_a_type_error_naming_node_id(make_scheduler: MakeScheduler, method: str) -> None:
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"])
     before = (sched.snapshot.version, sched.node("a"), sched.stats())
@@ -301,11 +313,15 @@ def test_unhashable_node_id_is_a_type_error_naming_node_id(make_scheduler, metho
         (lambda s: s.register_node(["b"], ["zh", "en"]), "node_id"),
         (lambda s: s.heartbeat("a", services=[{"asr"}]), "services"),
         (lambda s: s.heartbeat("a", languages=("zh", ["en"])), "languages"),
-        (lambda s: s.set_pools([PoolConfig(1, "x", {"zh"}, ("asr", ["tts"]))]), "required_services"),
-        (lambda s: s.set_pools([PoolConfig(1, "x", ("zh", ["en"]))]), "languages"),
+        # deliberately bad input: a list among the codes
+        (lambda s: s.set_pools([PoolConfig(1, "x", {"zh"}, ("asr", ["tts"]))]),  # type: ignore[arg-type]
+         "required_services"),
+        (lambda s: s.set_pools([PoolConfig(1, "x", ("zh", ["en"]))]), "languages"),  # type: ignore[arg-type]
     ],
 )
-def test_unhashable_entries_are_type_errors_naming_the_argument(make_scheduler, call, word):
+def test_unhashable_entries_are_type_errors_naming_the_argument(
+    make_scheduler: MakeScheduler, call: Callable[[pysched.Scheduler], object], word: str
+) -> None:
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"])
     before = (sched.snapshot.version, sched.node("a"), sched.stats())
@@ -315,18 +331,18 @@ def test_unhashable_entries_are_type_errors_naming_the_argument(make_scheduler, 
     assert (sched.snapshot.version, sched.node("a"), sched.stats()) == before
 
 
-def test_dir_lists_the_lazy_redis_classes():
+def test_dir_lists_the_lazy_redis_classes() -> None:
     assert {"RedisFleet", "RedisReservations"} <= set(dir(pysched))
     assert set(pysched.__all__) <= set(dir(pysched))
     # listing them does not import redis-py (``import pysched`` must work without it)
     code = ("import sys, pysched; names = dir(pysched); "
             "assert 'RedisFleet' in names and 'RedisReservations' in names; "
-            "assert 'redis' not in sys.modules and 'pysched.redis_fleet' not in sys.modules, sorted(sys.modules)")
+            "assert 'redis' not in sys.modules and 'pysched.redis' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # ====================================================================== lifecycle: forget long-dead nodes
-def test_forget_an_idle_node_offline_by_heartbeat_age(make_scheduler, clock):
+def test_forget_an_idle_node_offline_by_heartbeat_age(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=10.0, forget_after=100.0)
     events = Events()
     sched.add_listener(events)
@@ -349,7 +365,7 @@ def test_forget_an_idle_node_offline_by_heartbeat_age(make_scheduler, clock):
     assert sched.explain("zh", "en").nodes == {"a": "ok", "b": "ok"}
 
 
-def test_forget_a_marked_offline_node(make_scheduler, clock):
+def test_forget_a_marked_offline_node(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=1000.0, forget_after=100.0)
     events = Events()
     sched.add_listener(events)
@@ -364,7 +380,7 @@ def test_forget_a_marked_offline_node(make_scheduler, clock):
     assert events.of("forget") == [("a", {"offline_for": 100.0})]
 
 
-def test_a_node_back_in_time_is_kept(make_scheduler, clock):
+def test_a_node_back_in_time_is_kept(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=10.0, forget_after=100.0)
     sched.register_node("a", ["zh", "en"])
     sched.register_node("b", ["zh", "en"])
@@ -378,7 +394,7 @@ def test_a_node_back_in_time_is_kept(make_scheduler, clock):
     assert sorted(sched.forget_offline_nodes()) == ["a", "b"]
 
 
-def test_a_node_that_holds_jobs_is_not_forgotten(make_scheduler, clock):
+def test_a_node_that_holds_jobs_is_not_forgotten(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=10.0, forget_after=100.0)
     events = Events()
     sched.add_listener(events)
@@ -396,7 +412,7 @@ def test_a_node_that_holds_jobs_is_not_forgotten(make_scheduler, clock):
     assert events.of("forget") == [("a", {"offline_for": 510.0})]
 
 
-def test_forget_does_nothing_before_the_earliest_possible_time(make_scheduler, clock):
+def test_forget_does_nothing_before_the_earliest_possible_time(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=10.0, forget_after=100.0)
     for name in ("a", "b", "c"):
         sched.register_node(name, ["zh", "en"])
@@ -404,17 +420,18 @@ def test_forget_does_nothing_before_the_earliest_possible_time(make_scheduler, c
     registry = sched._mgmt
 
     class CountingLock:
-        def __init__(self, lock) -> None:
+        def __init__(self, lock: threading.Lock) -> None:
             self.lock, self.taken = lock, 0
 
-        def __enter__(self):
+        def __enter__(self) -> bool:
             self.taken += 1
             return self.lock.__enter__()
 
-        def __exit__(self, *exc):
-            return self.lock.__exit__(*exc)
+        def __exit__(self, *exc: Any) -> None:
+            self.lock.__exit__(*exc)
 
-    lock = registry._lock = CountingLock(registry._lock)
+    lock = CountingLock(registry._lock)
+    registry._lock = lock  # type: ignore[assignment]  # a stand-in that counts acquisitions
     for _ in range(100):
         clock.advance(1.0)
         assert sched.forget_offline_nodes() == []
@@ -423,7 +440,7 @@ def test_forget_does_nothing_before_the_earliest_possible_time(make_scheduler, c
     assert sorted(sched.forget_offline_nodes()) == ["a", "b", "c"]
 
 
-def test_forget_after_none_keeps_dead_nodes(make_scheduler, clock):
+def test_forget_after_none_keeps_dead_nodes(make_scheduler: MakeScheduler, clock: FakeClock) -> None:
     sched = make_scheduler(heartbeat_timeout=10.0, forget_after=None)
     sched.register_node("a", ["zh", "en"])
     sched.mark_offline("a")
@@ -432,13 +449,13 @@ def test_forget_after_none_keeps_dead_nodes(make_scheduler, clock):
     assert sched.node("a")["status"] == "offline"
 
 
-def test_a_heartbeat_landing_while_forget_checks_the_backend_wins(kernel_name, clock):
+def test_a_heartbeat_landing_while_forget_checks_the_backend_wins(kernel_name: str, clock: FakeClock) -> None:
     """The backend is asked outside the management lock; a node back by then is kept."""
     core = resolve(kernel_name)
-    hook: list = []
+    hook: list[Callable[[], None]] = []
 
     class Backend(LocalReservations):
-        def count(self, node_id=None):
+        def count(self, node_id: str | None = None) -> int:
             n = super().count(node_id)
             if node_id is not None and hook:
                 # a heartbeat from another thread, between the check and the removal;
@@ -468,7 +485,7 @@ def test_a_heartbeat_landing_while_forget_checks_the_backend_wins(kernel_name, c
         sched.close()
 
 
-def test_forget_under_concurrent_heartbeats_dispatches_and_releases(kernel_name):
+def test_forget_under_concurrent_heartbeats_dispatches_and_releases(kernel_name: str) -> None:
     """Threads heartbeat, mark, resume, dispatch, release and forget at once: never a node holding jobs."""
     clock = FakeClock()
     sched = pysched.Scheduler(clock=clock, seed=3, kernel=kernel_name, heartbeat_timeout=5.0, forget_after=10.0,
@@ -484,27 +501,27 @@ def test_forget_under_concurrent_heartbeats_dispatches_and_releases(kernel_name)
     held_at_forget: list[tuple[str, int]] = []
     errors: list[BaseException] = []
 
-    def on_event(event, node_id, fields):
+    def on_event(event: str, node_id: str, fields: Fields) -> None:
         if event == "forget":
             # nothing can reserve on a removed node, so what it holds now it held at removal
             held_at_forget.append((node_id, sched.reservations.count(node_id)))
 
     sched.add_listener(on_event)
 
-    def run(body):
-        def target():
+    def run(body: Callable[[], None]) -> threading.Thread:
+        def target() -> None:
             try:
                 body()
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 errors.append(exc)
         return threading.Thread(target=target)
 
-    def ticking():
+    def ticking() -> None:
         for _ in range(4000):
             clock.advance(0.05)
             sched.forget_offline_nodes()
 
-    def node_side():
+    def node_side() -> None:
         for i in range(4000):
             name = names[i % 8]
             try:
@@ -517,7 +534,7 @@ def test_forget_under_concurrent_heartbeats_dispatches_and_releases(kernel_name)
             except pysched.UnknownNode:
                 pass  # forgotten meanwhile: fine, it stays gone
 
-    def client_side():
+    def client_side() -> None:
         held: list[str] = []
         long_jobs: list[str] = list(first)  # held to the end, whatever happens to their node
         for i in range(4000):
@@ -555,13 +572,13 @@ def test_forget_under_concurrent_heartbeats_dispatches_and_releases(kernel_name)
 
 @pytest.mark.parametrize("value,exc", [(-1.0, ValueError), (0, ValueError), (float("nan"), ValueError),
                                        ("soon", TypeError), (True, TypeError)])
-def test_bad_forget_after(value, exc):
+def test_bad_forget_after(value: object, exc: type[Exception]) -> None:
     with pytest.raises(exc, match="forget_after"):
-        pysched.Scheduler(forget_after=value)
+        pysched.Scheduler(forget_after=value)  # type: ignore[arg-type]  # deliberately bad input
 
 
 # ====================================================================== lifecycle: registering
-def test_a_node_registered_not_ready_waits_for_its_first_healthy_heartbeat(make_scheduler):
+def test_a_node_registered_not_ready_waits_for_its_first_healthy_heartbeat(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"], ready=False)
     assert sched.node("a")["status"] == "registering"
@@ -581,7 +598,7 @@ def test_a_node_registered_not_ready_waits_for_its_first_healthy_heartbeat(make_
     assert sched.dispatch("s", "zh", "en").node_id == "a"
 
 
-def test_registering_survives_an_offline_mark_and_a_drain(make_scheduler):
+def test_registering_survives_an_offline_mark_and_a_drain(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"], ready=False)
     sched.mark_offline("a")
@@ -595,7 +612,7 @@ def test_registering_survives_an_offline_mark_and_a_drain(make_scheduler):
     assert sched.node("a")["status"] == "ready"  # it had been healthy once
 
 
-def test_reregistering_not_ready_and_resume(make_scheduler):
+def test_reregistering_not_ready_and_resume(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"])
     assert sched.node("a")["status"] == "ready"
@@ -608,7 +625,7 @@ def test_reregistering_not_ready_and_resume(make_scheduler):
     assert sched.node("a")["status"] == "ready"
 
 
-def test_register_event_carries_ready(make_scheduler):
+def test_register_event_carries_ready(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler()
     events = Events()
     sched.add_listener(events)
@@ -623,12 +640,12 @@ def test_register_event_carries_ready(make_scheduler):
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
-def test_bad_ready_is_a_type_error_and_changes_nothing(make_scheduler, value):
+def test_bad_ready_is_a_type_error_and_changes_nothing(make_scheduler: MakeScheduler, value: object) -> None:
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"])
     before = (sched.snapshot.version, sched.node("a"), sched.stats())
     with pytest.raises(TypeError, match="ready"):
-        sched.register_node("a", ["de", "en"], ready=value)
+        sched.register_node("a", ["de", "en"], ready=value)  # type: ignore[arg-type]  # deliberately bad input
     with pytest.raises(TypeError, match="ready"):
-        sched.register_node("b", ["zh", "en"], ready=value)
+        sched.register_node("b", ["zh", "en"], ready=value)  # type: ignore[arg-type]  # deliberately bad input
     assert (sched.snapshot.version, sched.node("a"), sched.stats()) == before

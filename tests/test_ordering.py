@@ -11,17 +11,25 @@ the equally best eligible nodes according to an independent brute force.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable, Container
 from fractions import Fraction
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
 
 import pysched
 from pysched import _layout as L
 from pysched import _pycore
+
+if TYPE_CHECKING:
+    from pysched import _core as _core_types
 
 _core = pytest.importorskip("pysched._core", reason="the compiled kernel is not built")
 
@@ -32,18 +40,22 @@ CORES = (_core, _pycore)
 
 # ---------------------------------------------------------------- a fleet driven on both kernels
 class Twin:
-    """The same fleet on one kernel implementation: records, load table, counts, pools, kernel."""
+    """The same fleet on one kernel implementation: records, load table, counts, pools, kernel.
 
-    def __init__(self, core, n, pools, recs, seed, rng_cls=None):
+    ``rng_cls``: the kernel's ``Rng`` or a subclass of it (default ``core.Rng``).
+    """
+
+    def __init__(self, core: ModuleType, n: int, pools: list[list[int]], recs: NDArray[np.void], seed: int,
+                 rng_cls: Callable[[int], Any] | None = None) -> None:
         self.core = core
-        self.counts = core.SlotCounts(n)
-        self.loads = core.LoadTable(n)
+        self.counts: _core_types.SlotCounts = core.SlotCounts(n)
+        self.loads: _core_types.LoadTable = core.LoadTable(n)
         self.recs = recs.copy()
         self.pools = [list(p) for p in pools]
-        self.rng = (rng_cls or core.Rng)(seed)
+        self.rng: _core_types.Rng = (rng_cls or core.Rng)(seed)
         self.kernel = self.build()
 
-    def build(self):
+    def build(self) -> _core_types.SnapshotKernel:
         off = np.zeros(len(self.pools) + 1, dtype=np.int32)
         off[1:] = np.cumsum([len(p) for p in self.pools])
         members = np.array([s for p in self.pools for s in p], dtype=np.int32)
@@ -52,17 +64,32 @@ class Twin:
         pair_pools = np.array(order + order, dtype=np.int32)
         recs = self.recs.copy()
         recs.flags.writeable = False
-        return self.core.SnapshotKernel(recs, self.loads, self.counts.array, off, members, pair_off, pair_pools, 1,
-                                        self.rng, TIMEOUT, THRESHOLD, 4096, [f"n{i}" for i in range(len(recs))])
+        kernel: _core_types.SnapshotKernel = self.core.SnapshotKernel(
+            recs, self.loads, self.counts.array, off, members, pair_off, pair_pools, 1, self.rng, TIMEOUT, THRESHOLD,
+            4096, [f"n{i}" for i in range(len(recs))])
+        return kernel
 
-    def republish(self, changed=None):
+    def republish(self, changed: list[int] | None = None) -> None:
         """A publication that changes records only (pools shared); ``changed``: the slots it changed."""
         recs = self.recs.copy()
         recs.flags.writeable = False
         self.kernel = self.kernel.with_records(recs, self.loads, self.counts.array, changed)
 
 
-def _fleet(draw, n):
+def _ordering(kernel: _core_types.SnapshotKernel) -> _core_types.Ordering:
+    """The kernel's ordering, which the test expects it to have."""
+    ordering = kernel.ordering
+    assert ordering is not None
+    return ordering
+
+
+def _ordered(kernel: _core_types.SnapshotKernel) -> bool:
+    """``kernel.ordered``, read afresh (a type checker keeps what an earlier assert established)."""
+    return kernel.ordered
+
+
+def _fleet(data: st.DataObject, n: int) -> NDArray[np.void]:
+    draw = data.draw
     recs = np.zeros(n, dtype=L.NODE_DTYPE)
     recs["service_mask"] = draw(st.lists(st.sampled_from([0b11, 0b11, 0b11, 0b01, 0b10]), min_size=n, max_size=n))
     recs["max_concurrency"] = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
@@ -71,20 +98,29 @@ def _fleet(draw, n):
     return recs
 
 
-def _pools(draw, n):
+def _pools(data: st.DataObject, n: int) -> list[list[int]]:
+    draw = data.draw
     n_pools = draw(st.integers(1, 3))
     # overlapping pools (manual mode) and empty ones happen too
     return [sorted(draw(st.sets(st.integers(0, n - 1), max_size=n))) for _ in range(n_pools)]
 
 
-def _oracle(t: Twin, pool, mask, need, now, exclude, view=None):
+# what an older kernel was built with: its pools and records
+_View = tuple[list[list[int]], NDArray[np.void]]
+# an older kernel of each fleet, and the view it was built with
+_Old = tuple["_core_types.SnapshotKernel", "_core_types.SnapshotKernel", _View]
+
+
+def _oracle(
+    t: Twin, pool: int, mask: int, need: int, now: float, exclude: Container[int], view: _View | None = None
+) -> tuple[set[int], set[int]]:
     """(eligible slots, the best of them) by brute force, independent of either kernel.
 
     ``view``: the (pools, records) an older kernel was built with.
     """
     pools, recs = view or (t.pools, t.recs)
     loads = t.loads.array
-    elig = []
+    elig: list[tuple[int, tuple[Fraction, float]]] = []
     for s in pools[pool]:
         rec, load = recs[s], loads[s]
         eff = max(int(t.counts.array[s]), int(load["running"]))
@@ -103,8 +139,12 @@ def _oracle(t: Twin, pool, mask, need, now, exclude, view=None):
     return {s for s, k in elig}, {s for s, k in elig if k == best}
 
 
-def _check_decision(fleets, pool, mask, need, now, exclude, old=None):
+def _check_decision(
+    fleets: tuple[Twin, Twin], pool: int, mask: int, need: int, now: float, exclude: tuple[int, ...],
+    old: _Old | None = None,
+) -> None:
     tc, tp = fleets
+    view: _View | None
     kc, kp, view = old if old else (tc.kernel, tp.kernel, None)
     pool %= len(view[0] if view else tc.pools)
     got_c = kc.pick(pool, mask, need, now, exclude)
@@ -115,18 +155,18 @@ def _check_decision(fleets, pool, mask, need, now, exclude, old=None):
         assert got_c in best, (got_c, best)
     else:
         assert got_c == -1
-    assert tc.kernel.ordering.evicted_slots() == tp.kernel.ordering.evicted_slots()
-    assert tc.kernel.ordering.horizon == tp.kernel.ordering.horizon
-    tc.kernel.ordering.check()
+    assert _ordering(tc.kernel).evicted_slots() == _ordering(tp.kernel).evicted_slots()
+    assert _ordering(tc.kernel).horizon == _ordering(tp.kernel).horizon
+    _ordering(tc.kernel).check()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_random_operations_keep_both_kernels_exact_and_equal(data):
+def test_random_operations_keep_both_kernels_exact_and_equal(data: st.DataObject) -> None:
     draw = data.draw
     n = draw(st.integers(1, 24), label="nodes")
-    recs = _fleet(draw, n)
-    pools = _pools(draw, n)
+    recs = _fleet(data, n)
+    pools = _pools(data, n)
     seed = draw(st.integers(0, 2**32))
     fleets = (Twin(_core, n, pools, recs, seed), Twin(_pycore, n, pools, recs, seed))
     now = 1000.0
@@ -134,7 +174,7 @@ def test_random_operations_keep_both_kernels_exact_and_equal(data):
         for s in range(n):
             t.loads.update(s, now - 10.0, 10.0, 10.0, 10.0, 0)
     assert fleets[0].kernel.ordered and fleets[1].kernel.ordered
-    old = None
+    old: _Old | None = None
     for _ in range(draw(st.integers(1, 60), label="operations")):
         op = draw(st.sampled_from(["reserve", "reserve", "release", "heartbeat", "heartbeat", "status",
                                    "members", "time", "decide", "decide", "decide", "old", "grow", "batch"]))
@@ -165,7 +205,7 @@ def test_random_operations_keep_both_kernels_exact_and_equal(data):
                 t.recs[s]["status"], t.recs[s]["max_concurrency"], t.recs[s]["flags"] = status, mx, flags
                 t.republish([s] if hint else None)
         elif op == "members":
-            pools = _pools(draw, n)
+            pools = _pools(data, n)
             for t in fleets:
                 t.pools = [list(p) for p in pools]
                 t.kernel = t.build()
@@ -179,7 +219,7 @@ def test_random_operations_keep_both_kernels_exact_and_equal(data):
             for t in fleets:
                 t.counts = t.counts.grown(n)  # same size: still a new array, the old one forwards
                 t.loads = t.loads.grown(n)
-            assert not fleets[0].kernel.ordered and not fleets[1].kernel.ordered
+            assert not _ordered(fleets[0].kernel) and not _ordered(fleets[1].kernel)
             for t in fleets:
                 t.kernel = t.build()
             old = None
@@ -210,14 +250,14 @@ def test_random_operations_keep_both_kernels_exact_and_equal(data):
 
 
 # ---------------------------------------------------------------- the scheduler uses it, and it follows
-def test_scheduler_kernel_decides_by_the_ordering():
+def test_scheduler_kernel_decides_by_the_ordering() -> None:
     sched = pysched.Scheduler(seed=1, kernel="compiled")
     for i in range(20):
         sched.register_node(f"n{i}", languages=["en", "zh"], max_concurrency=3)
     kernel = sched.snapshot.kernel
     assert kernel.ordered, "the local backend's counts must be followed by the ordering"
     jobs = [sched.dispatch(f"s{i}", "en", "zh").job_id for i in range(25)]
-    ordering = sched.snapshot.kernel.ordering
+    ordering = _ordering(sched.snapshot.kernel)
     ordering.check()
     assert ordering.best(0) == (ordering.best(0)[0], 15)  # 15 idle nodes tie for best
     for job in jobs[:5]:
@@ -226,12 +266,12 @@ def test_scheduler_kernel_decides_by_the_ordering():
     sched.drain_node("n4")
     sched.register_node("n20", languages=["en", "zh"], max_concurrency=3)
     assert sched.snapshot.kernel.ordered
-    sched.snapshot.kernel.ordering.check()
+    _ordering(sched.snapshot.kernel).check()
     assert not kernel.ordered  # an older kernel decides by scanning: the same decisions, no trees
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "python"])
-def test_a_silent_node_is_evicted_once_and_back_with_its_next_heartbeat(kernel):
+def test_a_silent_node_is_evicted_once_and_back_with_its_next_heartbeat(kernel: str) -> None:
     t = [1000.0]
     sched = pysched.Scheduler(seed=3, clock=lambda: t[0], heartbeat_timeout=30.0, kernel=kernel)
     for i in range(4):
@@ -242,7 +282,7 @@ def test_a_silent_node_is_evicted_once_and_back_with_its_next_heartbeat(kernel):
     t[0] += 15.0  # n0's last heartbeat is 35 s old
     a = sched.dispatch("s", "en", "zh")
     assert a.node_id != "n0"
-    ordering = sched.snapshot.kernel.ordering
+    ordering = _ordering(sched.snapshot.kernel)
     assert ordering.evicted_slots() == [sched.snapshot.slot("n0")]
     assert ordering.horizon == 1000.0 + 30.0
     ordering.check()
@@ -251,7 +291,7 @@ def test_a_silent_node_is_evicted_once_and_back_with_its_next_heartbeat(kernel):
     assert sched.dispatch("s2", "en", "zh").node_id == "n0"
 
 
-def test_a_decision_older_than_an_eviction_still_sees_the_evicted_node():
+def test_a_decision_older_than_an_eviction_still_sees_the_evicted_node() -> None:
     """Threads read the clock before deciding: a decision "from before" an eviction must stay exact."""
     for core in CORES:
         f = Twin(core, 3, [[0, 1, 2]], np.zeros(3, dtype=L.NODE_DTYPE), 5)
@@ -263,11 +303,11 @@ def test_a_decision_older_than_an_eviction_still_sees_the_evicted_node():
         f.loads.update(1, 140.0, 1.0, 1.0, 1.0, 1)
         f.loads.update(2, 140.0, 1.0, 1.0, 1.0, 1)
         assert f.kernel.pick(0, 0b11, 3, 150.0) in (1, 2)  # node 0 is 50 s silent: evicted
-        assert f.kernel.ordering.evicted_slots() == [0]
+        assert _ordering(f.kernel).evicted_slots() == [0]
         assert f.kernel.pick(0, 0b11, 3, 144.0) == 0  # at 144 it was 44 s silent: still the best
 
 
-def test_excluded_and_filtered_candidates_are_skipped_exactly():
+def test_excluded_and_filtered_candidates_are_skipped_exactly() -> None:
     for core in CORES:
         n = 64
         recs = np.zeros(n, dtype=L.NODE_DTYPE)
@@ -286,11 +326,11 @@ def test_excluded_and_filtered_candidates_are_skipped_exactly():
         assert best == {s for s in range(n) if s % 3 == 1}  # 21 ties, 200 draws: each one comes up
 
 
-def test_ties_are_uniform_over_many_idle_nodes():
+def test_ties_are_uniform_over_many_idle_nodes() -> None:
     sched = pysched.Scheduler(seed=11, kernel="compiled")
     for i in range(50):
         sched.register_node(f"n{i}", languages=["en", "zh"], max_concurrency=1000)
-    counts = {}
+    counts: dict[str, int] = {}
     for i in range(5000):
         a = sched.dispatch(f"s{i % 7}", "en", "zh")
         counts[a.node_id] = counts.get(a.node_id, 0) + 1
@@ -298,7 +338,7 @@ def test_ties_are_uniform_over_many_idle_nodes():
     assert len(counts) == 50 and min(counts.values()) > 50  # expected 100 each
 
 
-def test_counts_and_loads_growing_suspend_the_ordering_until_the_next_kernel():
+def test_counts_and_loads_growing_suspend_the_ordering_until_the_next_kernel() -> None:
     for core in CORES:
         f = Twin(core, 4, [[0, 1, 2, 3]], np.zeros(4, dtype=L.NODE_DTYPE), 1)
         f.recs["max_concurrency"] = 2
@@ -307,7 +347,7 @@ def test_counts_and_loads_growing_suspend_the_ordering_until_the_next_kernel():
         old = f.kernel
         assert old.ordered
         bigger = f.counts.grown(8)
-        assert not old.ordered and bigger.ordering is old.ordering
+        assert not _ordered(old) and bigger.ordering is old.ordering
         f.counts = bigger
         f.loads = f.loads.grown(8)
         assert f.loads.ordering is old.ordering
@@ -321,7 +361,7 @@ def test_counts_and_loads_growing_suspend_the_ordering_until_the_next_kernel():
 
 # ---------------------------------------------------------------- issue 10, item 10: figures as given
 @pytest.mark.parametrize("kernel", ["compiled", "python"])
-def test_load_figures_are_kept_and_compared_exactly(kernel):
+def test_load_figures_are_kept_and_compared_exactly(kernel: str) -> None:
     sched = pysched.Scheduler(resource_threshold=85, kernel=kernel)
     sched.register_node("a", languages=["en", "zh"])
     sched.heartbeat("a", cpu=84.999999, gpu=0.1, mem=33.3)
@@ -334,7 +374,7 @@ def test_load_figures_are_kept_and_compared_exactly(kernel):
 
 
 # ---------------------------------------------------------------- issue 10, item 9: the twin's batch
-def _batch_fleet(rng_cls=None):
+def _batch_fleet(rng_cls: type[_pycore.Rng] | None = None) -> Twin:
     """Node 0 is strictly the best for live counts (lowest GPU); a batch fills it first."""
     n = 4
     recs = np.zeros(n, dtype=L.NODE_DTYPE)
@@ -347,7 +387,7 @@ def _batch_fleet(rng_cls=None):
     return f
 
 
-def _run_batch(f, m, now=100.0):
+def _run_batch(f: Twin, m: int, now: float = 100.0) -> NDArray[np.int64]:
     out = np.zeros(m, dtype=np.int64)
     scratch = np.array(f.counts.array, dtype=np.int32)
     f.kernel.select_batch(np.zeros(m, np.int32), np.zeros(m, np.int32), np.full(m, 0b11, np.uint64),
@@ -357,20 +397,21 @@ def _run_batch(f, m, now=100.0):
     return out
 
 
-def test_twin_batch_never_shows_its_scratch_counts_to_a_select_in_between():
+def test_twin_batch_never_shows_its_scratch_counts_to_a_select_in_between() -> None:
     """Deterministic interleaving: a select runs inside the batch, between two of its requests."""
     seen = []
-    holder = {}
+    holder: dict[str, _core_types.SnapshotKernel] = {}
+    inside = [False]
 
     class Probe(_pycore.Rng):
-        def next_stream(self):
+        def next_stream(self) -> _pycore._Stream:
             k = holder.get("kernel")
-            if k is not None and not holder.get("inside"):
-                holder["inside"] = True
+            if k is not None and not inside[0]:
+                inside[0] = True
                 try:
                     seen.append(k.pick(0, 0b11, 3, 100.0))  # as another thread would, mid-batch
                 finally:
-                    holder["inside"] = False
+                    inside[0] = False
             return super().next_stream()
 
     f = _batch_fleet(Probe)
@@ -381,13 +422,13 @@ def test_twin_batch_never_shows_its_scratch_counts_to_a_select_in_between():
     assert f.counts.array.tolist() == [0, 0, 0, 0]
 
 
-def test_twin_batch_and_concurrent_selects_keep_their_invariant():
+def test_twin_batch_and_concurrent_selects_keep_their_invariant() -> None:
     """Threads: every select made while batches run must answer by the live counts (node 0)."""
     f = _batch_fleet()
     stop = threading.Event()
     errors = []
 
-    def batches():
+    def batches() -> None:
         try:
             while not stop.is_set():
                 _run_batch(f, 30)
@@ -407,20 +448,23 @@ def test_twin_batch_and_concurrent_selects_keep_their_invariant():
 
 # ---------------------------------------------------------------- exact parity through the scheduler
 @pytest.mark.parametrize("seed", range(4))
-def test_scheduler_with_silent_nodes_and_churn_agrees_between_kernels(seed):
+def test_scheduler_with_silent_nodes_and_churn_agrees_between_kernels(seed: int) -> None:
+    from conftest import FakeClock
+
     results = []
     for kernel in ("compiled", "python"):
-        t = [1000.0]
+        clock = FakeClock(1000.0)
         rng = np.random.default_rng(seed)
-        sched = pysched.Scheduler(seed=seed, kernel=kernel, clock=lambda t=t: t[0], heartbeat_timeout=30.0)
+        sched = pysched.Scheduler(seed=seed, kernel=kernel, clock=clock, heartbeat_timeout=30.0)
         for i in range(30):
             sched.register_node(f"n{i}", languages=["en", "zh"] if i % 3 else ["en", "zh", "de"],
                                 max_concurrency=1 + i % 4, accept_public_jobs=bool(i % 5))
-        out, jobs = [], []
+        out: list[str | tuple[str, str]] = []
+        jobs: list[str] = []
         for j in range(300):
             r = rng.random()
             if r < 0.1:
-                t[0] += float(rng.choice([1.0, 10.0, 25.0]))
+                clock.advance(float(rng.choice([1.0, 10.0, 25.0])))
             elif r < 0.35:
                 i = int(rng.integers(0, 30))
                 if i % 7:  # some nodes fall silent for good
@@ -432,9 +476,9 @@ def test_scheduler_with_silent_nodes_and_churn_agrees_between_kernels(seed):
             elif r < 0.6 and jobs:
                 sched.release(jobs.pop(int(rng.integers(0, len(jobs)))))
             else:
-                kw = {"tenant": "t1"} if rng.random() < 0.2 else {}
+                tenant = "t1" if rng.random() < 0.2 else None  # None: as if not given
                 try:
-                    a = sched.dispatch(f"s{j % 9}", "en", str(rng.choice(["zh", "de"])), **kw)
+                    a = sched.dispatch(f"s{j % 9}", "en", str(rng.choice(["zh", "de"])), tenant=tenant)
                     out.append(a.node_id)
                     jobs.append(a.job_id)
                 except pysched.NoNodeAvailable as e:
@@ -444,7 +488,7 @@ def test_scheduler_with_silent_nodes_and_churn_agrees_between_kernels(seed):
 
 
 # ---------------------------------------------------------------- concurrency: the trees stay exact
-def test_trees_stay_exact_under_concurrent_dispatch_heartbeats_and_publications():
+def test_trees_stay_exact_under_concurrent_dispatch_heartbeats_and_publications() -> None:
     """4 dispatching threads, 1 heartbeat thread, 1 thread publishing; then every tree is checked.
 
     Bounded by operation counts, not by time: nothing depends on how fast a thread runs.
@@ -454,14 +498,12 @@ def test_trees_stay_exact_under_concurrent_dispatch_heartbeats_and_publications(
         sched.register_node(f"n{i}", languages=["en", "zh"] if i % 4 else ["en", "zh", "de"], max_concurrency=3)
     errors = []
 
-    def dispatcher(k):
+    def dispatcher(k: int) -> None:
         try:
             held = []
             for j in range(1500):
-                try:
+                with contextlib.suppress(pysched.NoNodeAvailable):
                     held.append(sched.dispatch(f"s{k}-{j % 13}", "en", "zh").job_id)
-                except pysched.NoNodeAvailable:
-                    pass
                 if len(held) > 20 or (held and j % 3 == 0):
                     sched.release(held.pop(0))
             for job in held:
@@ -469,14 +511,14 @@ def test_trees_stay_exact_under_concurrent_dispatch_heartbeats_and_publications(
         except Exception as exc:  # noqa: BLE001 - any failure is reported below
             errors.append(repr(exc))
 
-    def heartbeats():
+    def heartbeats() -> None:
         try:
             for j in range(3000):
                 sched.heartbeat(f"n{j % 64}", running=j % 3, gpu=float(j % 50))
         except Exception as exc:  # noqa: BLE001 - any failure is reported below
             errors.append(repr(exc))
 
-    def publications():
+    def publications() -> None:
         try:
             for j in range(150):
                 node = f"n{j % 64}"
@@ -498,30 +540,32 @@ def test_trees_stay_exact_under_concurrent_dispatch_heartbeats_and_publications(
     assert not errors, errors
     kernel = sched.snapshot.kernel
     assert kernel.ordered
-    kernel.ordering.check()
+    _ordering(kernel).check()
     assert int(np.asarray(sched.snapshot.inflight).sum()) == 0  # every job released: nothing leaked
 
 
 @pytest.mark.parametrize("core", CORES, ids=["compiled", "python"])
-def test_a_bad_changed_hint_is_refused_and_changes_nothing(core):
+def test_a_bad_changed_hint_is_refused_and_changes_nothing(core: ModuleType) -> None:
     f = Twin(core, 4, [[0, 1, 2, 3]], np.zeros(4, dtype=L.NODE_DTYPE), 1)
     f.recs["max_concurrency"] = 2
     f.recs["flags"] = 3
     f.kernel = f.build()
-    epoch = f.kernel.ordering.epoch
+    epoch = _ordering(f.kernel).epoch
     with pytest.raises(ValueError, match="changed"):
         f.kernel.with_records(f.recs.copy(), f.loads, f.counts.array, [7])
-    assert f.kernel.ordered and f.kernel.ordering.epoch == epoch
+    assert f.kernel.ordered and _ordering(f.kernel).epoch == epoch
 
 
-def test_publications_that_name_their_changed_slots_keep_the_trees_exact():
+def test_publications_that_name_their_changed_slots_keep_the_trees_exact() -> None:
     sched = pysched.Scheduler(seed=2, kernel="compiled")
     for i in range(40):
         sched.register_node(f"n{i}", languages=["en", "zh"], max_concurrency=2)
     mgmt = sched._mgmt
     mgmt._changed_slots = []  # what a publisher that tracks its writes hands over
     for i in range(0, 40, 3):
-        mgmt._changed_slots.append(sched.snapshot.slot(f"n{i}"))
+        slot = sched.snapshot.slot(f"n{i}")
+        assert slot is not None
+        mgmt._changed_slots.append(slot)
         sched.drain_node(f"n{i}")  # its own write is already listed
-        sched.snapshot.kernel.ordering.check()
+        _ordering(sched.snapshot.kernel).check()
     assert mgmt._changed_slots == []  # consumed by each publication

@@ -1,4 +1,4 @@
-"""Tests for benchmarks/peer.py, the pure-Python indexed peer ``pysched bench`` compares against.
+"""Tests for :mod:`pysched.tools.bench.peer`, the pure-Python indexed peer ``pysched bench`` compares against.
 
 Both index designs (lazy-deletion heap, SortedList) run every test: picks
 (least load ratio, then GPU, ties among equals), superset language matching,
@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)  # after site-packages: the installed pysched wins
-
-from benchmarks.peer import (  # noqa: E402
+from pysched.tools.bench.peer import (
     INDEXES,
     HeapPeer,
     PeerAssignment,
@@ -80,7 +74,7 @@ def make(peer_cls, clock):
 
 
 def test_bench_runs_the_heap():
-    assert PeerScheduler is HeapPeer and INDEXES == {"heap": HeapPeer, "sortedlist": SortedListPeer}
+    assert PeerScheduler is HeapPeer and {"heap": HeapPeer, "sortedlist": SortedListPeer} == INDEXES
 
 
 # ------------------------------------------------------------------ picks

@@ -31,8 +31,7 @@ import pytest
 
 import pysched
 from pysched import NoNodeAvailable, ReservationBackendUnavailable
-from pysched.redis_fleet import RedisFleet
-from pysched.redis_reservations import RedisReservations
+from pysched.redis import RedisFleet, RedisReservations
 from pysched.reservations import Candidate, Reservation
 
 pytest_plugins = ["redis_server"]
@@ -257,7 +256,7 @@ def test_three_processes_holding_jobs_survive_a_redis_restart(redis_server: Any)
                 proc.join(5)
         monitor.join(5)
 
-    peaks = dict(zip(CAPS, counters.peak[:]))
+    peaks = dict(zip(CAPS, counters.peak[:], strict=True))
     assert peaks == CAPS, ("node-side over-commit", peaks, CAPS)  # full, never above
     assert all(redis_peak[n] <= CAPS[n] for n in CAPS), ("Redis over-commit", redis_peak)
     assert sum(d["successes"] for d in done_reports.values()) == 0, done_reports
@@ -387,7 +386,7 @@ def test_stats_answer_while_redis_is_down_and_capacity_writes_queue(redis_server
                      lambda: a.sched.commit(job.job_id),
                      lambda: a.sched.renew(job.job_id),
                      lambda: a.backend.get(job.job_id),
-                     lambda: a.backend.count(),
+                     a.backend.count,
                      lambda: a.sched.register_node("new-set", ["fr", "en"]),  # a new pool id
                      lambda: a.sched.heartbeat("n", languages=["ko", "en"])):  # a new pool id
             with pytest.raises(ReservationBackendUnavailable):

@@ -26,8 +26,10 @@ import pytest
 
 import pysched
 from pysched import NoNodeAvailable, ReservationBackendUnavailable
-from pysched.redis_fleet import RedisFleet, _ALLOCATE, _PUBLISH, _SCRIPTS, _SEED, _Lua
-from pysched.redis_reservations import RedisReservations
+from pysched.redis import RedisFleet, RedisReservations
+from pysched.redis._fleet_shared import SCRIPT_NAMES
+from pysched.redis._publisher import coalesce
+from pysched.redis._scripts import shipped
 
 pytest_plugins = ["redis_server"]
 
@@ -156,7 +158,7 @@ def test_events_propagate_without_echo(members: Callable[..., Member]) -> None:
 
     for action, status in (("drain_node", "draining"), ("resume_node", "ready"), ("mark_offline", "offline")):
         getattr(a.sched, action)("n1")
-        wait_until(lambda: b.sched.node("n1")["status"] == status, what=action)
+        wait_until(lambda status=status: b.sched.node("n1")["status"] == status, what=action)
     a.sched.heartbeat("n1", running=0)  # a heartbeat brings an offline node back, everywhere
     wait_until(lambda: b.sched.node("n1")["status"] == "ready", what="revival")
     for _ in range(3):
@@ -211,9 +213,9 @@ def test_event_for_an_unknown_node_loads_its_record(members: Callable[..., Membe
     # B forgets n1 behind its fleet's back (as if it had missed the register).
     b.fleet.stop()
     b.sched.remove_node("n1")
-    b.fleet._apply_event("heartbeat", "n1", json.dumps({"running": 1}))
+    b.fleet._applier.apply_event("heartbeat", "n1", json.dumps({"running": 1}))
     assert b.sched.node("n1")["max_concurrency"] == 2  # rebuilt from the compacted record
-    b.fleet._apply_event("drain", "ghost", "{}")  # no record anywhere: ignored
+    b.fleet._applier.apply_event("drain", "ghost", "{}")  # no record anywhere: ignored
     with pytest.raises(pysched.UnknownNode):
         b.sched.node("ghost")
 
@@ -391,8 +393,8 @@ class Fleet3:
             try:
                 pipe = client.pipeline(transaction=True)
                 for node in CAPS:
-                    pipe.zcard("{%s}:resv:%s" % (NS, node))
-                    pipe.zcard("{%s}:lease:%s" % (NS, node))
+                    pipe.zcard(f"{{{NS}}}:resv:{node}")
+                    pipe.zcard(f"{{{NS}}}:lease:{node}")
                 counts = pipe.execute()
             except Exception:  # the outage test stops the server under us
                 time.sleep(0.02)
@@ -458,7 +460,7 @@ class Fleet3:
             proc.join(5)
 
     def check_invariants(self, done: dict[str, dict], final: dict[str, dict]) -> None:
-        peaks = dict(zip(CAPS, self.counters.peak[:]))
+        peaks = dict(zip(CAPS, self.counters.peak[:], strict=True))
         assert all(peaks[n] <= CAPS[n] for n in CAPS), ("node-side over-commit", peaks, CAPS)
         assert all(self.redis_peak[n] <= CAPS[n] for n in CAPS), ("Redis over-commit", self.redis_peak)
         assert self.redis_samples > 20
@@ -579,7 +581,7 @@ def test_sigkill_mid_dispatch_returns_capacity(redis_server: Any, members: Calla
     got = [first] + [wait_until(lambda s=s: _try_dispatch(s, "zh", "en"), timeout=60, what="more capacity")
                      for s in (b.sched, a.sched, b.sched)]
     assert sorted(x.node_id for x in got) == ["n0", "n0", "n1", "n1"]
-    for x, s in zip(got, (a.sched, b.sched, a.sched, b.sched)):
+    for x, s in zip(got, (a.sched, b.sched, a.sched, b.sched), strict=True):
         assert s.release(x.job_id)
     assert a.backend.count() == 0
 
@@ -590,7 +592,7 @@ def test_sigkill_mid_dispatch_returns_capacity(redis_server: Any, members: Calla
 def test_scripts_touch_only_keys_passed_in_KEYS() -> None:
     """Static check: every command's key argument is a KEYS entry."""
     keyless = {"TIME"}
-    for script in _SCRIPTS:
+    for script in map(shipped, SCRIPT_NAMES):
         code = "\n".join(line.split("--", 1)[0] for line in script.body.splitlines())
         calls = re.findall(r"redis\.call\(\s*'(\w+)'\s*(?:,\s*([^,)]+))?", code)
         assert calls, script.name
@@ -614,10 +616,9 @@ def test_runs_on_a_cluster_mode_server(redis_server_factory: Any) -> None:
     wait_until(lambda: b"cluster_state:ok" in admin.execute_command("CLUSTER", "INFO"), what="cluster ready")
 
     def strict(member: Member) -> None:
-        fleet = member.fleet
-        for attr in ("_allocate_script", "_seed_script", "_publish_script"):
-            script = getattr(fleet, attr)
-            setattr(fleet, attr, _Lua(script.name, "#!lua\n" + script.body))
+        scripts = member.fleet._ctx.scripts
+        for attr in ("allocate", "seed", "publish"):
+            setattr(scripts, attr, getattr(scripts, attr).strict())
 
     a = Member(server, "A", namespace="fl", start=False)
     b = Member(server, "B", namespace="fl", start=False)
@@ -684,7 +685,7 @@ def test_heartbeats_coalesce_per_node_but_keep_order_and_health() -> None:
         (7, "heartbeat", "b", {"running": 0}),
         (8, "heartbeat", "b", {"mem": 3.0}),
     ]
-    assert RedisFleet._coalesce(batch) == [
+    assert coalesce(batch) == [
         (3, "heartbeat", "a", {"running": 2, "cpu": 10.0}),
         (2, "heartbeat", "b", {"running": 5}),
         (4, "heartbeat", "a", {"healthy": False}),
@@ -695,8 +696,8 @@ def test_heartbeats_coalesce_per_node_but_keep_order_and_health() -> None:
 
 
 def test_language_set_key_is_unambiguous() -> None:
-    from pysched.redis_fleet import _set_key
+    from pysched.redis.fleet import _set_key
 
     # Joined by "-", both would read "en-sr-latn".
     assert _set_key({"en", "sr-latn"}) != _set_key({"en-sr-latn"})
-    assert _ALLOCATE is not _SEED is not _PUBLISH
+    assert len({shipped(name).sha for name in SCRIPT_NAMES}) == len(SCRIPT_NAMES)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pysched.redis_reservations import REFUSED_RECOVERING, RedisReservations
+from pysched.redis import REFUSED_RECOVERING, RedisReservations
 from pysched.reservations import REFUSED_FULL, Candidate, Reservation
 
 pytest_plugins = ["redis_server"]
@@ -119,7 +119,7 @@ def test_uncommitted_reservations_are_written_back_too(redis_server: Any, procs:
 
 
 def test_many_jobs_are_written_back_in_several_calls(redis_server: Any, procs: Any) -> None:
-    from pysched.redis_reservations import _RECOVER_CHUNK
+    from pysched.redis.reservations import _RECOVER_CHUNK
 
     n = 2 * _RECOVER_CHUNK + 50  # three recovery calls
     a = procs("A", {"n": n})

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from pysched import _layout
-from pysched._kernel import resolve
+from pysched._impl import resolve
 
 from .common import INNER, cached
 

@@ -17,11 +17,16 @@ connection) raises ``ConnectionError``.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
 
 __all__ = ["FastHTTP"]
+
+
+#: ``(status, headers (lower-case bytes names), body)`` of one response
+Response = tuple[int, dict[bytes, bytes], bytes]
 
 
 class _Connection(asyncio.Protocol):
@@ -30,7 +35,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future | None = None
+        self.waiter: asyncio.Future[Response] | None = None
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
@@ -38,15 +43,16 @@ class _Connection(asyncio.Protocol):
         self.closed = False
 
     # asyncio.Protocol
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a TCP connection's: a stream transport (uvloop's do not subclass asyncio.Transport: no isinstance)
+        self.transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(ConnectionError(f"bad HTTP response: {exc}"))
-            self.transport.close()  # type: ignore[union-attr]
+            self.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -72,15 +78,27 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    def send(self, data: bytes) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
+    def send(self, data: bytes) -> asyncio.Future[Response]:
+        transport = self.transport
+        assert transport is not None  # sent only on a connection made by create_connection
+        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self.waiter = fut
-        self.transport.write(data)  # type: ignore[union-attr]
+        transport.write(data)
         return fut
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class FastHTTP:
-    """POST JSON to one server over at most ``max_connections`` keep-alive connections."""
+    """POST JSON to one server over a bounded pool of keep-alive connections.
+
+    :param url: the server's ``http://`` base URL.
+    :param headers: sent with every request (``Authorization``).
+    :param max_connections: connections open at most.
+    :raises ValueError: ``url`` is not a plain ``http://`` URL.
+    """
 
     def __init__(self, url: str, headers: dict[str, str], max_connections: int) -> None:
         parts = urlsplit(url)
@@ -106,8 +124,14 @@ class FastHTTP:
         self._all.add(conn)
         return conn
 
-    async def post(self, path: str, body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-        """``(status, headers (lower-case bytes names), body)``; ``ConnectionError`` on a broken connection."""
+    async def post(self, path: str, body: bytes) -> Response:
+        """POST a JSON body.
+
+        :param path: the endpoint, below the URL's path.
+        :param body: the JSON body.
+        :returns: ``(status, headers (lower-case bytes names), body)``.
+        :raises ConnectionError: the connection broke or the answer was not HTTP.
+        """
         request = b"".join((b"POST ", (self.prefix + path).encode("ascii"), b" HTTP/1.1\r\n", self._head,
                             b"Content-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n", body))
         async with self._slots:
@@ -115,19 +139,19 @@ class FastHTTP:
             try:
                 answer = await conn.send(request)
             except BaseException:
-                conn.transport.close()  # type: ignore[union-attr]
+                conn.close()
                 self._all.discard(conn)
                 raise
             if conn.keep_alive and not conn.closed:
                 self._idle.append(conn)
             else:
-                conn.transport.close()  # type: ignore[union-attr]
+                conn.close()
                 self._all.discard(conn)
             return answer
 
     async def aclose(self) -> None:
+        """Close every connection."""
         for conn in list(self._all):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
         self._all.clear()
         self._idle.clear()

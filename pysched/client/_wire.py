@@ -26,6 +26,7 @@ __all__ = [
     "decode_error_body",
     "decode_node_frame",
     "decode_session_frame",
+    "encode",
     "accept",
     "frames",
     "DRAIN",
@@ -59,9 +60,9 @@ _encode = P.encode
 _ERROR_BODY = msgspec.json.Decoder(dict)
 
 
-def register_struct(node_id: str, languages: Sequence[str], services: Sequence[str] | None, max_concurrency: int,
+def register_struct(node_id: str, languages: Sequence[str], *, services: Sequence[str] | None, max_concurrency: int,
                     has_gpu: bool, accept_public_jobs: bool, batch: bool = True) -> P.Register:
-    """``register``; ``batch=True``: the SDK reads batches (arrays of messages) from the server."""
+    """Build a ``register``; ``batch=True``: the SDK reads batches (arrays of messages) from the server."""
     kwargs: dict[str, Any] = {}
     if services is not None:
         kwargs["services"] = list(services)
@@ -88,6 +89,7 @@ def heartbeat(running: int, figures: Mapping[str, Any]) -> bytes:
 
 
 def accept(job_id: str) -> bytes:
+    """Encode an ``accept``."""
     return _encode(P.Accept(job_id=job_id))
 
 
@@ -103,8 +105,10 @@ DRAIN = _encode(P.Drain())
 
 
 def frames(messages: list[bytes], limit: int) -> list[bytes]:
-    """Encoded messages as few frames as possible, none above ``limit`` bytes:
-    one message as itself, several as a JSON array (a batch)."""
+    """Pack encoded messages into as few frames as possible, none above ``limit`` bytes.
+
+    One message goes as itself, several as a JSON array (a batch).
+    """
     if len(messages) == 1:
         return messages
     out: list[bytes] = []
@@ -121,14 +125,16 @@ def frames(messages: list[bytes], limit: int) -> list[bytes]:
     return out
 
 
-def session_job(request_id: int | str, src: str, tgt: str, payload: Any, tenant: str | None,
+def session_job(request_id: int | str, src: str, tgt: str, payload: Any, *, tenant: str | None,
                 services: list[str] | None, prefer: str | list[str] | None, timeout: float | None,
                 require_gpu: bool, limit: int) -> bytes:
-    """A validated session ``job``: raises ``TypeError`` (payload not encodable) or
-    :class:`ProtocolError` (what the server would refuse: ``code``, ``field``).
+    """Encode a session ``job`` and check it as the server would.
 
     The server cannot tell which request an unreadable message was, and
     refuses a whole batch for one bad message, so bad jobs never leave here.
+
+    :raises TypeError: the payload is not JSON-encodable.
+    :raises ProtocolError: what the server would refuse (``code``, ``field``).
     """
     try:
         data = _encode(P.SessionJob(request_id=request_id, src=src, tgt=tgt, payload=payload, tenant=tenant,
@@ -143,27 +149,35 @@ def session_job(request_id: int | str, src: str, tgt: str, payload: Any, tenant:
 
 
 def session_cancel(request_id: int | str) -> bytes:
+    """Encode a session ``cancel``."""
     return _encode(P.SessionCancel(request_id=request_id))
 
 
-def encode(message: Any) -> bytes:
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode one message or body."""
     return _encode(message)
 
 
-def decode_node_frame(data: bytes | str) -> list:
-    """What the server sent a node: always a list of messages (a batch or one). Raises ProtocolError."""
+def decode_node_frame(data: bytes | str) -> list[P.ServerNodeMessage]:
+    """Decode what the server sent a node: always a list of messages (a batch or one).
+
+    :raises ProtocolError: the frame is not a valid message or batch.
+    """
     msg = P.decode_server_node_message(data)
     return msg if isinstance(msg, list) else [msg]
 
 
-def decode_session_frame(data: bytes | str) -> list:
-    """What the server sent a session stream, as a list of messages. Raises ProtocolError."""
+def decode_session_frame(data: bytes | str) -> list[P.ServerSessionMessage]:
+    """Decode what the server sent a session stream: always a list of messages.
+
+    :raises ProtocolError: the frame is not a valid message or batch.
+    """
     msg = P.decode_server_session_message(data)
     return msg if isinstance(msg, list) else [msg]
 
 
-def decode_error_body(data: bytes | str | None) -> dict[str, Any]:
-    """An HTTP error body as a dict (``{}`` when it is not a JSON object)."""
+def decode_error_body(data: bytes | bytearray | str | None) -> dict[str, Any]:
+    """Decode an HTTP error body as a dict (``{}`` when it is not a JSON object)."""
     if not data:
         return {}
     try:

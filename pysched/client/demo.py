@@ -14,48 +14,24 @@ streams or ``POST /v1/jobs`` (built on :class:`JobClient`), at a fixed rate
 or with a fixed number in flight, and prints progress once a second and a
 summary: jobs/s, latency percentiles, errors by code.
 
-The ``add_*_arguments`` functions import only argparse-level modules (the
-serve extra may be missing when ``pysched`` builds its parser); everything
-else is imported by ``run_*``.
+This module is what the ``pysched`` command imports to build its parser:
+argparse-level modules only (the serve extra may be missing then). The
+programs themselves are :mod:`pysched.client._demo`, imported by ``run_*``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pysched.client.node import Job, NodeClient
+from pysched.tools.argtypes import non_negative_float, positive_float, positive_int
 
 __all__ = ["add_load_arguments", "add_nodes_arguments", "run_load", "run_nodes"]
 
 
-def _positive_int(text: str) -> int:
-    from pysched.cli import positive_int
-
-    return positive_int(text)
-
-
-def _positive_float(text: str) -> float:
-    from pysched.cli import positive_float
-
-    return positive_float(text)
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
 def _fraction(text: str) -> float:
-    value = _non_negative_float(text)
+    value = non_negative_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
     return value
@@ -85,7 +61,7 @@ def _common_arguments(parser: argparse.ArgumentParser, url: str, token_env: str)
     parser.add_argument("--url", default=url, help=f"the server (default: {url})")
     parser.add_argument("--token", default=None,
                         help=f"bearer token (default: ${token_env}; none for a server started with --insecure)")
-    parser.add_argument("--duration", type=_positive_float, default=None,
+    parser.add_argument("--duration", type=positive_float, default=None,
                         help="stop after this many seconds (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -93,629 +69,96 @@ def _common_arguments(parser: argparse.ArgumentParser, url: str, token_env: str)
 
 # ====================================================================== nodes
 def add_nodes_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``pysched nodes``."""
+    """Add the options of ``pysched nodes``.
+
+    :param parser: the subcommand's parser.
+    """
     _common_arguments(parser, "ws://127.0.0.1:8000", "PYSCHED_NODE_TOKEN")
     parser.set_defaults(duration=None)
-    parser.add_argument("--count", type=_positive_int, default=200, help="simulated nodes (default: 200)")
+    parser.add_argument("--count", type=positive_int, default=200, help="simulated nodes (default: 200)")
     parser.add_argument("--languages", type=_language_sets, default=_language_sets("zh,en"),
                         help="language set of each node, comma-separated; several sets separated by ';' are "
                              "handed out in turn (default: zh,en)")
     parser.add_argument("--services", default=None,
                         help="services of each node, comma-separated (default: the server's: asr,nmt,tts,semantic)")
-    parser.add_argument("--max-concurrency", type=_positive_int, default=4, help="jobs per node at once (default: 4)")
-    parser.add_argument("--latency-ms", type=_non_negative_float, default=20.0,
+    parser.add_argument("--max-concurrency", type=positive_int, default=4, help="jobs per node at once (default: 4)")
+    parser.add_argument("--latency-ms", type=non_negative_float, default=20.0,
                         help="mean simulated processing time per job; each job takes 0.5x-1.5x of it "
                              "(default: 20; 0 answers at once)")
     parser.add_argument("--fail-rate", type=_fraction, default=0.0,
                         help="fraction of jobs answered with ok=false (default: 0)")
     parser.add_argument("--accept", action="store_true",
                         help="send 'accept' for every job before working on it (needed under at_most_once)")
-    parser.add_argument("--heartbeat-interval", type=_positive_float, default=None,
+    parser.add_argument("--heartbeat-interval", type=positive_float, default=None,
                         help="seconds between heartbeats of each node (default: what the server asks for)")
     parser.add_argument("--prefix", default="sim-", help="node id prefix; ids are PREFIX0001... (default: sim-)")
-    parser.add_argument("--connect-timeout", type=_positive_float, default=60.0,
+    parser.add_argument("--connect-timeout", type=positive_float, default=60.0,
                         help="seconds for all nodes to register (default: 60)")
     parser.add_argument("--seed", type=int, default=1, help="seed of simulated times and failures (default: 1)")
 
 
-class _Progress:
-    """One line a second on ``stream``: redrawn in place on a terminal, plain lines otherwise."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-        isatty = getattr(stream, "isatty", None)
-        self.tty = bool(isatty and isatty())
-        self._width = 0
-
-    def line(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self._width))
-            self._width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
-
-
-def _run_async(main: Any) -> int:
-    """Run ``main`` (a coroutine) on uvloop when it is installed, else asyncio."""
+def _run_async(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop when it is installed, else asyncio; return its result."""
     try:
         import uvloop
     except ImportError:
         import asyncio
 
         return asyncio.run(main)
-    return uvloop.run(main)
-
-
-def _stop_event():
-    """An event set by SIGINT or SIGTERM (so the summary is still printed)."""
-    import asyncio
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            pass
-    return stop
-
-
-def _write_json(path: str | None, summary: dict) -> None:
-    if path:
-        import json
-
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-
-
-class _SimNode:
-    """The behaviour of one simulated node: answer each job after a simulated time."""
-
-    __slots__ = ("accept", "fail_rate", "latency", "loop", "rng")
-
-    def __init__(self, loop, rng, latency: float, fail_rate: float, accept: bool) -> None:
-        self.loop = loop
-        self.rng = rng
-        self.latency = latency
-        self.fail_rate = fail_rate
-        self.accept = accept
-
-    def on_job(self, job: Job) -> None:
-        if self.accept:
-            job.accept_nowait()
-        if self.latency > 0:
-            self.loop.call_later(self.latency * (0.5 + self.rng.random()), self.answer, job)
-        else:
-            self.answer(job)
-
-    def answer(self, job: Job) -> None:
-        if self.fail_rate and self.rng.random() < self.fail_rate:
-            job.fail_nowait("simulated failure")
-        else:
-            job.reply_nowait(job.payload)
+    result: int = uvloop.run(main)
+    return result
 
 
 def run_nodes(args: argparse.Namespace) -> int:
-    """``pysched nodes``: exit status 0 when every node registered and none stopped on an error."""
-    return _run_async(_nodes_main(args))
+    """Run ``pysched nodes``.
 
+    :param args: the options (:func:`add_nodes_arguments`).
+    :returns: the exit status: 0 when every node registered and none stopped on an error.
+    """
+    from pysched.client._demo import nodes_main
 
-async def _nodes_main(args: argparse.Namespace) -> int:
-    import asyncio
-    import random
-    import time
-
-    from pysched.client.errors import ServeError
-    from pysched.client.node import NodeClient
-
-    token = args.token if args.token is not None else os.environ.get("PYSCHED_NODE_TOKEN")
-    services = [s.strip() for s in args.services.split(",") if s.strip()] if args.services else None
-    loop = asyncio.get_running_loop()
-    stop = _stop_event()
-    rng = random.Random(args.seed)
-    width = max(4, len(str(args.count)))
-    nodes: list[NodeClient] = []
-    for i in range(args.count):
-        sim = _SimNode(loop, random.Random(rng.random()), args.latency_ms / 1000.0, args.fail_rate, args.accept)
-        max_concurrency = args.max_concurrency
-
-        def load(node_ref=nodes, i=i, max_concurrency=max_concurrency) -> dict:
-            # Figures that follow the node's own count (below the default 85 % threshold).
-            share = node_ref[i].running / max_concurrency
-            return {"cpu": round(5.0 + 60.0 * share, 1), "gpu": round(10.0 + 60.0 * share, 1), "mem": 40.0}
-
-        nodes.append(NodeClient(args.url, f"{args.prefix}{i + 1:0{width}d}", token=token,
-                                languages=args.languages[i % len(args.languages)], services=services,
-                                max_concurrency=max_concurrency, load=load,
-                                heartbeat_interval=args.heartbeat_interval, on_job=sim.on_job,
-                                backoff_initial=0.2, backoff_max=5.0))
-    progress = None if args.quiet else _Progress(sys.stderr)
-    out = sys.stderr
-    started = time.monotonic()
-
-    # Connect in waves, so hundreds of handshakes do not all time out together on a busy machine.
-    gate = asyncio.Semaphore(50)
-    failures: dict[str, int] = {}
-
-    async def connect(node: NodeClient) -> None:
-        async with gate:
-            try:
-                await node.connect(timeout=args.connect_timeout)
-            except ServeError as exc:
-                failures[exc.code] = failures.get(exc.code, 0) + 1
-                if not failures.get("_shown"):
-                    failures["_shown"] = 1
-                    print(f"node {node.node_id}: {exc}", file=out, flush=True)
-
-    connecting = asyncio.gather(*(connect(n) for n in nodes))
-    stop_wait = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({connecting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    failures.pop("_shown", None)
-    connected_at = time.monotonic()
-    registered = sum(1 for n in nodes if n.connected)
-    print(f"{registered:,} of {args.count:,} nodes registered at {nodes[0].url} in {connected_at - started:.1f} s"
-          + (f"; failures: {failures}" if failures else ""), file=out, flush=True)
-    deadline = None if args.duration is None else started + args.duration
-
-    def totals() -> dict[str, int]:
-        t: dict[str, int] = {}
-        for n in nodes:
-            for k, v in n.counters.items():
-                t[k] = t.get(k, 0) + v
-        return t
-
-    last = totals()
-    last_t = time.monotonic()
-    try:
-        while not stop.is_set() and not (failures and registered == 0):
-            timeout = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-            if timeout <= 0:
-                break
-            try:
-                await asyncio.wait_for(asyncio.shield(stop_wait), timeout)
-            except asyncio.TimeoutError:
-                pass
-            now = time.monotonic()
-            t = totals()
-            if progress is not None:
-                dt = max(now - last_t, 1e-9)
-                connected = sum(1 for n in nodes if n.connected)
-                running = sum(n.running for n in nodes)
-                progress.line(f"{now - started:6.1f} s  {connected:>5,} connected  {t['jobs']:>10,} jobs  "
-                              f"{(t['jobs'] - last['jobs']) / dt:>8,.0f}/s  {running:>5,} running  "
-                              f"{t['failures']:>7,} failed  {t['cancels'] + t['lost']:>6,} cancelled  "
-                              f"{t['heartbeats']:>8,} heartbeats  {t['disconnects']:>4,} reconnects")
-            last, last_t = t, now
-    finally:
-        if progress is not None:
-            progress.finish()
-        stop_wait.cancel()
-        if not connecting.done():
-            connecting.cancel()
-        await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
-    elapsed = max(time.monotonic() - connected_at, 1e-9)
-    total_elapsed = max(time.monotonic() - started, 1e-9)
-    t = totals()
-    fatal = sum(1 for n in nodes if n._fatal is not None)
-    summary = {
-        "nodes": args.count,
-        "registered": registered,
-        "seconds": round(elapsed, 3),
-        "jobs": t["jobs"],
-        "jobs_per_s": round(t["jobs"] / elapsed, 1),
-        "replies": t["replies"],
-        "failed": t["failures"],
-        "cancelled": t["cancels"],
-        "lost_on_disconnect": t["lost"],
-        "heartbeats": t["heartbeats"],
-        # heartbeats start with each node's registration: rate over the whole run
-        "heartbeats_per_s": round(t["heartbeats"] / total_elapsed, 1),
-        "connects": t["connects"],
-        "disconnects": t["disconnects"],
-        "server_errors": t["errors"],
-        "stopped_on_error": fatal,
-        "connect_failures": failures,
-    }
-    print(_format_nodes_summary(summary), flush=True)
-    _write_json(args.json, summary)
-    return 0 if registered == args.count and fatal == 0 else 1
-
-
-def _format_nodes_summary(s: dict) -> str:
-    lines = [
-        f"pysched nodes: {s['registered']:,} of {s['nodes']:,} nodes registered, ran {s['seconds']:.1f} s",
-        f"  jobs         {s['jobs']:>12,}  ({s['jobs_per_s']:,.0f}/s)",
-        f"  answered ok  {s['replies']:>12,}",
-        f"  failed       {s['failed']:>12,}  (simulated)",
-        f"  cancelled    {s['cancelled']:>12,}  by the server; {s['lost_on_disconnect']:,} lost on disconnect",
-        f"  heartbeats   {s['heartbeats']:>12,}  ({s['heartbeats_per_s']:,.0f}/s)",
-        f"  connections  {s['connects']:>12,}  ({s['disconnects']:,} dropped; {s['server_errors']:,} error frames)",
-    ]
-    if s["stopped_on_error"] or s["connect_failures"]:
-        lines.append(f"  errors       {s['stopped_on_error']:>12,}  nodes stopped; connect failures "
-                     f"{s['connect_failures']}")
-    return "\n".join(lines)
+    return _run_async(nodes_main(args))
 
 
 # ====================================================================== load
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``pysched load``."""
+    """Add the options of ``pysched load``.
+
+    :param parser: the subcommand's parser.
+    """
     _common_arguments(parser, "http://127.0.0.1:8000", "PYSCHED_CLIENT_TOKEN")
     parser.set_defaults(duration=10.0)
     parser.add_argument("--mode", choices=("stream", "jobs"), default="stream",
                         help="stream: session streams (WebSocket /v1/sessions/{id}); jobs: POST /v1/jobs "
                              "(default: stream)")
     pace = parser.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=_positive_float, default=None,
+    pace.add_argument("--rate", type=positive_float, default=None,
                       help="jobs per second, all sessions together (open loop)")
-    pace.add_argument("--concurrency", type=_positive_int, default=None,
+    pace.add_argument("--concurrency", type=positive_int, default=None,
                       help="jobs in flight, all sessions together (closed loop; default: 64)")
-    parser.add_argument("--sessions", type=_positive_int, default=16,
+    parser.add_argument("--sessions", type=positive_int, default=16,
                         help="sessions the jobs are spread over (one stream each in stream mode; default: 16)")
     parser.add_argument("--pairs", type=_pairs, default=_pairs("zh:en"),
                         help="language pairs, handed out to sessions in turn (default: zh:en)")
     parser.add_argument("--payload-bytes", type=int, default=32, help="size of each job's payload text (default: 32)")
-    parser.add_argument("--timeout", type=_positive_float, default=None,
+    parser.add_argument("--timeout", type=positive_float, default=None,
                         help="per-attempt job timeout sent with each job (default: the server's)")
-    parser.add_argument("--warmup", type=_non_negative_float, default=0.0,
+    parser.add_argument("--warmup", type=non_negative_float, default=0.0,
                         help="seconds at the start left out of the summary's rates and latencies (default: 0)")
     parser.add_argument("--http", choices=("auto", "fast", "httpx"), default="auto",
                         help="jobs mode: send through a lean keep-alive client on httptools (fast), or through "
                              "the SDK's JobClient on httpx, which costs ~1 ms of CPU per request (auto: fast "
                              "when httptools is installed)")
-    parser.add_argument("--max-in-flight", type=_positive_int, default=4096,
+    parser.add_argument("--max-in-flight", type=positive_int, default=4096,
                         help="open loop: jobs the generator lets wait at once before it skips sends (default: 4096)")
 
 
-class _Tally:
-    """Outcomes and latencies of the measured window."""
-
-    def __init__(self, warmup_until: float) -> None:
-        self.warmup_until = warmup_until
-        self.sent = 0
-        self.answered = 0
-        self.ok = 0
-        self.codes: dict[str, int] = {}
-        self.latencies: list[float] = []
-        self.skipped = 0
-        self.all_answered = 0
-        self.first_at: float | None = None
-        self.last_at = 0.0
-
-    def record(self, sent_at: float, now: float, code: str | None) -> None:
-        self.all_answered += 1
-        if sent_at < self.warmup_until:
-            return
-        if self.first_at is None:
-            self.first_at = now
-        self.last_at = now
-        self.answered += 1
-        if code is None:
-            self.ok += 1
-            self.latencies.append(now - sent_at)
-        else:
-            self.codes[code] = self.codes.get(code, 0) + 1
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    values = sorted(values)
-    n = len(values)
-
-    def at(q: float) -> float:
-        return round(values[min(n - 1, int(q * n))] * 1000.0, 3)
-
-    return {"p50_ms": at(0.50), "p90_ms": at(0.90), "p99_ms": at(0.99), "p999_ms": at(0.999),
-            "max_ms": round(values[-1] * 1000.0, 3)}
-
-
 def run_load(args: argparse.Namespace) -> int:
-    """``pysched load``: exit status 0 when at least one job was answered and no transport error stopped it."""
-    return _run_async(_load_main(args))
+    """Run ``pysched load``.
 
+    :param args: the options (:func:`add_load_arguments`).
+    :returns: the exit status: 0 when at least one job was answered and no transport error stopped it.
+    """
+    from pysched.client._demo import load_main
 
-async def _load_main(args: argparse.Namespace) -> int:
-    import asyncio
-    import time
-
-    import msgspec
-
-    from pysched.client import _wire as wire
-    from pysched.client._url import bearer
-    from pysched.client.errors import ServeError, error_from_body
-    from pysched.client.jobs import JobClient
-
-    decode_job = msgspec.json.Decoder(wire.P.JobResponse).decode
-    token = args.token if args.token is not None else os.environ.get("PYSCHED_CLIENT_TOKEN")
-    concurrency = args.concurrency if args.rate is None else None
-    if args.rate is None and concurrency is None:
-        concurrency = 64
-    client = JobClient(args.url, token=token, max_connections=max(concurrency or 0, min(args.max_in_flight, 512)))
-    stop = _stop_event()
-    payload = "x" * max(0, args.payload_bytes)
-    sessions = [(f"load-{os.getpid()}-{i + 1}", *args.pairs[i % len(args.pairs)]) for i in range(args.sessions)]
-    started = time.perf_counter()
-    end_at = started + args.duration
-    tally = _Tally(started + args.warmup)
-    fatal: list[BaseException] = []
-    progress = None if args.quiet else _Progress(sys.stderr)
-
-    async def pace(send_one) -> None:
-        """Call ``send_one(i)`` at ``args.rate`` per second (open loop) until the end."""
-        i = 0
-        tick = 0.002
-        while not stop.is_set():
-            now = time.perf_counter()
-            if now >= end_at:
-                return
-            due = int((now - started) * args.rate)
-            while i < due:
-                send_one(i)
-                i += 1
-            await asyncio.sleep(tick)
-
-    # ------------------------------------------------------------ stream mode
-    async def stream_mode() -> None:
-        streams = []
-        try:
-            for sid, _, _ in sessions:
-                s = client.session(sid)
-                await s.open()
-                streams.append(s)
-        except ServeError as exc:
-            fatal.append(exc)
-            for s in streams:
-                await s.close()
-            return
-        sent_at: list[dict] = [{} for _ in streams]
-        in_flight = [0]
-
-        dead: set[int] = set()
-
-        async def reader(k: int) -> None:
-            s = streams[k]
-            times = sent_at[k]
-            try:
-                while True:
-                    r = await s.recv()
-                    now = time.perf_counter()
-                    t0 = times.pop(r.request_id, None)
-                    in_flight[0] -= 1
-                    if t0 is not None:
-                        tally.record(t0, now, r.code if r.code is not None else (None if r.ok else "node_error"))
-                    if concurrency is not None and now < end_at and not stop.is_set():
-                        submit(k)
-            except ServeError as exc:
-                # the server closed this stream: its jobs in flight get no answer; count them, go on
-                # with the other streams
-                dead.add(k)
-                now = time.perf_counter()
-                for t0 in times.values():
-                    tally.record(t0, now, "stream_closed")
-                lost = len(times)
-                in_flight[0] -= lost
-                times.clear()
-                if concurrency is not None and now < end_at and not stop.is_set():
-                    for _ in range(lost):  # keep the window full on the streams still open
-                        submit(k)
-                print(f"session stream {s.session_id}: {exc}", file=sys.stderr, flush=True)
-                if len(dead) == len(streams) and not fatal:
-                    fatal.append(exc)
-                    stop.set()
-
-        def submit(k: int) -> None:
-            if k in dead:
-                live = [i for i in range(len(streams)) if i not in dead]
-                if not live:
-                    return
-                k = live[k % len(live)]
-            _, src, tgt = sessions[k]
-            s = streams[k]
-            rid = s.next_request_id()
-            try:
-                # bounded by the caller: `concurrency` or `--max-in-flight` jobs at most
-                s.send_nowait(src, tgt, payload, request_id=rid, timeout=args.timeout)
-            except ServeError as exc:
-                if not fatal:
-                    fatal.append(exc)
-                    stop.set()
-                return
-            sent_at[k][rid] = time.perf_counter()
-            in_flight[0] += 1
-            tally.sent += 1
-
-        def submit_open(i: int) -> None:
-            if in_flight[0] >= args.max_in_flight:
-                tally.skipped += 1
-                return
-            submit(i % len(streams))
-
-        readers = [asyncio.ensure_future(reader(k)) for k in range(len(streams))]
-        try:
-            if concurrency is not None:
-                for j in range(concurrency):
-                    submit(j % len(streams))
-                await _until(stop, end_at, lambda: fatal)
-            else:
-                await pace(submit_open)
-            # let answers to jobs already sent come in (bounded)
-            await _drain(lambda: in_flight[0] <= 0, stop, 10.0 + (args.timeout or 0))
-        finally:
-            for r in readers:
-                r.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-            for s in streams:
-                await s.close()
-
-    # ------------------------------------------------------------ jobs mode
-    async def jobs_mode() -> None:
-        in_flight = [0]
-        fast = None
-        if args.http != "httpx":
-            try:
-                from pysched.client._fasthttp import FastHTTP
-            except ImportError:
-                if args.http == "fast":
-                    raise
-            else:
-                fast = FastHTTP(client.url, bearer(token), client.max_connections)
-        # every job of a session has the same body: encode each once
-        bodies = [wire.encode(wire.P.JobRequest(session_id=sid, src=src, tgt=tgt, payload=payload,
-                                                timeout=args.timeout)) for sid, src, tgt in sessions]
-
-        async def submit_fast(i: int) -> str | None:
-            status, headers, content = await fast.post("/v1/jobs", bodies[i % len(bodies)])
-            if status == 200:
-                return None if decode_job(content).ok else "node_error"
-            _, src, tgt = sessions[i % len(sessions)]
-            raise error_from_body(status, wire.decode_error_body(content), src=src, tgt=tgt,
-                                  retry_after=headers.get(b"retry-after"))
-
-        async def submit_sdk(i: int) -> str | None:
-            sid, src, tgt = sessions[i % len(sessions)]
-            r = await client.asubmit(sid, src, tgt, payload, timeout=args.timeout)
-            return None if r.ok else "node_error"
-
-        submit = submit_sdk if fast is None else submit_fast
-
-        async def one(i: int) -> None:
-            t0 = time.perf_counter()
-            tally.sent += 1
-            in_flight[0] += 1
-            try:
-                code = await submit(i)
-            except OSError as exc:  # ConnectionError of the fast client
-                code = "unavailable"
-                if not fatal:
-                    fatal.append(exc)
-                    stop.set()
-            except ServeError as exc:
-                code = exc.code
-                if exc.code in ("unavailable", "unauthorized", "forbidden") and not fatal:
-                    fatal.append(exc)
-                    stop.set()
-            finally:
-                in_flight[0] -= 1
-            tally.record(t0, time.perf_counter(), code)
-
-        if concurrency is not None:
-            async def worker(w: int) -> None:
-                i = w
-                while not stop.is_set() and time.perf_counter() < end_at:
-                    await one(i)
-                    i += concurrency
-
-            await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        else:
-            tasks: set[asyncio.Task] = set()
-
-            def send_one(i: int) -> None:
-                if in_flight[0] >= args.max_in_flight:
-                    tally.skipped += 1
-                    return
-                t = asyncio.ensure_future(one(i))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-
-            await pace(send_one)
-            await _drain(lambda: not tasks, stop, 10.0 + 3 * (args.timeout or 30.0))
-            for t in list(tasks):
-                t.cancel()
-        if fast is not None:
-            await fast.aclose()
-
-    async def report() -> None:
-        last_n, last_t = 0, time.perf_counter()
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.perf_counter()
-            n = tally.all_answered
-            errors = sum(tally.codes.values())
-            if progress is not None:
-                progress.line(f"{now - started:6.1f} s  {tally.sent:>10,} sent  {n:>10,} answered  "
-                              f"{(n - last_n) / (now - last_t):>8,.0f}/s  {errors:>7,} errors"
-                              + (f"  {tally.skipped:,} skipped" if tally.skipped else ""))
-            last_n, last_t = n, now
-
-    reporter = asyncio.ensure_future(report())
-    try:
-        await (stream_mode() if args.mode == "stream" else jobs_mode())
-    finally:
-        reporter.cancel()
-        await asyncio.gather(reporter, return_exceptions=True)
-        if progress is not None:
-            progress.finish()
-        await client.aclose()
-    window = (tally.last_at - tally.first_at) if tally.first_at is not None else 0.0
-    summary: dict[str, Any] = {
-        "mode": args.mode,
-        "url": client.url,
-        "sessions": args.sessions,
-        "rate": args.rate,
-        "concurrency": concurrency,
-        "seconds": round(time.perf_counter() - started, 3),
-        "measured_seconds": round(window, 3),
-        "sent": tally.sent,
-        "answered": tally.answered,
-        "ok": tally.ok,
-        "jobs_per_s": round(tally.ok / window, 1) if window > 0 else 0.0,
-        "errors": dict(sorted(tally.codes.items(), key=lambda kv: -kv[1])),
-        "skipped": tally.skipped,
-        "latency": _percentiles(tally.latencies),
-        "fatal": str(fatal[0]) if fatal else None,
-    }
-    print(_format_load_summary(summary), flush=True)
-    _write_json(args.json, summary)
-    return 0 if tally.ok > 0 and not fatal else 1
-
-
-async def _until(stop, end_at: float, failed) -> None:
-    import asyncio
-    import time
-
-    while not stop.is_set() and not failed():
-        left = end_at - time.perf_counter()
-        if left <= 0:
-            return
-        try:
-            await asyncio.wait_for(stop.wait(), min(left, 0.25))
-        except asyncio.TimeoutError:
-            pass
-
-
-async def _drain(done, stop, limit: float) -> None:
-    import asyncio
-    import time
-
-    end = time.perf_counter() + limit
-    while not done() and time.perf_counter() < end:
-        await asyncio.sleep(0.01)
-
-
-def _format_load_summary(s: dict) -> str:
-    pace = f"rate {s['rate']:,.0f}/s" if s["rate"] else f"concurrency {s['concurrency']}"
-    lat = s["latency"]
-    lines = [
-        f"pysched load: mode {s['mode']}, {s['sessions']} sessions, {pace}, {s['seconds']:.1f} s against {s['url']}",
-        f"  sent         {s['sent']:>12,}" + (f"  ({s['skipped']:,} skipped: too many in flight)" if s["skipped"] else ""),
-        f"  answered     {s['answered']:>12,}  in the measured {s['measured_seconds']:.1f} s",
-        f"  ok           {s['ok']:>12,}  ({s['jobs_per_s']:,.0f} jobs/s)",
-    ]
-    if lat:
-        lines.append(f"  latency ms   p50 {lat['p50_ms']:.2f}  p90 {lat['p90_ms']:.2f}  p99 {lat['p99_ms']:.2f}  "
-                     f"p99.9 {lat['p999_ms']:.2f}  max {lat['max_ms']:.2f}")
-    if s["errors"]:
-        lines.append("  errors       " + ", ".join(f"{k} {v:,}" for k, v in s["errors"].items()))
-    if s["fatal"]:
-        lines.append(f"  stopped on   {s['fatal']}")
-    return "\n".join(lines)
+    return _run_async(load_main(args))

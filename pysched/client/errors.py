@@ -49,10 +49,11 @@ __all__ = [
 class ServeError(Exception):
     """An error answer of the server (or a failure to get one, see :class:`ServeUnavailable`).
 
-    ``status`` is the HTTP status (the session stream reports the same
-    numbers), ``code`` the machine-readable error code (``"no_node"``,
-    ``"bad_request"``, ...), ``field`` the request field a bad-input error
-    names (else ``None``), ``body`` the decoded error object as sent.
+    :param message: what happened, for people.
+    :param status: the HTTP status (the session stream reports the same numbers); 0 without an answer.
+    :param code: the machine-readable error code (``"no_node"``, ``"invalid"``, ...).
+    :param field: the request field a bad-input error names (else None).
+    :param body: the decoded error object as sent.
     """
 
     def __init__(self, message: str, *, status: int = 0, code: str = "error", field: str | None = None,
@@ -82,9 +83,12 @@ class BadRequest(ServeError, ValueError):
 
 
 class JobFailed(ServeError):
-    """The server took the job but got no result: its last attempt missed the deadline
-    (``timeout``), its node disconnected or failed it (``node_lost``), or it was cancelled
-    (``cancelled``). ``body["job_id"]`` and ``body["attempts"]`` say which job and how many tries."""
+    """The server took the job but got no result.
+
+    Its last attempt missed the deadline (``timeout``), its node disconnected
+    or failed it (``node_lost``), or it was cancelled (``cancelled``).
+    ``body["job_id"]`` and ``body["attempts"]`` say which job and how many tries.
+    """
 
 
 class ServeUnavailable(ServeError, ConnectionError):
@@ -94,9 +98,15 @@ class ServeUnavailable(ServeError, ConnectionError):
 class NoNodeAvailable(_lib.NoNodeAvailable, ServeError):
     """503: pools serve the pair but no node can take the job now.
 
-    ``breakdown`` and ``best_reason`` are the server's (as in
-    :class:`pysched.NoNodeAvailable`); ``retry_after`` is the server's
-    ``Retry-After`` in seconds, or ``None``.
+    :param src: the request's source language.
+    :param tgt: the request's target language.
+    :param breakdown: the server's count of nodes by refusal reason (as in :class:`pysched.NoNodeAvailable`).
+    :param best_reason: the server's reason of the node closest to taking the job.
+    :param message: the server's message.
+    :param status: the HTTP status.
+    :param code: the error code.
+    :param body: the decoded error object.
+    :param retry_after: the server's ``Retry-After`` in seconds, or None.
     """
 
     def __init__(self, src: str, tgt: str, breakdown: Mapping[str, int], best_reason: str, *, message: str = "",
@@ -111,7 +121,15 @@ class NoNodeAvailable(_lib.NoNodeAvailable, ServeError):
 
 
 class NoPoolForLanguagePair(_lib.NoPoolForLanguagePair, ServeError):
-    """404: no pool serves the requested language pair."""
+    """404: no pool serves the requested language pair.
+
+    :param src: the request's source language.
+    :param tgt: the request's target language.
+    :param message: the server's message.
+    :param status: the HTTP status.
+    :param code: the error code.
+    :param body: the decoded error object.
+    """
 
     def __init__(self, src: str, tgt: str, *, message: str = "", status: int = 404, code: str = "no_pool",
                  body: Mapping[str, Any] | None = None) -> None:
@@ -123,8 +141,16 @@ class NoPoolForLanguagePair(_lib.NoPoolForLanguagePair, ServeError):
 
 
 class UnknownJob(_lib.UnknownJob, ServeError):
-    """404: commit/release named a job the server holds no reservation for
-    (or, with ``node_id``, one held on another node)."""
+    """404: commit/release named a job the server holds no reservation for.
+
+    :class:`WrongNode`, a subclass, is a job held on another node than the one named.
+
+    :param job_id: the job.
+    :param message: the server's message.
+    :param status: the HTTP status.
+    :param code: the error code.
+    :param body: the decoded error object.
+    """
 
     def __init__(self, job_id: object, *, message: str = "", status: int = 404, code: str = "unknown_job",
                  body: Mapping[str, Any] | None = None) -> None:
@@ -135,14 +161,19 @@ class UnknownJob(_lib.UnknownJob, ServeError):
         return _lib.UnknownJob.__str__(self)
 
 
-# The library's WrongNode (a subclass of UnknownJob) when this version has it.
-_WRONG_NODE_BASES = (_lib.WrongNode,) if hasattr(_lib, "WrongNode") else ()
-
 _BAD_INPUT = frozenset({C.BAD_MESSAGE, C.UNKNOWN_TYPE, C.INVALID, C.TOO_BIG, C.DUPLICATE_REQUEST})
 
 
-class WrongNode(UnknownJob, *_WRONG_NODE_BASES):  # type: ignore[misc]
-    """409: commit/release/renew named a node that does not hold the job."""
+class WrongNode(UnknownJob, _lib.WrongNode):
+    """409: commit/release/renew named a node that does not hold the job.
+
+    :param job_id: the job.
+    :param node_id: the node the request named.
+    :param message: the server's message.
+    :param status: the HTTP status.
+    :param code: the error code.
+    :param body: the decoded error object.
+    """
 
     def __init__(self, job_id: object, *, node_id: object = None, message: str = "", status: int = 409,
                  code: str = "wrong_node", body: Mapping[str, Any] | None = None) -> None:
@@ -155,20 +186,29 @@ class WrongNode(UnknownJob, *_WRONG_NODE_BASES):  # type: ignore[misc]
 
 
 def _retry_after(value: object) -> float | None:
+    """A ``Retry-After`` (header text, or the body's number) in seconds; None when absent or not a number."""
+    if not isinstance(value, (str, bytes, int, float)):
+        return None
     try:
-        return float(value) if value is not None else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        return float(value)
+    except ValueError:
         return None
 
 
 def error_from_body(status: int, body: Mapping[str, Any] | None, *, src: str = "", tgt: str = "",
                     job_id: str | None = None, node_id: str | None = None, retry_after: object = None) -> ServeError:
-    """The typed exception for one error answer.
+    """Build the typed exception for one error answer.
 
-    ``body`` is the decoded JSON error object (``{"error": code, "message",
-    "field"?, "breakdown"?, "best_reason"?}`` over HTTP, the same fields with
-    ``code`` instead of ``error`` on a session stream); ``src``/``tgt``/
-    ``job_id`` are the request's, used when the body does not repeat them.
+    :param status: the HTTP status (0 when unknown).
+    :param body: the decoded JSON error object (``{"error": code, "message",
+        "field"?, "breakdown"?, "best_reason"?}`` over HTTP, the same fields
+        with ``code`` instead of ``error`` on a session stream).
+    :param src: the request's source language, used when the body does not repeat it.
+    :param tgt: the request's target language, likewise.
+    :param job_id: the request's job, likewise.
+    :param node_id: the node the request named (for :class:`WrongNode`).
+    :param retry_after: the ``Retry-After`` header, if any.
+    :returns: the most specific :class:`ServeError` subclass for the answer.
     """
     body = dict(body or {})
     code = str(body.get("error") or body.get("code") or "error")
@@ -180,8 +220,8 @@ def error_from_body(status: int, body: Mapping[str, Any] | None, *, src: str = "
     if status in (401, 403) or code in (C.UNAUTHORIZED, C.FORBIDDEN):
         return AuthError(message, status=status, code=code, field=field, body=body)
     if code == C.NO_NODE:
-        breakdown = body.get("breakdown") or {}
-        best = str(body.get("best_reason") or (max(breakdown, key=breakdown.get) if breakdown else "no_nodes"))
+        breakdown: dict[str, int] = body.get("breakdown") or {}
+        best = str(body.get("best_reason") or (max(breakdown, key=breakdown.__getitem__) if breakdown else "no_nodes"))
         if retry_after is None:
             retry_after = body.get("retry_after")
         return NoNodeAvailable(src, tgt, breakdown, best, message=message, status=status or 503, code=code,

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import enum
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from typing import Any
 
 import httpx
@@ -49,20 +52,29 @@ __all__ = ["JobClient", "JobResult", "SessionStream"]
 
 P = wire.P
 _JSON = {"Content-Type": "application/json"}
-_decode_job = msgspec.json.Decoder(P.JobResponse).decode
-_decode_dispatch = msgspec.json.Decoder(P.DispatchResponse).decode
-_decode_any = msgspec.json.Decoder().decode
+_decode_job: Callable[[bytes], P.JobResponse] = msgspec.json.Decoder(P.JobResponse).decode
+_decode_dispatch: Callable[[bytes], P.DispatchResponse] = msgspec.json.Decoder(P.DispatchResponse).decode
+_decode_any: Callable[[bytes], Any] = msgspec.json.Decoder().decode
 
 
 class JobResult:
-    """The answer to one job: the node's result, or (on a session stream
-    only) an error the server reported for it.
+    """The answer to one job: the node's result, or (on a session stream only) an error the server reported for it.
 
-    ``ok`` is the node's verdict (``payload`` its answer, ``error`` its
-    message when not ok). On a session stream a job the server could not
-    run arrives as a ``JobResult`` with ``ok=False``, ``code`` (``no_node``,
-    ``timeout``, ...), ``status`` and ``exception``, the typed error
-    :meth:`unwrap` raises; results from nodes have ``code`` ``None``.
+    On a session stream a job the server could not run arrives as a
+    ``JobResult`` with ``ok=False``, ``code`` (``no_node``, ``timeout``,
+    ...), ``status`` and ``exception``, the typed error :meth:`unwrap`
+    raises; results from nodes have ``code`` ``None``.
+
+    :param job_id: the job's id (None when the server refused it before giving one).
+    :param node_id: the node that answered (None for a server error).
+    :param ok: the node's verdict.
+    :param payload: the node's answer.
+    :param error: the node's message when not ok (or the server's error message).
+    :param attempts: deliveries it took.
+    :param request_id: the session stream's request (None over HTTP).
+    :param code: the server's error code, or None for a node's answer.
+    :param status: the server error's HTTP status, or None.
+    :param exception: the server error as the typed exception :meth:`unwrap` raises.
     """
 
     __slots__ = (
@@ -78,9 +90,11 @@ class JobResult:
         "status",
     )
 
-    def __init__(self, job_id: str | None, node_id: str | None, ok: bool, payload: Any = None,
-                 error: str | None = None, attempts: int = 1, request_id: int | str | None = None,
-                 code: str | None = None, status: int | None = None, exception: ServeError | None = None) -> None:
+    def __init__(  # noqa: PLR0917  the public constructor: positional callers exist (the stream reader)
+        self, job_id: str | None, node_id: str | None, ok: bool, payload: Any = None, error: str | None = None,
+        attempts: int = 1, request_id: int | str | None = None, code: str | None = None, status: int | None = None,
+        exception: ServeError | None = None,
+    ) -> None:
         self.job_id = job_id
         self.node_id = node_id
         self.ok = ok
@@ -100,8 +114,11 @@ class JobResult:
                 f"payload={self.payload!r}, error={self.error!r}, attempts={self.attempts})")
 
     def unwrap(self) -> Any:
-        """The payload; raises :attr:`exception` for a server error, or
-        :class:`~pysched.client.errors.JobFailed` when the node answered not ok."""
+        """Return the payload, or raise the job's failure.
+
+        :raises ServeError: :attr:`exception`, for a server error.
+        :raises JobFailed: the node answered not ok.
+        """
         if self.exception is not None:
             raise self.exception
         if not self.ok:
@@ -110,11 +127,11 @@ class JobResult:
         return self.payload
 
     @classmethod
-    def _from_response(cls, r: Any, request_id: int | str | None = None) -> JobResult:
+    def _from_response(cls, r: P.JobResponse, request_id: int | str | None = None) -> JobResult:
         return cls(r.job_id, r.node_id, r.ok, r.payload, r.error, r.attempts, request_id)
 
     @classmethod
-    def _from_error(cls, err: Any, src: str = "", tgt: str = "") -> JobResult:
+    def _from_error(cls, err: P.Error, src: str = "", tgt: str = "") -> JobResult:
         exc = error_from_body(err.status or 0, wire.error_fields(err), src=src, tgt=tgt, job_id=err.job_id)
         return cls(err.job_id, None, False, None, err.message, err.attempts or 0, err.request_id, err.code,
                    err.status, exc)
@@ -143,10 +160,13 @@ def _prefer(value: object) -> str | list[str] | None:
 class JobClient:
     """A client of a ``pysched serve`` server's job endpoints.
 
-    ``url`` is the server's base URL (``http://127.0.0.1:8000``); ``token``
-    the client token. ``timeout`` bounds each HTTP request; a job's own
-    ``timeout`` (per attempt, on the server) is added to it for ``submit``.
-    ``max_connections`` bounds the keep-alive pool of each face.
+    :param url: the server's base URL (``http://127.0.0.1:8000``).
+    :param token: the client token.
+    :param timeout: bounds each HTTP request, seconds; for ``submit`` a job's
+        own ``timeout`` (per attempt, on the server) is added to it.
+    :param max_connections: bounds the keep-alive pool of each face.
+    :param headers: extra headers for every request.
+    :raises ValueError: a bad ``url``, ``timeout``, ``max_connections`` or ``token``.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, token: str | None = None, timeout: float = 60.0,
@@ -214,7 +234,7 @@ class JobClient:
     @staticmethod
     def _check(resp: httpx.Response, src: str = "", tgt: str = "", job_id: str | None = None,
                node_id: str | None = None) -> None:
-        if resp.status_code < 300:
+        if resp.status_code < HTTPStatus.MULTIPLE_CHOICES:  # 1xx, 2xx
             return
         body = wire.decode_error_body(resp.content)
         raise error_from_body(resp.status_code, body, src=src, tgt=tgt, job_id=job_id, node_id=node_id,
@@ -227,7 +247,7 @@ class JobClient:
 
     # ------------------------------------------------------------------ bodies
     @staticmethod
-    def _job_body(session_id: str, src: str, tgt: str, payload: Any, tenant: str | None,
+    def _job_body(session_id: str, src: str, tgt: str, payload: Any, *, tenant: str | None,
                   services: Iterable[str] | None, prefer: str | Iterable[str] | None, timeout: float | None,
                   require_gpu: bool) -> bytes:
         _check_id(session_id, "session_id")
@@ -241,7 +261,7 @@ class JobClient:
             raise BadRequest(f"payload is not JSON-encodable: {exc}", code="invalid", field="payload") from None
 
     @staticmethod
-    def _dispatch_body(session_id: str, src: str, tgt: str, job_id: str | None, tenant: str | None,
+    def _dispatch_body(session_id: str, src: str, tgt: str, *, job_id: str | None, tenant: str | None,
                        services: Iterable[str] | None, prefer: str | Iterable[str] | None,
                        exclude: Iterable[str] | None, require_gpu: bool) -> bytes:
         _check_id(session_id, "session_id")
@@ -267,10 +287,26 @@ class JobClient:
     def submit(self, session_id: str, src: str, tgt: str, payload: Any = None, *, tenant: str | None = None,
                services: Iterable[str] | None = None, prefer: str | Iterable[str] | None = None,
                timeout: float | None = None, require_gpu: bool = True) -> JobResult:
-        """Run one job (``POST /v1/jobs``): the server picks a node, delivers
-        ``payload``, and this returns the node's answer (``ok`` may be False:
-        the node's own error). ``timeout`` is per attempt, on the server."""
-        body = self._job_body(session_id, src, tgt, payload, tenant, services, prefer, timeout, require_gpu)
+        """Run one job (``POST /v1/jobs``): the server picks a node and delivers it.
+
+        :param session_id: the job's session (its jobs stay on one pool).
+        :param src: source language code.
+        :param tgt: target language code.
+        :param payload: any JSON value, handed to the node as is.
+        :param tenant: the job's tenant; None: a public job.
+        :param services: services the node must offer (default: the server's).
+        :param prefer: a node id, or node ids in order of preference.
+        :param timeout: seconds a node has for one attempt (default: the server's).
+        :param require_gpu: whether only GPU nodes may take it.
+        :returns: the node's answer (``ok`` may be False: the node's own error).
+        :raises NoNodeAvailable: no node can take the job now (503).
+        :raises NoPoolForLanguagePair: no pool serves the pair (404).
+        :raises JobFailed: the server took the job but got no result.
+        :raises BadRequest: the request was malformed.
+        :raises ServeUnavailable: no answer from the server, or it is draining.
+        """
+        body = self._job_body(session_id, src, tgt, payload, tenant=tenant, services=services, prefer=prefer,
+                              timeout=timeout, require_gpu=require_gpu)
         try:
             resp = self.http.post("/v1/jobs", content=body, headers=_JSON, timeout=self._request_timeout(timeout))
         except httpx.TransportError as exc:
@@ -281,10 +317,27 @@ class JobClient:
     def dispatch(self, session_id: str, src: str, tgt: str, *, job_id: str | None = None, tenant: str | None = None,
                  services: Iterable[str] | None = None, prefer: str | Iterable[str] | None = None,
                  exclude: Iterable[str] | None = None, require_gpu: bool = True) -> P.DispatchResponse:
-        """A decision only (``POST /v1/dispatch``): reserve room on a node and
-        return ``{job_id, node_id, pool_id, session_id, src, tgt}``; the caller
-        delivers the job, then calls :meth:`commit` and :meth:`release`."""
-        body = self._dispatch_body(session_id, src, tgt, job_id, tenant, services, prefer, exclude, require_gpu)
+        """Reserve room on a node, a decision only (``POST /v1/dispatch``).
+
+        The caller delivers the job, then calls :meth:`commit` and :meth:`release`.
+
+        :param session_id: the job's session.
+        :param src: source language code.
+        :param tgt: target language code.
+        :param job_id: the job's id, to retry a dispatch safely (default: the server numbers it).
+        :param tenant: the job's tenant; None: a public job.
+        :param services: services the node must offer.
+        :param prefer: a node id, or node ids in order of preference.
+        :param exclude: node ids not to choose.
+        :param require_gpu: whether only GPU nodes may take it.
+        :returns: ``job_id``, ``node_id``, ``pool_id``, ``session_id``, ``src``, ``tgt``.
+        :raises NoNodeAvailable: no node can take the job now (503).
+        :raises NoPoolForLanguagePair: no pool serves the pair (404).
+        :raises BadRequest: the request was malformed.
+        :raises ServeUnavailable: no answer from the server, or it is draining.
+        """
+        body = self._dispatch_body(session_id, src, tgt, job_id=job_id, tenant=tenant, services=services,
+                                   prefer=prefer, exclude=exclude, require_gpu=require_gpu)
         try:
             resp = self.http.post("/v1/dispatch", content=body, headers=_JSON)
         except httpx.TransportError as exc:
@@ -293,8 +346,13 @@ class JobClient:
         return _decode_dispatch(resp.content)
 
     def commit(self, job_id: str, *, node_id: str | None = None) -> None:
-        """Commit a dispatched job (the node took it). Raises
-        :class:`~pysched.client.errors.UnknownJob` (or ``WrongNode``)."""
+        """Commit a dispatched job (the node took it).
+
+        :param job_id: the job.
+        :param node_id: the node it must be held on (refused otherwise).
+        :raises UnknownJob: the server holds no reservation for it.
+        :raises WrongNode: it is held on another node than ``node_id``.
+        """
         try:
             resp = self.http.post(self._job_path(job_id, "commit"), content=self._settle_body(node_id), headers=_JSON)
         except httpx.TransportError as exc:
@@ -302,8 +360,12 @@ class JobClient:
         self._check(resp, job_id=job_id, node_id=node_id)
 
     def release(self, job_id: str, *, node_id: str | None = None) -> bool:
-        """Release a dispatched job's capacity; False when nothing was held
-        (or it is held on another node than ``node_id``)."""
+        """Release a dispatched job's capacity.
+
+        :param job_id: the job.
+        :param node_id: the node it must be held on (not released otherwise).
+        :returns: False when nothing was held (or it is held on another node than ``node_id``).
+        """
         try:
             resp = self.http.post(self._job_path(job_id, "release"), content=self._settle_body(node_id), headers=_JSON)
         except httpx.TransportError as exc:
@@ -312,9 +374,14 @@ class JobClient:
         return bool(_decode_any(resp.content).get("released"))
 
     def renew(self, job_id: str, *, lease: float | None = None, node_id: str | None = None) -> None:
-        """Extend a dispatched job's hold to now + ``lease`` seconds (default:
-        the server's lease for committed jobs, its reservation TTL otherwise).
-        Raises :class:`~pysched.client.errors.UnknownJob` (or ``WrongNode``)."""
+        """Extend a dispatched job's hold to now + ``lease`` seconds.
+
+        :param job_id: the job.
+        :param lease: seconds (default: the server's lease for committed jobs, its reservation TTL otherwise).
+        :param node_id: the node it must be held on (refused otherwise).
+        :raises UnknownJob: the server holds no reservation for it.
+        :raises WrongNode: it is held on another node than ``node_id``.
+        """
         try:
             resp = self.http.post(self._job_path(job_id, "renew"), content=self._renew_body(lease, node_id),
                                   headers=_JSON)
@@ -326,8 +393,9 @@ class JobClient:
     async def asubmit(self, session_id: str, src: str, tgt: str, payload: Any = None, *, tenant: str | None = None,
                       services: Iterable[str] | None = None, prefer: str | Iterable[str] | None = None,
                       timeout: float | None = None, require_gpu: bool = True) -> JobResult:
-        """:meth:`submit`, asynchronously."""
-        body = self._job_body(session_id, src, tgt, payload, tenant, services, prefer, timeout, require_gpu)
+        """Do :meth:`submit`, asynchronously (same parameters, same answers)."""
+        body = self._job_body(session_id, src, tgt, payload, tenant=tenant, services=services, prefer=prefer,
+                              timeout=timeout, require_gpu=require_gpu)
         try:
             resp = await self.ahttp.post("/v1/jobs", content=body, headers=_JSON,
                                          timeout=self._request_timeout(timeout))
@@ -340,8 +408,9 @@ class JobClient:
                         tenant: str | None = None, services: Iterable[str] | None = None,
                         prefer: str | Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                         require_gpu: bool = True) -> P.DispatchResponse:
-        """:meth:`dispatch`, asynchronously."""
-        body = self._dispatch_body(session_id, src, tgt, job_id, tenant, services, prefer, exclude, require_gpu)
+        """Do :meth:`dispatch`, asynchronously (same parameters, same answers)."""
+        body = self._dispatch_body(session_id, src, tgt, job_id=job_id, tenant=tenant, services=services,
+                                   prefer=prefer, exclude=exclude, require_gpu=require_gpu)
         try:
             resp = await self.ahttp.post("/v1/dispatch", content=body, headers=_JSON)
         except httpx.TransportError as exc:
@@ -350,7 +419,7 @@ class JobClient:
         return _decode_dispatch(resp.content)
 
     async def acommit(self, job_id: str, *, node_id: str | None = None) -> None:
-        """:meth:`commit`, asynchronously."""
+        """Do :meth:`commit`, asynchronously (same parameters, same answers)."""
         try:
             resp = await self.ahttp.post(self._job_path(job_id, "commit"), content=self._settle_body(node_id),
                                          headers=_JSON)
@@ -359,7 +428,7 @@ class JobClient:
         self._check(resp, job_id=job_id, node_id=node_id)
 
     async def arelease(self, job_id: str, *, node_id: str | None = None) -> bool:
-        """:meth:`release`, asynchronously."""
+        """Do :meth:`release`, asynchronously (same parameters, same answers)."""
         try:
             resp = await self.ahttp.post(self._job_path(job_id, "release"), content=self._settle_body(node_id),
                                          headers=_JSON)
@@ -369,7 +438,7 @@ class JobClient:
         return bool(_decode_any(resp.content).get("released"))
 
     async def arenew(self, job_id: str, *, lease: float | None = None, node_id: str | None = None) -> None:
-        """:meth:`renew`, asynchronously."""
+        """Do :meth:`renew`, asynchronously (same parameters, same answers)."""
         try:
             resp = await self.ahttp.post(self._job_path(job_id, "renew"), content=self._renew_body(lease, node_id),
                                          headers=_JSON)
@@ -380,10 +449,15 @@ class JobClient:
     # ------------------------------------------------------------------ session streams
     def session(self, session_id: str, *, max_size: int | None = 4 * 1024 * 1024, open_timeout: float = 10.0,
                 max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES) -> SessionStream:
-        """A stream of jobs of one session over one WebSocket
-        (``/v1/sessions/{session_id}``); use it with ``async with``.
-        ``max_message_bytes`` is the server's message size limit
-        (``--max-message-bytes``): no frame sent is larger."""
+        """Open a stream of jobs of one session over one WebSocket (``/v1/sessions/{session_id}``).
+
+        Use it with ``async with``.
+
+        :param session_id: the session of every job on the stream.
+        :param max_size: the largest frame accepted from the server, bytes (None: no limit).
+        :param open_timeout: seconds the WebSocket handshake may take.
+        :param max_message_bytes: the server's message size limit (``--max-message-bytes``): no frame sent is larger.
+        """
         _check_id(session_id, "session_id")
         url = ws_url(self.url, f"/v1/sessions/{quote_segment(session_id)}") + "?batch=1"
         return SessionStream(url, session_id, bearer(self.token), max_size=max_size, open_timeout=open_timeout,
@@ -394,7 +468,11 @@ def _unavailable(url: str, exc: BaseException) -> ServeUnavailable:
     return ServeUnavailable(f"no answer from {url}: {type(exc).__name__}: {exc}", code="unavailable")
 
 
-_END = object()
+class _End(enum.Enum):
+    END = enum.auto()  # wakes an iterator (one member: a sentinel mypy can tell from a JobResult)
+
+
+_END = _End.END
 
 
 class SessionStream:
@@ -408,7 +486,15 @@ class SessionStream:
     concurrently should loop on :meth:`recv` instead). :meth:`request`
     sends one job and waits for its own answer, raising its error. Jobs go
     out in batches: everything sent between two writes of the connection
-    becomes one frame.
+    becomes one frame. Made by :meth:`JobClient.session`.
+
+    :param url: the stream's WebSocket URL.
+    :param session_id: the session of every job on the stream.
+    :param headers: the handshake's headers (``Authorization``).
+    :param max_size: the largest frame accepted from the server, bytes (None: no limit).
+    :param open_timeout: seconds the WebSocket handshake may take.
+    :param max_outbox: jobs queued unsent after which :meth:`send` waits.
+    :param max_message_bytes: the server's message size limit: no frame sent is larger.
     """
 
     def __init__(self, url: str, session_id: str, headers: dict[str, str], *, max_size: int | None = 4 * 1024 * 1024,
@@ -424,19 +510,19 @@ class SessionStream:
         self._ids = itertools.count(1)
         #: request_id -> (src, tgt) of jobs sent and not yet answered
         self._pending: dict[int | str, tuple[str, str]] = {}
-        self._waiters: dict[int | str, asyncio.Future] = {}
-        self._results: asyncio.Queue = asyncio.Queue()
+        self._waiters: dict[int | str, asyncio.Future[JobResult]] = {}
+        self._results: asyncio.Queue[JobResult | _End] = asyncio.Queue()
         self._outbox: list[bytes] = []
         #: frame size limit: the server's (``--max-message-bytes``, 1 MiB by default)
         self.max_message_bytes = max_message_bytes
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._error: ServeError | None = None
         #: the latest frames the server sent about no job (a message of ours it could not read)
-        self.errors: collections.deque[Any] = collections.deque(maxlen=50)
+        self.errors: collections.deque[wire.Error | wire.ProtocolError] = collections.deque(maxlen=50)
 
     def __repr__(self) -> str:
         return f"SessionStream({self.session_id!r}, pending={self.pending})"
@@ -454,7 +540,12 @@ class SessionStream:
         await self.close()
 
     async def open(self) -> None:
-        """Open the WebSocket (``async with`` does it)."""
+        """Open the WebSocket (``async with`` does it).
+
+        :raises AuthError: the token was refused.
+        :raises BadRequest: the URL is not valid.
+        :raises ServeUnavailable: the server could not be reached, or it is draining.
+        """
         try:
             self._ws = await connect(self.url, additional_headers=self._headers, open_timeout=self._open_timeout,
                                      max_size=self._max_size, compression=None, proxy=None, close_timeout=5)
@@ -474,10 +565,8 @@ class SessionStream:
             return
         ws = self._ws
         if ws is not None and self._error is None:
-            try:
+            with contextlib.suppress(ConnectionClosed):  # nothing left to send it on
                 await self._flush(ws)
-            except ConnectionClosed:
-                pass
         self._closed = True
         if ws is not None:
             await ws.close()
@@ -491,8 +580,22 @@ class SessionStream:
                    tenant: str | None = None, services: Iterable[str] | None = None,
                    prefer: str | Iterable[str] | None = None, timeout: float | None = None,
                    require_gpu: bool = True) -> int | str:
-        """Queue one job; return its ``request_id``. Waits only while
-        ``max_outbox`` jobs are queued unsent."""
+        """Queue one job; wait only while ``max_outbox`` jobs are queued unsent.
+
+        :param src: source language code.
+        :param tgt: target language code.
+        :param payload: any JSON value, handed to the node as is.
+        :param request_id: the job's id on this stream (default: the next integer).
+        :param tenant: the job's tenant; None: a public job.
+        :param services: services the node must offer.
+        :param prefer: a node id, or node ids in order of preference.
+        :param timeout: seconds a node has for one attempt (default: the server's).
+        :param require_gpu: whether only GPU nodes may take it.
+        :returns: the job's ``request_id``.
+        :raises BadRequest: what the server would refuse (nothing is sent).
+        :raises ValueError: ``request_id`` is in flight already.
+        :raises ServeUnavailable: the stream is closed.
+        """
         while not self._room.is_set():
             self._check_open()
             await self._room.wait()
@@ -503,8 +606,11 @@ class SessionStream:
                     tenant: str | None = None, services: Iterable[str] | None = None,
                     prefer: str | Iterable[str] | None = None, timeout: float | None = None,
                     require_gpu: bool = True) -> int | str:
-        """:meth:`send` without waiting: the caller bounds how much it queues
-        (the server answers jobs beyond its in-flight limit with ``too_many_in_flight``)."""
+        """Do :meth:`send` without waiting (same parameters, same answers).
+
+        The caller bounds how much it queues (the server answers jobs beyond
+        its in-flight limit with ``too_many_in_flight``).
+        """
         self._check_open()
         _check_id(src, "src")
         _check_id(tgt, "tgt")
@@ -513,8 +619,9 @@ class SessionStream:
         elif request_id in self._pending:
             raise ValueError(f"request_id {request_id!r} is already in flight on this stream")
         try:
-            msg = wire.session_job(request_id, src, tgt, payload, tenant, _list_or_none(services, "services"),
-                                   _prefer(prefer), timeout, require_gpu, self.max_message_bytes)
+            msg = wire.session_job(request_id, src, tgt, payload, tenant=tenant,
+                                   services=_list_or_none(services, "services"), prefer=_prefer(prefer),
+                                   timeout=timeout, require_gpu=require_gpu, limit=self.max_message_bytes)
         except wire.ProtocolError as exc:
             raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
         self._pending[request_id] = (src, tgt)
@@ -529,18 +636,29 @@ class SessionStream:
         return next(self._ids)
 
     async def request(self, src: str, tgt: str, payload: Any = None, **options: Any) -> JobResult:
-        """Send one job and wait for its answer; a server error raises its
-        typed exception (the node's own ``ok=False`` answer is returned)."""
+        """Send one job and wait for its answer.
+
+        :param src: source language code.
+        :param tgt: target language code.
+        :param payload: any JSON value.
+        :param options: the keywords of :meth:`send`.
+        :returns: the node's answer (its own ``ok=False`` answer included).
+        :raises ServeError: the typed exception of the server's error for the job.
+        """
         request_id = await self.send(src, tgt, payload, **options)
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = fut
-        result: JobResult = await fut
+        result = await fut
         if result.exception is not None:
             raise result.exception
         return result
 
     async def cancel(self, request_id: int | str) -> None:
-        """Cancel a job in flight; it is answered with code ``cancelled``."""
+        """Cancel a job in flight; it is answered with code ``cancelled``.
+
+        :param request_id: the job's ``request_id``.
+        :raises ServeUnavailable: the stream is closed.
+        """
         self._check_open()
         self._outbox.append(wire.session_cancel(request_id))
         self._wake.set()
@@ -578,18 +696,20 @@ class SessionStream:
                     continue
                 for msg in messages:
                     if type(msg) is SessionResult:
-                        pending.pop(msg.request_id, None)
+                        rid = msg.request_id
+                        pending.pop(rid, None)
                         result = JobResult(msg.job_id, msg.node_id, msg.ok, msg.payload, msg.error, msg.attempts,
-                                           msg.request_id)
+                                           rid)
                     elif type(msg) is Error:
                         if msg.request_id is None:
                             self.errors.append(msg)
                             continue
-                        src, tgt = pending.pop(msg.request_id, ("", ""))
+                        rid = msg.request_id
+                        src, tgt = pending.pop(rid, ("", ""))
                         result = JobResult._from_error(msg, src, tgt)
                     else:
                         continue
-                    fut = waiters.pop(result.request_id, None)
+                    fut = waiters.pop(rid, None)
                     if fut is not None:
                         if not fut.done():
                             fut.set_result(result)
@@ -615,9 +735,10 @@ class SessionStream:
         self._waiters.clear()
 
     async def recv(self) -> JobResult:
-        """The next answer (in order of completion). Raises
-        :class:`~pysched.client.errors.ServeUnavailable` once the stream is
-        closed and nothing is left to read."""
+        """Wait for the next answer (in order of completion).
+
+        :raises ServeUnavailable: the stream is closed and nothing is left to read.
+        """
         while True:
             if self._results.empty() and (self._error is not None or self._closed):
                 raise self._error or ServeUnavailable(f"session stream {self.session_id!r} is closed", code="closed")

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import inspect
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import websockets
@@ -55,19 +57,28 @@ HEARTBEAT_FIELDS = ("cpu", "gpu", "mem", "healthy", "services", "languages", "ma
 #: a coroutine function), or ``None`` for heartbeats with ``running`` only.
 LoadSource = Mapping[str, Any] | Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]] | None
 
-_END = object()  # ends jobs() iterators
+class _End(enum.Enum):
+    END = enum.auto()  # ends jobs() iterators (one member: a sentinel mypy can tell from a Job)
+
+
+_END = _End.END
 
 
 class Job:
-    """One job delivered to a node: ``job_id``, ``session_id``, ``src``,
-    ``tgt``, ``payload`` (any JSON value, opaque to the server), ``deadline``
-    (unix seconds) and ``attempt`` (1 for the first delivery, more after a
-    failover).
+    """One job delivered to a node.
 
     Answer it once with :meth:`reply` or :meth:`fail`. A job the server
     cancels (``cancel`` message), or that belonged to a connection that has
     since dropped, has ``cancelled`` set and ``cancel_reason`` saying why;
     answering it then sends nothing and returns ``False``.
+
+    :ivar job_id: the job's id, given by the server.
+    :ivar session_id: the session the job belongs to.
+    :ivar src: source language code.
+    :ivar tgt: target language code.
+    :ivar payload: any JSON value, opaque to the server.
+    :ivar deadline: unix seconds by which the server wants the answer.
+    :ivar attempt: 1 for the first delivery, more after a failover.
     """
 
     __slots__ = (
@@ -88,7 +99,7 @@ class Job:
         "tgt",
     )
 
-    def __init__(self, node: NodeClient, epoch: int, msg: Any) -> None:
+    def __init__(self, node: NodeClient, epoch: int, msg: wire.JobMsg) -> None:
         self.job_id: str = msg.job_id
         self.session_id: str = msg.session_id
         self.src: str = msg.src
@@ -104,7 +115,7 @@ class Job:
         self.cancel_reason: str | None = None
         self._node = node
         self._epoch = epoch
-        self._cancel_waiters: list[asyncio.Future] | None = None
+        self._cancel_waiters: list[asyncio.Future[str]] | None = None
 
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else "done" if self.done else "accepted" if self.accepted else "new"
@@ -122,29 +133,44 @@ class Job:
         return not (self.done or self.cancelled)
 
     async def accept(self) -> bool:
-        """Tell the server the node has taken the job (it commits the
-        reservation). Optional; sent once. Returns ``False`` when the job is
-        no longer live."""
+        """Tell the server the node has taken the job (it commits the reservation).
+
+        Optional; sent once.
+
+        :returns: False when the job is no longer live (nothing sent).
+        """
         return self.accept_nowait()
 
     def accept_nowait(self) -> bool:
-        """:meth:`accept` for synchronous callbacks (queued for the writer task)."""
+        """Do :meth:`accept` from synchronous callbacks (queued for the writer task).
+
+        :returns: False when the job is no longer live (nothing sent).
+        """
         if self.accepted or not self.live:
             return False
         self.accepted = True
         return self._node._send_for(self, wire.accept(self.job_id))
 
     async def reply(self, payload: Any = None) -> bool:
-        """Send the job's result ``payload`` (any JSON value). Returns ``False``
-        (and sends nothing) when the job was already answered or cancelled."""
+        """Send the job's result.
+
+        :param payload: the answer, any JSON value.
+        :returns: False (and nothing sent) when the job was already answered or cancelled.
+        :raises TypeError: ``payload`` is not JSON-encodable (the job stays live).
+        :raises ValueError: the result is over the server's message size limit (the job stays live).
+        """
         return self.reply_nowait(payload)
 
     def reply_nowait(self, payload: Any = None) -> bool:
-        """:meth:`reply` for synchronous callbacks (queued for the writer task).
+        """Do :meth:`reply` from synchronous callbacks (queued for the writer task).
 
-        A payload that is not JSON-encodable raises ``TypeError``, one over
-        the server's message size limit ``ValueError``; the job stays live
-        then (answer it with :meth:`fail`)."""
+        A payload that cannot be sent leaves the job live: answer it with :meth:`fail` then.
+
+        :param payload: the answer, any JSON value.
+        :returns: False (and nothing sent) when the job was already answered or cancelled.
+        :raises TypeError: ``payload`` is not JSON-encodable.
+        :raises ValueError: the result is over the server's message size limit.
+        """
         if not self.live:
             return False
         data = self._node._checked(wire.result(self.job_id, True, payload, None))
@@ -152,13 +178,23 @@ class Job:
         return self._node._send_for(self, data)
 
     async def fail(self, error: str, *, retry: bool = False) -> bool:
-        """Report that the node could not do the job; ``error`` says why.
-        Final for the job unless ``retry=True``, which asks the server to try
-        another node. Returns ``False`` when the job is not live."""
+        """Report that the node could not do the job.
+
+        :param error: why, a non-empty string.
+        :param retry: ask the server to try another node; otherwise the failure is the job's answer.
+        :returns: False (and nothing sent) when the job is not live.
+        :raises ValueError: ``error`` is not a non-empty string.
+        """
         return self.fail_nowait(error, retry=retry)
 
     def fail_nowait(self, error: str, *, retry: bool = False) -> bool:
-        """:meth:`fail` for synchronous callbacks (queued for the writer task)."""
+        """Do :meth:`fail` from synchronous callbacks (queued for the writer task).
+
+        :param error: why, a non-empty string.
+        :param retry: ask the server to try another node.
+        :returns: False (and nothing sent) when the job is not live.
+        :raises ValueError: ``error`` is not a non-empty string.
+        """
         if not isinstance(error, str) or not error:
             raise ValueError(f"error must be a non-empty string, got {error!r}")
         if not self.live:
@@ -168,11 +204,15 @@ class Job:
         return self._node._send_for(self, data)
 
     async def wait_cancelled(self) -> str:
-        """Wait until the job is cancelled; return the reason. (Use with
-        ``asyncio.wait_for`` or as a task racing the work.)"""
+        """Wait until the job is cancelled.
+
+        Use it with ``asyncio.wait_for``, or as a task racing the work.
+
+        :returns: the reason.
+        """
         if self.cancelled:
             return self.cancel_reason or "cancelled"
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         if self._cancel_waiters is None:
             self._cancel_waiters = []
         self._cancel_waiters.append(fut)
@@ -196,7 +236,7 @@ class Job:
 
 def _check_load(load: object) -> LoadSource:
     if load is None or callable(load):
-        return load  # type: ignore[return-value]
+        return load
     if isinstance(load, Mapping):
         unknown = set(load) - set(HEARTBEAT_FIELDS)
         if unknown:
@@ -209,31 +249,43 @@ def _check_load(load: object) -> LoadSource:
 class NodeClient:
     """A worker node connected to a ``pysched serve`` server (asyncio).
 
-    Arguments ``node_id``, ``languages``, ``services``, ``max_concurrency``,
-    ``has_gpu`` and ``accept_public_jobs`` are those of
-    :meth:`pysched.Scheduler.register_node` and are sent in the ``register``
-    message on every (re)connection. ``url`` is the server's base URL
-    (``ws://host:port``; ``http://`` works too) or the full ``/v1/nodes``
-    URL; ``token`` the node token.
+    The registration arguments (``node_id`` to ``accept_public_jobs``) are
+    those of :meth:`pysched.Scheduler.register_node`, sent in the
+    ``register`` message on every (re)connection. Heartbeats carry
+    ``running`` (jobs delivered and not yet answered or cancelled, counted
+    here) and the figures of ``load``. Jobs arrive through :meth:`jobs` (an
+    async iterator) or, with ``on_job``, are handed to that callback as they
+    arrive.
 
-    Heartbeats go out every ``heartbeat_interval`` seconds (default: the
-    interval the server asks for in ``registered``) with ``running`` (jobs
-    delivered and not yet answered or cancelled, counted here) and the
-    figures of ``load`` (a mapping or a callable, see :data:`LoadSource`).
+    Reconnection: a failed or dropped connection is retried after
+    ``min(backoff_max, backoff_initial * 2**n)`` seconds times a random
+    factor in [0.5, 1) (``n`` counts failures since the last registration).
+    A refused token (HTTP 401/403 or the unauthorized close code), a
+    registration the server rejects, or a close for speaking for another
+    node id are not retried: :meth:`connect` and :meth:`jobs` raise the
+    :class:`~pysched.client.errors.ServeError`.
 
-    Jobs arrive through :meth:`jobs` (an async iterator), or, with
-    ``on_job``, are handed to that callback as they arrive (a plain function
-    or a coroutine function; coroutines run as tasks). ``on_cancel(job)`` is
-    called when the server cancels a job. ``auto_accept=True`` accepts every
-    job on arrival.
-
-    Reconnection: ``reconnect=True`` (default) retries a failed or dropped
-    connection after ``min(backoff_max, backoff_initial * 2**n)`` seconds
-    times a random factor in [0.5, 1) (``n`` counts failures since the last
-    registration). A refused token (HTTP 401/403 or the unauthorized close
-    code), a registration the server rejects, or a close for speaking for
-    another node id are not retried: :meth:`connect` and :meth:`jobs` raise
-    the :class:`~pysched.client.errors.ServeError`.
+    :param url: the server's base URL (``ws://host:port``; ``http://`` works too) or the full ``/v1/nodes`` URL.
+    :param node_id: the node's id.
+    :param languages: language codes the node serves.
+    :param token: the node token.
+    :param services: services the node offers (default: the server's).
+    :param max_concurrency: jobs the node runs at once.
+    :param has_gpu: whether the node has a GPU.
+    :param accept_public_jobs: whether the node takes jobs without a tenant.
+    :param load: the heartbeat figures: a mapping or a callable, see :data:`LoadSource`.
+    :param heartbeat_interval: seconds between heartbeats (default: the interval the server asks for).
+    :param on_job: called with each job as it arrives (a plain function, or a coroutine function run as a task).
+    :param on_cancel: called with a job the server cancels.
+    :param auto_accept: accept every job on arrival.
+    :param reconnect: retry failed and dropped connections.
+    :param backoff_initial: seconds before the first retry (before the random factor).
+    :param backoff_max: the longest wait between retries.
+    :param open_timeout: seconds the connection and registration may take.
+    :param max_size: the largest frame accepted from the server, bytes (None: no limit).
+    :param compression: the WebSocket compression (``"deflate"`` or None).
+    :raises ValueError: a bad argument, named.
+    :raises TypeError: ``languages`` or ``services`` is not an iterable of strings.
     """
 
     def __init__(
@@ -280,9 +332,10 @@ class NodeClient:
         self.url = ws_url(url, "/v1/nodes")
         self.node_id = node_id
         self._headers = bearer(token)
-        self._register_args = (node_id, languages, services, max_concurrency, bool(has_gpu),
-                               bool(accept_public_jobs))
-        self._register = wire.encode(self._register_struct())
+        # sent on every connection (and by resume())
+        self._register = wire.encode(wire.register_struct(
+            node_id, languages, services=services, max_concurrency=max_concurrency, has_gpu=bool(has_gpu),
+            accept_public_jobs=bool(accept_public_jobs)))
         self.languages = languages
         self.services = services
         self.max_concurrency = max_concurrency
@@ -304,21 +357,22 @@ class NodeClient:
         self._ws: ClientConnection | None = None
         self._epoch = 0
         self._in_flight: dict[str, Job] = {}
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: asyncio.Queue[Job | _End] = asyncio.Queue()
         self._outbox: list[bytes] = []
         self._queued_beats = 0  # heartbeats in the outbox
         #: the server's message size limit (from ``registered``)
         self.max_message_bytes: int = wire.P.DEFAULT_MAX_MESSAGE_BYTES
-        self._outbox_wake: asyncio.Event | None = None
-        self._registered: asyncio.Event | None = None
-        self._run_task: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
+        # Events bind to a loop on first use (Python >= 3.10), so they can be made here.
+        self._outbox_wake = asyncio.Event()  # something to write
+        self._registered = asyncio.Event()  # registered on the current connection
+        self._run_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # on_job / on_cancel coroutines
         self._closing = False
         self._draining = False
         self._fatal: BaseException | None = None
         self._failures = 0
         #: the most recent ``error`` frames from the server (code, message, field)
-        self.errors: collections.deque[Any] = collections.deque(maxlen=50)
+        self.errors: collections.deque[wire.Error] = collections.deque(maxlen=50)
         #: counters: connects, disconnects, jobs, replies, failures, cancels, lost (on a dropped
         #: connection), heartbeats (written to the connection), errors (error frames received)
         self.counters: dict[str, int] = dict.fromkeys(
@@ -336,7 +390,7 @@ class NodeClient:
     @property
     def connected(self) -> bool:
         """True while registered on an open connection."""
-        return self._ws is not None and self._registered is not None and self._registered.is_set()
+        return self._ws is not None and self._registered.is_set()
 
     @property
     def closed(self) -> bool:
@@ -355,19 +409,21 @@ class NodeClient:
         """Connect and register; return once the server confirmed the registration.
 
         Failed connection attempts are retried with backoff (when
-        ``reconnect`` is on) until ``timeout`` seconds pass
-        (:class:`~pysched.client.errors.ServeUnavailable` then); refused
-        tokens and rejected registrations raise at once.
+        ``reconnect`` is on); refused tokens and rejected registrations raise
+        at once.
+
+        :param timeout: seconds to wait (None: as long as it takes).
+        :raises ServeUnavailable: not registered within ``timeout``, or the connection failed for good.
+        :raises ServeError: the error that stopped the client (refused token, rejected registration).
+        :raises RuntimeError: the client is closed.
         """
         if self._closing:
             raise RuntimeError(f"NodeClient {self.node_id!r} is closed")
         if self._fatal is not None:
             raise self._fatal
         if self._run_task is None:
-            self._registered = asyncio.Event()
-            self._outbox_wake = asyncio.Event()
             self._run_task = asyncio.get_running_loop().create_task(self._run(), name=f"pysched-node-{self.node_id}")
-        waiter = asyncio.ensure_future(self._registered.wait())  # type: ignore[union-attr]
+        waiter = asyncio.ensure_future(self._registered.wait())
         try:
             await asyncio.wait({waiter, self._run_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -385,6 +441,9 @@ class NodeClient:
         """Close the connection cleanly and stop reconnecting; :meth:`jobs` iterators end.
 
         Jobs still in flight are not answered; the server fails them over.
+
+        :param code: the WebSocket close code.
+        :param reason: the close reason.
         """
         if self._closing:
             if self._run_task is not None:
@@ -408,20 +467,28 @@ class NodeClient:
         self._end_iterators()
 
     async def drain(self) -> None:
-        """Ask the server to send no new jobs to this node (the ``drain``
-        message); jobs in flight may still be answered. Close afterwards."""
+        """Ask the server to send no new jobs to this node (the ``drain`` message).
+
+        Jobs in flight may still be answered. Close afterwards.
+        """
         self._draining = True
         self._enqueue(wire.DRAIN)
 
     async def resume(self) -> None:
-        """Take jobs again after :meth:`drain`: sends ``register`` again on the
-        same connection (the server makes the node ready)."""
+        """Take jobs again after :meth:`drain`.
+
+        Sends ``register`` again on the same connection (the server makes the node ready).
+        """
         self._draining = False
-        self._enqueue(wire.encode(self._register_struct()))
+        self._enqueue(self._register)
 
     async def heartbeat(self, **fields: Any) -> None:
-        """Send one heartbeat now (``running`` plus :data:`HEARTBEAT_FIELDS`
-        given here, else those of ``load``): e.g. ``healthy=False``."""
+        """Send one heartbeat now, with ``running`` and the figures of ``load``.
+
+        :param fields: :data:`HEARTBEAT_FIELDS` to send instead of ``load``'s, e.g. ``healthy=False``.
+        :raises ValueError: a field is not one of :data:`HEARTBEAT_FIELDS`.
+        :raises ServeUnavailable: the node is not connected.
+        """
         unknown = set(fields) - set(HEARTBEAT_FIELDS)
         if unknown:
             raise ValueError(f"unknown heartbeat fields {sorted(unknown)!r}; allowed: {', '.join(HEARTBEAT_FIELDS)}")
@@ -431,11 +498,12 @@ class NodeClient:
         self._queued_beats += 1
 
     async def jobs(self) -> AsyncIterator[Job]:
-        """The jobs sent to this node, as they arrive, across reconnections.
+        """Yield the jobs sent to this node, as they arrive, across reconnections.
 
-        Ends when the client is closed; raises the
-        :class:`~pysched.client.errors.ServeError` that stopped it (refused
-        token, rejected registration). Not available with ``on_job``.
+        Ends when the client is closed. Not available with ``on_job``.
+
+        :raises ServeError: the error that stopped the client (refused token, rejected registration).
+        :raises RuntimeError: ``on_job`` is set.
         """
         if self._on_job is not None:
             raise RuntimeError("jobs() is not available when on_job is set: jobs go to the callback")
@@ -450,9 +518,6 @@ class NodeClient:
                 yield item
 
     # ------------------------------------------------------------------ sending
-    def _register_struct(self) -> Any:
-        return wire.register_struct(*self._register_args)
-
     def _checked(self, data: bytes) -> bytes:
         if len(data) > self.max_message_bytes:
             raise ValueError(f"payload: the message is {len(data)} bytes, over the server's limit of "
@@ -463,19 +528,18 @@ class NodeClient:
         if self._ws is None:
             raise ServeUnavailable(f"node {self.node_id!r} is not connected", code="not_connected")
         self._outbox.append(message)
-        self._outbox_wake.set()  # type: ignore[union-attr]
+        self._outbox_wake.set()
 
     def _send_for(self, job: Job, message: bytes) -> bool:
         """Queue ``message`` for the writer task if ``job`` belongs to the current connection."""
         if job._epoch != self._epoch or self._ws is None:
             return False
         self._outbox.append(message)
-        self._outbox_wake.set()  # type: ignore[union-attr]
+        self._outbox_wake.set()
         return True
 
     async def _writer(self, ws: ClientConnection) -> None:
         wake = self._outbox_wake
-        assert wake is not None
         while True:
             await wake.wait()
             wake.clear()
@@ -519,7 +583,7 @@ class NodeClient:
                     return
                 self._outbox.append(beat)
                 self._queued_beats += 1
-                self._outbox_wake.set()  # type: ignore[union-attr]
+                self._outbox_wake.set()
             next_at += interval
             delay = next_at - time.monotonic()
             if delay < 0:  # fell behind (a stalled loop): skip beats rather than burst
@@ -549,7 +613,7 @@ class NodeClient:
                 if job.live:
                     job.fail_nowait("on_job callback raised")
 
-    def _task_done(self, task: asyncio.Task) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("node %s: on_job task failed", self.node_id, exc_info=task.exception())
@@ -580,7 +644,7 @@ class NodeClient:
 
     # ------------------------------------------------------------------ connection loop
     def _backoff(self) -> float:
-        base = min(self.backoff_max, self.backoff_initial * (2 ** min(self._failures, 30)))
+        base = min(self.backoff_max, self.backoff_initial * (2.0 ** min(self._failures, 30)))
         return base * random.uniform(0.5, 1.0)
 
     async def _run(self) -> None:
@@ -595,7 +659,7 @@ class NodeClient:
                 except (OSError, ConnectionClosed, InvalidStatus, asyncio.TimeoutError, ServeUnavailable,
                         websockets.exceptions.InvalidHandshake, websockets.exceptions.InvalidMessage) as exc:
                     if self._closing:
-                        return
+                        return  # type: ignore[unreachable]  # close() sets it while _session() is awaited
                     self._failures += 1
                     if not self.reconnect:
                         self._fatal = ServeUnavailable(f"node {self.node_id!r}: connection to {self.url} failed: "
@@ -621,14 +685,15 @@ class NodeClient:
             body = wire.decode_error_body(exc.response.body)
             if status in (401, 403):
                 raise _Fatal(error_from_body(status, body)) from None
-            if 400 <= status < 500 and status not in (408, 429):
+            if (HTTPStatus.BAD_REQUEST <= status < HTTPStatus.INTERNAL_SERVER_ERROR
+                    and status not in (HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.TOO_MANY_REQUESTS)):
                 raise _Fatal(error_from_body(status, body)) from None
             raise
         except InvalidURI as exc:
             raise _Fatal(BadRequest(str(exc), code="bad_url", field="url")) from None
         self._epoch += 1
         epoch = self._epoch
-        tasks: list[asyncio.Task] = []
+        tasks: list[asyncio.Task[None]] = []
         try:
             await ws.send(self._register, text=True)
             try:
@@ -646,7 +711,7 @@ class NodeClient:
             self._ws = ws
             self._failures = 0
             self.counters["connects"] += 1
-            self._registered.set()  # type: ignore[union-attr]
+            self._registered.set()
             loop = asyncio.get_running_loop()
             tasks.append(loop.create_task(self._writer(ws)))
             tasks.append(loop.create_task(self._heartbeats(ws, interval)))
@@ -660,7 +725,7 @@ class NodeClient:
                 raise _Fatal(fatal) from None
             raise
         finally:
-            self._registered.clear()  # type: ignore[union-attr]
+            self._registered.clear()
             self._ws = None
             for task in tasks:
                 task.cancel()
@@ -672,7 +737,7 @@ class NodeClient:
             if ws.state is not websockets.protocol.State.CLOSED:
                 await ws.close()
 
-    async def _read(self, ws: ClientConnection, epoch: int, tasks: list[asyncio.Task]) -> None:
+    async def _read(self, ws: ClientConnection, epoch: int, tasks: list[asyncio.Task[None]]) -> None:
         decode = wire.decode_node_frame
         handle = self._handle
         counters = self.counters
@@ -689,7 +754,7 @@ class NodeClient:
                 if task.done():
                     task.result()  # a writer or heartbeat failure (connection closed) surfaces here
 
-    def _handle(self, messages: list, epoch: int) -> None:
+    def _handle(self, messages: Sequence[wire.P.ServerNodeMessage], epoch: int) -> None:
         in_flight = self._in_flight
         counters = self.counters
         JobMsg, Cancel, Error = wire.JobMsg, wire.Cancel, wire.Error
@@ -700,11 +765,11 @@ class NodeClient:
                 counters["jobs"] += 1
                 self._deliver(job)
             elif type(msg) is Cancel:
-                job = in_flight.pop(msg.job_id, None)
-                if job is not None:
+                cancelled = in_flight.pop(msg.job_id, None)
+                if cancelled is not None:
                     counters["cancels"] += 1
-                    job._cancel(msg.reason or "cancelled")
-                    self._notify_cancel(job)
+                    cancelled._cancel(msg.reason or "cancelled")
+                    self._notify_cancel(cancelled)
             elif type(msg) is Error:
                 counters["errors"] += 1
                 self.errors.append(msg)

@@ -27,16 +27,22 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from http import HTTPStatus
 from pathlib import Path
+from typing import IO
 
 __all__ = ["free_port", "PyschedProcess", "ServeProcess"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (the OS picks it)."""
+    """Find a TCP port free right now (the OS picks it).
+
+    :param host: the address it is free on.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _env(extra: dict[str, str] | None) -> dict[str, str]:
@@ -55,7 +61,13 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
 
 
 class PyschedProcess:
-    """``python -m pysched ARGS...`` as a child process with its output in a log file."""
+    """``python -m pysched ARGS...`` as a child process with its output in a log file.
+
+    :param args: the command's arguments (``["serve", "--port", ...]``).
+    :param env: variables added to this process's environment.
+    :param log_dir: where the log file goes (default: a new temporary directory).
+    :param name: the log file's name, without ``.log``.
+    """
 
     def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None, log_dir: str | None = None,
                  name: str = "pysched") -> None:
@@ -64,8 +76,8 @@ class PyschedProcess:
         self._log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pysched-"))
         self.name = name
         self.log_path = self._log_dir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self._log = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     def __repr__(self) -> str:
         state = "not started" if self.proc is None else f"pid {self.proc.pid}, returncode {self.proc.returncode}"
@@ -73,6 +85,7 @@ class PyschedProcess:
 
     @property
     def command(self) -> list[str]:
+        """The command line run."""
         return [sys.executable, "-m", "pysched", *self.args]
 
     def spawn(self) -> None:
@@ -85,6 +98,7 @@ class PyschedProcess:
 
     @property
     def running(self) -> bool:
+        """Whether the process was started and has not exited."""
         return self.proc is not None and self.proc.poll() is None
 
     def output(self) -> str:
@@ -95,7 +109,12 @@ class PyschedProcess:
             return ""
 
     def wait(self, timeout: float) -> int:
-        """Wait for the process to exit by itself; its exit status. Raises ``TimeoutError``."""
+        """Wait for the process to exit by itself.
+
+        :param timeout: seconds to wait.
+        :returns: its exit status.
+        :raises TimeoutError: it is still running (the message carries its output).
+        """
         assert self.proc is not None
         try:
             return self.proc.wait(timeout)
@@ -103,7 +122,12 @@ class PyschedProcess:
             raise TimeoutError(f"{self!r} still running after {timeout} s; output:\n{self.output()[-3000:]}") from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        """Send ``sig`` and wait up to ``timeout`` s; SIGKILL after that. The exit status."""
+        """Stop the process: send a signal, wait, SIGKILL after that.
+
+        :param sig: the signal to send first.
+        :param timeout: seconds to wait before the SIGKILL.
+        :returns: the exit status (None when never started).
+        """
         proc = self.proc
         if proc is None:
             return None
@@ -122,7 +146,10 @@ class PyschedProcess:
         return proc.returncode
 
     def kill(self) -> int | None:
-        """SIGKILL, at once."""
+        """Send SIGKILL, at once.
+
+        :returns: the exit status (None when never started).
+        """
         return self.stop(signal.SIGKILL, 30.0)
 
     def __enter__(self) -> PyschedProcess:
@@ -134,12 +161,21 @@ class PyschedProcess:
 
 
 class ServeProcess(PyschedProcess):
-    """``pysched serve`` on ``host:port`` (a free loopback port by default) with three tokens.
+    """``pysched serve`` on ``host:port`` with three tokens.
 
-    ``extra_args`` are passed on (``--redis URL``, ``--guarantee``, ...);
-    ``insecure=True`` starts it without tokens. :meth:`start` returns once
-    ``GET /healthz`` answers 200; :meth:`restart` stops it and starts it
-    again on the same port.
+    :meth:`start` returns once ``GET /healthz`` answers 200; :meth:`restart`
+    stops it and starts it again on the same port.
+
+    :param extra_args: passed on (``--redis URL``, ``--guarantee``, ...).
+    :param host: the address to listen on.
+    :param port: the port (default: a free one).
+    :param node_token: the node token.
+    :param client_token: the client token.
+    :param admin_token: the admin token.
+    :param insecure: start without tokens.
+    :param env: variables added to the child's environment.
+    :param log_dir: where the log file goes.
+    :param name: the log file's name, without ``.log``.
     """
 
     def __init__(self, extra_args: Sequence[str] = (), *, host: str = "127.0.0.1", port: int | None = None,
@@ -173,14 +209,21 @@ class ServeProcess(PyschedProcess):
         return f"ws://{self.host}:{self.port}"
 
     def healthy(self) -> bool:
+        """Whether ``GET /healthz`` answers 200 now."""
         try:
             with urllib.request.urlopen(f"{self.url}/healthz", timeout=2.0) as resp:  # noqa: S310 - loopback
-                return resp.status == 200
+                return bool(resp.status == HTTPStatus.OK)
         except (urllib.error.URLError, OSError):
             return False
 
     def start(self, timeout: float = 60.0) -> ServeProcess:
-        """Spawn and wait until ``/healthz`` answers (``RuntimeError`` with the log if it exits first)."""
+        """Spawn the server and wait until ``/healthz`` answers.
+
+        :param timeout: seconds to wait.
+        :returns: self.
+        :raises RuntimeError: it exited first (the message carries its log).
+        :raises TimeoutError: it did not answer in time (it is killed).
+        """
         self.spawn()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -193,7 +236,11 @@ class ServeProcess(PyschedProcess):
         raise TimeoutError(f"pysched serve not healthy within {timeout} s:\n{self.output()[-3000:]}")
 
     def restart(self, timeout: float = 60.0) -> ServeProcess:
-        """Stop (SIGTERM, then SIGKILL after ``timeout``) and start again on the same port."""
+        """Stop (SIGTERM, then SIGKILL) and start again on the same port.
+
+        :param timeout: seconds the stop and the start may each take.
+        :returns: self.
+        """
         self.stop(timeout=timeout)
         return self.start(timeout)
 

@@ -27,8 +27,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
@@ -73,9 +74,19 @@ _DISPATCH_FIELDS = frozenset({"session_id", "src", "tgt", "tenant", "services", 
                               "require_gpu"})
 _EXPLAIN_FIELDS = frozenset({"src", "tgt", "tenant", "services", "prefer", "exclude", "require_gpu"})
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_BodyT = TypeVar("_BodyT", bound=msgspec.Struct)
+
 
 class Service:
-    """Everything one application holds: scheduler, connections, delivery, metrics, shutdown state."""
+    """Everything one application holds: scheduler, connections, delivery, metrics, shutdown state.
+
+    :param scheduler: the scheduler the application serves.
+    :param config: the settings; validated here.
+    :raises TypeError: ``scheduler`` or ``config`` is of another type.
+    :raises ValueError: a setting is invalid (see :meth:`ServeConfig.validate`).
+    """
 
     def __init__(self, scheduler: Scheduler, config: ServeConfig) -> None:
         if not isinstance(scheduler, Scheduler):
@@ -98,14 +109,16 @@ class Service:
 
     # ------------------------------------------------------------ lifecycle
     def ensure_started(self) -> None:
+        """Start delivery (once), on the running event loop."""
         if not self.started:
             self.started = True
             self.delivery.start()
 
     async def drain(self, grace: float | None = None) -> int:
-        """Stop taking jobs (503 ``draining``), let those in flight finish for up to ``grace`` s.
+        """Stop taking jobs (503 ``draining``) and let those in flight finish.
 
-        Returns how many jobs were still in flight at the end (they are cancelled).
+        :param grace: seconds they get (default: the configured ``grace``).
+        :returns: how many jobs were still in flight at the end (they are cancelled).
         """
         self.ensure_started()
         self.draining = True
@@ -117,7 +130,10 @@ class Service:
         return left
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """Drain, then close every connection with 1001 (going away). Idempotent."""
+        """Drain, then close every connection with 1001 (going away). Idempotent.
+
+        :param grace: as for :meth:`drain`.
+        """
         if self._stopped:
             return
         if not self.delivery.draining:
@@ -133,7 +149,10 @@ class Service:
 
     # ------------------------------------------------------------ node links
     def node_bound(self, conn: NodeConnection) -> None:
-        """``conn`` registered its node id; an older connection of the same node is replaced."""
+        """Make a connection that just registered its node's link; an older one of the node is replaced.
+
+        :param conn: the connection.
+        """
         old = self.registry.bind(conn)
         if old is not None:
             logger.warning("node %r connected again: closing its previous connection", conn.node_id)
@@ -142,16 +161,18 @@ class Service:
             self.delivery.link_lost(old)
 
     def node_gone(self, conn: NodeConnection) -> None:
-        """``conn`` closed: its node is offline at once, its jobs fail over."""
+        """A node connection closed: its node is offline at once, its jobs fail over.
+
+        :param conn: the connection.
+        """
         if conn.node_id and self.registry.unbind(conn) and not conn.removed:
-            try:
+            with contextlib.suppress(UnknownNode):  # removed by an admin meanwhile
                 self.scheduler.mark_offline(conn.node_id)
-            except UnknownNode:
-                pass
         self.delivery.link_lost(conn)
 
     # ------------------------------------------------------------ figures
     def server_stats(self) -> dict[str, Any]:
+        """The server's own figures (``server`` in ``GET /v1/stats``)."""
         return {
             "node_connections": len(self.registry),
             "session_streams": len(self.streams),
@@ -163,15 +184,15 @@ class Service:
 
 
 # ---------------------------------------------------------------- responses
-def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _json(obj: msgspec.Struct | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(encode(obj), status_code=status, headers=headers, media_type=_JSON)
 
 
 def _error(err: ServeError, service: Service | None = None) -> Response:
     headers = None
-    if err.status == 503:
+    if err.status == HTTPStatus.SERVICE_UNAVAILABLE:
         headers = {"Retry-After": str(service.config.retry_after if service is not None else 1)}
-    elif err.status == 401:
+    elif err.status == HTTPStatus.UNAUTHORIZED:
         headers = {"WWW-Authenticate": "Bearer"}
     if service is not None:
         service.metrics.http_refused.labels(str(err.status), err.code).inc()
@@ -183,7 +204,7 @@ async def _body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ServeError(ErrorCode.TOO_BIG, f"body of {length} bytes is over the limit of {limit} bytes")
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -216,6 +237,7 @@ def _list_param(request: Request, name: str) -> list[str] | None:
 
 # ---------------------------------------------------------------- jobs
 async def post_job(request: Request) -> Response:
+    """``POST /v1/jobs``: deliver one job, answer with the node's result."""
     service = _service(request)
     try:
         service.auth.check(request.headers, CLIENT, ADMIN)
@@ -226,7 +248,7 @@ async def post_job(request: Request) -> Response:
         return _error(err, service)
     except _REQUEST_ERRORS as exc:
         return _error(from_exception(exc), service)
-    fut = asyncio.get_running_loop().create_future()
+    fut: asyncio.Future[tuple[Result | None, ServeError | None]] = asyncio.get_running_loop().create_future()
 
     def reply(job: JobState, result: Result | None, error: ServeError | None) -> None:
         if not fut.done():
@@ -246,6 +268,7 @@ async def post_job(request: Request) -> Response:
 
 
 async def post_dispatch(request: Request) -> Response:
+    """``POST /v1/dispatch``: a decision only; the caller delivers the job."""
     service = _service(request)
     delivery = service.delivery
     try:
@@ -283,14 +306,14 @@ async def post_dispatch(request: Request) -> Response:
                                   src=a.src, tgt=a.tgt))
 
 
-async def _call(service: Service, fn: Any, *args: Any, **kw: Any) -> Any:
+async def _call(service: Service, fn: Callable[_P, _T], *args: _P.args, **kw: _P.kwargs) -> _T:
     """A scheduler call: inline, or on a thread when the backend is across the network."""
     if service.delivery.blocking:
         return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kw))
     return fn(*args, **kw)
 
 
-async def _settle_body(request: Request, service: Service, kind: type[msgspec.Struct]) -> Any:
+async def _settle_body(request: Request, service: Service, kind: type[_BodyT]) -> _BodyT:
     data = await _body(request, service.config.max_message_bytes)
     if not data.strip():
         return kind()
@@ -298,6 +321,7 @@ async def _settle_body(request: Request, service: Service, kind: type[msgspec.St
 
 
 async def post_commit(request: Request) -> Response:
+    """``POST /v1/jobs/{job_id}/commit``: the node took a job dispatched with ``/v1/dispatch``."""
     service = _service(request)
     try:
         service.auth.check(request.headers, CLIENT, ADMIN)
@@ -312,6 +336,7 @@ async def post_commit(request: Request) -> Response:
 
 
 async def post_release(request: Request) -> Response:
+    """``POST /v1/jobs/{job_id}/release``: give a dispatched job's capacity back."""
     service = _service(request)
     try:
         service.auth.check(request.headers, CLIENT, ADMIN)
@@ -328,6 +353,7 @@ async def post_release(request: Request) -> Response:
 
 
 async def post_renew(request: Request) -> Response:
+    """``POST /v1/jobs/{job_id}/renew``: extend a dispatched job's hold."""
     service = _service(request)
     try:
         service.auth.check(request.headers, CLIENT, ADMIN)
@@ -343,6 +369,7 @@ async def post_renew(request: Request) -> Response:
 
 # ---------------------------------------------------------------- inspection
 async def get_explain(request: Request) -> Response:
+    """``GET /v1/explain``: why each node could or could not take a job of the pair."""
     service = _service(request)
     try:
         service.auth.check(request.headers, CLIENT, ADMIN)
@@ -386,6 +413,7 @@ def _plain(obj: Any) -> Any:
 
 
 async def get_stats(request: Request) -> Response:
+    """``GET /v1/stats``: the scheduler's figures and the server's."""
     service = _service(request)
     try:
         service.auth.check(request.headers, CLIENT, ADMIN)
@@ -397,13 +425,14 @@ async def get_stats(request: Request) -> Response:
 
 
 async def get_nodes(request: Request) -> Response:
+    """``GET /v1/nodes``: every node, with its connection and jobs in flight."""
     service = _service(request)
     try:
         service.auth.check(request.headers, CLIENT, ADMIN)
     except ServeError as err:
         return _error(err, service)
     snap = service.scheduler.snapshot
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for node_id in service.scheduler.node_ids():
         slot = snap.slot(node_id)
         if slot is None:
@@ -451,28 +480,34 @@ async def _admin_node(request: Request, action: str) -> Response:
 
 
 async def post_drain_node(request: Request) -> Response:
+    """``POST /v1/nodes/{node_id}/drain`` (admin): no new jobs for the node."""
     return await _admin_node(request, "drain")
 
 
 async def post_resume_node(request: Request) -> Response:
+    """``POST /v1/nodes/{node_id}/resume`` (admin): the node takes jobs again."""
     return await _admin_node(request, "resume")
 
 
 async def delete_node(request: Request) -> Response:
+    """``DELETE /v1/nodes/{node_id}`` (admin): remove the node, close its connection."""
     return await _admin_node(request, "remove")
 
 
 # ---------------------------------------------------------------- operations
 async def get_metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text format."""
     service = _service(request)
     return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 async def get_healthz(request: Request) -> Response:
+    """``GET /healthz``: the process answers."""
     return _json({"status": "ok"})
 
 
 async def get_readyz(request: Request) -> Response:
+    """``GET /readyz``: 503 while draining or while the reservation backend is unreachable."""
     service = _service(request)
     if service.draining:
         return _json({"status": "draining"}, 503)
@@ -486,16 +521,18 @@ async def get_readyz(request: Request) -> Response:
 async def _deny(websocket: WebSocket, err: ServeError, service: Service) -> None:
     """Refuse a handshake with an HTTP status; close with 4401 when the server cannot send one."""
     service.metrics.http_refused.labels(str(err.status), err.code).inc()
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == HTTPStatus.UNAUTHORIZED else None
     try:
         await websocket.send_denial_response(
             Response(encode(err.body()), status_code=err.status, headers=headers, media_type=_JSON))
     except RuntimeError:  # no "websocket.http.response" extension
         await websocket.accept()
-        await websocket.close(CloseCode.UNAUTHORIZED if err.status in (401, 403) else CloseCode.GOING_AWAY)
+        refused = err.status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN)
+        await websocket.close(CloseCode.UNAUTHORIZED if refused else CloseCode.GOING_AWAY)
 
 
 async def ws_nodes(websocket: WebSocket) -> None:
+    """WebSocket ``/v1/nodes``: one node's connection."""
     service = _service(websocket)
     try:
         service.auth.check(websocket.headers, NODE)
@@ -509,6 +546,7 @@ async def ws_nodes(websocket: WebSocket) -> None:
 
 
 async def ws_session(websocket: WebSocket) -> None:
+    """WebSocket ``/v1/sessions/{session_id}``: a stream of jobs of one session."""
     service = _service(websocket)
     try:
         service.auth.check(websocket.headers, CLIENT, ADMIN)
@@ -525,9 +563,14 @@ async def ws_session(websocket: WebSocket) -> None:
 
 # ---------------------------------------------------------------- the app
 def create_app(scheduler: Scheduler, config: ServeConfig | None = None) -> Starlette:
-    """The ASGI application serving ``scheduler`` with ``config`` (default: ``ServeConfig()``).
+    """Build the ASGI application serving a scheduler.
 
-    ``config`` is validated here: without tokens it must say ``insecure=True``.
+    :param scheduler: the scheduler to serve.
+    :param config: the settings (default: ``ServeConfig()``), validated here:
+        without tokens it must say ``insecure=True``.
+    :returns: the Starlette application; its :class:`Service` is ``app.state.service``.
+    :raises ValueError: a setting is invalid, or tokens are missing without ``insecure=True``.
+    :raises TypeError: ``scheduler`` is not a :class:`pysched.Scheduler`, or ``config`` not a :class:`ServeConfig`.
     """
     service = Service(scheduler, ServeConfig() if config is None else config)
 

@@ -17,7 +17,10 @@ ADMIN = "admin"
 
 
 class Auth:
-    """Checks ``Authorization: Bearer <token>`` against the configured tokens."""
+    """Checks ``Authorization: Bearer <token>`` against the configured tokens.
+
+    :param config: where the tokens are (a kind without one is open to all).
+    """
 
     def __init__(self, config: ServeConfig) -> None:
         self._tokens: dict[str, bytes | None] = {
@@ -27,9 +30,15 @@ class Auth:
         }
 
     def check(self, headers: Mapping[str, str], *kinds: str) -> str:
-        """The kind of the caller's token, if it is one of ``kinds``; else raise :class:`ServeError` 401/403.
+        """Check the caller's token.
 
         A kind without a token (``--insecure``) admits every caller.
+
+        :param headers: the request's headers (lower-case names).
+        :param kinds: the kinds of token the endpoint accepts (:data:`NODE`, :data:`CLIENT`, :data:`ADMIN`).
+        :returns: the kind of the caller's token.
+        :raises ServeError: ``unauthorized`` (401): no token, or not one of ours;
+            ``forbidden`` (403): a token of another kind.
         """
         for kind in kinds:
             if self._tokens[kind] is None:

@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 
-from pysched.cli import non_negative_float as _non_negative
-from pysched.cli import positive_float as _positive
-from pysched.cli import positive_int as _count
+from pysched.tools.argtypes import non_negative_float as _non_negative
+from pysched.tools.argtypes import positive_float as _positive
+from pysched.tools.argtypes import positive_int as _count
 
 __all__ = ["add_arguments", "run"]
 
@@ -21,7 +21,10 @@ _TOKEN_ENV = {"node": "PYSCHED_NODE_TOKEN", "client": "PYSCHED_CLIENT_TOKEN", "a
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``pysched serve``."""
+    """Add the options of ``pysched serve``.
+
+    :param parser: the subcommand's parser.
+    """
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     net.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000; 0 picks a free one)")
@@ -92,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT (which drain first). Returns the exit status."""
+    """Serve until SIGTERM/SIGINT (which drain first).
+
+    :param args: the parsed options (:func:`add_arguments`).
+    :returns: the exit status.
+    """
     import asyncio
     import logging
 
@@ -103,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from pysched import Scheduler
-    from pysched.serve.app import create_app
+    from pysched.serve.app import Service, create_app
     from pysched.serve.config import ServeConfig
 
     tokens = {kind: getattr(args, f"{kind}_token") or os.environ.get(env) or None for kind, env in _TOKEN_ENV.items()}
@@ -148,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         sched = Scheduler(kernel=args.kernel, **kwargs)
 
     app = create_app(sched, config)
-    service = app.state.service
+    service: Service = app.state.service
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, root_path=args.root_path, log_level=args.log_level,
         access_log=args.access_log, lifespan="on", ws_max_size=4 * config.max_message_bytes,
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         close with 1001) is done. A second Ctrl+C (``force_exit``) skips it.
         """
 
-        drain_task: asyncio.Task | None = None
+        drain_task: asyncio.Task[None] | None = None
 
         async def on_tick(self, counter: int) -> bool:
             if self.should_exit and not self.force_exit:

@@ -22,7 +22,7 @@ class ServeConfig:
     Tokens: each of ``node_token``, ``client_token`` and ``admin_token``
     guards its kind of endpoint (see ``docs/protocol.md``). A kind whose
     token is None is open to anyone, which :meth:`validate` refuses unless
-    ``insecure`` is True.
+    ``insecure`` is True. Each field is described where it is declared.
     """
 
     #: bearer token of worker nodes (WebSocket /v1/nodes)
@@ -64,7 +64,12 @@ class ServeConfig:
     grace: float = 30.0
 
     def validate(self) -> ServeConfig:
-        """Raise ``ValueError`` naming the first bad setting; return self."""
+        """Check every setting.
+
+        :returns: self.
+        :raises ValueError: naming the first bad setting (or the missing tokens).
+        :raises TypeError: ``insecure`` is not a bool.
+        """
         for name in ("node_token", "client_token", "admin_token"):
             value = getattr(self, name)
             if value is not None and (type(value) is not str or not value):

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import Any
+from collections.abc import Callable
 
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -28,16 +28,31 @@ logger = logging.getLogger("pysched.serve")
 
 
 class Closed(Exception):
-    """The connection is closed (by the peer, or by the server with ``code``)."""
+    """The connection is closed (by the peer, or by the server).
+
+    :param code: the WebSocket close code.
+    """
 
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
 
 
-class Connection:
-    """One accepted WebSocket: sending, receiving with limits, closing."""
+def _uncounted(code: str) -> None:
+    """Count nothing: the default of :attr:`Connection.on_bad_message`."""
 
+
+class Connection:
+    """One accepted WebSocket: sending, receiving with limits, closing.
+
+    :param websocket: the accepted WebSocket.
+    :param batch: whether the peer reads batches (a JSON array of messages in one frame).
+    :param max_message_bytes: the largest frame accepted.
+    :param max_bad_messages: bad messages after which the connection is closed.
+    :param max_send_queue: messages queued unsent after which the peer is deemed stuck and closed.
+    """
+
+    #: "node" or "session": names the connection in metrics and logs
     kind = "connection"
 
     def __init__(self, websocket: WebSocket, *, batch: bool, max_message_bytes: int, max_bad_messages: int,
@@ -48,19 +63,25 @@ class Connection:
         self.max_bad_messages = max_bad_messages
         self.max_send_queue = max_send_queue
         self.bad_messages = 0
+        #: called with the code of every refused message that counts (metrics)
+        self.on_bad_message: Callable[[str], None] = _uncounted
         self.closed = False
         self.close_code: int | None = None
         self._queue: deque[msgspec.Struct] = deque()
         self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._send = websocket.send  # the raw ASGI send: one dict a frame
 
     # ------------------------------------------------------------ sending
     def start(self) -> None:
+        """Start the writer task (on the running event loop)."""
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     def put(self, message: msgspec.Struct) -> None:
-        """Queue one message (never blocks). Dropped when the connection is closed."""
+        """Queue one message for the writer (never blocks).
+
+        :param message: the message; dropped when the connection is closed.
+        """
         if self.closed:
             return
         queue = self._queue
@@ -101,7 +122,10 @@ class Connection:
                 await send({"type": "websocket.close", "code": self.close_code})
 
     def close(self, code: int) -> None:
-        """Close after what is queued has been sent (the writer sends the close frame)."""
+        """Close after what is queued has been sent (the writer sends the close frame).
+
+        :param code: the WebSocket close code (a :class:`~pysched.serve.protocol.CloseCode`).
+        """
         if self.closed:
             return
         self.closed = True
@@ -120,10 +144,13 @@ class Connection:
 
     # ------------------------------------------------------------ receiving
     async def receive(self) -> str | bytes:
-        """The next frame's data; raises :class:`Closed` when the connection ends.
+        """Wait for the next frame.
 
         An oversized frame is answered with an ``error`` (``too_big``) and
         counted as a bad message; the caller never sees it.
+
+        :returns: the frame's data.
+        :raises Closed: the connection ended.
         """
         receive = self.websocket.receive
         limit = self.max_message_bytes
@@ -150,9 +177,15 @@ class Connection:
                 continue
             return data
 
-    def refuse(self, error: ProtocolError, *, oversized: bool = False, request_id: Any = None,
+    def refuse(self, error: ProtocolError, *, oversized: bool = False, request_id: int | str | None = None,
                count: bool = True) -> None:
-        """Answer a bad message with an ``error``; close after too many of them."""
+        """Answer a bad message with an ``error``; close after too many of them.
+
+        :param error: what is wrong with the message.
+        :param oversized: the message was too big (the close code says so).
+        :param request_id: the session stream's request the message was, if known.
+        :param count: False: answer without counting it as a bad message.
+        """
         status = 413 if error.code == ErrorCode.TOO_BIG else 422 if error.code == ErrorCode.INVALID else 400
         self.put(Error(code=error.code, message=error.message, field=error.field, request_id=request_id,
                        status=status if self.kind == "session" else None))
@@ -162,6 +195,3 @@ class Connection:
         self.on_bad_message(error.code)
         if self.bad_messages >= self.max_bad_messages:
             self.close(CloseCode.MESSAGE_TOO_BIG if oversized else CloseCode.BAD_MESSAGES)
-
-    def on_bad_message(self, code: str) -> None:
-        """Hook: count a refused message (metrics)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from http import HTTPStatus
 
 from pysched.errors import (
     NoNodeAvailable,
@@ -45,17 +45,33 @@ _FIELD = re.compile(r"^([a-z_]+)(?: must|:| \[)")
 
 
 def field_of(exc: BaseException, fields: frozenset[str] | set[str]) -> str | None:
-    """The argument a library ``ValueError``/``TypeError`` names, if it is one of ``fields``.
+    """Find the argument a library ``ValueError``/``TypeError`` names.
 
     The library's messages start with the argument's name ("src: malformed
     language code 'x'", "tenant must be a non-empty str, ...").
+
+    :param exc: the exception.
+    :param fields: the names the caller can fix (the request's fields).
+    :returns: the name, if it is one of ``fields``; else None.
     """
     m = _FIELD.match(str(exc))
     return m.group(1) if m and m.group(1) in fields else None
 
 
 class ServeError(Exception):
-    """A request the server refuses or a job that failed, with everything the client is told."""
+    """A request the server refuses or a job that failed, with everything the client is told.
+
+    :param code: an :class:`~pysched.serve.protocol.ErrorCode`.
+    :param message: what happened, for people.
+    :param field: the request field at fault, if any.
+    :param status: the HTTP status (default: the code's, from :data:`STATUS`).
+    :param breakdown: ``no_node``: how many nodes were refused for each reason.
+    :param best_reason: ``no_node``: the reason of the node closest to taking the job.
+    :param src: the request's source language.
+    :param tgt: the request's target language.
+    :param job_id: the job, once it has an id.
+    :param attempts: deliveries made, for a job that failed.
+    """
 
     def __init__(self, code: str, message: str, *, field: str | None = None, status: int | None = None,
                  breakdown: dict[str, int] | None = None, best_reason: str | None = None, src: str | None = None,
@@ -75,14 +91,19 @@ class ServeError(Exception):
     @property
     def retry_after(self) -> bool:
         """Whether the answer carries ``Retry-After`` (capacity may come back)."""
-        return self.status == 503
+        return self.status == HTTPStatus.SERVICE_UNAVAILABLE
 
     def body(self) -> ErrorBody:
+        """The error as an HTTP error body."""
         return ErrorBody(error=self.code, message=self.message, field=self.field, breakdown=self.breakdown,
                          best_reason=self.best_reason, src=self.src, tgt=self.tgt, job_id=self.job_id,
                          attempts=self.attempts)
 
-    def frame(self, request_id: Any = None) -> Error:
+    def frame(self, request_id: int | str | None = None) -> Error:
+        """The error as an ``error`` frame.
+
+        :param request_id: the session stream's request it answers, if any.
+        """
         return Error(code=self.code, message=self.message, field=self.field, request_id=request_id,
                      status=self.status, job_id=self.job_id, attempts=self.attempts, breakdown=self.breakdown,
                      best_reason=self.best_reason)
@@ -92,7 +113,12 @@ class ServeError(Exception):
 
 
 def from_exception(exc: BaseException, fields: frozenset[str] | set[str] = frozenset()) -> ServeError:
-    """The :class:`ServeError` for an exception of the scheduler or of decoding."""
+    """Translate an exception of the scheduler or of decoding into what the client is told.
+
+    :param exc: the exception.
+    :param fields: the request's fields, which a ``ValueError``/``TypeError`` may name.
+    :returns: the :class:`ServeError` (``exc`` itself when it is one).
+    """
     if isinstance(exc, ServeError):
         return exc
     if isinstance(exc, ProtocolError):

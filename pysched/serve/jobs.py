@@ -18,18 +18,24 @@ deadline). Every submitted job gets exactly one answer through its
 Everything here runs on the event loop's thread. Scheduler calls are
 microseconds with the in-process backend and run inline; with a Redis
 backend they are network round trips, so they run on a small thread pool
-(``blocking=True``) and the loop never waits on Redis.
+(``blocking=True``) and the loop never waits on Redis. Calls on the pool
+may then run in any order: a late commit or renew names its attempt's node,
+so it cannot touch the hold of a later attempt; and a failed attempt's hold
+is released on the same thread right before the job is dispatched again
+(when that release cannot reach Redis, the job is answered
+``backend_unavailable`` rather than dispatched while the old hold may remain).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pysched.errors import (
     ReservationBackendUnavailable,
@@ -42,6 +48,9 @@ from pysched.serve.errors import ServeError, from_exception
 from pysched.serve.metrics import Metrics
 from pysched.serve.nodes import Link, NodeRegistry
 from pysched.serve.protocol import Cancel, ErrorCode, Job, Result
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pysched.serve.streams import SessionStream
 
 __all__ = ["Delivery", "JobState"]
 
@@ -56,6 +65,11 @@ _WAIT_POLL = 0.05
 #: releases that failed on an unreachable backend are retried this many times, this far apart
 _RELEASE_RETRIES = 20
 _RELEASE_RETRY_DELAY = 0.5
+#: node ids an error message names before it abbreviates the list with "..."
+_NAMES_SHOWN = 5
+
+#: ``reply(job, result, error)``: how a job's one answer reaches its requester
+Reply = Callable[["JobState", Result | None, ServeError | None], None]
 
 
 def _not_connected(err: ServeError, skipped: list[str]) -> None:
@@ -70,12 +84,30 @@ def _not_connected(err: ServeError, skipped: list[str]) -> None:
         err.breakdown = breakdown
         if err.best_reason in ("excluded", None) or breakdown.get(err.best_reason, 0) < moved:
             err.best_reason = max(breakdown, key=breakdown.__getitem__)
-    names = ", ".join(dict.fromkeys(skipped[:5]))
-    err.message += f" (chosen but not connected to this server: {names}{' ...' if len(skipped) > 5 else ''})"
+    names = ", ".join(dict.fromkeys(skipped[:_NAMES_SHOWN]))
+    more = " ..." if len(skipped) > _NAMES_SHOWN else ""
+    err.message += f" (chosen but not connected to this server: {names}{more})"
 
 
 class JobState:
-    """One job in delivery. ``reply(job, result, error)`` is called once, with one of the two set."""
+    """One job in delivery, from submission to its one answer.
+
+    ``reply(job, result, error)`` is called exactly once, with one of
+    ``result`` and ``error`` set.
+
+    :param session_id: the job's session.
+    :param src: source language code.
+    :param tgt: target language code.
+    :param payload: the job's payload (any JSON value), sent to the node as is.
+    :param tenant: the job's tenant, or None for a public job.
+    :param services: services the node must offer, or None for the scheduler's default.
+    :param prefer: a node id, or node ids in order of preference.
+    :param timeout: seconds a node has for one attempt.
+    :param require_gpu: whether only GPU nodes may take the job.
+    :param reply: called with the job's answer.
+    :param request_id: the session stream's ``request_id`` (None over HTTP).
+    :param stream: the session stream the job came on (None over HTTP).
+    """
 
     __slots__ = (
         "accepted",
@@ -106,9 +138,8 @@ class JobState:
 
     def __init__(self, session_id: str, src: str, tgt: str, payload: Any, *, tenant: str | None = None,
                  services: tuple[str, ...] | None = None, prefer: str | list[str] | None = None,
-                 timeout: float, require_gpu: bool = True,
-                 reply: Callable[[JobState, Result | None, ServeError | None], None],
-                 request_id: Any = None, stream: Any = None) -> None:
+                 timeout: float, require_gpu: bool = True, reply: Reply,
+                 request_id: int | str | None = None, stream: SessionStream | None = None) -> None:
         self.job_id: str | None = None
         self.session_id = session_id
         self.src = src
@@ -140,7 +171,20 @@ class JobState:
 
 
 class Delivery:
-    """Delivers jobs to nodes and answers each exactly once."""
+    """Delivers jobs to nodes and answers each exactly once.
+
+    :param scheduler: decides, reserves, commits and releases.
+    :param registry: reaches the nodes connected to this server.
+    :param config: delivery settings (guarantee, attempts, waiting).
+    :param metrics: where outcomes are counted.
+    :param blocking: whether scheduler calls may block (a network backend):
+        they then run on a thread pool, never on the event loop.
+    """
+
+    #: the event loop everything here runs on (set by :meth:`start`)
+    _loop: asyncio.AbstractEventLoop
+    #: set when the last job in flight ends while draining (made by :meth:`start`)
+    _idle: asyncio.Event
 
     def __init__(self, scheduler: Scheduler, registry: NodeRegistry, config: ServeConfig, metrics: Metrics, *,
                  blocking: bool = False) -> None:
@@ -153,15 +197,14 @@ class Delivery:
         self.jobs: dict[str, JobState] = {}
         self.draining = False
         self._pending = 0  # jobs submitted that have no job id yet (waiting or dispatching off-loop)
-        self._waiters: deque[asyncio.Future] = deque()
-        self._tasks: set[asyncio.Task] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._idle: asyncio.Event | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pool: ThreadPoolExecutor | None = None  # blocking only: where scheduler calls run
         self._at_most_once = config.guarantee == "at_most_once"
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        """Bind to the running event loop and listen for expired reservations."""
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         if self.blocking and self._pool is None:
@@ -169,6 +212,7 @@ class Delivery:
         self.scheduler.add_listener(self._listener)
 
     def close(self) -> None:
+        """Stop listening; wait for the scheduler calls still on the pool."""
         self.scheduler.remove_listener(self._listener)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -176,18 +220,21 @@ class Delivery:
 
     @property
     def in_flight(self) -> int:
+        """Jobs submitted and not answered yet."""
         return len(self.jobs) + self._pending
 
     async def drain(self, grace: float) -> int:
-        """Stop taking jobs; wait up to ``grace`` s for those in flight; cancel the rest. Returns that count."""
+        """Stop taking jobs; wait for those in flight; cancel the rest.
+
+        :param grace: seconds the jobs in flight get to finish.
+        :returns: how many jobs were cancelled.
+        """
         self.draining = True
         deadline = time.monotonic() + grace
         while self.in_flight and time.monotonic() < deadline:
             self._idle.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=min(0.1, max(0.0, deadline - time.monotonic())))
-            except asyncio.TimeoutError:
-                pass
         left = list(self.jobs.values())
         for job in left:
             self.cancel(job, ErrorCode.DRAINING, reason="shutdown: the grace period ended")
@@ -196,14 +243,17 @@ class Delivery:
                 fut.set_result(None)
         return len(left)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------ submission
     def submit(self, job: JobState) -> None:
-        """Start delivering ``job``; its ``reply`` is called exactly once, maybe before this returns."""
+        """Start delivering a job.
+
+        :param job: the job; its ``reply`` is called exactly once, maybe before this returns.
+        """
         self._pending += 1  # until it has a job id (or its answer)
         if self.draining:
             self._answer(job, None, ServeError(ErrorCode.DRAINING, "the server is shutting down"))
@@ -229,7 +279,7 @@ class Delivery:
         except Exception as exc:  # noqa: BLE001 - logged by _internal
             self._internal(job, exc)
 
-    async def _guarded(self, job: JobState, coro) -> None:
+    async def _guarded(self, job: JobState, coro: Awaitable[None]) -> None:
         try:
             await coro
         except Exception as exc:  # noqa: BLE001 - logged by _internal
@@ -249,8 +299,17 @@ class Delivery:
         """One scheduler decision (any thread). Returns the assignment or the error to answer with."""
         sched = self.scheduler
         if job.to_release is not None:
-            self._release_now(job.job_id, job.to_release)
+            assert job.job_id is not None  # only a placed job has a hold to give back
+            failed = self._release_now(job.job_id, job.to_release)
             job.to_release = None
+            if failed is not None:
+                # The old hold may still be there, and dispatch answers a job id that holds
+                # a reservation with that reservation (a retry), excluded node or not: the
+                # job would go back to the node that failed it, and the retry of this
+                # release, already scheduled, would then free capacity it uses there.
+                err = from_exception(failed)
+                self.metrics.dispatches.labels(err.code, "").inc()
+                return err
         exclude = job.failed + job.skipped if job.failed or job.skipped else None
         kw: dict[str, Any] = {}
         if job.job_id is not None:
@@ -296,10 +355,11 @@ class Delivery:
             self._answer(job, None, outcome)
             return True
         self.metrics.dispatch_ok.inc()
+        job_id = outcome.job_id  # the job's id from now on (a redelivery dispatches with it again)
         if job.job_id is None:
-            job.job_id = outcome.job_id
+            job.job_id = job_id
             self._pending -= 1
-            self.jobs[job.job_id] = job
+            self.jobs[job_id] = job
         link = self.registry.route(outcome.node_id)
         if link is None:
             # Registered with the scheduler (another instance's node, or one that just
@@ -307,36 +367,37 @@ class Delivery:
             job.skipped.append(outcome.node_id)
             job.to_release = outcome.node_id
             if len(job.skipped) > _MAX_HOPS * max(1, job.attempts + 1):
-                self._release(job.job_id, outcome.node_id)
+                self._release(job_id, outcome.node_id)
                 job.to_release = None
                 err = ServeError(ErrorCode.NO_NODE, f"no node connected to this server can take the job "
-                                 f"(chosen but not connected here: {', '.join(job.skipped[:5])})",
+                                 f"(chosen but not connected here: {', '.join(job.skipped[:_NAMES_SHOWN])})",
                                  src=outcome.src, tgt=outcome.tgt, breakdown={"not_connected": len(job.skipped)},
                                  best_reason="not_connected")
                 if job.attempts:
-                    err.job_id, err.attempts = job.job_id, job.attempts
+                    err.job_id, err.attempts = job_id, job.attempts
                 self._answer(job, None, err)
                 return True
             if self.blocking:
                 return False
-            self._release_now(job.job_id, outcome.node_id)
+            self._release_now(job_id, outcome.node_id)
             job.to_release = None
             return False
         self._send(job, link, outcome)
         return True
 
     def _send(self, job: JobState, link: Link, a: Assignment) -> None:
+        job_id = a.job_id  # == job.job_id
         job.attempts += 1
         job.link = link
         job.node_id = link.node_id
         job.accepted = False
-        link.jobs[job.job_id] = job
+        link.jobs[job_id] = job
         timeout = job.timeout
         job.timer = self._loop.call_later(timeout, self._on_deadline, job, job.attempts)
         if timeout > self.scheduler.reservation_ttl:
             # the uncommitted reservation must outlive the attempt's deadline
-            self._settle(self.scheduler.renew, job.job_id, timeout + 5.0, a.node_id)
-        link.put(Job(job_id=job.job_id, session_id=job.session_id, src=a.src, tgt=a.tgt, payload=job.payload,
+            self._settle(job_id, a.node_id, timeout + 5.0)
+        link.put(Job(job_id=job_id, session_id=job.session_id, src=a.src, tgt=a.tgt, payload=job.payload,
                      deadline=time.time() + timeout, timeout=timeout, attempt=job.attempts, tenant=job.tenant))
 
     async def _wait(self, job: JobState) -> None:
@@ -374,6 +435,11 @@ class Delivery:
 
     # ------------------------------------------------------------ from nodes
     def on_accept(self, link: Link, job_id: str) -> None:
+        """The node on ``link`` took a job: commit its reservation (once).
+
+        :param link: the link the ``accept`` came on.
+        :param job_id: the job it names; unknown on this link: refused.
+        """
         job = link.jobs.get(job_id)
         if job is None:
             link.refuse_unknown(job_id)
@@ -386,10 +452,16 @@ class Delivery:
             self._loop.call_soon(self._commit, job, link, job.attempts)
 
     def _commit(self, job: JobState, link: Link, attempt: int) -> None:
-        if not job.done and job.link is link and job.attempts == attempt:
-            self._settle(self.scheduler.commit, job.job_id, None, link.node_id)
+        job_id = job.job_id
+        if job_id is not None and not job.done and job.link is link and job.attempts == attempt:
+            self._settle(job_id, link.node_id)
 
     def on_result(self, link: Link, msg: Result) -> None:
+        """The node on ``link`` answered a job: release its capacity, answer or redeliver it.
+
+        :param link: the link the ``result`` came on.
+        :param msg: the result; a job unknown on this link is refused.
+        """
         job = link.jobs.pop(msg.job_id, None)
         if job is None:
             link.refuse_unknown(msg.job_id)
@@ -401,11 +473,14 @@ class Delivery:
         if not msg.ok and msg.retry:
             self._attempt_failed(job, link.node_id, "retry")
         else:
-            self._release(job.job_id, link.node_id)
+            self._release(msg.job_id, link.node_id)
             self._answer(job, msg, None)
 
     def link_lost(self, link: Link) -> None:
-        """The link dropped (or was replaced / removed): every job on it fails over."""
+        """The link dropped (or was replaced / removed): every job on it fails over.
+
+        :param link: the link that is gone.
+        """
         jobs = list(link.jobs.values())
         link.jobs.clear()
         for job in jobs:
@@ -417,25 +492,30 @@ class Delivery:
 
     def _on_deadline(self, job: JobState, attempt: int) -> None:
         link = job.link
-        if job.done or link is None or job.attempts != attempt:
+        job_id = job.job_id
+        if job.done or link is None or job_id is None or job.attempts != attempt:
             return
         job.timer = None
-        link.jobs.pop(job.job_id, None)
+        link.jobs.pop(job_id, None)
         job.link = None
-        link.put(Cancel(job_id=job.job_id, reason=ErrorCode.TIMEOUT))
+        link.put(Cancel(job_id=job_id, reason=ErrorCode.TIMEOUT))
         self._attempt_failed(job, link.node_id, "timeout")
 
-    def _listener(self, event: str, node_id: str, fields: dict) -> None:
+    def _listener(self, event: str, node_id: str, fields: dict[str, Any]) -> None:
         # Any thread (the scheduler calls listeners on the caller's thread): hop to the loop.
         if event == "job_expired":
             loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._on_expired, fields.get("job_id"), node_id)
+            job_id = fields.get("job_id")
+            # (a job_expired without a job id names no job of ours: nothing to do)
+            if type(job_id) is str and not loop.is_closed():
+                loop.call_soon_threadsafe(self._on_expired, job_id, node_id)
 
     def _on_expired(self, job_id: str, node_id: str) -> None:
         job = self.jobs.get(job_id)
-        link = job.link if job is not None else None
-        if link is None or link.node_id != node_id or job.done:
+        if job is None or job.done:
+            return
+        link = job.link
+        if link is None or link.node_id != node_id:
             return
         # the scheduler let the reservation go: the node holds no capacity for it any more
         if job.timer is not None:
@@ -448,6 +528,8 @@ class Delivery:
 
     def _attempt_failed(self, job: JobState, node_id: str, reason: str, *, release: bool = True) -> None:
         """One attempt on ``node_id`` failed: free its capacity, then redeliver or answer the failure."""
+        job_id = job.job_id
+        assert job_id is not None  # only a job sent to a node has attempts that fail
         self.metrics.failovers.labels(reason).inc()
         job.failed.append(node_id)
         missed = reason in ("timeout", "expired")
@@ -459,9 +541,9 @@ class Delivery:
                 # dispatch would answer with it (a retry). _try_dispatch releases it, in order.
                 job.to_release = node_id
             else:
-                self._release(job.job_id, node_id)
+                self._release(job_id, node_id)
         if redeliver:
-            logger.info("job %s: attempt %d on %s failed (%s), redelivering", job.job_id, job.attempts, node_id,
+            logger.info("job %s: attempt %d on %s failed (%s), redelivering", job_id, job.attempts, node_id,
                         reason)
             job.accepted = False
             if self.config.max_wait > 0:  # a failover may wait for capacity too (bounded)
@@ -474,25 +556,33 @@ class Delivery:
         code = ErrorCode.TIMEOUT if missed else ErrorCode.NODE_LOST
         what = {"timeout": "missed its deadline", "expired": "let its reservation expire",
                 "node_lost": "disconnected", "retry": "failed it (retry requested)"}[reason]
-        self._answer(job, None, ServeError(code, f"job {job.job_id}: node {node_id!r} {what} on attempt "
+        self._answer(job, None, ServeError(code, f"job {job_id}: node {node_id!r} {what} on attempt "
                                                  f"{job.attempts} of {self.config.max_attempts}",
-                                           job_id=job.job_id, attempts=job.attempts))
+                                           job_id=job_id, attempts=job.attempts))
 
     # ------------------------------------------------------------ cancel and answer
     def cancel(self, job: JobState, code: str = ErrorCode.CANCELLED, reason: str = "cancelled",
                *, answer: bool = True) -> None:
-        """Stop a job: tell its node, free its capacity, answer with ``code`` (unless ``answer`` is False)."""
+        """Stop a job: tell its node, free its capacity, answer it.
+
+        :param job: the job; nothing happens when it has been answered already.
+        :param code: the :class:`~pysched.serve.protocol.ErrorCode` of its answer (and of the node's ``cancel``).
+        :param reason: why, for the answer's message.
+        :param answer: False: end the job without answering it (nobody is waiting for the answer).
+        """
         if job.done:
             return
         link = job.link
         if link is not None:
-            link.jobs.pop(job.job_id, None)
+            job_id = job.job_id
+            assert job_id is not None  # a job on a link has been placed
+            link.jobs.pop(job_id, None)
             job.link = None
             if job.timer is not None:
                 job.timer.cancel()
                 job.timer = None
-            link.put(Cancel(job_id=job.job_id, reason=code))
-            self._release(job.job_id, link.node_id)
+            link.put(Cancel(job_id=job_id, reason=code))
+            self._release(job_id, link.node_id)
         err = ServeError(code, f"job {job.job_id or '(not placed)'}: {reason}", job_id=job.job_id,
                          attempts=job.attempts or None)
         if answer:
@@ -527,44 +617,57 @@ class Delivery:
             logger.exception("reply of job %s failed", job.job_id)
 
     # ------------------------------------------------------------ capacity
-    def _settle(self, fn: Callable, job_id: str, lease: float | None, node_id: str) -> None:
-        """commit/renew, inline or on the pool; an unknown job only means its reservation ended."""
-        if self.blocking:
-            self._pool.submit(self._settle_now, fn, job_id, lease, node_id)
+    def _settle(self, job_id: str, node_id: str, lease: float | None = None) -> None:
+        """Commit (``lease`` None) or renew the job's hold on ``node_id``, inline or on the pool."""
+        pool = self._pool
+        if pool is not None:
+            pool.submit(self._settle_now, job_id, node_id, lease)
         else:
-            self._settle_now(fn, job_id, lease, node_id)
+            self._settle_now(job_id, node_id, lease)
 
-    @staticmethod
-    def _settle_now(fn: Callable, job_id: str, lease: float | None, node_id: str) -> None:
+    def _settle_now(self, job_id: str, node_id: str, lease: float | None) -> None:
+        # An unknown job (or one held on another node) only means this attempt's
+        # reservation ended meanwhile: released, expired or redelivered elsewhere.
+        what = "commit" if lease is None else "renew"
         try:
             if lease is None:
-                fn(job_id, node_id=node_id)
+                self.scheduler.commit(job_id, node_id=node_id)
             else:
-                fn(job_id, lease=lease, node_id=node_id)
+                self.scheduler.renew(job_id, lease=lease, node_id=node_id)
         except UnknownJob:
-            logger.info("%s(%s): the reservation had already ended", getattr(fn, "__name__", fn), job_id)
+            logger.info("%s(%s): the reservation had already ended", what, job_id)
         except ReservationBackendUnavailable as exc:
-            logger.warning("%s(%s): backend unavailable: %s", getattr(fn, "__name__", fn), job_id, exc)
+            logger.warning("%s(%s): backend unavailable: %s", what, job_id, exc)
 
     def _release(self, job_id: str, node_id: str) -> None:
-        if self.blocking:
-            self._pool.submit(self._release_now, job_id, node_id)
+        pool = self._pool
+        if pool is not None:
+            pool.submit(self._release_now, job_id, node_id)
         else:
             self._release_now(job_id, node_id)
         if self._waiters:
             self._wake_waiter()
 
-    def _release_now(self, job_id: str, node_id: str, retries: int = _RELEASE_RETRIES) -> None:
+    def _release_now(self, job_id: str, node_id: str,
+                     retries: int = _RELEASE_RETRIES) -> ReservationBackendUnavailable | None:
+        """Release the job's hold on ``node_id`` (any thread).
+
+        :returns: None, or the backend's error when it could not be reached: the
+            hold may still be there, and a retry is scheduled (while retries are left).
+        """
         try:
             self.scheduler.release(job_id, node_id=node_id)
         except ReservationBackendUnavailable as exc:
             # The capacity would stay held until the commit lease ends: try again later.
-            if retries > 0 and self._loop is not None and not self._loop.is_closed():
+            loop = self._loop
+            if retries > 0 and not loop.is_closed():
                 logger.warning("release(%s): backend unavailable (%s); retrying", job_id, exc)
-                self._loop.call_soon_threadsafe(self._loop.call_later, _RELEASE_RETRY_DELAY, self._retry_release,
-                                                job_id, node_id, retries - 1)
+                loop.call_soon_threadsafe(loop.call_later, _RELEASE_RETRY_DELAY, self._retry_release,
+                                          job_id, node_id, retries - 1)
             else:
                 logger.error("release(%s) on %s failed for good: %s", job_id, node_id, exc)
+            return exc
+        return None
 
     def _retry_release(self, job_id: str, node_id: str, retries: int) -> None:
         if self._pool is not None:

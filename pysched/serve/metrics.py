@@ -10,6 +10,7 @@ scraped, so it costs nothing between scrapes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -32,18 +33,18 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: dispatch takes microseconds: buckets from 10 µs to 0.25 s
 _DISPATCH_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25)
 #: end to end includes the node's work: 100 µs to 2 min
-_JOB_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                30.0, 60.0, 120.0)
+_JOB_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class _FleetCollector(Collector):
     """Nodes by status, pool capacity and in-flight, read from the snapshot at scrape time."""
 
-    def __init__(self, scheduler: Scheduler, server_stats: Callable[[], dict]) -> None:
+    def __init__(self, scheduler: Scheduler, server_stats: Callable[[], dict[str, Any]]) -> None:
         self.scheduler = scheduler
         self.server_stats = server_stats
 
-    def describe(self) -> list:
+    def describe(self) -> list[GaugeMetricFamily]:
         # Nothing to describe up front: collect() reads live state, which is
         # not there yet while the application is being built.
         return []
@@ -96,9 +97,13 @@ class _FleetCollector(Collector):
 
 
 class Metrics:
-    """Every metric of one application, in its own :class:`CollectorRegistry`."""
+    """Every metric of one application, in its own :class:`CollectorRegistry`.
 
-    def __init__(self, scheduler: Scheduler, server_stats: Callable[[], dict]) -> None:
+    :param scheduler: read at scrape time for the fleet's figures.
+    :param server_stats: returns the server's own figures (``jobs_in_flight``, ``draining``) at scrape time.
+    """
+
+    def __init__(self, scheduler: Scheduler, server_stats: Callable[[], dict[str, Any]]) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.dispatches = Counter("pysched_dispatches", "Dispatch decisions by outcome and reason",
                                   ["outcome", "reason"], registry=r)
@@ -137,8 +142,14 @@ class Metrics:
             self.failovers.labels(reason)
 
     def observe_job(self, endpoint: str, seconds: float) -> None:
+        """Record one job's end-to-end time.
+
+        :param endpoint: ``"jobs"`` (``POST /v1/jobs``) or ``"sessions"`` (session streams).
+        :param seconds: from the request's arrival to its answer.
+        """
         self._endpoint[endpoint](seconds)
 
     def exposition(self) -> bytes:
+        """Every metric, in the Prometheus text format (``GET /metrics``)."""
         return generate_latest(self.registry)
 

@@ -63,16 +63,26 @@ class Link:
     closed: bool
 
     def put(self, message: msgspec.Struct) -> None:  # pragma: no cover - interface
-        """Send ``message`` to the node (never blocks)."""
+        """Send a message to the node (never blocks).
+
+        :param message: a ``job`` or a ``cancel``.
+        """
         raise NotImplementedError
 
     def refuse_unknown(self, job_id: str) -> None:  # pragma: no cover - interface
-        """Tell the node that ``job_id`` is not in flight on this link (a late or foreign answer)."""
+        """Tell the node that a job it answered is not in flight on this link (a late or foreign answer).
+
+        :param job_id: the job the node named.
+        """
         raise NotImplementedError
 
 
 class NodeConnection(Connection, Link):
-    """One node's WebSocket on this instance."""
+    """One node's WebSocket on this instance.
+
+    :param websocket: the accepted WebSocket.
+    :param limits: the :class:`~pysched.serve.connection.Connection` limits.
+    """
 
     kind = "node"
 
@@ -85,6 +95,10 @@ class NodeConnection(Connection, Link):
         self.removed = False
 
     def refuse_unknown(self, job_id: str) -> None:
+        """Answer ``unknown_job`` (not counted as a bad message).
+
+        :param job_id: the job the node named.
+        """
         # Not a bad message: answers racing a cancel or a failover are normal.
         self.put(Error(code=ErrorCode.UNKNOWN_JOB, field="job_id",
                        message=f"job {job_id!r} is not in flight on this connection"))
@@ -100,27 +114,39 @@ class NodeRegistry:
         self._local: dict[str, NodeConnection] = {}
 
     def route(self, node_id: str) -> Link | None:
-        """The link to ``node_id``, or None when it is not reachable from here.
+        """Find the link that reaches a node.
 
         The one place to add forwarding to other instances.
+
+        :param node_id: the node.
+        :returns: its link, or None when it is not reachable from here.
         """
         link = self._local.get(node_id)
         return None if link is None or link.closed else link
 
     def bind(self, conn: NodeConnection) -> NodeConnection | None:
-        """Make ``conn`` the node's link; return the connection it replaces, if any."""
+        """Make a connection its node's link.
+
+        :param conn: the connection, registered (its ``node_id`` set).
+        :returns: the connection it replaces, if any.
+        """
         old = self._local.get(conn.node_id)
         self._local[conn.node_id] = conn
         return old if old is not conn else None
 
     def unbind(self, conn: NodeConnection) -> bool:
-        """Forget ``conn`` if it is still the node's link (not replaced meanwhile)."""
+        """Forget a connection if it is still its node's link (not replaced meanwhile).
+
+        :param conn: the connection.
+        :returns: whether it was the node's link.
+        """
         if self._local.get(conn.node_id) is conn:
             del self._local[conn.node_id]
             return True
         return False
 
     def connections(self) -> list[NodeConnection]:
+        """Every node connection of this instance."""
         return list(self._local.values())
 
     def __len__(self) -> int:
@@ -131,12 +157,16 @@ class NodeRegistry:
 
 
 async def serve_node(websocket: WebSocket, service: Service) -> None:
-    """Run one accepted node connection until it closes."""
+    """Run one accepted node connection until it closes.
+
+    :param websocket: the accepted WebSocket.
+    :param service: the application's state.
+    """
     config = service.config
     conn = NodeConnection(websocket, max_message_bytes=config.max_message_bytes,
                           max_bad_messages=config.max_bad_messages, max_send_queue=config.max_send_queue)
     metrics = service.metrics
-    conn.on_bad_message = lambda code: metrics.refused.labels("node", code).inc()  # type: ignore[method-assign]
+    conn.on_bad_message = lambda code: metrics.refused.labels("node", code).inc()
     conn.start()
     gauge = metrics.connections.labels("node")
     gauge.inc()
@@ -205,29 +235,9 @@ async def _node_loop(conn: NodeConnection, service: Service) -> None:
                 elif isinstance(msg, Accept):
                     delivery.on_accept(conn, msg.job_id)
                 elif isinstance(msg, Register):
-                    if conn.node_id and msg.node_id != conn.node_id:
-                        logger.warning("node %r tried to register as %r: closing", conn.node_id, msg.node_id)
-                        conn.close(CloseCode.WRONG_NODE)
-                        raise Closed(CloseCode.WRONG_NODE)
-                    try:
-                        sched.register_node(msg.node_id, msg.languages, msg.services, msg.max_concurrency,
-                                            msg.has_gpu, msg.accept_public_jobs)
-                    except (ValueError, TypeError) as exc:
-                        conn.refuse(ProtocolError(ErrorCode.INVALID, str(exc), field_of(exc, _REGISTER_FIELDS)))
-                        continue
-                    conn.batch = msg.batch
-                    if not conn.node_id:
-                        conn.node_id = msg.node_id
-                        service.node_bound(conn)
-                    conn.put(Registered(node_id=msg.node_id, heartbeat_interval=service.config.heartbeat_interval,
-                                        max_message_bytes=service.config.max_message_bytes,
-                                        guarantee=service.config.guarantee))
+                    _register(conn, msg, service)
                 elif isinstance(msg, Drain):
-                    try:
-                        sched.drain_node(conn.node_id)
-                    except UnknownNode:
-                        conn.refuse(ProtocolError(ErrorCode.UNKNOWN_NODE, f"node {conn.node_id!r} was removed"),
-                                    count=False)
+                    _drain(conn, service)
             except Closed:
                 raise
             except Exception as exc:  # a bug: report it on this message, keep the connection
@@ -237,3 +247,33 @@ async def _node_loop(conn: NodeConnection, service: Service) -> None:
 
         if conn.closed and conn.close_code is not None:
             raise Closed(conn.close_code)
+
+
+# The messages a node sends once or seldom; heartbeats, accepts and results stay inline above.
+def _register(conn: NodeConnection, msg: Register, service: Service) -> None:
+    """``register``: the first on a connection binds it to the node id; later ones update the node."""
+    if conn.node_id and msg.node_id != conn.node_id:
+        logger.warning("node %r tried to register as %r: closing", conn.node_id, msg.node_id)
+        conn.close(CloseCode.WRONG_NODE)
+        raise Closed(CloseCode.WRONG_NODE)
+    try:
+        service.scheduler.register_node(msg.node_id, msg.languages, msg.services, msg.max_concurrency, msg.has_gpu,
+                                        msg.accept_public_jobs)
+    except (ValueError, TypeError) as exc:
+        conn.refuse(ProtocolError(ErrorCode.INVALID, str(exc), field_of(exc, _REGISTER_FIELDS)))
+        return
+    conn.batch = msg.batch
+    if not conn.node_id:
+        conn.node_id = msg.node_id
+        service.node_bound(conn)
+    config = service.config
+    conn.put(Registered(node_id=msg.node_id, heartbeat_interval=config.heartbeat_interval,
+                        max_message_bytes=config.max_message_bytes, guarantee=config.guarantee))
+
+
+def _drain(conn: NodeConnection, service: Service) -> None:
+    """``drain``: the node wants no new jobs."""
+    try:
+        service.scheduler.drain_node(conn.node_id)
+    except UnknownNode:
+        conn.refuse(ProtocolError(ErrorCode.UNKNOWN_NODE, f"node {conn.node_id!r} was removed"), count=False)

@@ -25,7 +25,8 @@ A message that fails to decode raises :class:`ProtocolError`, whose ``code``,
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -44,7 +45,7 @@ __all__ = [
     # helpers
     "NodeMessage", "ServerNodeMessage", "SessionMessage", "ServerSessionMessage",
     "ProtocolError", "encode", "decode_node_message", "decode_session_message", "decode_server_node_message",
-    "decode_server_session_message", "decode_body",
+    "decode_server_session_message", "decode_session_items", "decode_body",
 ]
 
 #: Bumped on an incompatible change; sent in ``registered`` so a node can check it.
@@ -173,6 +174,8 @@ class Drain(_Tagged, tag="drain"):
 
 # ---------------------------------------------------------------- server -> node
 class Registered(_Tagged, tag="registered"):
+    """The answer to ``register``: the node is registered; the settings it should follow."""
+
     node_id: str
     heartbeat_interval: float
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -238,6 +241,8 @@ class SessionCancel(_Tagged, tag="cancel"):
 
 
 class SessionResult(_Tagged, tag="result"):
+    """A job of the stream ended with the node's answer (``ok=false``: the node's own failure)."""
+
     request_id: int | str
     job_id: str
     node_id: str
@@ -267,6 +272,8 @@ class JobRequest(_Body):
 
 
 class JobResponse(_Body):
+    """``POST /v1/jobs``: the node's answer, after ``attempts`` deliveries."""
+
     job_id: str
     node_id: str
     ok: bool
@@ -290,6 +297,8 @@ class DispatchRequest(_Body):
 
 
 class DispatchResponse(_Body):
+    """``POST /v1/dispatch``: the node chosen; its capacity is reserved under ``job_id``."""
+
     job_id: str
     node_id: str
     pool_id: int
@@ -333,7 +342,12 @@ ServerSessionMessage = SessionResult | Error
 
 # ---------------------------------------------------------------- encoding
 class ProtocolError(ValueError):
-    """A message or body that cannot be accepted: ``code`` (an :class:`ErrorCode`), ``field`` or None."""
+    """A message or body that cannot be accepted.
+
+    :param code: an :class:`ErrorCode`.
+    :param message: what is wrong, for people.
+    :param field: the top-level field at fault, or None.
+    """
 
     def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -343,13 +357,21 @@ class ProtocolError(ValueError):
 
 
 _encoder = msgspec.json.Encoder()
+#: One message (or a list of them: a batch) as UTF-8 JSON bytes.
 encode = _encoder.encode
 # A frame is one message object or a batch: a JSON array of message objects.
-_node_decoder = msgspec.json.Decoder(NodeMessage | list[NodeMessage])
-_session_decoder = msgspec.json.Decoder(SessionMessage | list[SessionMessage])
-_server_node_decoder = msgspec.json.Decoder(ServerNodeMessage | list[ServerNodeMessage])
-_server_session_decoder = msgspec.json.Decoder(ServerSessionMessage | list[ServerSessionMessage])
-_body_decoders: dict[type, msgspec.json.Decoder] = {}
+_node_decoder: msgspec.json.Decoder[NodeMessage | list[NodeMessage]] = msgspec.json.Decoder(
+    NodeMessage | list[NodeMessage])
+_session_decoder: msgspec.json.Decoder[SessionMessage | list[SessionMessage]] = msgspec.json.Decoder(
+    SessionMessage | list[SessionMessage])
+_server_node_decoder: msgspec.json.Decoder[ServerNodeMessage | list[ServerNodeMessage]] = msgspec.json.Decoder(
+    ServerNodeMessage | list[ServerNodeMessage])
+_server_session_decoder: msgspec.json.Decoder[ServerSessionMessage | list[ServerSessionMessage]] = (
+    msgspec.json.Decoder(ServerSessionMessage | list[ServerSessionMessage]))
+# one decoder per body type, made on first use
+_body_decoders: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {}
+
+_BodyT = TypeVar("_BodyT", bound=msgspec.Struct)
 
 _AT = re.compile(r" - at `\$((?:\.[A-Za-z_][A-Za-z_0-9]*|\[\d+\])*)`$")
 _MISSING = re.compile(r"Object missing required field `([^`]+)`")
@@ -382,9 +404,13 @@ def _protocol_error(exc: msgspec.DecodeError) -> ProtocolError:
 
 
 def decode_node_message(data: bytes | str) -> NodeMessage | list[NodeMessage]:
-    """A node's frame: one message, or a list for a batch; raises :class:`ProtocolError`.
+    """Decode a node's frame.
 
     A batch is decoded whole: one bad element refuses all of it.
+
+    :param data: the frame, JSON.
+    :returns: one message, or a list of them for a batch.
+    :raises ProtocolError: the frame is not a valid message or batch.
     """
     try:
         return _node_decoder.decode(data)
@@ -393,20 +419,29 @@ def decode_node_message(data: bytes | str) -> NodeMessage | list[NodeMessage]:
 
 
 def decode_session_message(data: bytes | str) -> SessionMessage | list[SessionMessage]:
-    """A session-stream client's frame (message or batch); raises :class:`ProtocolError`."""
+    """Decode a session-stream client's frame, whole.
+
+    :param data: the frame, JSON.
+    :returns: one message, or a list of them for a batch.
+    :raises ProtocolError: the frame is not a valid message or batch.
+    """
     try:
         return _session_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise _protocol_error(exc) from None
 
 
-def decode_session_items(data: bytes | str) -> list[SessionMessage | tuple[ProtocolError, Any]]:
-    """A session-stream frame, element by element: each message, or ``(error, request_id)`` for a bad one.
+def decode_session_items(data: bytes | str) -> Sequence[SessionMessage | tuple[ProtocolError, int | str | None]]:
+    """Decode a session-stream frame element by element.
 
     A batch with one bad element must not sink its good ones (their answers
     would never come), and the answer to a bad one should carry its
-    ``request_id`` when it has one. Raises :class:`ProtocolError` only when
-    the frame is not JSON (or holds neither an object nor an array).
+    ``request_id`` when it has one.
+
+    :param data: the frame, JSON.
+    :returns: for each element, its message, or ``(error, request_id)`` for a bad
+        one (``request_id`` None when the element has none).
+    :raises ProtocolError: the frame is not JSON, or holds neither an object nor an array.
     """
     try:
         decoded = _session_decoder.decode(data)
@@ -419,7 +454,7 @@ def decode_session_items(data: bytes | str) -> list[SessionMessage | tuple[Proto
         raise whole from None
     if not isinstance(raw, (list, dict)):
         raise whole
-    out: list[SessionMessage | tuple[ProtocolError, Any]] = []
+    out: list[SessionMessage | tuple[ProtocolError, int | str | None]] = []
     for item in raw if isinstance(raw, list) else [raw]:
         request_id = item.get("request_id") if isinstance(item, dict) else None
         if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
@@ -432,7 +467,12 @@ def decode_session_items(data: bytes | str) -> list[SessionMessage | tuple[Proto
 
 
 def decode_server_node_message(data: bytes | str) -> ServerNodeMessage | list[ServerNodeMessage]:
-    """What the server sends a node (for node implementations); message or batch."""
+    """Decode what the server sends a node (for node implementations).
+
+    :param data: the frame, JSON.
+    :returns: one message, or a list of them for a batch.
+    :raises ProtocolError: the frame is not a valid message or batch.
+    """
     try:
         return _server_node_decoder.decode(data)
     except msgspec.DecodeError as exc:
@@ -440,16 +480,26 @@ def decode_server_node_message(data: bytes | str) -> ServerNodeMessage | list[Se
 
 
 def decode_server_session_message(data: bytes | str) -> ServerSessionMessage | list[ServerSessionMessage]:
-    """What the server sends a session stream (for client implementations); message or batch."""
+    """Decode what the server sends a session stream (for client implementations).
+
+    :param data: the frame, JSON.
+    :returns: one message, or a list of them for a batch.
+    :raises ProtocolError: the frame is not a valid message or batch.
+    """
     try:
         return _server_session_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise _protocol_error(exc) from None
 
 
-def decode_body(data: bytes | str, kind: type[msgspec.Struct]) -> Any:
-    """An HTTP body of struct type ``kind``; raises :class:`ProtocolError`."""
-    decoder = _body_decoders.get(kind)
+def decode_body(data: bytes | str, kind: type[_BodyT]) -> _BodyT:
+    """Decode an HTTP body.
+
+    :param data: the body, JSON.
+    :param kind: the body's struct type (:class:`JobRequest`, ...).
+    :raises ProtocolError: the body is not a valid ``kind``.
+    """
+    decoder: msgspec.json.Decoder[_BodyT] | None = _body_decoders.get(kind)
     if decoder is None:
         decoder = _body_decoders[kind] = msgspec.json.Decoder(kind)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.websockets import WebSocket
 
@@ -35,7 +35,13 @@ __all__ = ["SessionStream", "serve_session"]
 
 
 class SessionStream(Connection):
-    """One client's stream of jobs for ``session_id``."""
+    """One client's stream of jobs of one session.
+
+    :param websocket: the accepted WebSocket.
+    :param session_id: the session every job of the stream belongs to.
+    :param batch: whether the client reads batches.
+    :param limits: the :class:`~pysched.serve.connection.Connection` limits.
+    """
 
     kind = "session"
 
@@ -45,33 +51,40 @@ class SessionStream(Connection):
         #: records a job's end-to-end time (the metrics histogram)
         self.metrics_observe: Callable[[float], None] = lambda seconds: None
         #: request id -> its job, while in flight
-        self.requests: dict[Any, JobState] = {}
+        self.requests: dict[int | str, JobState] = {}
 
     def __repr__(self) -> str:
         return f"<SessionStream {self.session_id!r} in_flight={len(self.requests)}>"
 
 
 def _reply(job: JobState, result: Result | None, error: ServeError | None) -> None:
-    stream: SessionStream = job.stream
-    stream.requests.pop(job.request_id, None)
+    stream, rid = job.stream, job.request_id
+    assert stream is not None and rid is not None  # a stream's jobs carry both
+    stream.requests.pop(rid, None)
     stream.metrics_observe(time.perf_counter() - job.received)
     if error is not None or result is None:
-        stream.put((error or ServeError(ErrorCode.INTERNAL, "no result")).frame(job.request_id))
+        stream.put((error or ServeError(ErrorCode.INTERNAL, "no result")).frame(rid))
     else:
         assert job.job_id is not None and job.node_id is not None  # a result comes from a node
-        stream.put(SessionResult(request_id=job.request_id, job_id=job.job_id, node_id=job.node_id, ok=result.ok,
+        stream.put(SessionResult(request_id=rid, job_id=job.job_id, node_id=job.node_id, ok=result.ok,
                                  payload=result.payload, error=result.error, attempts=job.attempts))
 
 
 async def serve_session(websocket: WebSocket, session_id: str, batch: bool, service: Service) -> None:
-    """Run one accepted session stream until it closes."""
+    """Run one accepted session stream until it closes.
+
+    :param websocket: the accepted WebSocket.
+    :param session_id: the stream's session.
+    :param batch: whether the client reads batches (``?batch=1``).
+    :param service: the application's state.
+    """
     config = service.config
     stream = SessionStream(websocket, session_id, batch=batch, max_message_bytes=config.max_message_bytes,
                            max_bad_messages=config.max_bad_messages, max_send_queue=config.max_send_queue)
     metrics = service.metrics
     observe = metrics.job_seconds.labels("sessions").observe
     stream.metrics_observe = observe
-    stream.on_bad_message = lambda code: metrics.refused.labels("session", code).inc()  # type: ignore[method-assign]
+    stream.on_bad_message = lambda code: metrics.refused.labels("session", code).inc()
     gauge = metrics.connections.labels("session")
     gauge.inc()
     metrics.connections_total.labels("session").inc()

@@ -1,17 +1,21 @@
 """Pure-Python model of the reference scheduler's "before" design (G0).
 
 This is the baseline for the side-by-side benchmark. It models **G0**, the
-node registry of the reference ``lingua_1`` scheduler
-(``central_server/scheduler``) at commit ``da5aaa0``, plus the automatic
-language-set pools and the O(pools) superset pool match that commit
-``ad7085e`` ("before refactoring") added. Section numbers below refer to
-``/work/shared/reference/lingua-scheduler-facts.md``; the seed analysis
-(``/work/shared/seed/000_f854bd568b6df0f2.txt`` §2.1–§2.3) describes the
-same structure. No reference code is reproduced. The model keeps the
-original's algorithm and lock structure, written as ordinary Python with
-``threading`` primitives. It is not a deliberately slowed-down strawman.
+node registry of the reference scheduler (the public repository
+``TinoTau/lingua_1``, directory ``central_server/scheduler/``, in Rust) at
+commit ``da5aaa0``, plus the automatic language-set pools and the O(pools)
+superset pool match that commit ``ad7085e`` ("before refactoring") added.
+Names below that are not this module's are the reference's (``NodeRegistry``
+and its locks, ``JobDispatcher``, ``reserve_job_slot``,
+``reserved_counts_snapshot``, ``best_reason_label``,
+``NoAvailableNodeBreakdown``, ``try_create_pool_for_node``,
+``phase3_upsert_node_to_pool_index_with_runtime``, ``NodeHealthConfig``),
+and file paths are relative to that directory. No reference code is
+reproduced. The model keeps the original's algorithm and lock structure,
+written as ordinary Python with ``threading`` primitives. It is not a
+deliberately slowed-down strawman.
 
-Locks (§8.1)
+Locks (``NodeRegistry``)
     There is one readers-writer lock per structure, as in G0's
     ``NodeRegistry``. ``nodes`` guards the node map. ``reserved_jobs`` guards
     local reservations. ``phase3`` guards the pool config. ``pool_index``
@@ -20,7 +24,7 @@ Locks (§8.1)
     the core-service config, and ``exclude_stats`` guards the exclusion
     statistics. Outside the registry there are the ``JobDispatcher``'s
     ``jobs`` table, which doubles as the request binding, and the global
-    ``sessions`` map (§5.3 and seed §2.2). The ``sessions`` map is one RwLock'd
+    ``sessions`` map. The ``sessions`` map is one RwLock'd
     dict with no per-session lock, and each dispatch write-locks it to
     create or update its session's entry.
 
@@ -29,27 +33,27 @@ Locks (§8.1)
     writer releases the lock, every reader queued at that moment is admitted
     before the next writer (phase-fair). So neither side starves.
 
-Dispatch hot path (§8.1, "Hot path for two-level selection")
+Dispatch hot path (two-level selection)
     1. ``sessions.write``: create or update the session entry.
     2. ``phase3.read``: take the pool list. Eligible pools are then found by
        scanning **every** pool, O(pools). A pool qualifies by superset match,
-       meaning its language set contains both src and tgt (§2.7, §11.2).
+       meaning its language set contains both src and tgt.
        ``src == "auto"`` selects the pools that contain tgt.
     3. ``reserved_jobs.write``: prune expired reservations and count the live
-       ones per node (``reserved_counts_snapshot``, §7.1).
+       ones per node (``reserved_counts_snapshot``).
     4. ``pool_index.read``: prefetch the members of each eligible pool.
-    5. ``core_cache.read``: copy the per-pool core counters (§1.7).
+    5. ``core_cache.read``: copy the per-pool core counters.
     6. ``nodes.read`` is held for the **whole multi-pool candidate scan**.
        Every excluded node takes ``exclude_stats.write``, which bumps a
        per-reason counter and keeps up to 5 distinct example node ids
-       (§6.6).
-    7. ``reserve_job_slot`` (§7.1): ``nodes.read``, then release, then
+       (``exclude_reason_stats``).
+    7. ``reserve_job_slot``: ``nodes.read``, then release, then
        ``reserved_jobs.write``. Only the single chosen node is reserved. If
-       that fails the dispatch fails, with no fallback to another candidate
-       (§6.7, §11.11).
+       that fails the dispatch fails, with no fallback to another candidate,
+       as in the reference.
     8. ``jobs.write``: record the job.
 
-Per-pool selection (§6.4 with the G0 differences listed in §6.5)
+Per-pool selection (G0's rules)
     Pools are visited in configuration order. The pool-level quick skip uses
     the core cache. The per-node filters run in this order:
 
@@ -67,21 +71,22 @@ Per-pool selection (§6.4 with the G0 differences listed in §6.5)
 
     The survivor with the strictly lowest effective job count wins, and the
     scan of a pool stops early at 0. The first pool that yields a node wins.
-    There is no language filter inside a pool (§6.5).
+    There is no language filter inside a pool.
 
-Heartbeat (§8.1, §1.3)
+Heartbeat
     1. ``nodes.write``: update the node in place and apply the health
        transition (registering -> ready, ready -> degraded after 3 failures,
        degraded -> ready).
     2. Pool reassignment: ``phase3.read``, then ``node_pool.write``, then
        ``pool_index.write``. The node joins the one pool whose language set
-       equals its own (§2.4). If no pool has that set, a pool is created
+       equals its own (``phase3_upsert_node_to_pool_index_with_runtime``).
+       If no pool has that set, a pool is created
        under ``phase3.write`` with id max + 1, capped at ``max_pools``
-       (§2.3).
+       (``try_create_pool_for_node``).
     3. Core cache: ``phase3.read``, then ``core_services.read``, then
        ``node_pool.read``, then ``core_cache.write``.
 
-Node status (§1.3)
+Node status (``managers/node_status_manager.rs``)
     ``register_node`` puts a node in ``registering``. Its first healthy
     heartbeat makes it ``ready``, because ``health_check_count`` is 1. A real
     node sends that heartbeat within 15 s; a harness must send it too, or
@@ -97,7 +102,7 @@ Known simplifications, each documented where it occurs
     * Installed services count as running and capability-ready.
     * There is no Redis, no hash-bucket or manual-capability pool mode, and
       no session "spread" rule, which is disabled by default in G0.
-    * There is no second selection attempt. The reference's retry (§6.7)
+    * There is no second selection attempt. The reference's retry
       differs from the first attempt only by dropping the spread exclusion.
       With spread off, it would repeat an identical scan.
     * A pool skipped by the quick skip adds its member count to
@@ -116,6 +121,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 __all__ = [
     "RWLock",
@@ -226,6 +232,7 @@ class RWLock:
 
     # -- primitives -----------------------------------------------------------
     def acquire_read(self) -> None:
+        """Hold the lock shared; wait behind a writer holding or waiting for it."""
         with self._mutex:
             if not self._writer and not self._writers_waiting:
                 self._readers += 1
@@ -238,6 +245,7 @@ class RWLock:
                 self._rcond.wait()
 
     def release_read(self) -> None:
+        """Let go of a shared hold; the last reader out wakes a waiting writer."""
         with self._mutex:
             if self._readers <= 0:
                 raise RuntimeError("release_read() without a matching acquire_read()")
@@ -246,6 +254,7 @@ class RWLock:
                 self._wcond.notify()
 
     def acquire_write(self) -> None:
+        """Hold the lock exclusively; new readers queue behind this writer meanwhile."""
         with self._mutex:
             self._writers_waiting += 1
             try:
@@ -256,6 +265,7 @@ class RWLock:
             self._writer = True
 
     def release_write(self) -> None:
+        """Let go of the exclusive hold, admitting every queued reader at once, else the next writer."""
         with self._mutex:
             if not self._writer:
                 raise RuntimeError("release_write() without a matching acquire_write()")
@@ -277,14 +287,17 @@ class RWLock:
 
     @property
     def writer_active(self) -> bool:
+        """A writer holds the lock."""
         return self._writer
 
     @property
     def writers_waiting(self) -> int:
+        """Writers queued for the lock."""
         return self._writers_waiting
 
     @property
     def readers_waiting(self) -> int:
+        """Readers queued behind a writer."""
         return self._readers_waiting
 
 
@@ -292,7 +305,7 @@ class RWLock:
 # Results and errors
 # --------------------------------------------------------------------------
 
-#: Breakdown counters kept by G0 selection (§6.6, minus the language counters
+#: Breakdown counters kept by G0 selection (``NoAvailableNodeBreakdown``, minus the language counters
 #: that only single-level G1 selection fills).
 BREAKDOWN_KEYS = (
     "total_nodes",
@@ -306,12 +319,12 @@ BREAKDOWN_KEYS = (
 )
 _TOTAL, _OFFLINE, _STATUS, _PUBLIC, _GPU, _MODEL, _CAPACITY, _RESOURCE = range(8)
 _N_COUNTERS = len(BREAKDOWN_KEYS)
-# Order used by best_reason_label (§6.6): every counter but total_nodes.
+# Order used by best_reason_label: every counter but total_nodes.
 _LABEL_ORDER = tuple(range(_OFFLINE, _N_COUNTERS))
 
 
 def _best_reason(counts: list[int]) -> str:
-    """``best_reason_label`` (§6.6): the largest counter; earliest wins ties."""
+    """``best_reason_label``: the largest counter; earliest wins ties."""
     if counts[_TOTAL] == 0:
         return "no_nodes"
     best, best_n = "unknown", 0
@@ -322,7 +335,7 @@ def _best_reason(counts: list[int]) -> str:
 
 
 def _as_dict(counts: list[int]) -> dict[str, int]:
-    return dict(zip(BREAKDOWN_KEYS, counts))
+    return dict(zip(BREAKDOWN_KEYS, counts, strict=True))
 
 
 class LegacyAssignment:
@@ -348,6 +361,7 @@ class LegacyAssignment:
 
     @property
     def fallback_used(self) -> bool:
+        """The job went to another pool than the first eligible one."""
         return self.pool_id != self.preferred_pool
 
     def __repr__(self) -> str:
@@ -405,7 +419,7 @@ OFFLINE = "offline"
 _CORE_TYPES = ("asr", "nmt", "tts")
 _CORE_SET = frozenset(_CORE_TYPES)
 
-# Health constants (§1.3, NodeHealthConfig defaults).
+# Health constants (``NodeHealthConfig`` defaults).
 _HEALTH_CHECK_COUNT = 1
 _FAILURE_WINDOW = 5
 _FAILURE_COUNT = 3
@@ -415,8 +429,12 @@ _STATUS_SCAN_INTERVAL = 30.0
 _EXAMPLES_PER_REASON = 5
 
 
+#: What the pool and core-cache updates read of a node: (online, status, services, languages).
+_View = tuple[bool, str, frozenset[str], frozenset[str]]
+
+
 class _Node:
-    """The scheduler's record of one node (§1.2); mutated in place under nodes.write."""
+    """The scheduler's record of one node (``node_registry/types.rs``); mutated in place under nodes.write."""
 
     __slots__ = (
         "node_id",
@@ -444,6 +462,7 @@ class _Node:
         languages: frozenset[str],
         services: frozenset[str],
         max_concurrency: int,
+        *,
         has_gpu: bool,
         accept_public_jobs: bool,
         now: float,
@@ -469,7 +488,7 @@ class _Node:
 
 
 class _Pool:
-    """One auto-generated language-set pool (§2.2/§2.3); immutable."""
+    """One auto-generated language-set pool (``try_create_pool_for_node``); immutable."""
 
     __slots__ = ("pool_id", "name", "languages", "required_services")
 
@@ -552,7 +571,7 @@ class LegacyScheduler:
         self._job_prefix = f"{self._rng.getrandbits(32):08x}"
         self._job_seq = itertools.count(1)
 
-        # --- NodeRegistry: one RwLock per structure (§8.1) ------------------
+        # --- NodeRegistry: one RwLock per structure ------------------------
         self._nodes_lock = RWLock()
         self._nodes: dict[str, _Node] = {}
         self._reserved_lock = RWLock()
@@ -566,12 +585,13 @@ class LegacyScheduler:
         self._node_pool: dict[str, frozenset[int]] = {}
         self._core_cache_lock = RWLock()
         # pool -> (online_nodes, ready_nodes, asr_ready, nmt_ready, tts_ready)
-        self._core_cache: dict[int, tuple[int, int, int, int, int]] = {}
-        self._core_contrib: dict[str, tuple[frozenset[int], tuple[int, int, int, int, int]]] = {}
+        self._core_cache: dict[int, tuple[int, ...]] = {}
+        self._core_contrib: dict[str, tuple[frozenset[int], tuple[int, ...]]] = {}
         self._core_services_lock = RWLock()
         self._core_services = {"asr": "node-inference", "nmt": "nmt-m2m100", "tts": "piper-tts"}
         self._exclude_stats_lock = RWLock()
-        self._exclude_stats: dict[str, list] = {}  # reason -> [count, [example ids]]
+        # reason -> [count, [example ids]] (a list, updated in place: its items are Any)
+        self._exclude_stats: dict[str, list[Any]] = {}
 
         # --- JobDispatcher / SessionManager --------------------------------
         self._jobs_lock = RWLock()
@@ -579,7 +599,7 @@ class LegacyScheduler:
         self._sessions_lock = RWLock()
         self._sessions: dict[str, _Session] = {}
 
-        # Periodic status scan, run lazily from dispatch (§1.3).
+        # Periodic status scan, run lazily from dispatch.
         self._scan_guard = threading.Lock()
         self._next_scan = clock() + self._scan_interval
 
@@ -611,10 +631,10 @@ class LegacyScheduler:
             _norm_langs(languages),
             _norm_services(services),
             int(max_concurrency),
-            bool(has_gpu),
-            bool(accept_public_jobs),
-            now,
-            READY if self._ready_on_register else REGISTERING,
+            has_gpu=bool(has_gpu),
+            accept_public_jobs=bool(accept_public_jobs),
+            now=now,
+            status=READY if self._ready_on_register else REGISTERING,
         )
         with self._nodes_lock.write():
             self._nodes[node_id] = node
@@ -625,6 +645,7 @@ class LegacyScheduler:
     def heartbeat(
         self,
         node_id: str,
+        *,
         running: int | None = None,
         cpu: float | None = None,
         gpu: float | None = None,
@@ -635,7 +656,7 @@ class LegacyScheduler:
     ) -> None:
         """Apply a node heartbeat. A ``None`` argument leaves that field unchanged.
 
-        ``healthy`` overrides the §1.3 health check; if it is ``None`` the check
+        ``healthy`` overrides the reference's health check; if it is ``None`` the check
         is computed from the node's GPU, GPU usage and services.
         """
         now = self._clock()
@@ -678,7 +699,7 @@ class LegacyScheduler:
         return True
 
     def scan_node_status(self, now: float | None = None) -> int:
-        """Run the periodic status scan (§1.3) now; return how many nodes changed."""
+        """Run the periodic status scan now; return how many nodes changed."""
         if now is None:
             now = self._clock()
         changed = 0
@@ -696,7 +717,7 @@ class LegacyScheduler:
     # -- helpers run under nodes.write --------------------------------------
     @staticmethod
     def _health_check(node: _Node) -> bool:
-        if not node.has_gpu or not 0.0 <= node.gpu <= 100.0:
+        if not node.has_gpu or not 0.0 <= node.gpu <= 100.0:  # noqa: PLR2004  (a percentage)
             return False
         if node.status == REGISTERING:
             return not _CORE_SET.isdisjoint(node.services)
@@ -734,13 +755,13 @@ class LegacyScheduler:
         # draining / offline: ignored
 
     # -- pools ----------------------------------------------------------------
-    def _assign_node_to_pool(self, node_id: str, view: tuple) -> None:
-        """§2.4 auto mode, using the locks of §8.1's heartbeat step 2."""
+    def _assign_node_to_pool(self, node_id: str, view: _View) -> None:
+        """Auto mode (``phase3_upsert_node_to_pool_index_with_runtime``), with the locks of the heartbeat's step 2."""
         online, _status, services, langs = view
         with self._phase3_lock.read():
             pools = self._pools
         desired: frozenset[int] = frozenset()
-        if online and _CORE_SET <= services and langs:
+        if online and services >= _CORE_SET and langs:
             pid = None
             for pool in pools:  # the first pool whose set (name) equals the node's
                 if pool.languages == langs:
@@ -769,7 +790,7 @@ class LegacyScheduler:
                 self._pool_index.setdefault(pid, set()).add(node_id)
 
     def _try_create_pool(self, langs: frozenset[str]) -> int | None:
-        """§2.3 without Redis: append a pool with id max+1 unless capped."""
+        """``try_create_pool_for_node`` without Redis: append a pool with id max+1 unless capped."""
         with self._phase3_lock.write():
             for pool in self._pools:
                 if pool.languages == langs:
@@ -780,8 +801,8 @@ class LegacyScheduler:
             self._pools = [*self._pools, _Pool(new_id, langs)]
             return new_id
 
-    def _update_core_cache(self, node_id: str, view: tuple) -> None:
-        """§1.7 incremental core-cache update, using §8.1's heartbeat step-3 locks."""
+    def _update_core_cache(self, node_id: str, view: _View) -> None:
+        """Incremental core-cache update, with the locks of the heartbeat's step 3."""
         online, status, services, _langs = view
         with self._phase3_lock.read():
             _ = self._pools  # the reference re-reads the config here
@@ -805,10 +826,10 @@ class LegacyScheduler:
                 for pid in old_pids:
                     cur = cache.get(pid)
                     if cur is not None:
-                        cache[pid] = tuple(max(0, c - f) for c, f in zip(cur, old_flags))
+                        cache[pid] = tuple(max(0, c - f) for c, f in zip(cur, old_flags, strict=True))
             for pid in pids:
                 cur = cache.get(pid, (0, 0, 0, 0, 0))
-                cache[pid] = tuple(c + f for c, f in zip(cur, flags))
+                cache[pid] = tuple(c + f for c, f in zip(cur, flags, strict=True))
             if pids:
                 self._core_contrib[node_id] = (pids, flags)
             else:
@@ -824,9 +845,9 @@ class LegacyScheduler:
         services: Iterable[str] = ("asr", "nmt", "tts"),
         accept_public: bool = True,
     ) -> LegacyAssignment:
-        """Select and reserve one node for a job (§8.1 hot path).
+        """Select and reserve one node for a job (the hot path of the module docstring).
 
-        ``accept_public`` follows §6.4(c). A public job (the default, and what
+        ``accept_public`` follows the reference's public rule. A public job (the default, and what
         every reference caller passes) may use any node. A private job may
         use only nodes with ``accept_public_jobs=False``.
 
@@ -897,14 +918,16 @@ class LegacyScheduler:
             self._dispatched += 1
         return assignment
 
-    def _select(
+    # One function on purpose: G0's scan is one loop under nodes.read, and a
+    # helper call per pool or per node would slow the model below the original.
+    def _select(  # noqa: PLR0912, PLR0915
         self,
         eligible: list[int],
         required: frozenset[str],
         accept_public: bool,
         now: float,
     ) -> tuple[tuple[str, int] | None, list[int], list[int], list[tuple[int, str, int]]]:
-        """Level 2 over the eligible pools, in order (§6.4 with G0 rules)."""
+        """Level 2 over the eligible pools, in order (G0's rules)."""
         # reserved_counts_snapshot (write lock: prunes expired entries).
         with self._reserved_lock.write():
             reserved_counts = self._reserved_counts_locked(now)
@@ -930,7 +953,7 @@ class LegacyScheduler:
         # nodes.read held for the whole multi-pool scan.
         with self._nodes_lock.read():
             nodes = self._nodes
-            for pid, cands, entry in zip(eligible, members, core):
+            for pid, cands, entry in zip(eligible, members, core, strict=True):
                 bd = [0] * _N_COUNTERS
                 n_cands = len(cands)
                 skip = None
@@ -997,7 +1020,7 @@ class LegacyScheduler:
         return chosen, total_counts, preferred_counts or [0] * _N_COUNTERS, attempts
 
     def _record_exclusion(self, reason: int, node_id: str) -> None:
-        """Global exclusion stats: a write lock per excluded node (§6.6)."""
+        """Global exclusion stats: a write lock per excluded node."""
         key = BREAKDOWN_KEYS[reason]
         with self._exclude_stats_lock.write():
             entry = self._exclude_stats.get(key)
@@ -1027,7 +1050,7 @@ class LegacyScheduler:
         return counts
 
     def _reserve_job_slot(self, node_id: str, job_id: str, now: float) -> float | None:
-        """§7.1 local reservation; returns the expiry time, or None if refused."""
+        """``reserve_job_slot``, without Redis; returns the expiry time, or None if refused."""
         with self._nodes_lock.read():
             node = self._nodes.get(node_id)
             if node is None or not node.online or node.status != READY:
@@ -1093,7 +1116,7 @@ class LegacyScheduler:
         with self._reserved_lock.write():
             return self._reserved_counts_locked(now)
 
-    def node_status(self, node_id: str) -> dict:
+    def node_status(self, node_id: str) -> dict[str, object]:
         """A copy of one node's record (for tests and diagnostics)."""
         with self._nodes_lock.read():
             n = self._nodes.get(node_id)
@@ -1112,7 +1135,7 @@ class LegacyScheduler:
                 "services": sorted(n.services),
             }
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, object]:
         """A point-in-time summary. Each structure is read under its own lock."""
         now = self._clock()
         with self._nodes_lock.read():

@@ -52,9 +52,9 @@ What it leaves out of pysched's feature set, each of which would only make
 it slower: per-session locks (one lock does it all), tenant pool preference,
 idle-session expiry, commit leases, listeners, manual pools, Redis.
 
-Not part of the installed package: ``pysched bench`` loads this file by path,
-as it loads ``benchmarks/legacy.py``. Standard library plus
-``sortedcontainers`` (only :class:`SortedListPeer` needs it).
+A module of the tools (``pysched bench`` imports it, as it imports
+:mod:`pysched.tools.bench.legacy`), never of the library. Standard library
+plus ``sortedcontainers`` (only :class:`SortedListPeer` needs it).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
 from heapq import heapify, heappop, heappush, heapreplace
+from typing import Any
 
 try:  # only SortedListPeer needs it; HeapPeer is stdlib only
     from sortedcontainers import SortedList
@@ -98,6 +98,7 @@ _READY = "ready"
 _DRAINING = "draining"
 _DEGRADED = "degraded"
 _OFFLINE = "offline"
+_PAIR_CACHE_MAX = 100_000  # (src, tgt) spellings cached at most: bounds what bad input can grow
 _UNHEALTHY_LIMIT = 3  # consecutive healthy=False heartbeats that make a ready node degraded
 
 
@@ -123,6 +124,8 @@ class PeerNoNodeAvailable(PeerError, LookupError):
 
 
 class PeerUnknownNode(PeerError, KeyError):
+    """No node has this id."""
+
     def __init__(self, node_id: object) -> None:
         super().__init__(node_id)
         self.node_id = node_id
@@ -132,6 +135,8 @@ class PeerUnknownNode(PeerError, KeyError):
 
 
 class PeerUnknownJob(PeerError, KeyError):
+    """The job holds no reservation (never dispatched, released, or expired)."""
+
     def __init__(self, job_id: object) -> None:
         super().__init__(job_id)
         self.job_id = job_id
@@ -164,7 +169,7 @@ class _Node:
                  "cpu", "gpu", "mem", "last_heartbeat", "status", "unhealthy", "pool", "key", "kfree", "alive")
 
     def __init__(self, node_id: str, languages: frozenset[str], services: frozenset[str], max_concurrency: int,
-                 has_gpu: bool, public: bool, now: float) -> None:
+                 *, has_gpu: bool, public: bool, now: float) -> None:
         self.node_id = node_id
         self.languages = languages
         self.services = services
@@ -177,8 +182,11 @@ class _Node:
         self.last_heartbeat = now
         self.status = _READY
         self.unhealthy = 0
-        self.pool: Any = None  # its _Pool, or None while it has none (max_pools reached)
-        self.key: tuple | None = None  # the node's live index key; None: not in its pool's index
+        # its _Pool, or None while it has none (max_pools reached). Any: the
+        # index paths read it only while the node is indexed, when it is never
+        # None; typed `_Pool | None`, they would need a None check to say so.
+        self.pool: Any = None
+        self.key: _Key | None = None  # the node's live index key; None: not in its pool's index
         self.kfree = 0  # max - effective when the live key was made: its share of the pool's ``free``
         self.alive = True  # False once removed (its jobs can still be released)
 
@@ -194,8 +202,12 @@ class _Pool:
         self.free = 0  # sum of (max - effective) over the nodes in the index: new sessions go to the most free
 
 
+#: A node's index key: (load ratio, gpu, tie-break, seq, node); the least is the best.
+_Key = tuple[float, float, float, int, _Node]
+
 # A reservation is a list (cheaper to build than an object, and the dispatch
-# path builds one per job): [node, pool id, session id, expires, committed].
+# path builds one per job): [node, pool id, session id, expires, committed];
+# its items are typed Any (a list holds one type).
 _J_NODE, _J_POOL, _J_SESSION, _J_EXPIRES, _J_COMMITTED = range(5)
 
 
@@ -242,12 +254,12 @@ def _max_concurrency(value: object) -> int:
 def _figure(value: object, name: str) -> float:
     if type(value) is not float and type(value) is not int:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
-    if not 0.0 <= value <= 100.0:  # also rejects NaN
+    if not 0.0 <= value <= 100.0:  # noqa: PLR2004  (a percentage; also rejects NaN)
         raise ValueError(f"{name} must be in [0, 100], got {value!r}")
     return float(value)
 
 
-def _iterable(value: object, name: str) -> Iterable:
+def _iterable(value: object, name: str) -> Iterable[object]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be an iterable of node ids, got {type(value).__name__}: {value!r}")
     return value
@@ -282,7 +294,7 @@ class _PeerBase:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if isinstance(resource_threshold, bool) or not isinstance(resource_threshold, (int, float)) \
-                or not 0 < resource_threshold <= 100:
+                or not 0 < resource_threshold <= 100:  # noqa: PLR2004  (a percentage)
             raise ValueError(f"resource_threshold must be in (0, 100], got {resource_threshold!r}")
         if type(max_pools) is not int or max_pools < 1:
             raise ValueError(f"max_pools must be an int >= 1, got {max_pools!r}")
@@ -307,7 +319,7 @@ class _PeerBase:
         # (src, tgt) as the caller spelled them -> pools, most specific first; cleared when pools change
         self._pairs: dict[tuple[Any, Any], tuple[_Pool, ...]] = {}
         self._sessions: dict[str, tuple[str, str, Any]] = {}  # session -> (src, tgt, bound pool)
-        self._jobs: dict[str, list] = {}
+        self._jobs: dict[str, list[Any]] = {}
         # expiry order is issue order (one fixed TTL): two parallel FIFOs of
         # floats and strs, which the garbage collector does not track
         self._exp_at: deque[float] = deque()
@@ -332,7 +344,7 @@ class _PeerBase:
         """The best node of ``pool`` that can take a job now (``accept``: the request's filter). Lock held."""
         raise NotImplementedError
 
-    def _live_keys(self, pool: _Pool) -> list[tuple]:
+    def _live_keys(self, pool: _Pool) -> list[_Key]:
         raise NotImplementedError
 
     # ------------------------------------------------------------ shared helpers (lock held)
@@ -350,7 +362,7 @@ class _PeerBase:
         elif node.key is not None:
             self._unindex(node)
 
-    def _key(self, node: _Node) -> tuple:
+    def _key(self, node: _Node) -> _Key:
         """A new live key for ``node``; records its share of the pool's free capacity."""
         eff = node.inflight if node.inflight > node.running else node.running
         node.kfree = node.max - eff
@@ -385,7 +397,7 @@ class _PeerBase:
         pools = [p for p in self._pools.values() if t in p.languages and (s == AUTO or s in p.languages)]
         pools.sort(key=lambda p: (len(p.languages), p.pool_id))  # most specific first, like pysched
         found = tuple(pools)
-        if found and len(self._pairs) < 100_000:
+        if found and len(self._pairs) < _PAIR_CACHE_MAX:
             self._pairs[(src, tgt)] = found
         return found
 
@@ -515,7 +527,7 @@ class _PeerBase:
             if node.key is not None:
                 self._index(node)
             # an expired job not yet swept gave its capacity back all the same; the caller is told it was gone
-            return job[_J_COMMITTED] or job[_J_EXPIRES] > now
+            return job[_J_COMMITTED] or job[_J_EXPIRES] > now  # type: ignore[no-any-return]  # a bool, in an Any slot
 
     def commit(self, job_id: str) -> None:
         """The node accepted the job: its reservation stops expiring. Raises :class:`PeerUnknownJob`."""
@@ -552,7 +564,7 @@ class _PeerBase:
         now = self._clock()
         with self._lock:
             old = self._nodes.get(node_id)
-            node = _Node(node_id, langs, servs, mx, has_gpu, accept_public_jobs, now)
+            node = _Node(node_id, langs, servs, mx, has_gpu=has_gpu, public=accept_public_jobs, now=now)
             if old is not None:
                 self._leave(old)
                 old.alive = False
@@ -662,7 +674,7 @@ class _PeerBase:
             node.alive = False
 
     # ------------------------------------------------------------ views
-    def node(self, node_id: str) -> dict:
+    def node(self, node_id: str) -> dict[str, object]:
         """One node's figures, as the peer sees them."""
         with self._lock:
             node = self._nodes.get(node_id)
@@ -682,12 +694,13 @@ class _PeerBase:
             return node.inflight
 
     def pools(self) -> dict[int, tuple[frozenset[str], tuple[str, ...]]]:
-        """pool id -> (language set, member node ids, sorted)."""
+        """Pool id -> (language set, member node ids, sorted)."""
         with self._lock:
             return {p.pool_id: (p.languages, tuple(sorted(n.node_id for n in p.members)))
                     for p in self._pools.values()}
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, object]:
+        """Counts: nodes, pools, sessions, jobs and jobs held."""
         with self._lock:
             return {"kind": self.kind, "nodes": len(self._nodes), "pools": len(self._pools),
                     "sessions": len(self._sessions), "jobs": len(self._jobs),
@@ -752,7 +765,7 @@ class SortedListPeer(_PeerBase):
         if not index:
             return None
         key = index[0]
-        node = key[4]
+        node: _Node = key[4]
         if key[0] >= 1.0:
             return None  # the least loaded is full: all are
         if now - node.last_heartbeat <= self.heartbeat_timeout and (accept is None or accept(node)):
@@ -774,7 +787,7 @@ class SortedListPeer(_PeerBase):
             self._unindex(node)
         return found
 
-    def _live_keys(self, pool: _Pool) -> list[tuple]:
+    def _live_keys(self, pool: _Pool) -> list[_Key]:
         return list(pool.index)
 
 
@@ -807,7 +820,7 @@ class HeapPeer(_PeerBase):
         node.pool.free -= node.kfree
         node.key = None  # its entries are stale now
 
-    def _live_keys(self, pool: _Pool) -> list[tuple]:
+    def _live_keys(self, pool: _Pool) -> list[_Key]:
         return [e for e in pool.index if e[4].key is e]
 
     @staticmethod
@@ -820,7 +833,7 @@ class HeapPeer(_PeerBase):
         heap = pool.index
         timeout = self.heartbeat_timeout
         while heap:
-            top = heap[0]
+            top: _Key = heap[0]
             node = top[4]
             if node.key is not top:
                 heappop(heap)  # stale
@@ -963,7 +976,7 @@ class HeapPeer(_PeerBase):
                 if len(heap) > 2 * len(pool.members) + 32:
                     self._compact(pool)
             # an expired job not yet swept gave its capacity back all the same; the caller is told it was gone
-            return job[4] or job[3] > now
+            return job[4] or job[3] > now  # type: ignore[no-any-return]  # a bool, in an Any slot
 
 
 #: the peer ``pysched bench`` runs: the faster of the two indexes (see the module docstring)

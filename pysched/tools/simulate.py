@@ -16,7 +16,7 @@ Every simulated node counts the jobs it holds at once, and the run records
 the highest count ever seen per node: the **over-commit check** is that no
 node ever held more than its ``max_concurrency``.
 
->>> from pysched.simulate import SimulationConfig, run_simulation
+>>> from pysched.tools.simulate import SimulationConfig, run_simulation
 >>> report = run_simulation(SimulationConfig(duration=0.5, nodes=10, sessions=20, threads=1))
 >>> report.dispatches > 0 and not report.overcommits
 True
@@ -24,28 +24,37 @@ True
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import itertools
+import json
 import math
 import random
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
 
 import numpy as np
 
 from pysched.errors import NoNodeAvailable, NoPoolForLanguagePair
 from pysched.scheduler import Scheduler
+from pysched.tools.argtypes import positive_float, positive_int
+from pysched.tools.bench.harness import LatencyRecorder, PacedHeartbeats, Threads, Window, summarise
 
 __all__ = [
     "LANGUAGE_SETS",
     "Progress",
+    "ProgressPrinter",
     "SimNode",
     "SimulationConfig",
     "SimulationReport",
+    "add_arguments",
     "build_fleet",
+    "run",
     "run_simulation",
 ]
 
@@ -95,7 +104,8 @@ _UNHEALTHY_STREAK = (3, 8)  # heartbeats; 3 in a row make a ready node degraded
 _SILENCE_EVENTS_PER_S = 0.4  # a node stops heartbeating ...
 _SILENCE_SECONDS = (1.5, 3.5)  # ... for this much longer than heartbeat_timeout, then returns
 
-_UTIL_SAMPLE_INTERVAL = 0.2  # seconds between utilisation samples
+_UTIL_SAMPLE_NS = 200_000_000  # between utilisation samples
+_OVERCOMMITS_LISTED = 10  # over-committed nodes the summary names
 _TEARDOWN_RESERVE = 0.15  # seconds of the wall-clock budget kept for teardown and percentiles
 
 
@@ -176,7 +186,8 @@ class SimulationReport:
     overcommits: list[tuple[str, int, int]]  #: (node id, peak held, max_concurrency) of violators
     silences: int  #: nodes that went silent during the run
     unhealthy_streaks: int  #: healthy=False streaks sent
-    stats: dict = field(default_factory=dict)  #: ``sched.stats()`` at the end
+    #: ``sched.stats()`` at the end (Any: the scheduler's JSON-like figures, nested)
+    stats: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -185,14 +196,17 @@ class SimulationReport:
 
     @property
     def attempts(self) -> int:
+        """Dispatch calls made, successful or not."""
         return self.dispatches + sum(self.failures.values())
 
     @property
     def dispatch_rate(self) -> float:
+        """Successful dispatches per second of the dispatch phase."""
         return self.dispatches / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def heartbeat_rate(self) -> float:
+        """Heartbeats applied per second of the dispatch phase."""
         return self.heartbeats / self.elapsed if self.elapsed > 0 else 0.0
 
     def summary_line(self) -> str:
@@ -240,8 +254,9 @@ class SimulationReport:
             f"{int(u['samples'])} samples)"
         )
         if self.overcommits:
-            worst = ", ".join(f"{n} held {p} > max {m}" for n, p, m in self.overcommits[:10])
-            more = f" (+{len(self.overcommits) - 10} more)" if len(self.overcommits) > 10 else ""
+            shown = self.overcommits[:_OVERCOMMITS_LISTED]
+            worst = ", ".join(f"{n} held {p} > max {m}" for n, p, m in shown)
+            more = f" (+{len(self.overcommits) - len(shown)} more)" if len(self.overcommits) > len(shown) else ""
             lines.append(
                 f"  over-commit  FAILED: {len(self.overcommits)} nodes exceeded their max concurrency: {worst}{more}"
             )
@@ -261,7 +276,7 @@ class SimulationReport:
             )
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable view of the report."""
         return {
             "summary": self.summary_line(),
@@ -334,8 +349,8 @@ class _PairPicker:
 
 
 # ---------------------------------------------------------------- shared state
-class _Shared:
-    """State the simulator owns, shared by its threads."""
+class _Fleet:
+    """The simulated nodes' side of the run, shared by the simulator's threads."""
 
     def __init__(self, sched: Scheduler, fleet: list[SimNode]) -> None:
         self.sched = sched
@@ -349,18 +364,15 @@ class _Shared:
         self.held = [0] * len(fleet)
         self.peak = [0] * len(fleet)
         self.locks = [threading.Lock() for _ in fleet]
-        self.go = threading.Event()
-        self.start_ns = 0
-        self.end_ns = 0
-        self.errors: list[BaseException] = []
 
 
 class _SessionWorker:
     """One session thread: dispatch, commit, hold, release for its sessions."""
 
-    def __init__(self, shared: _Shared, sessions: list[int], picker: _PairPicker, config: SimulationConfig,
-                 seed: int) -> None:
-        self.shared = shared
+    def __init__(self, fleet: _Fleet, window: Window, sessions: list[int], picker: _PairPicker,
+                 config: SimulationConfig, seed: int) -> None:
+        self.fleet = fleet
+        self.window = window
         self.rng = random.Random(seed)
         self.picker = picker
         self.session_ids = [f"sess-{i:05d}" for i in sessions]
@@ -368,40 +380,36 @@ class _SessionWorker:
         lo, hi = config.hold_ms
         self.hold_lo_ns = int(lo * 1e6)
         self.hold_span_ns = int((hi - lo) * 1e6)
-        # Preallocated so timing a call costs one array store; grown by
-        # doubling in the unlikely case the estimate is short.
-        self.latency = np.empty(max(4096, int(config.duration * 200_000 / config.threads)), dtype=np.int64)
-        self.dispatches = 0
+        # room for the calls a thread makes at 200,000 a second; grows beyond
+        self.latency = LatencyRecorder(max(4096, int(config.duration * 200_000 / config.threads)))
+        self.dispatches = 0  #: successful dispatches so far (read by the progress loop)
         self.failed = 0
         self.failures: dict[str, int] = {}
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:  # surfaced by run_simulation after join
-            self.shared.errors.append(exc)
-
-    def _run(self) -> None:
-        sh = self.shared
-        sched = sh.sched
+    def __call__(self) -> None:
+        """The thread's body."""
+        fl = self.fleet
+        sched = fl.sched
         dispatch, commit, release = sched.dispatch, sched.commit, sched.release
-        index, held, peak, locks = sh.index, sh.held, sh.peak, sh.locks
+        index, held, peak, locks = fl.index, fl.held, fl.peak, fl.locks
         rnd = self.rng.random
         pairs, session_ids = self.pairs, self.session_ids
         hold_lo, hold_span = self.hold_lo_ns, self.hold_span_ns
         perf = time.perf_counter_ns
         heappush, heappop = heapq.heappush, heapq.heappop
-        lat = self.latency
-        cap = len(lat)
+        rec = self.latency
+        lat, cap, overflow = rec.buffer, rec.capacity, rec.overflow
         n = 0
         due: list[tuple[int, str, int, int]] = []  # (due ns, job id, node, session): jobs in processing
         retry: list[tuple[int, int]] = []  # (ready ns, session): failed sessions backing off
         idle = deque(range(len(session_ids)))
         streak = [0] * len(session_ids)  # consecutive failed dispatches per session
-        errors = sh.errors  # another thread failed: stop early
-        sh.go.wait()
-        end = sh.end_ns
+        window = self.window
+        errors = window.errors  # another thread failed: stop early
+        window.go.wait()
+        end = window.deadline_ns
         now = perf()
+        reason: str
         while now < end and not errors:
             while due and due[0][0] <= now:
                 _, job_id, node, s = heappop(due)
@@ -435,17 +443,17 @@ class _SessionWorker:
                 reason = "no_pool"
             else:
                 now = perf()
-                if n == cap:
-                    lat = self.latency = np.concatenate([lat, np.empty_like(lat)])
-                    cap = len(lat)
-                lat[n] = now - t0
+                if n < cap:
+                    lat[n] = now - t0
+                else:
+                    cap = overflow(n, now - t0)
                 n += 1
                 self.dispatches = n
                 commit(a.job_id)
                 node = index[a.node_id]
                 with locks[node]:
                     h = held[node] = held[node] + 1
-                    if h > peak[node]:
+                    if h > peak[node]:  # noqa: PLR1730  (cheaper than a max() call, once per dispatch)
                         peak[node] = h
                 heappush(due, (now + hold_lo + int(rnd() * hold_span), a.job_id, node, s))
                 streak[s] = 0
@@ -456,131 +464,128 @@ class _SessionWorker:
             k = streak[s]
             streak[s] = k + 1 if k < _RETRY_MAX_DOUBLINGS else k
             heappush(retry, (now + int((_RETRY_BASE_NS << k) * (0.5 + rnd())), s))
+        rec.count = n
         # Time is up: finish every job still held so the scheduler ends clean.
         for _, job_id, node, _s in due:
             with locks[node]:
                 held[node] -= 1
             release(job_id)
-        self.latency = lat[:n]
 
 
-class _HeartbeatWorker:
-    """The one heartbeat thread for the whole fleet, paced to a target rate."""
+class _FleetHeartbeats:
+    """The fleet's heartbeats, a burst per call (what the paced heartbeat thread sends).
 
-    def __init__(self, shared: _Shared, config: SimulationConfig, seed: int) -> None:
-        self.shared = shared
-        self.rate = float(config.heartbeat_rate)
-        self.rng = random.Random(seed)
-        n = len(shared.fleet)
-        rng = self.rng
+    Nodes take turns; each heartbeat reports the jobs the node holds and
+    random-walking cpu/gpu/mem, sometimes ``healthy=False`` for a streak;
+    now and then a node falls silent for longer than ``heartbeat_timeout``
+    (its turns go to the next node, so the rate holds). Every
+    ``_UTIL_SAMPLE_NS`` the per-node utilisation is sampled.
+    """
+
+    def __init__(self, fleet: _Fleet, window: Window, config: SimulationConfig, seed: int) -> None:
+        self.fleet = fleet
+        self.window = window
+        rate = float(config.heartbeat_rate)
+        self.rng = rng = random.Random(seed)
+        n = len(fleet.fleet)
+        self.node_ids = [node.node_id for node in fleet.fleet]
+        self.max_conc_arr = np.array(fleet.max_conc, dtype=np.float64)
         self.base = [rng.uniform(15.0, 55.0) for _ in range(n)]
         self.cpu = list(self.base)
         self.gpu = [rng.uniform(10.0, 60.0) for _ in range(n)]
         self.mem = [rng.uniform(20.0, 60.0) for _ in range(n)]
         self.unhealthy_left = [0] * n
         self.silent_until = [0] * n  # perf_counter_ns; 0 = talking
-        self.p_unhealthy = _UNHEALTHY_EVENTS_PER_S / self.rate
-        self.p_silence = _SILENCE_EVENTS_PER_S / self.rate
+        self.silent_now = 0
+        self.p_unhealthy = _UNHEALTHY_EVENTS_PER_S / rate
+        self.p_silence = _SILENCE_EVENTS_PER_S / rate
         self.max_silent = max(1, n // 50)
         lo, hi = (int((config.heartbeat_timeout + s) * 1e9) for s in _SILENCE_SECONDS)
         self.silence_lo_ns, self.silence_span_ns = lo, hi - lo
         self.report_running = config.report_running
+        self.i = 0  # the node whose turn it was last
         self.applied = 0
         self.unhealthy_streaks = 0
         self.silences = 0
         self.util_sum = np.zeros(n)
         self.util_samples = 0
+        self.next_sample = 0  # perf_counter_ns of the next utilisation sample; set at the first beat
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            self.shared.errors.append(exc)
+    def __call__(self, now: int, count: int) -> None:
+        """Send ``count`` heartbeats, node after node (a turn may silence its node instead).
 
-    def _run(self) -> None:
-        sh = self.shared
-        heartbeat = sh.sched.heartbeat
-        fleet, held, max_conc = sh.fleet, sh.held, sh.max_conc
-        max_conc_arr = np.array(max_conc, dtype=np.float64)
-        errors = sh.errors
-        n = len(fleet)
-        node_ids = [node.node_id for node in fleet]
+        :param now: ``time.perf_counter_ns()``, from the pacer.
+        :param count: how many turns.
+        """
+        fl = self.fleet
+        held, max_conc = fl.held, fl.max_conc
+        if now >= self.next_sample:
+            if self.next_sample:
+                # per-node utilisation, sampled: the mean over the run shows the spread
+                self.util_sum += np.array(held, dtype=np.float64) / self.max_conc_arr
+                self.util_samples += 1
+                self.next_sample += _UTIL_SAMPLE_NS
+            else:
+                self.next_sample = self.window.start_ns + _UTIL_SAMPLE_NS
+        heartbeat = fl.sched.heartbeat
+        node_ids = self.node_ids
         rng = self.rng
         rnd, gauss = rng.random, rng.gauss
         cpu, gpu, mem, base = self.cpu, self.gpu, self.mem, self.base
         unhealthy_left, silent_until = self.unhealthy_left, self.silent_until
-        perf = time.perf_counter_ns
         report_running = self.report_running
-        sh.go.wait()
-        start, end = sh.start_ns, sh.end_ns
-        ns_per_hb = 1e9 / self.rate
-        sample_every = int(_UTIL_SAMPLE_INTERVAL * 1e9)
-        next_sample = start + sample_every
-        silent_now = 0
-        i = 0
-        sent = 0
-        now = perf()
-        while now < end and not errors:
-            if now >= next_sample:
-                # per-node utilisation, sampled: the mean over the run shows the spread
-                self.util_sum += np.array(held, dtype=np.float64) / max_conc_arr
-                self.util_samples += 1
-                next_sample += sample_every
-            # Catch up to the schedule: the GIL may have kept us waiting.
-            owed = int((now - start) / ns_per_hb) - sent
-            if owed <= 0:
-                time.sleep(min(0.005, max(ns_per_hb - (now - start - sent * ns_per_hb), 0) / 1e9 + 0.0005))
-                now = perf()
+        n = len(silent_until)
+        i = self.i
+        for _ in range(count):
+            # a silent node is skipped, the next one takes its turn, so the rate holds
+            for _skip in range(n):
+                i = i + 1 if i + 1 < n else 0
+                if not silent_until[i]:
+                    break
+                if now >= silent_until[i]:
+                    silent_until[i] = 0
+                    self.silent_now -= 1
+                    break
+            else:
+                break  # the whole fleet is silent
+            r = rnd()
+            if r < self.p_silence and self.silent_now < self.max_silent:
+                silent_until[i] = now + self.silence_lo_ns + int(rnd() * self.silence_span_ns)
+                self.silent_now += 1
+                self.silences += 1
                 continue
-            for _ in range(min(owed, 1000)):
-                sent += 1
-                # a silent node is skipped, the next one takes its turn, so the rate holds
-                for _skip in range(n):
-                    i = i + 1 if i + 1 < n else 0
-                    if not silent_until[i]:
-                        break
-                    if now >= silent_until[i]:
-                        silent_until[i] = 0
-                        silent_now -= 1
-                        break
-                else:
-                    break  # the whole fleet is silent
-                r = rnd()
-                if r < self.p_silence and silent_now < self.max_silent:
-                    silent_until[i] = now + self.silence_lo_ns + int(rnd() * self.silence_span_ns)
-                    silent_now += 1
-                    self.silences += 1
-                    continue
-                if r > 1.0 - self.p_unhealthy and not unhealthy_left[i]:
-                    unhealthy_left[i] = rng.randint(*_UNHEALTHY_STREAK)
-                    self.unhealthy_streaks += 1
-                healthy = True
-                if unhealthy_left[i]:
-                    unhealthy_left[i] -= 1
-                    healthy = False
-                h = held[i]
-                util = h / max_conc[i]
-                # mean-reverting walks; load follows the jobs held, so a busy node may read overloaded
-                c = cpu[i] = min(100.0, max(0.0, cpu[i] + 0.2 * (base[i] - cpu[i]) + gauss(0.0, 3.0)))
-                g = gpu[i] = min(100.0, max(0.0, gpu[i] + 0.2 * (40.0 - gpu[i]) + gauss(0.0, 3.0)))
-                m = mem[i] = min(100.0, max(0.0, mem[i] + 0.1 * (45.0 - mem[i]) + gauss(0.0, 1.0)))
-                heartbeat(
-                    node_ids[i],
-                    running=h if report_running else None,
-                    cpu=min(100.0, c + 30.0 * util),
-                    gpu=min(100.0, g + 35.0 * util),
-                    mem=m,
-                    healthy=healthy,
-                )
-                self.applied += 1
-            now = perf()
+            if r > 1.0 - self.p_unhealthy and not unhealthy_left[i]:
+                unhealthy_left[i] = rng.randint(*_UNHEALTHY_STREAK)
+                self.unhealthy_streaks += 1
+            healthy = True
+            if unhealthy_left[i]:
+                unhealthy_left[i] -= 1
+                healthy = False
+            h = held[i]
+            util = h / max_conc[i]
+            # mean-reverting walks; load follows the jobs held, so a busy node may read overloaded
+            c = cpu[i] = min(100.0, max(0.0, cpu[i] + 0.2 * (base[i] - cpu[i]) + gauss(0.0, 3.0)))
+            g = gpu[i] = min(100.0, max(0.0, gpu[i] + 0.2 * (40.0 - gpu[i]) + gauss(0.0, 3.0)))
+            m = mem[i] = min(100.0, max(0.0, mem[i] + 0.1 * (45.0 - mem[i]) + gauss(0.0, 1.0)))
+            heartbeat(
+                node_ids[i],
+                running=h if report_running else None,
+                cpu=min(100.0, c + 30.0 * util),
+                gpu=min(100.0, g + 35.0 * util),
+                mem=m,
+                healthy=healthy,
+            )
+            self.applied += 1
+        self.i = i
 
 
 # ---------------------------------------------------------------- the run
-def _utilisation(fleet: list[SimNode], hb: _HeartbeatWorker) -> dict[str, float]:
-    """Spread of per-node mean held/max_concurrency over the nodes that can
-    take the sessions' jobs (GPU, public, tts): the others get none by
-    design and would only blur how evenly dispatch spreads load."""
+def _utilisation(fleet: list[SimNode], hb: _FleetHeartbeats) -> dict[str, float]:
+    """Spread of per-node mean held/max_concurrency over the nodes that can take the sessions' jobs.
+
+    Those are the GPU, public, tts nodes: the others get none by design and
+    would only blur how evenly dispatch spreads load.
+    """
     eligible = np.array([n.has_gpu and n.accept_public_jobs and "tts" in n.services for n in fleet])
     if not eligible.any():
         eligible[:] = True
@@ -597,13 +602,43 @@ def _utilisation(fleet: list[SimNode], hb: _HeartbeatWorker) -> dict[str, float]
     }
 
 
+def _progress_loop(window: Window, config: SimulationConfig, workers: list[_SessionWorker], fleet: _Fleet,
+                   hb: _FleetHeartbeats, progress: Callable[[Progress], None] | None) -> None:
+    """Wait for the window to close, reporting progress about once per ``progress_interval``."""
+    step = int(config.progress_interval * 1e9)
+    next_tick = window.start_ns + step
+    last_ns, last_count = window.start_ns, 0
+    while True:
+        now = time.perf_counter_ns()
+        if now >= window.deadline_ns or window.errors:
+            return
+        time.sleep(max(0, min(next_tick, window.deadline_ns) - now) / 1e9)
+        now = time.perf_counter_ns()
+        if now >= next_tick:
+            next_tick += step
+            count = sum(w.dispatches for w in workers)
+            if progress is not None:
+                progress(Progress(
+                    elapsed=(now - window.start_ns) / 1e9,
+                    dispatches=count,
+                    rate=(count - last_count) * 1e9 / max(1, now - last_ns),
+                    failures=sum(w.failed for w in workers),
+                    heartbeats=hb.applied,
+                    in_flight=sum(fleet.held),
+                ))
+            last_ns, last_count = now, count
+
+
 def run_simulation(config: SimulationConfig | None = None,
                    progress: Callable[[Progress], None] | None = None) -> SimulationReport:
     """Run the simulation described by ``config`` and return its report.
 
-    ``progress``, if given, is called from the calling thread about once per
-    ``config.progress_interval`` with a :class:`Progress`. The run takes
-    about ``config.duration`` seconds of wall time, setup included.
+    The run takes about ``config.duration`` seconds of wall time, setup included.
+
+    :param config: what to simulate (default: :class:`SimulationConfig`'s defaults).
+    :param progress: called from the calling thread about once per
+        ``config.progress_interval`` with a :class:`Progress`.
+    :raises BaseException: what a simulator thread raised, if one did.
     """
     config = config or SimulationConfig()
     wall_start = time.perf_counter_ns()
@@ -612,92 +647,141 @@ def run_simulation(config: SimulationConfig | None = None,
 
     sched = Scheduler(heartbeat_timeout=config.heartbeat_timeout, seed=config.seed, kernel=config.kernel)
     try:
-        fleet = build_fleet(config.nodes, rng)
-        for node in fleet:
+        nodes = build_fleet(config.nodes, rng)
+        for node in nodes:
             sched.register_node(node.node_id, node.languages, node.services, node.max_concurrency,
                                 node.has_gpu, node.accept_public_jobs)
-        shared = _Shared(sched, fleet)
-        picker = _PairPicker(fleet)
+        fleet = _Fleet(sched, nodes)
+        picker = _PairPicker(nodes)
+        window = Window()
         workers = [
-            _SessionWorker(shared, list(range(t, config.sessions, config.threads)), picker, config,
+            _SessionWorker(fleet, window, list(range(t, config.sessions, config.threads)), picker, config,
                            rng.getrandbits(64))
             for t in range(min(config.threads, config.sessions))
         ]
-        hb = _HeartbeatWorker(shared, config, rng.getrandbits(64))
-        threads = [threading.Thread(target=w.run, name=f"pysched-sim-sessions-{k}", daemon=True)
-                   for k, w in enumerate(workers)]
-        threads.append(threading.Thread(target=hb.run, name="pysched-sim-heartbeats", daemon=True))
-        for t in threads:
-            t.start()
+        beats = _FleetHeartbeats(fleet, window, config, rng.getrandbits(64))
+        hb = PacedHeartbeats(window, config.heartbeat_rate, beats)
+        runner = Threads(window)
+        for k, w in enumerate(workers):
+            runner.add(w, f"pysched-sim-sessions-{k}", "session thread")
+        runner.add(hb, "pysched-sim-heartbeats", "heartbeat thread")
+        runner.start()
 
-        shared.start_ns = time.perf_counter_ns()
-        setup = (shared.start_ns - wall_start) / 1e9
+        start = time.perf_counter_ns()
+        setup = (start - wall_start) / 1e9
         # keep a little of the budget for joining, draining and percentiles
-        shared.end_ns = max(shared.start_ns + int(0.05e9), deadline - int(_TEARDOWN_RESERVE * 1e9))
-        shared.go.set()
+        window.open(start, max(start + int(0.05e9), deadline - int(_TEARDOWN_RESERVE * 1e9)))
+        _progress_loop(window, config, workers, fleet, beats, progress)
+        runner.join()
+        if window.errors:
+            raise window.errors[0].exc
+        elapsed = (window.deadline_ns - window.start_ns) / 1e9
 
-        step = int(config.progress_interval * 1e9)
-        next_tick = shared.start_ns + step
-        last_ns, last_count = shared.start_ns, 0
-        while True:
-            now = time.perf_counter_ns()
-            if now >= shared.end_ns or shared.errors:
-                break
-            time.sleep(max(0, min(next_tick, shared.end_ns) - now) / 1e9)
-            now = time.perf_counter_ns()
-            if now >= next_tick:
-                next_tick += step
-                count = sum(w.dispatches for w in workers)
-                if progress is not None:
-                    progress(Progress(
-                        elapsed=(now - shared.start_ns) / 1e9,
-                        dispatches=count,
-                        rate=(count - last_count) * 1e9 / max(1, now - last_ns),
-                        failures=sum(w.failed for w in workers),
-                        heartbeats=hb.applied,
-                        in_flight=sum(shared.held),
-                    ))
-                last_ns, last_count = now, count
-        for t in threads:
-            t.join()
-        if shared.errors:
-            raise shared.errors[0]
-        elapsed = (shared.end_ns - shared.start_ns) / 1e9
-
-        latencies = np.concatenate([w.latency for w in workers]) if workers else np.empty(0, np.int64)
-        if len(latencies):
-            p50, p99, p999 = np.percentile(latencies, [50.0, 99.0, 99.9]) / 1000.0
-            latency_us = {"p50": float(p50), "p99": float(p99), "p99.9": float(p999),
-                          "mean": float(latencies.mean() / 1000.0), "max": float(latencies.max() / 1000.0)}
-        else:
-            latency_us = {"p50": 0.0, "p99": 0.0, "p99.9": 0.0, "mean": 0.0, "max": 0.0}
-
+        latency = summarise(w.latency for w in workers)
         failures: dict[str, int] = {}
         for w in workers:
             for reason, count in w.failures.items():
                 failures[reason] = failures.get(reason, 0) + count
-
-        utilisation = _utilisation(fleet, hb)
-
-        max_held = {node.node_id: (shared.peak[i], node.max_concurrency) for i, node in enumerate(fleet)}
-        overcommits = [(nid, p, m) for nid, (p, m) in max_held.items() if p > m]
-        stats = sched.stats()
+        max_held = {node.node_id: (fleet.peak[i], node.max_concurrency) for i, node in enumerate(nodes)}
         return SimulationReport(
             config=config,
             elapsed=elapsed,
             wall=(time.perf_counter_ns() - wall_start) / 1e9,
             setup=setup,
-            dispatches=int(len(latencies)),
+            dispatches=sum(w.dispatches for w in workers),
             failures=failures,
-            latency_us=latency_us,
-            heartbeats=hb.applied,
-            utilisation=utilisation,
+            latency_us=latency.us or dict.fromkeys(("p50", "p99", "p99.9", "max", "mean"), 0.0),
+            heartbeats=beats.applied,
+            utilisation=_utilisation(nodes, beats),
             max_held=max_held,
-            overcommits=overcommits,
-            silences=hb.silences,
-            unhealthy_streaks=hb.unhealthy_streaks,
-            stats=stats,
+            overcommits=[(nid, p, m) for nid, (p, m) in max_held.items() if p > m],
+            silences=beats.silences,
+            unhealthy_streaks=beats.unhealthy_streaks,
+            stats=sched.stats(),
         )
     finally:
         sched.close()
 
+
+# ---------------------------------------------------------------- the command
+class ProgressPrinter:
+    r"""Prints simulation progress to ``stream``.
+
+    One line a second, redrawn in place with ``\r`` on a terminal, as plain
+    lines otherwise (logs, CI).
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        isatty = getattr(stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self._width = 0
+
+    def __call__(self, p: Progress) -> None:
+        """Print one progress line.
+
+        :param p: what to print.
+        """
+        line = (f"{p.elapsed:5.1f} s  {p.dispatches:>11,} dispatches  {p.rate:>9,.0f}/s  "
+                f"{p.failures:>8,} failures  {p.heartbeats:>9,} heartbeats  {p.in_flight:>6,} in flight")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """End the redrawn line so the summary starts on a fresh one."""
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``pysched simulate``'s options to ``parser``.
+
+    :param parser: the subcommand's parser.
+    """
+    parser.add_argument("--duration", type=positive_float, default=10.0,
+                        help="total wall time in seconds, setup included (default: 10)")
+    parser.add_argument("--nodes", type=positive_int, default=200, help="simulated nodes (default: 200)")
+    parser.add_argument("--sessions", type=positive_int, default=2000, help="sessions in total (default: 2000)")
+    parser.add_argument("--threads", type=positive_int, default=4,
+                        help="session threads sharing the sessions (default: 4)")
+    parser.add_argument("--heartbeat-rate", type=positive_float, default=2000.0,
+                        help="heartbeats per second, all nodes together (default: 2000)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the fleet and the traffic (default: 1)")
+    parser.add_argument("--kernel", choices=("auto", "compiled", "python"), default="auto",
+                        help="dispatch kernel (default: auto, the compiled one when built)")
+    parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``pysched simulate``: run, print the summary, write the JSON; exit status 1 if a node was over-committed.
+
+    :param args: the parsed options (:func:`add_arguments`).
+    """
+    config = SimulationConfig(
+        duration=args.duration,
+        nodes=args.nodes,
+        sessions=args.sessions,
+        threads=args.threads,
+        heartbeat_rate=args.heartbeat_rate,
+        seed=args.seed,
+        kernel=args.kernel,
+    )
+    printer = None if args.quiet else ProgressPrinter(sys.stderr)
+    try:
+        report = run_simulation(config, progress=printer)
+    finally:
+        if printer is not None:
+            printer.finish()
+    print(report.format_summary(), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    return 0 if report.ok else 1

@@ -102,7 +102,6 @@ client.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import logging
 import math
@@ -112,19 +111,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
-from .errors import ReservationBackendUnavailable
-from .reservations import Candidate, Reservation, ReservationBackend
+from pysched.errors import ReservationBackendUnavailable
+from pysched.redis._scripts import RedisClient, Script, ScriptClient, import_redis, shipped, text
+from pysched.reservations import Candidate, CandidateTuple, Reservation, ReservationBackend
 
 __all__ = ["REFUSED_RECOVERING", "RedisReservations"]
 
 log = logging.getLogger(__name__)
-
-_EXTRA_HINT = 'RedisReservations needs the redis client library: pip install "pysched[redis]"'
 
 #: Refusal reason: Redis lost its data and not every process holding jobs has
 #: written them back yet, so no node's load can be trusted.
@@ -140,57 +138,32 @@ _KEY_MARGIN_MS = 5000
 _RECOVER_CHUNK = 200
 
 _INF = math.inf
+#: the expiry heap is rebuilt once it holds this many entries and 4x the live jobs
+_HEAP_MIN_REBUILD = 64
+def _job_id(res: Reservation) -> str:
+    """A Redis job's id: always a string (integer handles exist only in-process)."""
+    return res.job_id  # type: ignore[return-value]  # made here from str ids only
+
+
 #: locks that order one job's round trips (see RedisReservations.__init__)
 _JOB_LOCK_STRIPES = 256
 
 
-class _Script:
-    """One Lua script shipped in ``pysched/lua``, with its SHA1 precomputed.
+class _Foreign(NamedTuple):
+    """A settle this process made of another process's job, replayed by :meth:`RedisReservations._recover`."""
 
-    The SHA is computed locally, so constructing a backend makes no network
-    call; the script reaches the server on its first ``NOSCRIPT`` fallback.
-    """
-
-    __slots__ = ("name", "body", "sha")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        # pysched/lua is plain package data (no __init__.py), so it is
-        # reached through the pysched package rather than imported.
-        self.body = (resources.files("pysched") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
-        self.sha = hashlib.sha1(self.body.encode("utf-8")).hexdigest()
-
-
-_SCRIPTS: dict[str, _Script] = {}
-_SCRIPTS_LOCK = threading.Lock()
-
-
-def _script(name: str) -> _Script:
-    with _SCRIPTS_LOCK:
-        script = _SCRIPTS.get(name)
-        if script is None:
-            script = _SCRIPTS[name] = _Script(name)
-        return script
-
-
-def _text(value: Any) -> str:
-    """A reply element as ``str`` (the client may or may not decode replies)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return str(value)
+    at: float  #: local time of the settle
+    kind: str  #: "gone" (released) or "held" (committed or renewed)
+    node: str
+    pool: int
+    session: str
+    committed: bool
+    expires_at: float  #: local estimate
+    holder: str  #: the process holding the job ("" when gone)
 
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
-
-
-def _import_redis() -> Any:
-    try:
-        import redis
-        import redis.exceptions
-    except ImportError as exc:  # pragma: no cover - exercised with redis hidden
-        raise ImportError(_EXTRA_HINT) from exc
-    return redis
 
 
 def _positive(value: object, name: str) -> float:
@@ -246,11 +219,20 @@ class RedisReservations(ReservationBackend):
       in Redis that nobody renewed them elsewhere and report them to
       ``on_expired``. Without :class:`~pysched.RedisFleet`, call
       :meth:`refresh_inflight` periodically.
+
+    Threads: any (dispatch threads call the reservation methods; the
+    scheduler's management calls :meth:`bind_node`; the fleet's applier
+    thread calls :meth:`refresh_inflight`). The local tables (the mirror of
+    this process's jobs, :attr:`inflight`, the node slots, queued writes)
+    are guarded by one lock, never held across a round trip; one job's
+    round trips are ordered by a striped per-job lock, capacity writes by a
+    write lock. The scripts live in ``pysched/redis/lua``; every Redis call
+    goes through one :class:`~pysched.redis._scripts.ScriptClient`.
     """
 
     def __init__(
         self,
-        client: Any,
+        client: RedisClient,
         namespace: str = "pysched",
         reservation_ttl: float | None = None,
         commit_lease: float | None = None,
@@ -259,7 +241,8 @@ class RedisReservations(ReservationBackend):
         recovery_grace: float = 5.0,
         holder_id: str | None = None,
     ) -> None:
-        redis = _import_redis()
+        # First: without redis-py, say which extra to install before anything else.
+        calls = ScriptClient(client, "reservation backend unavailable", "RedisReservations")
         if not isinstance(namespace, str) or not namespace or "{" in namespace or "}" in namespace:
             raise ValueError(f"namespace must be a non-empty string without braces, got {namespace!r}")
         if reservation_ttl is not None and not reservation_ttl > 0:
@@ -287,47 +270,25 @@ class RedisReservations(ReservationBackend):
         self._clock_configured = False
         self._on_expired: Callable[[list[Reservation]], None] | None = None
 
-        exc = redis.exceptions
-        # Transient "cannot be served right now" failures: the call may be
-        # retried, so they become ReservationBackendUnavailable. Auth errors
-        # are ConnectionError subclasses but a misconfiguration, not an
-        # outage, so they propagate unchanged.
-        self._unavailable: tuple[type[BaseException], ...] = tuple(
-            cls
-            for cls in (
-                exc.ConnectionError,
-                exc.TimeoutError,
-                exc.BusyLoadingError,
-                getattr(exc, "ReadOnlyError", None),
-                getattr(exc, "TryAgainError", None),
-                getattr(exc, "ClusterDownError", None),
-            )
-            if cls is not None
-        )
-        self._not_unavailable: tuple[type[BaseException], ...] = tuple(
-            cls
-            for cls in (getattr(exc, "AuthenticationError", None), getattr(exc, "AuthorizationError", None))
-            if cls is not None
-        )
-        self._noscript: type[BaseException] = exc.NoScriptError
+        # Every call goes through here: classified errors (an outage becomes
+        # ReservationBackendUnavailable), NOSCRIPT fallback, round trips counted.
+        self._redis = calls
 
-        self._reserve = _script("reserve")
-        self._settle = _script("settle")
-        self._get = _script("get")
-        self._counts = _script("counts")
-        self._refresh = _script("refresh")
-        self._recover_script = _script("recover")
+        self._reserve = shipped("reserve")
+        self._settle = shipped("settle")
+        self._get = shipped("get")
+        self._counts = shipped("counts")
+        self._refresh = shipped("refresh")
+        self._recover_script = shipped("recover")
 
         self._lock = threading.Lock()  # the local tables below
         self._recover_lock = threading.Lock()  # one recovery at a time
         self._write_lock = threading.Lock()  # capacity writes (max concurrency), in order
-        self._stats_lock = threading.Lock()
         # One job's round trips apply to the local tables in the order Redis ran
         # them: a commit whose reply is read after a concurrent release (run
         # later in Redis) would bring the released job back into the mirror.
         # Striped by job id so unrelated jobs never wait on each other's calls.
         self._job_locks = tuple(threading.Lock() for _ in range(_JOB_LOCK_STRIPES))
-        self._round_trips = 0
         # job id -> live reservation *this* process holds (what the mirror counts)
         self._jobs: dict[str, Reservation] = {}
         # jobs past their local expiry, out of the mirror, not yet confirmed dead in Redis
@@ -338,16 +299,13 @@ class RedisReservations(ReservationBackend):
         self._node_slot: dict[str, int] = {}
         # node id -> max concurrency (None: delete) still to be written (Redis was down)
         self._writes: dict[str, int | None] = {}
-        # settles of other processes' jobs, replayed after a data loss:
-        # job id -> (local time, kind "gone"|"held", node, pool, session, committed, expires_at, holder)
-        self._foreign: dict[str, tuple] = {}
+        # settles of other processes' jobs, replayed after a data loss
+        self._foreign: dict[str, _Foreign] = {}
         self._epoch: str | None = None  # the dataset this process has joined
         self._joined_at = -_INF
         self._holders_seen: tuple[str, ...] = ()
         self._live_until = -_INF  # local time until which Redis lists this process as a holder
         self._recovering = False
-        self._available = True
-        self._error: str | None = None
         self._counters = dict.fromkeys(("expired", "recoveries", "reasserted", "queued_writes"), 0)
         self.inflight = np.zeros(0, dtype=np.int32)
 
@@ -367,7 +325,7 @@ class RedisReservations(ReservationBackend):
         retries a failed call by itself (0: fail fast and let the scheduler
         decide). Other keyword arguments go to :class:`RedisReservations`.
         """
-        redis = _import_redis()
+        redis = import_redis("RedisReservations")
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
@@ -419,40 +377,13 @@ class RedisReservations(ReservationBackend):
     @property
     def round_trips(self) -> int:
         """Network calls this object has made (settable, e.g. to reset to 0)."""
-        return self._round_trips
+        return self._redis.round_trips
 
     @round_trips.setter
     def round_trips(self, value: int) -> None:
-        with self._stats_lock:
-            self._round_trips = int(value)
+        self._redis.round_trips = value
 
-    def _unavailable_error(self, exc: BaseException) -> ReservationBackendUnavailable:
-        self._available = False
-        self._error = f"{type(exc).__name__}: {exc}"
-        return ReservationBackendUnavailable(f"reservation backend unavailable ({type(exc).__name__}: {exc})")
-
-    def _execute(self, *args: Any) -> Any:
-        with self._stats_lock:
-            self._round_trips += 1
-        try:
-            reply = self._client.execute_command(*args)
-        except self._not_unavailable:
-            raise
-        except self._unavailable as exc:
-            raise self._unavailable_error(exc) from exc
-        if not self._available:
-            self._available, self._error = True, None
-        return reply
-
-    def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return self._execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except self._noscript:
-            # First use on this server (or after a restart / SCRIPT FLUSH):
-            # EVAL sends the body once and caches it server-side.
-            return self._execute("EVAL", script.body, len(keys), *keys, *args)
-
-    def _run(self, script: _Script, keys: Sequence[str], tail: Sequence[Any]) -> Any:
+    def _run(self, script: Script, keys: Sequence[str], tail: Sequence[Any]) -> Any:
         """Call a script whose first argument is this process's epoch.
 
         A script answering ``epoch`` refused to run in a dataset this
@@ -461,8 +392,8 @@ class RedisReservations(ReservationBackend):
         """
         for _ in range(4):
             known = self._epoch or ""
-            reply = self._eval(script, keys, [known, *tail])
-            if _text(reply[0]) != "epoch":
+            reply = self._redis.eval(script, keys, [known, *tail])
+            if text(reply[0]) != "epoch":
                 return reply
             self._recover(known)
         raise ReservationBackendUnavailable(
@@ -477,7 +408,7 @@ class RedisReservations(ReservationBackend):
         """
         for script in (self._reserve, self._settle, self._get, self._counts, self._refresh,
                        self._recover_script):
-            self._execute("SCRIPT", "LOAD", script.body)
+            self._redis.load(script)
 
     # -- management side -------------------------------------------------------
     def configure(
@@ -488,8 +419,7 @@ class RedisReservations(ReservationBackend):
         commit_lease: float = 3600.0,
         on_expired: Callable[[list[Reservation]], None] | None = None,
     ) -> None:
-        """Take the scheduler's TTL, commit lease (unless given at construction),
-        clock and expiry callback.
+        """Take the scheduler's TTL, commit lease (unless given at construction), clock and expiry callback.
 
         The clock only dates the local estimates (``expires_at`` and the
         mirror's expiry); Redis decides by its own time. ``on_expired`` is
@@ -512,7 +442,7 @@ class RedisReservations(ReservationBackend):
             raise TypeError(f"on_expired must be callable or None, got {on_expired!r}")
         self._on_expired = on_expired
 
-    def ensure_capacity(self, n_slots: int) -> np.ndarray:
+    def ensure_capacity(self, n_slots: int) -> npt.NDArray[np.int32]:
         """Make :attr:`inflight` hold at least ``n_slots`` entries; return it."""
         with self._lock:
             if n_slots > len(self.inflight):
@@ -563,9 +493,9 @@ class RedisReservations(ReservationBackend):
         with self._write_lock:
             try:
                 if value is None:
-                    self._execute("DEL", self._k_max(node_id))
+                    self._redis.execute("DEL", self._k_max(node_id))
                 else:
-                    self._execute("SET", self._k_max(node_id), value)
+                    self._redis.execute("SET", self._k_max(node_id), value)
             except ReservationBackendUnavailable:
                 with self._lock:
                     self._writes[node_id] = value
@@ -590,14 +520,7 @@ class RedisReservations(ReservationBackend):
                 pipe.delete(self._k_max(node))
             else:
                 pipe.set(self._k_max(node), value)
-        with self._stats_lock:
-            self._round_trips += 1
-        try:
-            pipe.execute()
-        except self._not_unavailable:
-            raise
-        except self._unavailable as exc:
-            raise self._unavailable_error(exc) from exc
+        self._redis.execute_pipeline(pipe)
         with self._lock:
             for node, value in writes.items():
                 if node in self._writes and self._writes[node] == value:
@@ -607,7 +530,7 @@ class RedisReservations(ReservationBackend):
     def try_reserve(
         self,
         job_id: str,
-        candidates: Sequence[Candidate],
+        candidates: Sequence[CandidateTuple],
         pool_id: int,
         session_id: str,
     ) -> Reservation | list[str]:
@@ -630,7 +553,7 @@ class RedisReservations(ReservationBackend):
         return self._job_locks[hash(job_id) % _JOB_LOCK_STRIPES]
 
     def _try_reserve(
-        self, job_id: str, ttl: float, candidates: Sequence[Candidate], pool_id: int, session_id: str
+        self, job_id: str, ttl: float, candidates: Sequence[CandidateTuple], pool_id: int, session_id: str
     ) -> Reservation | list[str]:
         ttl_ms = _ms(ttl)
         # plain (slot, node_id, max, running) tuples are Candidates too
@@ -654,7 +577,7 @@ class RedisReservations(ReservationBackend):
                 tail += (node, int(cand.running))
             reply = self._run(self._reserve, keys, tail)
             local_after = self._clock()
-            kind = _text(reply[0])
+            kind = text(reply[0])
             if kind == "ok":
                 if live_ms:
                     self._live_until = local_before + grace
@@ -669,7 +592,7 @@ class RedisReservations(ReservationBackend):
                 return res
             if kind == "existing":
                 return self._adopt(job_id, reply[1:], local_after)
-            reasons += [_text(r) for r in reply[1:]]
+            reasons += [text(r) for r in reply[1:]]
             start += step
             if start >= len(cands):
                 return reasons
@@ -679,7 +602,7 @@ class RedisReservations(ReservationBackend):
         with self._job_lock(job_id):
             reply = self._run(self._get, [self._k_epoch, self._k_job(job_id)], [])
             local_after = self._clock()
-            if _text(reply[0]) != "live":
+            if text(reply[0]) != "live":
                 with self._lock:
                     self._forget_locked(job_id, suspects=False)
                 return None
@@ -726,8 +649,10 @@ class RedisReservations(ReservationBackend):
                 self._sweep_locked(now)
 
     def expire(self) -> int:
-        """Sweep, confirm in Redis, report (``on_expired``) and return how many of
-        this process's jobs expired. One round trip when any is past its local expiry."""
+        """Sweep, confirm in Redis, report (``on_expired``) and return how many of this process's jobs expired.
+
+        One round trip when any is past its local expiry.
+        """
         with self._lock:
             self._sweep_locked(self._clock())
             if not self._suspects:
@@ -775,7 +700,7 @@ class RedisReservations(ReservationBackend):
             bound = dict(self._node_slot)
         return self._look(bound)[0]
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Local figures, no network call.
 
         ``name``, ``available`` (the last Redis call succeeded), ``error``
@@ -794,8 +719,8 @@ class RedisReservations(ReservationBackend):
             counters = dict(self._counters)
         return {
             "name": "redis",
-            "available": self._available,
-            "error": self._error,
+            "available": self._redis.available,
+            "error": self._redis.error,
             "held": held,
             "committed": committed,
             "expired": counters["expired"],
@@ -803,7 +728,7 @@ class RedisReservations(ReservationBackend):
             "recoveries": counters["recoveries"],
             "reasserted": counters["reasserted"],
             "pending_writes": pending,
-            "round_trips": self._round_trips,
+            "round_trips": self._redis.round_trips,
             "holder_id": self.holder_id,
         }
 
@@ -845,7 +770,7 @@ class RedisReservations(ReservationBackend):
                 # Not ours (or unknown): ask which node and process hold it
                 # (Redis Cluster needs the node's keys named before the script runs).
                 found = self._run(self._get, [self._k_epoch, self._k_job(job_id)], [])
-                if _text(found[0]) != "live":
+                if text(found[0]) != "live":
                     if not tomb:
                         with self._lock:
                             self._forget_locked(job_id, suspects=False)
@@ -853,9 +778,9 @@ class RedisReservations(ReservationBackend):
                     node = node if node is not None else ""
                     holder = holder if holder is not None else ""
                 else:
-                    if strict and _text(found[1]) != node_id:
+                    if strict and text(found[1]) != node_id:
                         return False  # held on another node: nothing changed
-                    node, holder = _text(found[1]), _text(found[7])
+                    node, holder = text(found[1]), text(found[7])
             keys = [self._k_epoch, self._k_job(job_id), self._k_jobs, self._k_resv(node), self._k_lease(node),
                     self._k_inbox(holder)]
             tail: list[Any] = [job_id, node, action, "1" if strict else "0", me, holder]
@@ -866,9 +791,9 @@ class RedisReservations(ReservationBackend):
                 tail.append(tomb)
             reply = self._run(self._settle, keys, tail)
             local_after = self._clock()
-            kind = _text(reply[0])
+            kind = text(reply[0])
             if kind == "moved":
-                node, holder = _text(reply[1]), _text(reply[2])
+                node, holder = text(reply[1]), text(reply[2])
                 continue
             if kind == "wrong":
                 return False
@@ -881,24 +806,24 @@ class RedisReservations(ReservationBackend):
             if kind == "released":
                 with self._lock:
                     self._forget_locked(job_id)
-                    if _text(reply[1]) != me:
-                        self._foreign[job_id] = (local_after, "gone", node, -1, "", False, local_after, "")
+                    if text(reply[1]) != me:
+                        self._foreign[job_id] = _Foreign(local_after, "gone", node, -1, "", False, local_after, "")
                 return True
             # "ok": committed or renewed
             expires_at = local_after + (int(reply[1]) - int(reply[2])) / 1000.0
             committed = int(reply[3]) == 1
-            rec_holder = _text(reply[6])
+            rec_holder = text(reply[6])
             with self._lock:
                 if rec_holder == me:
                     res = self._jobs.get(job_id) or self._suspects.get(job_id)
                     if res is None or res.node_id != node:
                         self._forget_locked(job_id)
                         res = Reservation(job_id, node, self._node_slot.get(node, -1), _int(reply[4]),
-                                          _text(reply[5]), expires_at, committed)
+                                          text(reply[5]), expires_at, committed)
                     self._hold_locked(res, committed, expires_at)
                 else:
                     self._forget_locked(job_id)  # not ours (any more)
-                    self._foreign[job_id] = (local_after, "held", node, _int(reply[4]), _text(reply[5]),
+                    self._foreign[job_id] = _Foreign(local_after, "held", node, _int(reply[4]), text(reply[5]),
                                              committed, expires_at, rec_holder)
             return True
         return False  # pragma: no cover - the job kept moving between nodes
@@ -911,11 +836,11 @@ class RedisReservations(ReservationBackend):
         object per job, and one whose reply was lost is tracked again);
         another process's is returned untracked.
         """
-        node, pool, session = _text(fields[0]), _int(fields[1]), _text(fields[2])
+        node, pool, session = text(fields[0]), _int(fields[1]), text(fields[2])
         committed = int(fields[3]) == 1
         expires_at = local_after + (int(fields[4]) - int(fields[5])) / 1000.0
         with self._lock:
-            if _text(fields[6]) == self.holder_id:
+            if text(fields[6]) == self.holder_id:
                 res = self._jobs.get(job_id) or self._suspects.get(job_id)
                 if res is None or res.node_id != node:
                     self._forget_locked(job_id)
@@ -930,18 +855,20 @@ class RedisReservations(ReservationBackend):
 
     def _hold_locked(self, res: Reservation, committed: bool, expires_at: float) -> None:
         """Make ``res`` a live job of this process with this state (tracked, counted once)."""
+        job_id = _job_id(res)
         changed = res.committed != committed or res.expires_at != expires_at
         res.committed, res.expires_at = committed, expires_at
-        if self._jobs.get(res.job_id) is res:
+        if self._jobs.get(job_id) is res:
             if changed:
-                self._push_locked(expires_at, res.job_id)
+                self._push_locked(expires_at, job_id)
             return
-        self._suspects.pop(res.job_id, None)
+        self._suspects.pop(job_id, None)
         self._track_locked(res)
 
     def _track_locked(self, res: Reservation) -> None:
-        self._jobs[res.job_id] = res
-        self._push_locked(res.expires_at, res.job_id)
+        job_id = _job_id(res)
+        self._jobs[job_id] = res
+        self._push_locked(res.expires_at, job_id)
         inflight = self.inflight
         if 0 <= res.slot < len(inflight):
             inflight[res.slot] += 1
@@ -949,7 +876,7 @@ class RedisReservations(ReservationBackend):
     def _push_locked(self, expires_at: float, job_id: str) -> None:
         heap = self._heap
         heapq.heappush(heap, (expires_at, job_id))
-        if len(heap) > 64 and len(heap) > 4 * len(self._jobs):
+        if len(heap) > _HEAP_MIN_REBUILD and len(heap) > 4 * len(self._jobs):
             # Released and re-dated jobs leave stale entries behind: rebuild.
             heap[:] = [(r.expires_at, j) for j, r in self._jobs.items()]
             heapq.heapify(heap)
@@ -1004,14 +931,14 @@ class RedisReservations(ReservationBackend):
         self._live_until = local_before + self.recovery_grace if holding else -_INF
         now_ms = int(reply[1])
         recovering = int(reply[2]) == 1
-        holders = tuple(_text(h) for h in reply[3])
+        holders = tuple(text(h) for h in reply[3])
         inbox, states, raw = reply[4], reply[5], reply[6:]
         counts = {node: int(raw[2 * i]) + int(raw[2 * i + 1]) for i, node in enumerate(nodes)}
         me = self.holder_id
         expired: list[Reservation] = []
         with self._lock:
             for i in range(0, len(inbox), 2):
-                job_id, note = _text(inbox[i]), _text(inbox[i + 1])
+                job_id, note = text(inbox[i]), text(inbox[i + 1])
                 if note == "gone":
                     self._forget_locked(job_id)  # released elsewhere: neither held nor expired
                     continue
@@ -1023,7 +950,7 @@ class RedisReservations(ReservationBackend):
                 if self._suspects.get(job_id) is not res:
                     continue  # settled or re-held meanwhile
                 node, flag, exp, holder = states[4 * k : 4 * k + 4]
-                if _text(node) == res.node_id and _text(holder) == me:
+                if text(node) == res.node_id and text(holder) == me:
                     # Renewed or committed elsewhere before it ran out: still ours.
                     self._hold_locked(res, int(flag) == 1, local_after + (int(exp) - now_ms) / 1000.0)
                 else:
@@ -1040,7 +967,7 @@ class RedisReservations(ReservationBackend):
             self._recovering = recovering
             self._counters["expired"] += len(expired)
             horizon = local_after - self.recovery_grace
-            for job_id in [j for j, v in self._foreign.items() if v[0] < horizon]:
+            for job_id in [j for j, v in self._foreign.items() if v.at < horizon]:
                 del self._foreign[job_id]
         if expired and self._on_expired is not None:
             try:
@@ -1063,15 +990,15 @@ class RedisReservations(ReservationBackend):
             with self._lock:
                 own = [r for r in self._jobs.values() if r.expires_at > local_now]
                 horizon = local_now - self.recovery_grace
-                recent = [(j, v) for j, v in self._foreign.items() if v[0] >= horizon]
+                recent = [(j, v) for j, v in self._foreign.items() if v.at >= horizon]
                 holders = list(self._holders_seen)
             if own and me not in holders:
                 holders.append(me)
-            entries = [(r.job_id, r.node_id, r.pool_id, r.session_id, r.committed, r.expires_at - local_now, me)
+            entries = [(_job_id(r), r.node_id, r.pool_id, r.session_id, r.committed, r.expires_at - local_now, me)
                        for r in own]
-            entries += [(j, v[2], v[3], v[4], v[5], v[6] - local_now, v[7])
-                        for j, v in recent if v[1] == "held" and v[6] > local_now]
-            tombs = [(j, v[2]) for j, v in recent if v[1] == "gone"]
+            entries += [(j, v.node, v.pool, v.session, v.committed, v.expires_at - local_now, v.holder)
+                        for j, v in recent if v.kind == "held" and v.expires_at > local_now]
+            tombs = [(j, v.node) for j, v in recent if v.kind == "gone"]
             token = secrets.token_hex(8)
             grace_ms = _ms(self.recovery_grace)
             n_calls = max(1, -(-len(entries) // _RECOVER_CHUNK))
@@ -1090,9 +1017,9 @@ class RedisReservations(ReservationBackend):
                 for job_id, node in dead:
                     keys += (self._k_job(job_id), self._k_resv(node), self._k_lease(node))
                     args += (job_id, node)
-                reply = self._eval(self._recover_script, keys, args)
-                epoch = _text(reply[1])
-                skipped.update(_text(x) for x in reply[2:])
+                reply = self._redis.eval(self._recover_script, keys, args)
+                epoch = text(reply[1])
+                skipped.update(text(x) for x in reply[2:])
             with self._lock:
                 lost = [j for j in skipped if j in self._jobs]
                 for job_id in lost:
@@ -1111,6 +1038,6 @@ class RedisReservations(ReservationBackend):
 
 def _int(value: Any) -> int:
     try:
-        return int(_text(value))
+        return int(text(value))
     except ValueError:  # pragma: no cover - written by a foreign client
         return -1
