@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import IO, Any
+from typing import Any
 
 import msgspec
 
@@ -27,6 +27,7 @@ from pysched.client._url import bearer
 from pysched.client.errors import ServeError, error_from_body
 from pysched.client.jobs import JobClient, SessionStream
 from pysched.client.node import Job, NodeClient
+from pysched.tools.console import StatusLine
 
 __all__ = ["load_main", "nodes_main"]
 
@@ -34,28 +35,8 @@ __all__ = ["load_main", "nodes_main"]
 Summary = dict[str, Any]
 
 
-class _Progress:
+class _Progress(StatusLine):
     """One line a second on ``stream``: redrawn in place on a terminal, plain lines otherwise."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        isatty = getattr(stream, "isatty", None)
-        self.tty = bool(isatty and isatty())
-        self._width = 0
-
-    def line(self, text: str) -> None:
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self._width))
-            self._width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
 
 
 def _stop_event() -> asyncio.Event:

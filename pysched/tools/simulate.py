@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from pysched.errors import NoNodeAvailable, NoPoolForLanguagePair
 from pysched.scheduler import Scheduler
 from pysched.tools.argtypes import positive_float, positive_int
 from pysched.tools.bench.harness import LatencyRecorder, PacedHeartbeats, Threads, Window, summarise
+from pysched.tools.console import StatusLine
 
 __all__ = [
     "LANGUAGE_SETS",
@@ -704,39 +705,20 @@ def run_simulation(config: SimulationConfig | None = None,
 
 
 # ---------------------------------------------------------------- the command
-class ProgressPrinter:
+class ProgressPrinter(StatusLine):
     r"""Prints simulation progress to ``stream``.
 
     One line a second, redrawn in place with ``\r`` on a terminal, as plain
     lines otherwise (logs, CI).
     """
 
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        isatty = getattr(stream, "isatty", None)
-        self.tty = bool(isatty and isatty())
-        self._width = 0
-
     def __call__(self, p: Progress) -> None:
         """Print one progress line.
 
         :param p: what to print.
         """
-        line = (f"{p.elapsed:5.1f} s  {p.dispatches:>11,} dispatches  {p.rate:>9,.0f}/s  "
-                f"{p.failures:>8,} failures  {p.heartbeats:>9,} heartbeats  {p.in_flight:>6,} in flight")
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self._width))
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        """End the redrawn line so the summary starts on a fresh one."""
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
+        self.line(f"{p.elapsed:5.1f} s  {p.dispatches:>11,} dispatches  {p.rate:>9,.0f}/s  "
+                  f"{p.failures:>8,} failures  {p.heartbeats:>9,} heartbeats  {p.in_flight:>6,} in flight")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
