@@ -611,6 +611,7 @@ cdef class SnapshotKernel:
 
     # -- helpers -----------------------------------------------------------
     cdef Py_ssize_t _pair_key(self, Py_ssize_t src_id, Py_ssize_t tgt_id) except -2:
+        # pysched.language_index.pair_key in C (the one definition), -1 for ids out of range
         if src_id < 0 or src_id > self.n_langs or tgt_id < 0 or tgt_id >= self.n_langs:
             return -1
         return src_id * self.n_langs + tgt_id

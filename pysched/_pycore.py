@@ -46,6 +46,7 @@ from pysched._layout import (
     check_record_arrays,
     validate_kernel_arrays,
 )
+from pysched.language_index import pair_key, split_pair_key
 
 if TYPE_CHECKING:
     from pysched import _core
@@ -398,7 +399,7 @@ class SnapshotKernel:
     def _pair_key(self, src_id: int, tgt_id: int) -> int:
         if src_id < 0 or src_id > self.n_langs or tgt_id < 0 or tgt_id >= self.n_langs:
             return -1
-        return src_id * self.n_langs + tgt_id
+        return pair_key(src_id, tgt_id, self.n_langs)
 
     def _check_pool(self, pool: int) -> None:
         if pool < 0 or pool >= self.n_pools:
@@ -1297,7 +1298,7 @@ class Dispatcher:
                 key = int(out_key[i])
                 if key < 0:
                     continue
-                src_id, tgt_id = key // n_langs, key % n_langs
+                src_id, tgt_id = split_pair_key(key, n_langs)
                 pools = kernel.pools_for(src_id, tgt_id)
                 if not pools:
                     continue
