@@ -1,7 +1,13 @@
-"""Shared fixtures: the kernel twins, an injectable clock, and the private redis-server."""
+"""Shared fixtures: the kernel twins, an injectable clock, and the private redis-server.
+
+Also the one guard of the service tests: without the ``serve`` extra they
+are not collected (said in the report header), except under ``CI``, where
+they must run, so a missing library fails their import.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -11,6 +17,20 @@ import pysched  # noqa: F401  (imported first, so the installed package is the o
 pytest_plugins = ["redis_server"]
 
 KERNELS = ["compiled", "python"]
+
+#: the ``serve`` extra's libraries, and the test files that need them
+SERVE_EXTRA = ("httpx", "websockets", "uvicorn", "starlette", "msgspec", "prometheus_client")
+SERVE_TESTS = ["test_serve_*.py", "test_client_*.py"]
+_serve_missing = [name for name in SERVE_EXTRA if importlib.util.find_spec(name) is None]
+# pytest reads this module-level name; under CI nothing is left out
+collect_ignore_glob = SERVE_TESTS if _serve_missing and not os.environ.get("CI") else []
+
+
+def pytest_report_header() -> list[str]:
+    """Say when the service tests are left out, and why."""
+    if collect_ignore_glob:
+        return [f"service tests not collected: the serve extra is not installed (missing {', '.join(_serve_missing)})"]
+    return []
 
 
 class FakeClock:

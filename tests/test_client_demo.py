@@ -7,7 +7,6 @@ answered, none failed), never how fast anything went.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -15,14 +14,6 @@ import time
 import urllib.request
 
 import pytest
-
-try:
-    for _mod in ("httpx", "websockets", "uvicorn", "starlette", "msgspec"):
-        importlib.import_module(_mod)
-except ImportError as exc:
-    if os.environ.get("CI"):
-        raise  # CI must run these tests: fail, do not skip
-    pytest.skip(f"the serve extra is not installed: {exc}", allow_module_level=True)
 
 from pysched.client.testing import PyschedProcess, ServeProcess
 

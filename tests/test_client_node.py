@@ -10,19 +10,9 @@ how fast anything runs.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import os
 import time
 
 import pytest
-
-try:
-    for _mod in ("httpx", "websockets", "uvicorn", "starlette", "msgspec"):
-        importlib.import_module(_mod)
-except ImportError as exc:
-    if os.environ.get("CI"):
-        raise  # CI must run these tests: fail, do not skip
-    pytest.skip(f"the serve extra is not installed: {exc}", allow_module_level=True)
 
 import pysched
 from pysched.client import (
