@@ -66,6 +66,7 @@ ctypedef struct job_rec:
     int64_t pool_id            # the pool that served the job
     int32_t slot               # node slot whose capacity the job holds; -1 for a free handle
     int32_t heap_pos           # position in the expiry heap; -1 for a free handle
+    int64_t seq                # the number of a job id written prefix + number (JobTable._seq_of), else 0
     uint32_t gen               # bumped each time the record is reused: the high half of a public job handle
     uint8_t committed          # 1 once the node accepted the job
 
@@ -221,7 +222,11 @@ cdef class SnapshotKernel:
 
 cdef class JobTable:
     cdef SlotCounts counts             # the in-flight counts a reservation adds to
-    cdef dict index                    # job id -> handle
+    cdef dict index                    # job id -> handle, for ids that are not numbered (see below)
+    cdef str prefix                    # numbered job ids are prefix + a canonical decimal (None: none are)
+    cdef int32_t* by_seq               # ring: number & seq_mask -> handle of the live job with that number, or -1
+    cdef Py_ssize_t seq_mask
+    cdef dict seq_spill                # number -> handle, for a number whose ring entry another job holds
     cdef list job_ids                  # handle -> job id (None when free)
     cdef list session_ids              # handle -> session id (None when free)
     cdef list pairs                    # handle -> what the caller stored with the job ((src, tgt) for dispatch)
@@ -240,6 +245,12 @@ cdef class JobTable:
     cdef void _heap_push(self, int32_t h) noexcept nogil
     cdef void _heap_remove(self, int32_t h) noexcept nogil
     cdef void _heap_rekey(self, int32_t h) noexcept nogil
+    cdef int64_t _seq_of(self, str job_id) noexcept
+    cdef int32_t _find(self, str job_id, int64_t seq) except -2
+    cdef int _claim(self, str job_id, int64_t seq, int32_t h) except -1
+    cdef int _unclaim(self, int32_t h, object job_id) except -1
+    cdef int _grow_ring(self, Py_ssize_t n) except -1
+    cdef int number_ids(self, str prefix) except -1
     cdef int32_t _live(self, str job_id, double now) except -2
     cdef bint _owned(self, int32_t h, Py_ssize_t slot) noexcept
     cdef void _drop(self, int32_t h) noexcept
@@ -249,6 +260,8 @@ cdef class JobTable:
     cdef double next_expiry_c(self) noexcept
     cdef int32_t c_reserve(self, str job_id, Py_ssize_t slot, int64_t limit, int64_t running, object pool_id,
                            str session_id, double expires_at, object pair) except -4
+    cdef int32_t _reserve(self, str job_id, int64_t seq, Py_ssize_t slot, int64_t limit, int64_t running,
+                          object pool_id, str session_id, double expires_at, object pair) except -4
     cdef bint c_commit(self, str job_id, Py_ssize_t slot, double expires_at, double now) except -1
     cdef bint c_release(self, str job_id, Py_ssize_t slot, double now) except -1
     cdef int32_t _of_handle(self, int64_t handle, double now) noexcept
@@ -269,10 +282,14 @@ cdef class SessionState:
     cdef readonly object lock          # threading.Lock: the Python path decides the binding under it
     cdef public object binding         # ((src, tgt), pool_id) or None
     cdef public double last_used       # clock() time of the session's last dispatch
-    # memo of the compiled dispatch: the pool index of ``seen_binding`` in snapshot ``seen_snap``
+    # memo of the compiled calls: the pool index and pair key of ``seen_binding`` in snapshot ``seen_snap``
     cdef object seen_binding
     cdef object seen_snap
-    cdef Py_ssize_t seen_index
+    cdef Py_ssize_t seen_index         # -1: the bound pool is not in that snapshot
+    cdef Py_ssize_t seen_key           # -1: no pool of that snapshot speaks the bound pair
+    # scratch of Dispatcher.batch: the session's number in batch ``batch`` (a batch holds the GIL)
+    cdef uint64_t batch
+    cdef Py_ssize_t batch_k
 
 
 cdef class Dispatcher:
@@ -282,9 +299,11 @@ cdef class Dispatcher:
     cdef dict sessions                 # session id -> SessionState (shared with the SessionManager)
     cdef dict languages                # raw code -> normalised code (the language cache)
     cdef object clock
+    cdef bint c_clock                  # clock is time.monotonic, read in C (_now)
     cdef str prefix                    # job id prefix
     cdef double ttl, session_ttl, lease
     cdef int64_t seq                   # job ids issued (shared with the Python path)
+    cdef uint64_t batches              # batches run: each marks its sessions with its own number
     cdef public int64_t default_mask   # the default services' mask; -1 until every one has a bit
     cdef public double next_sweep      # the session table's next sweep: the Python path runs it
     cdef object snap                   # the snapshot the cached fields below come from
@@ -300,9 +319,11 @@ cdef class Dispatcher:
     cdef dict slots                    # node id -> slot, the backend's (for node-checked release/commit)
     cdef object assignment_type        # the process's Assignment type (see connect)
     cdef bint own_assignment           # it is this module's: build it directly
+    cdef double _now(self) except? -1.0
     cdef int _refresh(self, object snap) except -1
     cdef object _dispatch(self, object session_id, object src, object tgt)
     cdef Py_ssize_t _slot_of(self, object node_id) except -3
     cdef PyObject* _code(self, str code) except? NULL
     cdef PyObject* _code_checked(self, object code, str name, Py_ssize_t i) except NULL
+    cdef int _seen(self, SessionState state, tuple binding) except -1
     cdef str _job_id(self, int64_t seq)

@@ -28,6 +28,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memmove, memset
 
 import threading
+import time
 
 import numpy as np
 
@@ -927,7 +928,7 @@ cdef class SnapshotKernel:
         cdef int32_t slot
         if found < 0:
             return found
-        slot = <int32_t>(found & 0xFFFFFFFF)
+        slot = <int32_t>(found & <int64_t>0xFFFFFFFF)
         return (slot, self.node_ids[slot], self.recs[slot].max_concurrency, self.loads[slot].running,
                 <int32_t>(found >> 32))
 
@@ -1054,7 +1055,7 @@ cdef class SnapshotKernel:
             found = self._select(key, pref, tenant_pools[i], &req, &state)
             out[i] = found
             if found >= 0:
-                scratch[found & 0xFFFFFFFF] += 1
+                scratch[found & <int64_t>0xFFFFFFFF] += 1
                 bound_key[sess] = key
                 bound_pool[sess] = <int32_t>(found >> 32)
 

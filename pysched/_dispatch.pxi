@@ -30,14 +30,30 @@ from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH
 cdef extern from "Python.h":
     str PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
 
-cdef extern from "Python.h":
-    # Unlike PyDict_GetItem, it does not save and restore the exception state
-    # on every call (~120 instructions each on CPython 3.11). A lookup of a
-    # str or int key cannot raise, so NULL always means "absent" here.
-    PyObject* PyDict_GetItemWithError(object d, object key)
-
-cdef inline PyObject* _get(object d, object key) noexcept:
-    return PyDict_GetItemWithError(d, key)
+cdef extern from *:
+    """
+    /* time.monotonic() without the call: the same clock and the same double
+       (CPython's _PyTime_AsSecondsDouble), where CPython reads it with
+       clock_gettime(CLOCK_MONOTONIC). Elsewhere the scheduler's clock is
+       called (PYSCHED_C_MONOTONIC is 0). */
+    #if defined(__linux__)
+    #include <time.h>
+    #define PYSCHED_C_MONOTONIC 1
+    static double pysched_monotonic(void) {
+        struct timespec ts;
+        long long ns;
+        if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) return -1.0;
+        ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+        if (ns % 1000000000LL == 0) return (double)(ns / 1000000000LL);
+        return (double)ns / 1e9;
+    }
+    #else
+    #define PYSCHED_C_MONOTONIC 0
+    static double pysched_monotonic(void) { return -1.0; }
+    #endif
+    """
+    const bint PYSCHED_C_MONOTONIC
+    double pysched_monotonic() noexcept nogil
 
 
 cdef object _UNSET = object()  # "argument not given" (None is a value the Python path validates)
@@ -124,7 +140,10 @@ cdef class Dispatcher:
         self.sessions = sessions
         self.languages = languages
         self.clock = clock
+        # the default clock is read in C (the same value, without a call into Python)
+        self.c_clock = PYSCHED_C_MONOTONIC and clock is time.monotonic
         self.prefix = prefix
+        jobs.number_ids(prefix)  # the ids made here are filed by number (see _jobs.pxi)
         self.ttl = reservation_ttl
         self.session_ttl = session_ttl
         self.lease = lease
@@ -135,6 +154,18 @@ cdef class Dispatcher:
         self.next_sweep = INF
         self.own_assignment = True
         self.assignment_type = Assignment
+
+    cdef inline double _now(self) except? -1.0:
+        cdef double now
+        if self.c_clock:
+            now = pysched_monotonic()
+            if now >= 0.0:
+                return now
+        return self.clock()
+
+    def now(self) -> float:
+        """The time dispatch, release and commit read: the scheduler's clock."""
+        return self._now()
 
     def new_job_id(self) -> str:
         """The next job id of this scheduler (shared with the Python path)."""
@@ -214,7 +245,7 @@ cdef class Dispatcher:
             return None
         if self.default_mask < 0:
             return None
-        now = self.clock()
+        now = self._now()
         if now >= self.jobs.next_expiry_c() or now >= self.next_sweep:
             return None
         if self.snap is None:
@@ -258,6 +289,7 @@ cdef class Dispatcher:
                         state.seen_binding = binding
                         state.seen_snap = self.snap
                         state.seen_index = bound
+                        state.seen_key = key
                 else:
                     pair = None
         req.service_mask = <uint64_t>self.default_mask
@@ -277,8 +309,8 @@ cdef class Dispatcher:
             pair = (s, t)
         self.seq += 1
         job_id = self._job_id(self.seq)
-        h = self.jobs.c_reserve(job_id, slot, kernel.recs[slot].max_concurrency, kernel.loads[slot].running,
-                                pool_id, session_id, now + self.ttl, pair)
+        h = self.jobs._reserve(job_id, self.seq, slot, kernel.recs[slot].max_concurrency,
+                               kernel.loads[slot].running, pool_id, session_id, now + self.ttl, pair)
         if h < 0:
             return None
         if state is None:
@@ -299,13 +331,13 @@ cdef class Dispatcher:
         """Release a job held on any node; None when the Python path must answer (a bad argument)."""
         if type(job_id) is not str or not job_id:
             return None
-        return self.jobs.c_release(<str>job_id, -1, self.clock())
+        return self.jobs.c_release(<str>job_id, -1, self._now())
 
     def commit(self, object job_id):
         """Commit a job held on any node; None when the Python path must answer."""
         if type(job_id) is not str or not job_id:
             return None
-        cdef double now = self.clock()
+        cdef double now = self._now()
         return self.jobs.c_commit(<str>job_id, -1, now + self.lease, now)
 
     # -- the public entry points, as Scheduler methods on an instance ----------
@@ -360,7 +392,7 @@ cdef class Dispatcher:
             if slot == -2:
                 return False  # a node this scheduler never saw holds nothing
             if slot >= -1:
-                return self.jobs.c_release(<str>job_id, slot, self.clock())
+                return self.jobs.c_release(<str>job_id, slot, self._now())
         return self.slow_release(job_id, node_id=node_id)
 
     def call_commit(self, job_id, *, node_id=None):
@@ -370,7 +402,7 @@ cdef class Dispatcher:
         if type(job_id) is str and PyUnicode_GET_LENGTH(job_id):
             slot = self._slot_of(node_id)
             if slot >= -1:
-                now = self.clock()
+                now = self._now()
                 if self.jobs.c_commit(<str>job_id, slot, now + self.lease, now):
                     return None
         return self.slow_commit(job_id, node_id=node_id)  # refused: the Python path says why
@@ -399,6 +431,29 @@ cdef class Dispatcher:
         if type(code) is str and len(self.codes) < 4096 and lang >= 0:
             self.codes[code] = self.scratch_code
         return <PyObject*>self.scratch_code
+
+    cdef int _seen(self, SessionState state, tuple binding) except -1:
+        """Memoise ``binding``'s pool index and pair key in the current snapshot on ``state``."""
+        cdef PyObject* entry
+        cdef PyObject* s_entry
+        cdef PyObject* t_entry
+        cdef Py_ssize_t key = -1
+        pair = <tuple>binding[0]
+        entry = _get(self.pool_index, binding[1])
+        s_entry = _get(self.codes, pair[0])
+        if s_entry == NULL:
+            s_entry = self._code(<str>pair[0])
+        if s_entry != NULL:
+            t_entry = _get(self.codes, pair[1])
+            if t_entry == NULL:
+                t_entry = self._code(<str>pair[1])
+            if t_entry != NULL and <Py_ssize_t>(<tuple>t_entry)[1] < self.n_langs:
+                key = self.kernel._pair_key((<tuple>s_entry)[1], (<tuple>t_entry)[1])
+        state.seen_binding = binding
+        state.seen_snap = self.snap
+        state.seen_index = -1 if entry == NULL else <object>entry
+        state.seen_key = key
+        return 0
 
     def batch(self, object session_ids, object src, object tgt, uint64_t service_mask, int need,
               Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
@@ -439,10 +494,13 @@ cdef class Dispatcher:
         kernel = self.kernel
         if tenant >= kernel.n_pools:
             raise ValueError(f"batch: tenant pool index {tenant} out of range")
-        cdef int32_t* pair_of = <int32_t*>malloc((2 * n + 1) * sizeof(int32_t))
+        # per job: its pair's number in this batch, its session's; per session: the bound pair key and pool
+        cdef int32_t* pair_of = <int32_t*>malloc((4 * n + 1) * sizeof(int32_t))
         if pair_of == NULL:
             raise MemoryError()
         cdef int32_t* session_of = pair_of + n
+        cdef int32_t* bound_key = pair_of + 2 * n
+        cdef int32_t* bound_index = pair_of + 3 * n
         # pair key -> its number in this batch (-1: none yet); keys are dense, (n_langs + 1) * n_langs of them
         cdef Py_ssize_t n_keys = (kernel.n_langs + 1) * kernel.n_langs
         cdef int32_t* pair_number = <int32_t*>malloc((n_keys if n_keys else 1) * sizeof(int32_t))
@@ -451,12 +509,11 @@ cdef class Dispatcher:
             raise MemoryError()
         memset(pair_number, 0xFF, (n_keys if n_keys else 1) * sizeof(int32_t))
         cdef list pairs = []         # pair number -> (src, tgt)
-        cdef dict number = {}        # session id -> its number in the batch
-        cdef list states = []
-        cdef int32_t* bound_pair = NULL   # session k -> number of its bound pair (-1: none)
-        cdef int32_t* bound_index = NULL  # session k -> its bound pool index (-1: none)
+        cdef dict number = {}        # id -> number of a session not in the table yet
+        cdef list states = []        # session number -> its SessionState, or its id while it has none
+        cdef uint64_t mark
         try:
-            # 1. validate and number everything; nothing changes before this loop ends
+            # 1. validate everything (an unseen code runs Python code); nothing changes before this loop ends
             s_entry = self._code_checked(src, "src", 0) if one_src else NULL
             t_entry = self._code_checked(tgt, "tgt", 0) if one_tgt else NULL
             for i in range(n):
@@ -480,42 +537,47 @@ cdef class Dispatcher:
                         pairs.append(((<tuple>s_entry)[0], (<tuple>t_entry)[0]))
                         n_pairs += 1
                     pair_of[i] = pair_number[key]
-                entry = _get(number, sid)
-                if entry != NULL:
-                    session_of[i] = <object>entry
-                else:
-                    session_of[i] = <int32_t>len(states)
-                    number[sid] = len(states)
-                    states.append(None)
-            # 2. the sessions' bindings, each read once (and forgotten past the TTL)
-            pair_by_tuple = {pair: i for i, pair in enumerate(pairs)}
-            k = len(states)
-            bound_pair = <int32_t*>malloc((2 * k + 1) * sizeof(int32_t))
-            if bound_pair == NULL:
-                raise MemoryError()
-            bound_index = bound_pair + k
             if self.jobs.n_free < n:
                 self.jobs._grow_to(self.jobs.cap - self.jobs.n_free + n)  # no allocation inside the loop
-            for sid, k in number.items():
-                bound_pair[k] = -1
-                bound_index[k] = -1
+            # 2. number the sessions and read each one's binding once (forgotten past its TTL). From
+            # here to the end no Python code runs: the marks below are this batch's alone.
+            self.batches += 1
+            mark = self.batches
+            for i in range(n):
+                sid = session_ids[i]
                 entry = _get(self.sessions, sid)
-                if entry == NULL:
+                if entry == NULL:  # no state yet: numbered by id, once
+                    entry = _get(number, sid)
+                    if entry != NULL:
+                        session_of[i] = <object>entry
+                        continue
+                    k = len(states)
+                    number[sid] = k
+                    states.append(sid)
+                    session_of[i] = <int32_t>k
+                    bound_key[k] = -1
+                    bound_index[k] = -1
                     continue
-                state = <SessionState?>entry
-                states[k] = state
+                state = <SessionState>entry
+                if state.batch == mark:
+                    session_of[i] = <int32_t>state.batch_k
+                    continue
+                k = len(states)
+                state.batch = mark
+                state.batch_k = k
+                states.append(state)
+                session_of[i] = <int32_t>k
+                bound_key[k] = -1
+                bound_index[k] = -1
                 if state.binding is not None and state.last_used < now - self.session_ttl:
                     state.binding = None  # idle past its TTL: forgotten at lookup
                 state.last_used = now
                 if state.binding is None:
                     continue
-                entry = _get(pair_by_tuple, state.binding[0])
-                if entry == NULL:
-                    bound_pair[k] = -2  # bound to a pair no job of this batch asks for
-                    continue
-                bound_pair[k] = <object>entry
-                entry = _get(self.pool_index, state.binding[1])
-                bound_index[k] = -1 if entry == NULL else <object>entry
+                if not (state.seen_binding is state.binding and state.seen_snap is self.snap):
+                    self._seen(state, <tuple>state.binding)
+                bound_key[k] = <int32_t>state.seen_key
+                bound_index[k] = <int32_t>state.seen_index
             # 3. place, reserve and bind, in order
             req.service_mask = service_mask
             req.need = need
@@ -531,7 +593,7 @@ cdef class Dispatcher:
                 if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
                     continue
                 k = session_of[i]
-                bound = bound_index[k] if bound_pair[k] == pair_of[i] else -1
+                bound = bound_index[k] if bound_key[k] == key else -1
                 stream = kernel.rng.next_stream()
                 found = kernel._select(key, bound, tenant, &req, &stream)
                 if found < 0:
@@ -548,17 +610,25 @@ cdef class Dispatcher:
                 out_pool[i] = pool_id
                 out_handle[i] = handle
                 placed += 1
-                if bound != pidx or bound_pair[k] != pair_of[i]:
-                    bound_pair[k] = pair_of[i]
+                if bound != pidx or bound_key[k] != key:
+                    bound_key[k] = <int32_t>key
                     bound_index[k] = <int32_t>pidx
-                    if states[k] is None:
-                        states[k] = SessionState(now)
-                        self.sessions[session_ids[i]] = states[k]
-                    (<SessionState>states[k]).binding = (pairs[pair_of[i]], pool_id)
+                    if type(states[k]) is str:
+                        state = SessionState.__new__(SessionState)
+                        state.lock = threading.Lock()
+                        state.last_used = now
+                        self.sessions[states[k]] = state
+                        states[k] = state
+                    state = <SessionState>states[k]
+                    binding = (pairs[pair_of[i]], pool_id)
+                    state.binding = binding
+                    state.seen_binding = binding  # the memo, as dispatch would set it
+                    state.seen_snap = self.snap
+                    state.seen_index = pidx
+                    state.seen_key = key
             self.seq += placed  # job numbers stay in step with one-by-one dispatch
             self.outcomes.values[0] += placed
         finally:
             free(pair_of)
             free(pair_number)
-            free(bound_pair)
         return placed

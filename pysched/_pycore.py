@@ -741,9 +741,16 @@ class JobTable:
     GONE = -2
     HELD = -3
 
-    def __init__(self, counts: SlotCounts) -> None:
+    def __init__(self, counts: SlotCounts, prefix: str | None = None) -> None:
+        """``prefix`` is checked as the compiled table checks it.
+
+        One dict files every id here; the compiled table files numbered ids in
+        a ring, which changes only how fast they are found.
+        """
         if counts is None:
             raise TypeError("counts must be a SlotCounts")
+        if prefix is not None and not (isinstance(prefix, str) and prefix and prefix.isascii()):
+            raise ValueError(f"prefix must be a non-empty ASCII str, got {prefix!r}")
         self._lock = threading.Lock()
         self._counts = counts
         self._index: dict[str, int] = {}
@@ -1112,6 +1119,10 @@ class Dispatcher:
         from pysched._impl import kernel as default_kernel
 
         self._assignment = default_kernel.Assignment
+
+    def now(self) -> float:
+        """The time dispatch, release and commit read: the scheduler's clock."""
+        return self._clock()
 
     def new_job_id(self) -> str:
         with self._lock:

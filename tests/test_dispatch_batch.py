@@ -231,3 +231,36 @@ def _mixed_run(kernel, seed):
 def test_compiled_and_twin_agree_on_every_path(seed):
     pytest.importorskip("pysched._core")
     assert _mixed_run("compiled", seed) == _mixed_run("python", seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batches_across_fleet_changes_place_as_sequential_dispatch(make_scheduler, clock, seed):
+    """Bindings read by a batch stay exact when pools move between batches (a new pool, a removed
+    node, a new pool layout) and when sessions idle past their TTL: the same nodes and pools as
+    one-by-one dispatch, round after round."""
+    seq = fleet(make_scheduler, session_ttl=10.0)
+    bat = fleet(make_scheduler, session_ttl=10.0)
+    changes = [
+        lambda s: s.register_node("x1", ["ja", "en", "fr"], max_concurrency=3),
+        lambda s: s.remove_node("n1"),
+        lambda s: clock.advance(11.0) if s is bat else None,  # one shared clock: advance it once
+        lambda s: s.set_pools([pysched.PoolConfig(40 + i, f"p{i}", langs) for i, langs in enumerate(SETS)]),
+        lambda s: s.register_node("x2", ["zh", "en"], max_concurrency=2),
+    ]
+    for round_, change in enumerate([None, *changes]):
+        if change is not None:
+            for sched in (seq, bat):
+                change(sched)
+        sids, srcs, tgts = jobs(seed * 100 + round_, n=80)
+        expected = one_by_one(seq, sids, srcs, tgts)
+        got = bat.dispatch_batch(sids, srcs, tgts)
+        assert got.node_ids() == [x.node_id if isinstance(x, pysched.Assignment) else None for x in expected]
+        assert got.pool_id.tolist() == [x.pool_id if isinstance(x, pysched.Assignment) else -1 for x in expected]
+        assert got.reasons() == [_reason_of(x) for x in expected]
+        for sid in set(sids):
+            assert getattr(seq._sessions.get(sid), "binding", None) == getattr(bat._sessions.get(sid), "binding", None)
+        for x in expected:  # free the capacity again, so that every round places jobs
+            if isinstance(x, pysched.Assignment):
+                seq.release(x.job_id)
+        bat.release_batch(got.handle[got.ok])
+        assert seq.reservations.inflight.tolist() == bat.reservations.inflight.tolist()

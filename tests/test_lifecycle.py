@@ -516,6 +516,62 @@ def test_many_live_jobs_are_tracked_exactly(make_scheduler, clock):
     assert sched.reservations.count() == 0 and int(sched.reservations.inflight[:4].sum()) == 0
 
 
+def test_numbered_job_ids_are_exact_past_ring_collisions_and_growth(make_scheduler, clock):
+    """A job held while thousands of later ones come and go (their numbers wrap the compiled table's
+    ring onto its entry, and the ring grows) is still found, and so is every later job."""
+    sched = make_scheduler(reservation_ttl=1e6)
+    sched.register_node("n", ["zh", "en"], max_concurrency=100_000)
+    first = sched.dispatch("s", "zh", "en").job_id
+    held = []
+    for i in range(5000):
+        job = sched.dispatch(f"s{i % 7}", "zh", "en").job_id
+        if i % 3 == 0 or i % 500 == 1:
+            held.append(job)  # ~1,700 held: the ring grows, and some numbers share ring entries
+        else:
+            assert sched.release(job) is True and sched.release(job) is False
+    assert sched.reservations.count() == 1 + len(held) == int(sched.reservations.inflight[0])
+    for job in [first, *held]:
+        assert sched.reservations.get(job) is not None
+        assert sched.commit(job) is None and sched.release(job) is True and sched.release(job) is False
+    assert sched.reservations.count() == 0 and int(sched.reservations.inflight[0]) == 0
+
+
+def test_a_callers_job_id_in_the_generated_form_is_the_same_id(make_scheduler):
+    """An id a caller chose that reads like a generated one (prefix + number) is held once: the
+    dispatcher's own job of that number gets another id, and look-alikes (a leading zero) are other ids."""
+    sched = make_scheduler()
+    sched.register_node("n", ["zh", "en"], max_concurrency=100)
+    probe = sched.dispatch("s", "zh", "en").job_id
+    prefix = probe.rstrip("0123456789")
+    assert probe == prefix + "1" and sched.release(probe)
+    mine = sched.dispatch("s", "zh", "en", job_id=prefix + "3")
+    twin = sched.dispatch("s", "zh", "en", job_id=prefix + "03")
+    assert mine.job_id == prefix + "3" and twin.job_id == prefix + "03"
+    made = [sched.dispatch("s", "zh", "en").job_id for _ in range(3)]
+    assert prefix + "3" not in made and len(set(made)) == 3
+    assert sched.reservations.count() == 5 == int(sched.reservations.inflight[0])
+    assert sched.release(prefix + "3") and sched.release(prefix + "03")
+    assert not sched.release(prefix + "3") and not sched.release(prefix + "003")
+    for job in made:
+        assert sched.release(job)
+    assert sched.reservations.count() == 0 == int(sched.reservations.inflight[0])
+
+
+def test_the_default_clock_is_time_monotonic_to_the_bit(kernel_name):
+    """With the default clock the compiled dispatcher reads CLOCK_MONOTONIC itself (on Linux): the
+    values are time.monotonic()'s, in order with it, so both paths of one scheduler share one clock."""
+    import time
+
+    sched = pysched.Scheduler(kernel=kernel_name)
+    now = sched._fast.now
+    for _ in range(1000):
+        before = time.monotonic()
+        mine = now()
+        after = time.monotonic()
+        assert type(mine) is float and before <= mine <= after
+    sched.close()
+
+
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -532,13 +588,14 @@ def test_job_table_twin_matches_the_compiled_table(ops):
     tables = []
     for core in (_core, _pycore):
         counts = core.SlotCounts(8)
-        table = core.JobTable(counts)
+        table = core.JobTable(counts, prefix="j")
         for slot in range(3):
             table.bind(slot)
         tables.append((table, counts))
     now = 0.0
     for op, j, slot, other in ops:
-        job = f"j{j}"
+        # j1..j9 are numbered ids (the compiled table files them by number); j0, j010, j011 are not
+        job = f"j{j}" if j < 10 else f"j0{j}"
         if op == "tick":
             now += 0.75
             continue
