@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pysched
 
 from .common import build_fleet, cached, sessions_for
@@ -82,3 +84,36 @@ class DispatchBatch:
 
     def peakmem_dispatch_batch_10k(self, pool_size):
         self.result = self.sched.dispatch_batch(self.sessions, self.src, "en")
+
+
+class DispatchBatchThreads:
+    """Two 10,000-job batches (and their release), each on its own scheduler (32-node pools).
+
+    ``threads=1``: one thread runs both, one after the other; ``threads=2``:
+    one thread each, at the same time. time(1) / time(2) is the two-thread
+    speed-up (issue 7's goal: >= 1.7x).
+    """
+
+    params = [1, 2]
+    param_names = ["threads"]
+    repeat = 10
+    timeout = 600
+
+    def setup(self, threads):
+        self.fleets = [cached(("array", 32, k), lambda: _array_fleet(32)) for k in range(2)]
+
+    @staticmethod
+    def _run(fleet):
+        sched, sessions, src = fleet
+        sched.release_batch(sched.dispatch_batch(sessions, src, "en").handle)
+
+    def time_two_batches(self, threads):
+        if threads == 1:
+            for fleet in self.fleets:
+                self._run(fleet)
+            return
+        workers = [threading.Thread(target=self._run, args=(fleet,)) for fleet in self.fleets]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
