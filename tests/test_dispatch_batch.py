@@ -153,7 +153,9 @@ def test_batches_and_dispatches_from_threads_never_over_commit(kernel_name):
         try:
             barrier.wait(timeout=60)
             for _ in range(40):
-                got = sched.dispatch_batch([f"b{k}-{i}" for i in range(12)], "zh", "en")
+                # sessions shared with the other batcher and the single dispatcher, repeated in the batch
+                got = sched.dispatch_batch([f"x{(k + i) % 9}" for i in range(12)],
+                                           ["zh-CN" if i % 5 == 0 else "zh" for i in range(12)], "en")
                 assert (sched.reservations.inflight[:6] <= 5).all()
                 sched.release_batch(got.handle[got.ok])
         except BaseException as exc:  # pragma: no cover - reported below
