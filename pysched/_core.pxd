@@ -325,5 +325,5 @@ cdef class Dispatcher:
     cdef Py_ssize_t _slot_of(self, object node_id) except -3
     cdef PyObject* _code(self, str code) except? NULL
     cdef PyObject* _code_checked(self, object code, str name, Py_ssize_t i) except NULL
-    cdef int _seen(self, SessionState state, tuple binding) except -1
+    cdef int _seen(self, SessionState state, tuple binding, Py_ssize_t key) except -1
     cdef str _job_id(self, int64_t seq)

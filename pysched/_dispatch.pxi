@@ -281,15 +281,9 @@ cdef class Dispatcher:
                 binding = <tuple>state.binding
                 pair = <tuple>binding[0]
                 if pair[0] == s and pair[1] == t:
-                    if state.seen_binding is binding and state.seen_snap is self.snap:
-                        bound = state.seen_index  # memo: the binding's pool index in this snapshot
-                    else:
-                        entry = _get(self.pool_index, binding[1])
-                        bound = -1 if entry == NULL else <object>entry
-                        state.seen_binding = binding
-                        state.seen_snap = self.snap
-                        state.seen_index = bound
-                        state.seen_key = key
+                    if not (state.seen_binding is binding and state.seen_snap is self.snap):
+                        self._seen(state, binding, key)
+                    bound = state.seen_index  # memo: the binding's pool index in this snapshot
                 else:
                     pair = None
         req.service_mask = <uint64_t>self.default_mask
@@ -432,23 +426,24 @@ cdef class Dispatcher:
             self.codes[code] = self.scratch_code
         return <PyObject*>self.scratch_code
 
-    cdef int _seen(self, SessionState state, tuple binding) except -1:
-        """Memoise ``binding``'s pool index and pair key in the current snapshot on ``state``."""
+    cdef int _seen(self, SessionState state, tuple binding, Py_ssize_t key) except -1:
+        """Memoise ``binding``'s pool index and pair key (``key``, or -2: look it up) in the current snapshot."""
         cdef PyObject* entry
         cdef PyObject* s_entry
         cdef PyObject* t_entry
-        cdef Py_ssize_t key = -1
         pair = <tuple>binding[0]
         entry = _get(self.pool_index, binding[1])
-        s_entry = _get(self.codes, pair[0])
-        if s_entry == NULL:
-            s_entry = self._code(<str>pair[0])
-        if s_entry != NULL:
-            t_entry = _get(self.codes, pair[1])
-            if t_entry == NULL:
-                t_entry = self._code(<str>pair[1])
-            if t_entry != NULL and <Py_ssize_t>(<tuple>t_entry)[1] < self.n_langs:
-                key = self.kernel._pair_key((<tuple>s_entry)[1], (<tuple>t_entry)[1])
+        if key == -2:
+            key = -1
+            s_entry = _get(self.codes, pair[0])
+            if s_entry == NULL:
+                s_entry = self._code(<str>pair[0])
+            if s_entry != NULL:
+                t_entry = _get(self.codes, pair[1])
+                if t_entry == NULL:
+                    t_entry = self._code(<str>pair[1])
+                if t_entry != NULL and <Py_ssize_t>(<tuple>t_entry)[1] < self.n_langs:
+                    key = self.kernel._pair_key((<tuple>s_entry)[1], (<tuple>t_entry)[1])
         state.seen_binding = binding
         state.seen_snap = self.snap
         state.seen_index = -1 if entry == NULL else <object>entry
@@ -575,7 +570,7 @@ cdef class Dispatcher:
                 if state.binding is None:
                     continue
                 if not (state.seen_binding is state.binding and state.seen_snap is self.snap):
-                    self._seen(state, <tuple>state.binding)
+                    self._seen(state, <tuple>state.binding, -2)
                 bound_key[k] = <int32_t>state.seen_key
                 bound_index[k] = <int32_t>state.seen_index
             # 3. place, reserve and bind, in order
