@@ -372,6 +372,7 @@ _server_session_decoder: msgspec.json.Decoder[ServerSessionMessage | list[Server
 _body_decoders: dict[type[msgspec.Struct], msgspec.json.Decoder[Any]] = {}
 
 _BodyT = TypeVar("_BodyT", bound=msgspec.Struct)
+_T = TypeVar("_T")
 
 _AT = re.compile(r" - at `\$((?:\.[A-Za-z_][A-Za-z_0-9]*|\[\d+\])*)`$")
 _MISSING = re.compile(r"Object missing required field `([^`]+)`")
@@ -403,6 +404,14 @@ def _protocol_error(exc: msgspec.DecodeError) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID, f"{text}{where}", field)
 
 
+def _decode(decoder: msgspec.json.Decoder[_T], data: bytes | str) -> _T:
+    """``decoder.decode(data)``, its error turned into a :class:`ProtocolError`."""
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise _protocol_error(exc) from None
+
+
 def decode_node_message(data: bytes | str) -> NodeMessage | list[NodeMessage]:
     """Decode a node's frame.
 
@@ -412,10 +421,7 @@ def decode_node_message(data: bytes | str) -> NodeMessage | list[NodeMessage]:
     :returns: one message, or a list of them for a batch.
     :raises ProtocolError: the frame is not a valid message or batch.
     """
-    try:
-        return _node_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _protocol_error(exc) from None
+    return _decode(_node_decoder, data)
 
 
 def decode_session_message(data: bytes | str) -> SessionMessage | list[SessionMessage]:
@@ -425,10 +431,7 @@ def decode_session_message(data: bytes | str) -> SessionMessage | list[SessionMe
     :returns: one message, or a list of them for a batch.
     :raises ProtocolError: the frame is not a valid message or batch.
     """
-    try:
-        return _session_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _protocol_error(exc) from None
+    return _decode(_session_decoder, data)
 
 
 def decode_session_items(data: bytes | str) -> Sequence[SessionMessage | tuple[ProtocolError, int | str | None]]:
@@ -473,10 +476,7 @@ def decode_server_node_message(data: bytes | str) -> ServerNodeMessage | list[Se
     :returns: one message, or a list of them for a batch.
     :raises ProtocolError: the frame is not a valid message or batch.
     """
-    try:
-        return _server_node_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _protocol_error(exc) from None
+    return _decode(_server_node_decoder, data)
 
 
 def decode_server_session_message(data: bytes | str) -> ServerSessionMessage | list[ServerSessionMessage]:
@@ -486,10 +486,7 @@ def decode_server_session_message(data: bytes | str) -> ServerSessionMessage | l
     :returns: one message, or a list of them for a batch.
     :raises ProtocolError: the frame is not a valid message or batch.
     """
-    try:
-        return _server_session_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _protocol_error(exc) from None
+    return _decode(_server_session_decoder, data)
 
 
 def decode_body(data: bytes | str, kind: type[_BodyT]) -> _BodyT:
@@ -502,7 +499,4 @@ def decode_body(data: bytes | str, kind: type[_BodyT]) -> _BodyT:
     decoder: msgspec.json.Decoder[_BodyT] | None = _body_decoders.get(kind)
     if decoder is None:
         decoder = _body_decoders[kind] = msgspec.json.Decoder(kind)
-    try:
-        return decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _protocol_error(exc) from None
+    return _decode(decoder, data)
