@@ -80,6 +80,15 @@ def submit(delivery: Delivery) -> tuple[JobState, list]:
     return job, answers
 
 
+async def first_attempt(delivery: Delivery, links: dict[str, FakeLink]):
+    """Submit one job and wait for its first attempt: the job, its answers, the attempt's node, the other, the id."""
+    job, answers = submit(delivery)
+    await until(lambda: any(link.jobs_sent() for link in links.values()), "the first attempt")
+    first = next(link for link in links.values() if link.jobs_sent())
+    other = links["b" if first.node_id == "a" else "a"]
+    return job, answers, first, other, first.jobs_sent()[0].job_id
+
+
 def test_a_redelivery_never_goes_back_over_a_hold_it_could_not_release(sched):
     """A failed release before a redelivery: the job is answered, not sent back to the node that failed it.
 
@@ -93,10 +102,7 @@ def test_a_redelivery_never_goes_back_over_a_hold_it_could_not_release(sched):
         delivery, links = delivery_for(sched)
         delivery.start()
         try:
-            job, answers = submit(delivery)
-            await until(lambda: any(link.jobs_sent() for link in links.values()), "the first attempt")
-            first = next(link for link in links.values() if link.jobs_sent())
-            job_id = first.jobs_sent()[0].job_id
+            job, answers, first, _, job_id = await first_attempt(delivery, links)
             assert sched.reservations.get(job_id).node_id == first.node_id
 
             release = sched.release
@@ -136,11 +142,7 @@ def test_a_redelivery_releases_the_old_hold_first_and_excludes_its_node(sched):
         delivery, links = delivery_for(sched)
         delivery.start()
         try:
-            job, answers = submit(delivery)
-            await until(lambda: any(link.jobs_sent() for link in links.values()), "the first attempt")
-            first = next(link for link in links.values() if link.jobs_sent())
-            other = links["b" if first.node_id == "a" else "a"]
-            job_id = first.jobs_sent()[0].job_id
+            job, answers, first, other, job_id = await first_attempt(delivery, links)
             delivery.on_result(first, Result(job_id=job_id, ok=False, error="busy", retry=True))
             await until(other.jobs_sent, "the second attempt")
             assert other.jobs_sent()[0].job_id == job_id and other.jobs_sent()[0].attempt == 2
@@ -165,11 +167,7 @@ def test_a_late_commit_or_renew_of_an_earlier_attempt_changes_nothing(sched):
         delivery, links = delivery_for(sched)
         delivery.start()
         try:
-            job, answers = submit(delivery)
-            await until(lambda: any(link.jobs_sent() for link in links.values()), "the first attempt")
-            first = next(link for link in links.values() if link.jobs_sent())
-            other = links["b" if first.node_id == "a" else "a"]
-            job_id = first.jobs_sent()[0].job_id
+            job, answers, first, other, job_id = await first_attempt(delivery, links)
             delivery.on_result(first, Result(job_id=job_id, ok=False, error="busy", retry=True))
             await until(other.jobs_sent, "the second attempt")
             held = sched.reservations.get(job_id)
