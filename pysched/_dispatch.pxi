@@ -125,6 +125,15 @@ cdef class SessionState:
         return None if self.binding is None else self.binding[1]
 
 
+cdef inline SessionState _new_session(double now):
+    """``SessionState(now)`` without the Python-level constructor call (the compiled paths' own)."""
+    cdef SessionState state = SessionState.__new__(SessionState)
+    state.lock = threading.Lock()
+    state.binding = None
+    state.last_used = now
+    return state
+
+
 @cython.final
 cdef class Dispatcher:
     """The common dispatch, start to finish, in one call (see the module notes)."""
@@ -308,11 +317,7 @@ cdef class Dispatcher:
         if h < 0:
             return None
         if state is None:
-            state = SessionState.__new__(SessionState)
-            state.lock = threading.Lock()
-            state.binding = None
-            state.last_used = now
-            state = <SessionState>self.sessions.setdefault(session_id, state)
+            state = <SessionState>self.sessions.setdefault(session_id, _new_session(now))
         if bound != pidx or state.binding is None:
             state.binding = (pair, pool_id)
         state.last_used = now
@@ -609,9 +614,7 @@ cdef class Dispatcher:
                     bound_key[k] = <int32_t>key
                     bound_index[k] = <int32_t>pidx
                     if type(states[k]) is str:
-                        state = SessionState.__new__(SessionState)
-                        state.lock = threading.Lock()
-                        state.last_used = now
+                        state = _new_session(now)
                         self.sessions[states[k]] = state
                         states[k] = state
                     state = <SessionState>states[k]

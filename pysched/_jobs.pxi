@@ -58,6 +58,16 @@ cdef inline bint _heap_less(const job_rec* recs, int32_t a, int32_t b) noexcept 
         recs[a].expires_at == recs[b].expires_at and a < b)
 
 
+cdef inline int _file_seq(int32_t* ring, Py_ssize_t mask, dict spill, int64_t seq, int32_t h) except -1:
+    """File number ``seq`` under handle ``h``: in its ring entry if that is free, else in ``spill``."""
+    cdef Py_ssize_t pos = seq & mask
+    if ring[pos] < 0:
+        ring[pos] = h
+    else:
+        spill[seq] = h
+    return 0
+
+
 @cython.final
 cdef class JobTable:
     """Live reservations by job id, with per-node counts and an exact expiry heap.
@@ -250,15 +260,10 @@ cdef class JobTable:
 
     cdef int _claim(self, str job_id, int64_t seq, int32_t h) except -1:
         """File ``job_id`` under handle ``h``: 1, or 0 (nothing changed) when another job holds the id."""
-        cdef Py_ssize_t pos
         if seq:
             if self._find(job_id, seq) >= 0:
                 return 0
-            pos = seq & self.seq_mask
-            if self.by_seq[pos] < 0:
-                self.by_seq[pos] = h
-            else:
-                self.seq_spill[seq] = h
+            _file_seq(self.by_seq, self.seq_mask, self.seq_spill, seq, h)
             self.recs[h].seq = seq
             return 1
         handle = h  # one dict probe both checks for a held job id and claims it
@@ -282,7 +287,7 @@ cdef class JobTable:
     cdef int _grow_ring(self, Py_ssize_t n) except -1:
         """A ring of ``n`` entries (a power of two) with every live numbered job filed again."""
         cdef int32_t* ring = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
-        cdef Py_ssize_t h, pos
+        cdef Py_ssize_t h
         cdef int64_t seq
         if ring == NULL:
             raise MemoryError()
@@ -293,11 +298,7 @@ cdef class JobTable:
                 seq = self.recs[h].seq
                 if self.recs[h].slot < 0 or not seq:
                     continue
-                pos = seq & (n - 1)
-                if ring[pos] < 0:
-                    ring[pos] = <int32_t>h
-                else:
-                    spill[seq] = h
+                _file_seq(ring, n - 1, spill, seq, <int32_t>h)
         except BaseException:
             PyMem_Free(ring)
             raise
