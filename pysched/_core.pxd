@@ -287,6 +287,9 @@ cdef class SessionState:
     cdef object seen_snap
     cdef Py_ssize_t seen_index         # -1: the bound pool is not in that snapshot
     cdef Py_ssize_t seen_key           # -1: no pool of that snapshot speaks the bound pair
+    # the raw code objects of the last dispatch that asked for the bound pair (None: not known)
+    cdef object seen_src
+    cdef object seen_tgt
     # scratch of Dispatcher.batch: the session's number in batch ``batch`` (a batch holds the GIL)
     cdef uint64_t batch
     cdef Py_ssize_t batch_k
@@ -326,4 +329,5 @@ cdef class Dispatcher:
     cdef PyObject* _code(self, str code) except? NULL
     cdef PyObject* _code_checked(self, object code, str name, Py_ssize_t i) except NULL
     cdef int _seen(self, SessionState state, tuple binding, Py_ssize_t key) except -1
+    cdef void _memo(self, SessionState state, tuple binding, Py_ssize_t index, Py_ssize_t key) noexcept
     cdef str _job_id(self, int64_t seq)

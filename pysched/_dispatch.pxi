@@ -249,6 +249,7 @@ cdef class Dispatcher:
         cdef int64_t found
         cdef int32_t h
         cdef tuple binding, pair = None
+        cdef bint memo
         if (type(session_id) is not str or PyUnicode_GET_LENGTH(session_id) == 0 or type(src) is not str
                 or type(tgt) is not str):
             return None
@@ -260,38 +261,54 @@ cdef class Dispatcher:
         if self.snap is None:
             self._refresh(self.mgmt.snapshot)
         kernel = self.kernel
-        # raw code -> (normalised code, language id), memoised per snapshot: one probe per code
-        entry = _get(self.codes, tgt)
-        if entry == NULL:
-            entry = self._code(tgt)
-            if entry == NULL:
-                return None
-        t = <str>(<tuple>entry)[0]
-        tgt_id = <object>(<tuple>entry)[1]
-        if tgt_id >= self.n_langs:
-            return None  # "auto" is no target
-        entry = _get(self.codes, src)
-        if entry == NULL:
-            entry = self._code(src)
-            if entry == NULL:
-                return None
-        s = <str>(<tuple>entry)[0]
-        src_id = <object>(<tuple>entry)[1]
-        key = kernel._pair_key(src_id, tgt_id)
-        if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
-            return None
         entry = _get(self.sessions, session_id)
         if entry != NULL:
             state = <SessionState?>entry
+        # A session that sends the very code objects of its last dispatch to the pair it is bound to
+        # (in this snapshot) has the pair's codes and key in its memo: no code probe. Read only.
+        if (state is not None and state.seen_src is src and state.seen_tgt is tgt and state.binding is not None
+                and state.seen_binding is state.binding and state.seen_snap is self.snap):
+            pair = <tuple>(<tuple>state.binding)[0]
+            s = <str>pair[0]
+            t = <str>pair[1]
+            key = state.seen_key
+            memo = True
+        else:
+            # raw code -> (normalised code, language id), memoised per snapshot: one probe per code
+            entry = _get(self.codes, tgt)
+            if entry == NULL:
+                entry = self._code(tgt)
+                if entry == NULL:
+                    return None
+            t = <str>(<tuple>entry)[0]
+            tgt_id = <object>(<tuple>entry)[1]
+            if tgt_id >= self.n_langs:
+                return None  # "auto" is no target
+            entry = _get(self.codes, src)
+            if entry == NULL:
+                entry = self._code(src)
+                if entry == NULL:
+                    return None
+            s = <str>(<tuple>entry)[0]
+            src_id = <object>(<tuple>entry)[1]
+            key = kernel._pair_key(src_id, tgt_id)
+            memo = False
+        if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
+            return None
+        pair = None
+        if state is not None:
             if state.binding is not None and state.last_used < now - self.session_ttl:
                 state.binding = None  # idle past its TTL: forgotten at lookup
             state.last_used = now
             if state.binding is not None:
                 binding = <tuple>state.binding
                 pair = <tuple>binding[0]
-                if pair[0] == s and pair[1] == t:
-                    if not (state.seen_binding is binding and state.seen_snap is self.snap):
-                        self._seen(state, binding, key)
+                if memo or (pair[0] == s and pair[1] == t):
+                    if not memo:
+                        if not (state.seen_binding is binding and state.seen_snap is self.snap):
+                            self._seen(state, binding, key)
+                        state.seen_src = src  # the next dispatch with these objects skips the code probes
+                        state.seen_tgt = tgt
                     bound = state.seen_index  # memo: the binding's pool index in this snapshot
                 else:
                     pair = None
@@ -449,11 +466,21 @@ cdef class Dispatcher:
                     t_entry = self._code(<str>pair[1])
                 if t_entry != NULL and <Py_ssize_t>(<tuple>t_entry)[1] < self.n_langs:
                     key = self.kernel._pair_key((<tuple>s_entry)[1], (<tuple>t_entry)[1])
+        self._memo(state, binding, -1 if entry == NULL else <object>entry, key)
+        return 0
+
+    cdef void _memo(self, SessionState state, tuple binding, Py_ssize_t index, Py_ssize_t key) noexcept:
+        """Set ``state``'s memo: ``binding``'s pool index and pair key in the current snapshot.
+
+        The raw codes of the memo are forgotten: only a dispatch that checked
+        them against this binding's pair may set them again.
+        """
         state.seen_binding = binding
         state.seen_snap = self.snap
-        state.seen_index = -1 if entry == NULL else <object>entry
+        state.seen_index = index
         state.seen_key = key
-        return 0
+        state.seen_src = None
+        state.seen_tgt = None
 
     def batch(self, object session_ids, object src, object tgt, uint64_t service_mask, int need,
               Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
@@ -620,10 +647,7 @@ cdef class Dispatcher:
                     state = <SessionState>states[k]
                     binding = (pairs[pair_of[i]], pool_id)
                     state.binding = binding
-                    state.seen_binding = binding  # the memo, as dispatch would set it
-                    state.seen_snap = self.snap
-                    state.seen_index = pidx
-                    state.seen_key = key
+                    self._memo(state, binding, pidx, key)  # as dispatch would set it
             self.seq += placed  # job numbers stay in step with one-by-one dispatch
             self.outcomes.values[0] += placed
         finally:

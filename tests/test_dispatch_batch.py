@@ -266,3 +266,29 @@ def test_batches_across_fleet_changes_place_as_sequential_dispatch(make_schedule
                 seq.release(x.job_id)
         bat.release_batch(got.handle[got.ok])
         assert seq.reservations.inflight.tolist() == bat.reservations.inflight.tolist()
+
+
+def test_a_sessions_memo_of_its_codes_never_outlives_its_binding(make_scheduler):
+    """A session's dispatch memo (the code objects it sent last, for its bound pair) is only used for
+    the binding it was checked against: after a batch, a retry path or a new snapshot rebinds the
+    session elsewhere, the same code objects still mean their own pair."""
+    sched = make_scheduler()
+    for i in range(3):
+        sched.register_node(f"z{i}", ["zh", "en"], max_concurrency=100)
+        sched.register_node(f"j{i}", ["ja", "en"], max_concurrency=100)
+    zh, ja, en = "zh", "ja", "en"
+
+    def on_zh(a):
+        return (a.src, a.tgt) == ("zh", "en") and a.node_id.startswith("z")
+
+    first = sched.dispatch("s", zh, en)
+    assert on_zh(first) and on_zh(sched.dispatch("s", zh, en))  # the second one from the memo
+    got = sched.dispatch_batch(["s"], ja, en)  # the batch rebinds s to ja -> en
+    assert got.node_ids()[0].startswith("j")
+    assert on_zh(sched.dispatch("s", zh, en))
+    sched.dispatch("s", ja, en, exclude=["j0"])  # the Python path rebinds it
+    assert on_zh(sched.dispatch("s", zh, en))
+    sched.dispatch("s", ja, en)
+    sched.register_node("z9", ["zh", "en"], max_concurrency=100)  # a new snapshot
+    assert on_zh(sched.dispatch("s", zh, en))
+    assert sched._sessions.get("s").binding[0] == ("zh", "en")
