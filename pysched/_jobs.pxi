@@ -266,7 +266,9 @@ cdef class JobTable:
             _file_seq(self.by_seq, self.seq_mask, self.seq_spill, seq, h)
             self.recs[h].seq = seq
             return 1
-        handle = h  # one dict probe both checks for a held job id and claims it
+        # One dict probe both checks for a held job id and claims it. The int object is made once:
+        # the identity test below needs the very object the dict was given.
+        cdef object handle = h
         return <object>PyDict_SetDefault(self.index, job_id, handle) is handle
 
     cdef int _unclaim(self, int32_t h, object job_id) except -1:

@@ -516,6 +516,20 @@ def test_many_live_jobs_are_tracked_exactly(make_scheduler, clock):
     assert sched.reservations.count() == 0 and int(sched.reservations.inflight[:4].sum()) == 0
 
 
+def test_a_callers_job_id_is_held_when_hundreds_of_generated_ones_are(make_scheduler):
+    """Ids a caller chooses (filed in the dict) work at any table size, past the first 256 handles."""
+    sched = make_scheduler()
+    sched.register_node("n", ["zh", "en"], max_concurrency=10_000)
+    made = [sched.dispatch(f"s{i % 13}", "zh", "en").job_id for i in range(600)]
+    mine = sched.dispatch("s1", "zh", "en", job_id="caller-job")
+    assert mine.job_id == "caller-job" and sched.dispatch("s1", "zh", "en", job_id="caller-job") == mine
+    assert sched.reservations.count() == 601 == int(sched.reservations.inflight[0])
+    assert sched.release("caller-job") and not sched.release("caller-job")
+    for job in made:
+        assert sched.release(job)
+    assert sched.reservations.count() == 0
+
+
 def test_numbered_job_ids_are_exact_past_ring_collisions_and_growth(make_scheduler, clock):
     """A job held while thousands of later ones come and go (their numbers wrap the compiled table's
     ring onto its entry, and the ring grows) is still found, and so is every later job."""
