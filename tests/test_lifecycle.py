@@ -530,6 +530,41 @@ def test_a_callers_job_id_is_held_when_hundreds_of_generated_ones_are(make_sched
     assert sched.reservations.count() == 0
 
 
+def test_a_deep_expiry_heap_expires_exactly_as_the_twin():
+    """Thousands of jobs with random expiries, released and renewed at random positions of the heap:
+    every sweep returns the same jobs in the same order as the twin's heapq table."""
+    import random
+
+    from pysched import _core, _pycore
+
+    rng = random.Random(7)
+    plan = [("reserve", f"j{i}", rng.uniform(1.0, 100.0)) for i in range(3000)]
+    plan += [("release", f"j{i}", 0.0) for i in rng.sample(range(3000), 1200)]
+    plan += [("renew", f"j{i}", rng.uniform(1.0, 100.0)) for i in rng.sample(range(3000), 600)]
+    rng.shuffle(plan)
+    plan.sort(key=lambda op: op[0] != "reserve")  # every job exists before releases and renewals
+    results = []
+    for core in (_core, _pycore):
+        counts = core.SlotCounts(4)
+        table = core.JobTable(counts, prefix="j")
+        for slot in range(4):
+            table.bind(slot)
+        out = []
+        for op, job, t in plan:
+            if op == "reserve":
+                out.append(table.reserve(job, hash(job) % 4, 10_000, 0, 1, "s", t))
+            elif op == "release":
+                out.append(table.release(job, -1, 0.0))
+            else:
+                out.append(table.renew(job, -1, t, 0.0))
+        for now in range(0, 101, 5):
+            out.append([rec[:2] + rec[4:] for rec in table.expire(float(now))])
+        out.append((len(table), counts.array.tolist()))
+        results.append(out)
+    assert results[0] == results[1]
+    assert results[0][-1] == (0, [0, 0, 0, 0])
+
+
 def test_numbered_job_ids_are_exact_past_ring_collisions_and_growth(make_scheduler, clock):
     """A job held while thousands of later ones come and go (their numbers wrap the compiled table's
     ring onto its entry, and the ring grows) is still found, and so is every later job."""
