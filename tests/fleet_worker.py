@@ -73,7 +73,8 @@ def build(cfg: dict) -> tuple[Any, Any, Any, Any]:
 
     client = _client(cfg["socket"], cfg.get("timeout", 0.3))
     backend = RedisReservations(client, namespace=cfg["namespace"], holder_id=cfg["name"],
-                                recovery_grace=cfg.get("recovery_grace", 5.0))
+                                recovery_grace=cfg.get("recovery_grace", 5.0),
+                                recovery_quiet=cfg.get("recovery_quiet", 2.0))
     sched = pysched.Scheduler(reservations=backend, reservation_ttl=cfg.get("ttl", 30.0),
                               seed=cfg.get("seed"))
     fleet = pysched.RedisFleet(sched, client, cfg["namespace"], process_id=cfg["name"],

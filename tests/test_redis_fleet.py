@@ -529,11 +529,12 @@ def test_redis_restart_mid_run(fleet3: Callable[..., Fleet3], redis_server: Any)
     redis_server.start()  # empty: the fleets heal by themselves
     done, final = f.finish()
     f.check_invariants(done, final)
-    # Dispatch raised during the outage, quickly (client timeout 0.3 s). A
-    # process whose own view shows no free node answers NoNodeAvailable
-    # without asking Redis, so not every process need see it in dispatch;
-    # every process saw the outage in some Redis call.
-    assert sum(d["unavailable"] for d in done.values()) >= 1, done
+    # Every process saw the outage in some Redis call, and each dispatch that
+    # saw it raised quickly (client timeout 0.3 s). Whether any dispatch saw
+    # it is timing: a process whose own view shows no free node (its
+    # releases wait for Redis too) answers NoNodeAvailable without asking
+    # Redis. That dispatch raises ReservationBackendUnavailable during an
+    # outage is checked call by call in test_redis_faults.py (item 5).
     for name, d in done.items():
         assert d["unavailable"] + d["release_retries"] + d["commit_failed"] >= 1, (name, d)
         assert d["unavailable_max_s"] < 20.0, (name, d)  # bounded by the client timeout, not hung

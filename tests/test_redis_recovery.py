@@ -44,6 +44,9 @@ class Proc:
     def __init__(self, server: Any, name: str, nodes: dict[str, int], **kwargs: Any) -> None:
         self.client = server.client()
         kwargs.setdefault("reservation_ttl", 30.0)
+        # Each ordering below is driven call by call, so the quiet period
+        # after a data loss is off unless a test is about it.
+        kwargs.setdefault("recovery_quiet", 0)
         self.expired: list[Reservation] = []
         self.b = RedisReservations(self.client, holder_id=name, **kwargs)
         self.b.configure(30.0, time.monotonic, on_expired=self.expired.extend)
@@ -173,6 +176,64 @@ def test_a_holder_that_never_returns_is_waited_for_at_most_the_grace(redis_serve
     assert b.reserve("k", "n") == [REFUSED_RECOVERING]
     got = wait_until(lambda: (r := b.reserve("k", "n")) != [REFUSED_RECOVERING] and r, what="the grace to end")
     assert isinstance(got, Reservation)
+
+
+def _quiet_until(server: Any) -> float | None:
+    """The end of the quiet period in Redis (server ms), None if none is set."""
+    return server.client().zscore("{pysched}:recovering", "\0quiet")
+
+
+def test_a_holder_nobody_knew_is_covered_by_the_quiet_period(redis_server: Any, procs: Any) -> None:
+    """B's first job came after A's last refresh: A does not name B, the quiet period waits for it."""
+    a = procs("A", {"n": 1}, recovery_quiet=600.0)
+    b = procs("B", {"n": 1}, recovery_quiet=600.0)
+    a.b.refresh_inflight()  # A's last look: nobody holds anything
+    assert a.b._holders_seen == ()
+    assert isinstance(b.reserve("j", "n"), Reservation) and b.b.commit("j")
+    restart(redis_server)
+    a.rebind()
+    # A joins the new dataset first and knows no holder; without the quiet
+    # period it would take B's slot.
+    for k in range(3):
+        assert a.reserve(f"k{k}", "n") == [REFUSED_RECOVERING]
+    client = redis_server.client()
+    born = int(client.hget("{pysched}:epoch", "born"))
+    assert _quiet_until(redis_server) == born + 600_000
+    assert client.zcard("{pysched}:resv:n") + client.zcard("{pysched}:lease:n") == 0
+    assert a.b.refresh_inflight() == {"n": 0} and a.b.stats()["recovering"] is True
+    b.b.refresh_inflight()  # B's periodic look: it finds the loss and writes its job back
+    assert client.zcard("{pysched}:lease:n") == 1 and b.b.stats()["reasserted"] == 1
+    # Still the quiet period (A cannot know B was the last): refused, never over.
+    assert a.reserve("k", "n") == [REFUSED_RECOVERING]
+    assert a.b.refresh_inflight() == {"n": 1}
+
+
+def test_the_quiet_period_ends_by_itself(redis_server: Any, procs: Any) -> None:
+    a = procs("A", {"n": 2}, recovery_quiet=0.5)
+    assert isinstance(a.reserve("j", "n"), Reservation)
+    restart(redis_server)
+    a.rebind()
+    first = a.reserve("k", "n")  # A re-asserts "j", then the quiet period (if not over yet) refuses
+    got = first if isinstance(first, Reservation) else \
+        wait_until(lambda: (r := a.reserve("k", "n")) != [REFUSED_RECOVERING] and r, what="the quiet period to end")
+    assert isinstance(got, Reservation)
+    client = redis_server.client()
+    born = int(client.hget("{pysched}:epoch", "born"))
+    assert _quiet_until(redis_server) in (None, born + 500)  # pruned by a refresh, or still listed
+    secs, micros = client.time()
+    assert secs * 1000 + micros // 1000 >= born + 500
+    assert a.b.count("n") == 2 and a.b.stats()["reasserted"] == 1
+    a.b.refresh_inflight()
+    assert _quiet_until(redis_server) is None and a.b.stats()["recovering"] is False
+
+
+def test_no_quiet_period_on_first_use_or_when_turned_off(redis_server: Any, procs: Any) -> None:
+    a = procs("A", {"n": 1}, recovery_quiet=0)
+    assert isinstance(a.reserve("j", "n"), Reservation)
+    restart(redis_server)
+    a.rebind()
+    assert a.reserve("k", "n") == [REFUSED_FULL]  # "j" written back; nothing to wait for
+    assert _quiet_until(redis_server) is None
 
 
 def test_a_fresh_process_does_not_wait(redis_server: Any, procs: Any) -> None:

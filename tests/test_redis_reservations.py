@@ -126,6 +126,12 @@ def test_is_a_reservation_backend_and_validates_arguments(redis_client: Any) -> 
         RedisReservations(redis_client, shortlist=0)
     with pytest.raises(ValueError, match="commit_lease"):
         RedisReservations(redis_client, commit_lease=0)
+    for bad in (-1, True, "2", float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="recovery_quiet"):
+            RedisReservations(redis_client, recovery_quiet=bad)
+    for bad in ("", "a\x00b", "tab\there", 7):
+        with pytest.raises(ValueError, match="holder_id"):
+            RedisReservations(redis_client, holder_id=bad)
     unconfigured = RedisReservations(redis_client)
     with pytest.raises(RuntimeError, match="reservation_ttl"):
         unconfigured.try_reserve("j", [], 0, "s")
@@ -615,7 +621,8 @@ def test_server_outage_raises_unavailable_then_recovers(redis_server: Any) -> No
     import redis
 
     client = redis_server.client(socket_timeout=0.5, socket_connect_timeout=0.5)
-    b = make_backend(client, {"a": 2, "b": 2})
+    # No quiet period after the data loss: the refusal right after it is the node's own.
+    b = make_backend(client, {"a": 2, "b": 2}, recovery_quiet=0)
     held = b.try_reserve("held", [cand(b, "a")], 0, "s")
     assert isinstance(held, Reservation)
     before = b.inflight.copy()

@@ -128,7 +128,9 @@ class RedisFleet:
     :param process_id: names this process in the stream; unique per process
         (default: host, pid and a random suffix).
     :param refresh_interval: seconds between fleet-wide in-flight refreshes
-        (and Redis-restart checks).
+        (and Redis-restart checks). :meth:`start` raises the backend's
+        ``recovery_quiet`` to at least twice this: after Redis lost its data,
+        a holder finds the loss within one refresh.
     :param publish_interval: seconds the publisher waits after the first
         queued event, to send more in the same pipeline.
     :param stream_maxlen: approximate length the event stream is trimmed to;
@@ -264,6 +266,8 @@ class RedisFleet:
                     )
                 self._checked_empty = True
             self._stop.clear()
+            backend = self._ctx.backend
+            backend.recovery_quiet = max(backend.recovery_quiet, 2 * self._applier.refresh_interval)
             self._sched.set_pool_id_allocator(self._allocate_pool_id)
             # Listen before loading, so a local change made meanwhile is
             # queued rather than lost (it is published once threads run).

@@ -70,7 +70,11 @@ young (born less than ``recovery_grace`` ago), it also names every holder
 it saw alive at its last refresh (``T:holders``, kept up to date by every
 reservation and refresh): reservations are refused with ``"recovering"``
 until each of them has re-asserted too, or ``recovery_grace`` seconds have
-passed for one that does not (presumed dead). Meanwhile :meth:`refresh_inflight`
+passed for one that does not (presumed dead). Whoever has re-asserted,
+reservations are also refused until the dataset is ``recovery_quiet``
+seconds old: a holder whose first reservation came after every other
+process's last refresh is in nobody's list, but it finds the loss at its own
+next refresh, well within that period. Meanwhile :meth:`refresh_inflight`
 never lowers the in-flight mirror (Redis's zeros are not the truth yet).
 Releases, commits and renewals a process made of *other* processes' jobs
 reach their holder through its inbox at its next refresh; those made in the
@@ -79,11 +83,11 @@ when it recovers (a release becomes a tombstone that stops the holder's
 re-assertion), so a job released just before the loss does not come back.
 
 What is left (the README's "Faults" section lists it): a holder that cannot
-reach Redis within ``recovery_grace`` of the loss, or that is not in anybody's
-list of holders (its first reservation came after every other process's last
-refresh), is not waited for, and its jobs are not counted until it
-re-asserts; a process that never saw the namespace (started after the loss)
-and makes the very first call creates the new dataset without waiting, until
+reach Redis within ``recovery_grace`` of the loss, or that is in nobody's
+list of holders and cannot reach Redis within ``recovery_quiet``, is not
+waited for, and its jobs are not counted until it re-asserts; a process
+that never saw the namespace (started after the loss) and makes the very
+first call creates the new dataset without waiting, until
 the first process that knew the old one arrives (at most one refresh
 interval later). A failover to a replica that lags (has the epoch, lacks the
 latest writes) is not detected: the lost reservations are not counted until
@@ -197,8 +201,16 @@ class RedisReservations(ReservationBackend):
         back; also how long a holder stays known without a reservation or a
         :meth:`refresh_inflight` (call that well within this period:
         :class:`~pysched.RedisFleet` does it every ``refresh_interval``).
+    :param recovery_quiet: seconds, from the moment Redis lost its data
+        (the new dataset's birth), during which every reservation is refused
+        with ``"recovering"`` whoever has re-asserted: a process whose first
+        job came after every other process's last refresh is in nobody's
+        list of holders, and finds the loss only at its own next refresh.
+        Keep it above the longest refresh period of any process in the
+        namespace; :class:`~pysched.RedisFleet` raises it to twice its
+        ``refresh_interval``. ``0`` turns the quiet period off.
     :param holder_id: names this process in Redis (default: host, pid and a
-        random suffix); unique per process.
+        random suffix); unique per process, printable.
 
     Differences from :class:`~pysched.reservations.LocalReservations`:
 
@@ -239,6 +251,7 @@ class RedisReservations(ReservationBackend):
         shortlist: int = 4,
         *,
         recovery_grace: float = 5.0,
+        recovery_quiet: float = 2.0,
         holder_id: str | None = None,
     ) -> None:
         # First: without redis-py, say which extra to install before anything else.
@@ -252,10 +265,14 @@ class RedisReservations(ReservationBackend):
         if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 1:
             raise ValueError(f"shortlist must be an int >= 1, got {shortlist!r}")
         recovery_grace = _positive(recovery_grace, "recovery_grace")
+        if isinstance(recovery_quiet, bool) or not isinstance(recovery_quiet, (int, float)) \
+                or not 0 <= recovery_quiet < _INF:
+            raise ValueError(f"recovery_quiet must be a number of seconds >= 0, got {recovery_quiet!r}")
         if holder_id is None:
             holder_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        elif not isinstance(holder_id, str) or not holder_id:
-            raise ValueError(f"holder_id must be a non-empty str, got {holder_id!r}")
+        elif not isinstance(holder_id, str) or not holder_id or not holder_id.isprintable():
+            # printable: the recovery script's quiet-period entry is a name no holder can have
+            raise ValueError(f"holder_id must be a non-empty printable str, got {holder_id!r}")
 
         self._client = client
         self.namespace = namespace
@@ -266,6 +283,7 @@ class RedisReservations(ReservationBackend):
         self.commit_lease = 3600.0 if commit_lease is None else float(commit_lease)
         self.shortlist = shortlist
         self.recovery_grace = recovery_grace
+        self.recovery_quiet = float(recovery_quiet)
         self._clock: Callable[[], float] = time.monotonic
         self._clock_configured = False
         self._on_expired: Callable[[list[Reservation]], None] | None = None
@@ -1010,7 +1028,8 @@ class RedisReservations(ReservationBackend):
                 seen = holders if c == 0 else []
                 keys = [self._k_epoch, self._k_pending, self._k_holders, self._k_jobs, self._k_tombs]
                 args: list[Any] = [epoch, token, me, grace_ms, "1" if c == n_calls - 1 else "0", _KEY_MARGIN_MS,
-                                   len(seen), len(part), len(dead), "1" if own else "0", *seen]
+                                   len(seen), len(part), len(dead), "1" if own else "0",
+                                   round(self.recovery_quiet * 1000), *seen]
                 for job_id, node, pool, session, committed, left, holder in part:
                     keys += (self._k_job(job_id), self._k_resv(node), self._k_lease(node))
                     args += (job_id, node, int(pool), session, "1" if committed else "0", _ms(left), holder)

@@ -7,6 +7,10 @@
 -- remaining lifetime), and, if it knew an earlier dataset and this one is
 -- young, makes every holder it knew of a "pending" entry: reservations are
 -- refused until each of them has re-asserted or its deadline has passed.
+-- It also shuts capacity until the dataset is `quiet` ms old: a holder
+-- nobody had in its list yet (its first job came after everyone's last
+-- refresh) is not named, but it finds the loss at its next refresh, so one
+-- refresh period covers it.
 --
 -- KEYS[1] epoch (hash: id, born)   KEYS[2] pending holders (zset, score = deadline ms)
 -- KEYS[3] live holders (zset)   KEYS[4] namespace-wide jobs zset   KEYS[5] tombstones (zset)
@@ -15,8 +19,8 @@
 -- ARGV[1] the epoch the caller knew ('' if none)   ARGV[2] a fresh random id
 -- ARGV[3] caller's holder id   ARGV[4] grace (ms)   ARGV[5] '1': last call of this recovery
 -- ARGV[6] key margin (ms)   ARGV[7] h   ARGV[8] j   ARGV[9] b (tombstones)
--- ARGV[10] '1' if the caller holds jobs
--- ARGV[11 .. 10+h]   the holders the caller saw alive when it last looked
+-- ARGV[10] '1' if the caller holds jobs   ARGV[11] quiet (ms)
+-- ARGV[12 .. 11+h]   the holders the caller saw alive when it last looked
 -- then per job (7 each): job id, node id, pool, session, committed, remaining ms, holder
 -- then per tombstone (2 each): job id, node id
 --
@@ -29,8 +33,11 @@ local epoch_key, pending_key, holders_key, jobs_key, tombs_key = KEYS[1], KEYS[2
 local known, token, me = ARGV[1], ARGV[2], ARGV[3]
 local grace, final, margin = tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
 local h, j, b = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local holding = ARGV[10] == '1'
-if #KEYS ~= 5 + 3 * (j + b) or #ARGV ~= 10 + h + 7 * j + 2 * b then
+local holding, quiet = ARGV[10] == '1', tonumber(ARGV[11])
+-- The pending entry of the quiet period: holder ids are printable, so no
+-- holder can be named this.
+local QUIET = '\0quiet'
+if #KEYS ~= 5 + 3 * (j + b) or #ARGV ~= 11 + h + 7 * j + 2 * b then
   return redis.error_reply('pysched recover: KEYS/ARGV do not describe the same jobs')
 end
 
@@ -56,9 +63,16 @@ born = born or now
 -- young, wait for every holder the caller knew that has not re-asserted yet
 -- (those that have are back in the live holders), itself included until its
 -- last call is done.
+if known ~= '' and known ~= epoch and born + quiet > now then
+  local until_ms = tonumber(redis.call('ZSCORE', pending_key, QUIET))
+  if not until_ms or until_ms < born + quiet then
+    redis.call('ZADD', pending_key, born + quiet, QUIET)
+  end
+  keep_until(pending_key, born + quiet - now + margin)
+end
 if known ~= '' and known ~= epoch and now - born < grace then
   for i = 1, h do
-    local other = ARGV[10 + i]
+    local other = ARGV[11 + i]
     if not redis.call('ZSCORE', holders_key, other) then
       redis.call('ZADD', pending_key, 'NX', now + grace, other)
     end
@@ -73,7 +87,7 @@ redis.call('ZREMRANGEBYSCORE', tombs_key, '-inf', now)
 
 -- Releases the caller made of other processes' jobs shortly before: they
 -- stay released whichever of the two re-asserts first.
-local base = 10 + h + 7 * j
+local base = 11 + h + 7 * j
 for i = 1, b do
   local job_id, node = ARGV[base + 2 * i - 1], ARGV[base + 2 * i]
   local k = 5 + 3 * j + 3 * i
@@ -90,7 +104,7 @@ end
 
 local skipped = {'ok', epoch}
 for i = 1, j do
-  local a = 10 + h + 7 * (i - 1)
+  local a = 11 + h + 7 * (i - 1)
   local job_id, node, pool, session = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local committed, remaining, holder = ARGV[a + 5] == '1', tonumber(ARGV[a + 6]), ARGV[a + 7]
   local job_key, resv_key, lease_key = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
