@@ -482,7 +482,7 @@ cdef class Dispatcher:
         state.seen_src = None
         state.seen_tgt = None
 
-    def batch(self, object session_ids, object src, object tgt, uint64_t service_mask, int need,
+    def batch(self, list session_ids not None, object src, object tgt, uint64_t service_mask, int need,
               Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
               int64_t[::1] out_handle, int64_t[::1] out_key):
         """Place and reserve a whole batch, in request order, exactly as that many dispatch calls would.
@@ -500,22 +500,25 @@ cdef class Dispatcher:
         other thread.
         """
         cdef Py_ssize_t n = len(session_ids), i, k, key, bound, slot, pidx, placed = 0, n_pairs = 0
+        cdef Py_ssize_t src_id = -1, tgt_id = -1  # the language ids of s_entry / t_entry
         cdef SnapshotKernel kernel
         cdef SessionState state
         cdef request_t req
         cdef uint64_t stream
-        cdef int64_t found, handle
+        cdef int64_t found, handle, pid
         cdef PyObject* entry
         cdef PyObject* s_entry
         cdef PyObject* t_entry
         cdef bint one_src = type(src) is str, one_tgt = type(tgt) is str
+        cdef list srcs = None if one_src else (src if type(src) is list else list(src))
+        cdef list tgts = None if one_tgt else (tgt if type(tgt) is list else list(tgt))
         if not (out_slot.shape[0] == n and out_pool.shape[0] == n and out_handle.shape[0] == n
                 and out_key.shape[0] == n):
             raise ValueError("batch: every output array must have one entry per job")
-        if not one_src and len(src) != n:
-            raise ValueError(f"src must be one code or one per job ({n}), got {len(src)}")
-        if not one_tgt and len(tgt) != n:
-            raise ValueError(f"tgt must be one code or one per job ({n}), got {len(tgt)}")
+        if not one_src and len(srcs) != n:
+            raise ValueError(f"src must be one code or one per job ({n}), got {len(srcs)}")
+        if not one_tgt and len(tgts) != n:
+            raise ValueError(f"tgt must be one code or one per job ({n}), got {len(tgts)}")
         if self.snap is None:
             self._refresh(self.mgmt.snapshot)
         kernel = self.kernel
@@ -541,21 +544,28 @@ cdef class Dispatcher:
         cdef uint64_t mark
         try:
             # 1. validate everything (an unseen code runs Python code); nothing changes before this loop ends
-            s_entry = self._code_checked(src, "src", 0) if one_src else NULL
-            t_entry = self._code_checked(tgt, "tgt", 0) if one_tgt else NULL
+            # (each entry's language id is read once: a PyLong conversion is a few dozen instructions)
+            if one_src:
+                s_entry = self._code_checked(src, "src", 0)
+                src_id = <Py_ssize_t>(<tuple>s_entry)[1]
+            if one_tgt:
+                t_entry = self._code_checked(tgt, "tgt", 0)
+                tgt_id = <Py_ssize_t>(<tuple>t_entry)[1]
             for i in range(n):
                 sid = session_ids[i]
-                if type(sid) is not str or not sid:
+                if type(sid) is not str or PyUnicode_GET_LENGTH(sid) == 0:
                     raise TypeError(f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
                 if not one_src:
-                    s_entry = self._code_checked(src[i], "src", i)
+                    s_entry = self._code_checked(srcs[i], "src", i)
+                    src_id = <Py_ssize_t>(<tuple>s_entry)[1]
                 if not one_tgt:
-                    t_entry = self._code_checked(tgt[i], "tgt", i)
-                if <Py_ssize_t>(<tuple>t_entry)[1] == self.n_langs:
+                    t_entry = self._code_checked(tgts[i], "tgt", i)
+                    tgt_id = <Py_ssize_t>(<tuple>t_entry)[1]
+                if tgt_id == self.n_langs:
                     raise ValueError(f"tgt[{i}]: 'auto' is not a target language")
                 key = -1
-                if <Py_ssize_t>(<tuple>s_entry)[1] >= 0 and <Py_ssize_t>(<tuple>t_entry)[1] >= 0:
-                    key = kernel._pair_key((<tuple>s_entry)[1], (<tuple>t_entry)[1])
+                if src_id >= 0 and tgt_id >= 0:
+                    key = kernel._pair_key(src_id, tgt_id)
                 out_key[i] = key
                 pair_of[i] = -1
                 if key >= 0:
@@ -627,14 +637,14 @@ cdef class Dispatcher:
                     continue
                 slot = <Py_ssize_t>(found & <int64_t>0xFFFFFFFF)
                 pidx = <Py_ssize_t>(found >> 32)
-                pool_id = self.pool_ids[pidx]
+                pid = <int64_t>self.pool_ids[pidx]
                 handle = self.jobs.c_reserve_handle(slot, kernel.recs[slot].max_concurrency,
-                                                    kernel.loads[slot].running, pool_id, session_ids[i],
+                                                    kernel.loads[slot].running, pid, session_ids[i],
                                                     now + self.ttl, pairs[pair_of[i]])
                 if handle < 0:
                     continue  # refused at the last moment: reported like no node
                 out_slot[i] = <int32_t>slot
-                out_pool[i] = pool_id
+                out_pool[i] = pid
                 out_handle[i] = handle
                 placed += 1
                 if bound != pidx or bound_key[k] != key:
@@ -645,7 +655,7 @@ cdef class Dispatcher:
                         self.sessions[states[k]] = state
                         states[k] = state
                     state = <SessionState>states[k]
-                    binding = (pairs[pair_of[i]], pool_id)
+                    binding = (pairs[pair_of[i]], self.pool_ids[pidx])
                     state.binding = binding
                     self._memo(state, binding, pidx, key)  # as dispatch would set it
             self.seq += placed  # job numbers stay in step with one-by-one dispatch
