@@ -8,6 +8,7 @@ checked against ``sizeof`` at import.
 """
 
 from cpython.object cimport PyObject
+from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
@@ -69,12 +70,14 @@ ctypedef struct job_rec:
     int64_t seq                # the number of a job id written prefix + number (JobTable._seq_of), else 0
     uint32_t gen               # bumped each time the record is reused: the high half of a public job handle
     uint8_t committed          # 1 once the node accepted the job
+    uint8_t named              # 1 while the record is filed under a job id (JobTable.job_ids[h] is not None)
 
 
 cdef enum:
     JOB_FULL = -1              # JobTable.reserve: the node has no free capacity
     JOB_GONE = -2              # no live node owns the slot
     JOB_HELD = -3              # the job id already holds a reservation
+    JOB_NO_ROOM = -5           # JobTable.c_claim: no free handle (the caller grows the table; -4 means an error)
 
 
 # The per-request parameters every kernel entry point shares.
@@ -109,6 +112,17 @@ ctypedef struct pool_tree:
 cdef class SnapshotKernel
 
 
+# A scheduler's guard of its reservation state while a batch places jobs
+# without the GIL (_gate.pxi). Both fields change only with the GIL held.
+cdef class Gate:
+    cdef PyThread_type_lock lock       # held by the batch for its pass without the GIL
+    cdef bint busy                     # that pass is running
+    cdef Py_ssize_t active             # entry points under way (a batch then keeps the GIL)
+    cdef int wait(self) except -1
+    cdef bint close(self) noexcept
+    cdef void open(self) noexcept
+
+
 cdef class Ordering:
     cdef order_key* keys               # slot -> key as of the slot's last change
     cdef uint8_t* evicted              # slot -> 1 once a decision found its heartbeat stale
@@ -125,6 +139,7 @@ cdef class Ordering:
     cdef const int32_t* pool_members
     cdef double threshold
     cdef object target                 # keeps the target's arrays alive
+    cdef Gate gate                     # the counts' gate (set by the kernel that attaches this ordering)
     cdef uint8_t** retired             # replaced evicted-flag arrays (freed at dealloc, see _resize)
     cdef Py_ssize_t n_retired
     cdef readonly uint64_t epoch       # bumped by every retarget; a kernel uses the trees only at its own
@@ -151,7 +166,7 @@ cdef class Ordering:
 cdef class Rng:
     cdef uint64_t seed
     cdef readonly uint64_t decisions   # decisions made so far; each one draws from its own stream
-    cdef uint64_t next_stream(self) noexcept
+    cdef uint64_t next_stream(self) noexcept nogil
 
 
 cdef class Counters:
@@ -163,6 +178,7 @@ cdef class LoadTable:
     cdef node_load* loads
     cdef Py_ssize_t n
     cdef readonly Ordering ordering    # notified of every update (None until a kernel attaches one)
+    cdef Gate _gate(self)
 
 
 cdef class SlotCounts:
@@ -171,13 +187,14 @@ cdef class SlotCounts:
     cdef Py_ssize_t n
     cdef SlotCounts successor          # set once grown: every update goes there
     cdef readonly Ordering ordering    # notified of every count change (None until a kernel attaches one)
+    cdef readonly Gate gate            # the scheduler's (shared with its successor)
     cdef object __weakref__
     cdef SlotCounts _live(self)
     cdef SlotCounts _live_for(self, Py_ssize_t slot)
     # C-level API for compiled callers (the job table): the slot is already
     # validated against len(); every change of a count goes through these two.
-    cdef bint c_try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) noexcept
-    cdef void c_add(self, Py_ssize_t slot, int32_t delta) noexcept
+    cdef bint c_try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) noexcept nogil
+    cdef void c_add(self, Py_ssize_t slot, int32_t delta) noexcept nogil
 
 
 cdef class SnapshotKernel:
@@ -205,8 +222,9 @@ cdef class SnapshotKernel:
     cdef int _attach(self, LoadTable loads, object inflight, object changed) except -1
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
-    cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
-    cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept
+    cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
+    cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state,
+                                 Ordering o) noexcept nogil
     cdef int32_t _choose_scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept
     cdef Py_ssize_t _collect_best(self, Py_ssize_t pool, const request_t* req, const uint8_t* evicted,
                                   Py_ssize_t n_evicted, const int32_t* rejected, Py_ssize_t n_rejected,
@@ -216,7 +234,8 @@ cdef class SnapshotKernel:
                               uint64_t service_mask, int need, double now, object exclude) except? -3
     cdef bint _serves(self, Py_ssize_t key, Py_ssize_t pool) noexcept nogil
     cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t bound, Py_ssize_t tenant, const request_t* req,
-                         uint64_t* state) noexcept
+                         uint64_t* state) noexcept nogil
+    cdef Gate _gate(self)
     cdef int32_t _most_free(self, Py_ssize_t key, const request_t* req) noexcept nogil
 
 
@@ -253,7 +272,7 @@ cdef class JobTable:
     cdef int number_ids(self, str prefix) except -1
     cdef int32_t _live(self, str job_id, double now) except -2
     cdef bint _owned(self, int32_t h, Py_ssize_t slot) noexcept
-    cdef void _drop(self, int32_t h) noexcept
+    cdef void _drop(self, int32_t h) noexcept nogil
     cdef int _forget(self, int32_t h) except -1
     cdef void _commit(self, int32_t h, double expires_at) noexcept
     cdef void _expire_at(self, int32_t h, double expires_at) noexcept
@@ -264,9 +283,14 @@ cdef class JobTable:
                           object pool_id, str session_id, double expires_at, object pair) except -4
     cdef bint c_commit(self, str job_id, Py_ssize_t slot, double expires_at, double now) except -1
     cdef bint c_release(self, str job_id, Py_ssize_t slot, double now) except -1
-    cdef int32_t _of_handle(self, int64_t handle, double now) noexcept
+    cdef int32_t _of_handle(self, int64_t handle, double now) noexcept nogil
+    cdef Py_ssize_t _release_pass(self, const int64_t* handles, Py_ssize_t n, double now,
+                                  int32_t* released) noexcept nogil
+    cdef int64_t c_claim(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
+                         double expires_at) noexcept nogil
     cdef int64_t c_reserve_handle(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
                                   object session_id, double expires_at, object pair) except -4
+    cdef Gate _gate(self)
 
 
 cdef class Assignment:
@@ -297,6 +321,8 @@ cdef class SessionState:
 
 cdef class Dispatcher:
     cdef object mgmt                   # the ManagementRegistry: .snapshot is read once per call
+    cdef Gate gate                     # the job table's (see _gate.pxi)
+    cdef readonly uint64_t passes_without_gil  # batches whose placement pass released the GIL
     cdef JobTable jobs
     cdef Counters outcomes
     cdef dict sessions                 # session id -> SessionState (shared with the SessionManager)
@@ -331,3 +357,10 @@ cdef class Dispatcher:
     cdef int _seen(self, SessionState state, tuple binding, Py_ssize_t key) except -1
     cdef void _memo(self, SessionState state, tuple binding, Py_ssize_t index, Py_ssize_t key) noexcept
     cdef str _job_id(self, int64_t seq)
+    cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,
+                           Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
+                           int64_t[::1] out_handle, int64_t[::1] out_key) except -2
+    cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t n, const int64_t* keys, const int32_t* session_of,
+                           int32_t* bound_key, int32_t* bound_index, uint8_t* rebound, const int64_t* pool_ids,
+                           Py_ssize_t tenant, request_t* req, double expires_at, int32_t* out_slot,
+                           int64_t* out_pool, int64_t* out_handle) noexcept nogil

@@ -53,9 +53,17 @@ class LoadTable:
     def get(self, slot: int) -> tuple[float, float, float, float, int]: ...
 
 @final
+class Gate:
+    """One scheduler's guard of its reservation state while a batch runs without the GIL."""
+
+    @property
+    def state(self) -> tuple[bool, int]: ...
+
+@final
 class SlotCounts:
     array: np.ndarray
     ordering: Ordering | None
+    gate: Gate
     def __init__(self, n: int) -> None: ...
     def __len__(self) -> int: ...
     def grown(self, n: int) -> SlotCounts: ...
@@ -207,6 +215,7 @@ class Dispatcher:
 
     default_mask: int
     next_sweep: float
+    passes_without_gil: int
     def __init__(
         self, mgmt: object, jobs: JobTable, outcomes: Counters, sessions: dict[str, SessionState],
         languages: dict[str, str], clock: Callable[[], float], prefix: str, reservation_ttl: float,

@@ -24,7 +24,7 @@ same results (including the random tie-breaks), used as the test oracle.
 cimport cython
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy, memmove, memset
 
 import threading
@@ -125,6 +125,7 @@ cdef inline int64_t _draw(uint64_t* state, int64_t n) noexcept nogil:
     return <int64_t>(((_xorshift64(state) >> 32) * <uint64_t>n) >> 32)
 
 
+include "_gate.pxi"
 include "_ordering.pxi"
 
 
@@ -141,7 +142,7 @@ cdef class Rng:
         self.seed = <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF)
         self.decisions = 0
 
-    cdef uint64_t next_stream(self) noexcept:
+    cdef uint64_t next_stream(self) noexcept nogil:
         cdef uint64_t s = _splitmix64(self.seed ^ _splitmix64(self.decisions))
         self.decisions += 1
         return s if s != 0 else GOLDEN
@@ -184,17 +185,25 @@ cdef class LoadTable:
         self.n = n
         self.ordering = None
 
+    cdef Gate _gate(self):
+        return self.ordering.gate if self.ordering is not None else None
+
     def __len__(self):
         return self.n
 
     def grown(self, Py_ssize_t n) -> LoadTable:
         cdef LoadTable bigger = LoadTable(max(n, self.n))
-        if self.n:
-            memcpy(bigger.loads, self.loads, self.n * sizeof(node_load))
-        if self.ordering is not None:
-            self.ordering.suspend()
-            bigger.ordering = self.ordering
-            self.ordering = None
+        cdef Gate g = self._gate()
+        _enter(g)
+        try:
+            if self.n:
+                memcpy(bigger.loads, self.loads, self.n * sizeof(node_load))
+            if self.ordering is not None:
+                self.ordering.suspend()
+                bigger.ordering = self.ordering
+                self.ordering = None
+        finally:
+            _leave(g)
         return bigger
 
     def update(self, Py_ssize_t slot, double now, double cpu, double gpu, double mem, int32_t running):
@@ -206,6 +215,9 @@ cdef class LoadTable:
         if slot < 0 or slot >= self.n:
             raise IndexError(f"slot {slot} out of range [0, {self.n})")
         cdef node_load* rec = &self.loads[slot]
+        cdef Gate g = self._gate()
+        if g is not None and g.busy:  # C only from here on: no entry bracket needed, only the wait
+            g.wait()
         rec.last_heartbeat = now
         if cpu == cpu:  # NaN: not reported, keep the last figure
             rec.cpu = cpu
@@ -230,7 +242,9 @@ cdef class SlotCounts:
     """Per-slot in-flight counts with check-and-add in one C call.
 
     Every method runs start to finish without releasing the GIL, so each is
-    atomic against other Python threads: the local reservation backend needs
+    atomic against other Python threads (a batch's pass without the GIL is
+    kept apart by the scheduler's gate, :class:`Gate`, which these methods
+    wait on): the local reservation backend needs
     no lock on its hot path. Growing copies the counts into a bigger table
     and forwards this one to it in the same atomic step, so a thread still
     holding the old table keeps updating the live counts.
@@ -244,31 +258,36 @@ cdef class SlotCounts:
         self.n = n
         self.successor = None
         self.ordering = None
+        self.gate = Gate()
         # a kernel handed this array finds these counts (and their ordering) by its address
         _COUNTS_BY_ADDRESS[<Py_ssize_t>self.counts] = self
 
     # Every change of a count goes through c_try_add or c_add, which tell the
     # ordering in the same call: C only, no Python-level call, so the count
     # and the ordering change together, atomically under the GIL.
-    cdef bint c_try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) noexcept:
-        cdef SlotCounts c = self
-        while c.successor is not None:
-            c = c.successor
-        cdef int64_t held = c.counts[slot]
+    # (nogil: a batch's pass calls them without the GIL; the tables are walked
+    # through borrowed pointers, which no reference count change needs)
+    cdef bint c_try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) noexcept nogil:
+        cdef PyObject* c = <PyObject*>self
+        while (<SlotCounts>c).successor is not None:
+            c = <PyObject*>(<SlotCounts>c).successor
+        cdef int32_t* counts = (<SlotCounts>c).counts
+        cdef int64_t held = counts[slot]
         if (held if held > running else running) >= limit:
             return False
-        c.counts[slot] += 1
-        if c.ordering is not None:
-            c.ordering.on_count(slot)
+        counts[slot] += 1
+        if (<SlotCounts>c).ordering is not None:
+            (<SlotCounts>c).ordering.on_count(slot)
         return True
 
-    cdef void c_add(self, Py_ssize_t slot, int32_t delta) noexcept:
-        cdef SlotCounts c = self
-        while c.successor is not None:
-            c = c.successor
-        c.counts[slot] += delta
-        if c.ordering is not None:
-            c.ordering.on_count(slot)
+    cdef void c_add(self, Py_ssize_t slot, int32_t delta) noexcept nogil:
+        cdef PyObject* c = <PyObject*>self
+        while (<SlotCounts>c).successor is not None:
+            c = <PyObject*>(<SlotCounts>c).successor
+        cdef int32_t* counts = (<SlotCounts>c).counts
+        counts[slot] += delta
+        if (<SlotCounts>c).ordering is not None:
+            (<SlotCounts>c).ordering.on_count(slot)
 
     cdef SlotCounts _live(self):
         cdef SlotCounts c = self
@@ -289,18 +308,25 @@ cdef class SlotCounts:
     def grown(self, Py_ssize_t n) -> SlotCounts:
         cdef SlotCounts live = self._live()
         cdef SlotCounts bigger = SlotCounts(max(n, live.n))
-        if live.n:
-            memcpy(bigger.counts, live.counts, live.n * sizeof(int32_t))  # no GIL release: atomic
-        live.successor = bigger
-        if live.ordering is not None:
-            # the ordering follows the live counts, suspended until a kernel over the new array retargets it
-            live.ordering.suspend()
-            bigger.ordering = live.ordering
-            live.ordering = None
+        bigger.gate = self.gate
+        _enter(self.gate)
+        try:
+            if live.n:
+                memcpy(bigger.counts, live.counts, live.n * sizeof(int32_t))  # nothing between: atomic
+            live.successor = bigger
+            if live.ordering is not None:
+                # the ordering follows the live counts, suspended until a kernel over the new array retargets it
+                live.ordering.suspend()
+                bigger.ordering = live.ordering
+                live.ordering = None
+        finally:
+            _leave(self.gate)
         return bigger
 
     def try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) -> bool:
         """Add one if ``max(count, running) < limit``; report whether it did."""
+        if self.gate.busy:  # C only from here on: the wait is the whole bracket
+            self.gate.wait()
         self._live_for(slot)
         return self.c_try_add(slot, limit, running)
 
@@ -315,16 +341,22 @@ cdef class SlotCounts:
                 raise IndexError(f"slot {slots[k]} out of range [0, {c.n})")
         out = np.zeros(n, dtype=np.bool_)
         cdef cnp.npy_bool* ok = <cnp.npy_bool*>cnp.PyArray_DATA(out)
+        if self.gate.busy:
+            self.gate.wait()
         for k in range(n):
             ok[k] = c.c_try_add(slots[k], limits[k], running[k])
         return out
 
     def add(self, Py_ssize_t slot, int32_t delta) -> int:
+        if self.gate.busy:
+            self.gate.wait()
         cdef SlotCounts c = self._live_for(slot)
         self.c_add(slot, delta)
         return c.counts[slot]
 
     def set(self, Py_ssize_t slot, int32_t value) -> None:
+        if self.gate.busy:
+            self.gate.wait()
         cdef SlotCounts c = self._live_for(slot)
         c.c_add(slot, value - c.counts[slot])
 
@@ -512,6 +544,9 @@ cdef class SnapshotKernel:
         self.refs = (recs, loads, inflight, pool_off, pool_members, pair_off, pair_pools)
         self._attach(loads, inflight, changed)
 
+    cdef Gate _gate(self):
+        return self.ordering.gate if self.ordering is not None else None
+
     def with_records(self, cnp.ndarray recs, LoadTable loads, cnp.ndarray inflight, changed=None) -> SnapshotKernel:
         """A kernel over new node records (and tables), sharing this one's pools and index.
 
@@ -554,6 +589,7 @@ cdef class SnapshotKernel:
         cdef Ordering o
         cdef Py_ssize_t n_changed = -1, i
         cdef int32_t* slots = NULL
+        cdef Gate g = counts.gate if counts is not None else None
         self.ordering = None
         if changed is not None:
             n_changed = len(changed)
@@ -568,6 +604,7 @@ cdef class SnapshotKernel:
             except BaseException:
                 free(slots)
                 raise
+        _enter(g)
         try:
             if counts is None or counts.successor is not None or counts.n < self.n_slots:
                 return 0
@@ -578,6 +615,7 @@ cdef class SnapshotKernel:
                 if loads.ordering is not None:
                     loads.ordering.suspend()
                 o = Ordering()
+                o.gate = g
                 counts.ordering = o
                 loads.ordering = o
             o.retarget(self, slots, n_changed)
@@ -585,6 +623,7 @@ cdef class SnapshotKernel:
             self.ordering_epoch = o.epoch
             return 0
         finally:
+            _leave(g)
             free(slots)
 
     @property
@@ -711,32 +750,44 @@ cdef class SnapshotKernel:
             return found
         return self.scan_pool(pool, req, state)
 
-    cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept:
+    # _choose, _choose_ordered and _select run with or without the GIL (a
+    # batch's pass calls them without it, see _gate.pxi); the scanning
+    # fallbacks take the GIL, since they may release it themselves.
+    cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil:
         """The decision in one pool: by the ordering when it describes this kernel, else by scanning."""
-        cdef Ordering o = self.ordering
-        if o is not None and o.ready and o.epoch == self.ordering_epoch and req.inflight == self.inflight:
-            return self._choose_ordered(pool, req, state, o)
-        return self._choose_scan(pool, req, state, o)
+        cdef int32_t found
+        if (self.ordering is not None and self.ordering.ready and self.ordering.epoch == self.ordering_epoch
+                and req.inflight == self.inflight):
+            return self._choose_ordered(pool, req, state, self.ordering)
+        with gil:
+            found = self._choose_scan(pool, req, state, self.ordering)
+        return found
 
-    cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept:
+    cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state,
+                                 Ordering o) noexcept nogil:
         """Step 1 on the pool's tree: O(log n) a draw.
 
         Excluded slots and rejected candidates are left out of the tree for the
         length of this call and put back before it returns; everything happens
-        holding the GIL with no Python-level call (step 2, which may release the
+        holding the GIL (or the gate, in a batch's pass) with no Python-level call (step 2, which may release the
         GIL, runs only once the tree is whole again), so no other thread ever
         sees a tree with leaves left out.
         """
+        cdef int32_t found = -2
         if req.now <= o.horizon:
-            return self._scan(pool, req, state)
+            with gil:
+                found = self._scan(pool, req, state)
+            return found
         cdef pool_tree* t = o.tree_of(pool)
         if t == NULL:
-            return self._choose_scan(pool, req, state, o)  # out of memory for the tree: the same answer, scanning
+            with gil:  # out of memory for the tree: the same answer, scanning
+                found = self._choose_scan(pool, req, state, o)
+            return found
         cdef int32_t tree_id = o.pool_tree[pool]
         cdef const order_key* keys = o.keys
         cdef int32_t hidden[ORDER_DRAWS]
         cdef Py_ssize_t n_hidden = 0, i, pos
-        cdef int32_t slot, found = -2
+        cdef int32_t slot
         cdef const node_load* load
         for i in range(req.n_exclude):
             pos = o.leaf_in(req.exclude[i], tree_id)
@@ -767,7 +818,8 @@ cdef class SnapshotKernel:
             if pos >= 0:
                 _tree_set(t, keys, pos, _leaf_of(keys, t.slots[pos]))
         if found == -2:
-            found = self._scan(pool, req, state)
+            with gil:
+                found = self._scan(pool, req, state)
         return found
 
     cdef int32_t _choose_scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept:
@@ -905,6 +957,7 @@ cdef class SnapshotKernel:
         Returns ``pool_index << 32 | slot``; -1 when pools serve the pair but
         none has an eligible node; -2 when no pool serves the pair.
         """
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         return self._select_pair(src_id, tgt_id, preferred, tenant, service_mask, need, now, exclude)
 
     def select_candidate(
@@ -924,6 +977,7 @@ cdef class SnapshotKernel:
         in the same call saves a second trip into the kernel per job. Returns
         the same negative codes as :meth:`select` when nothing is found.
         """
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef int64_t found = self._select_pair(src_id, tgt_id, preferred, tenant, service_mask, need, now, exclude)
         cdef int32_t slot
         if found < 0:
@@ -956,7 +1010,7 @@ cdef class SnapshotKernel:
         return False
 
     cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t bound, Py_ssize_t tenant, const request_t* req,
-                         uint64_t* state) noexcept:
+                         uint64_t* state) noexcept nogil:
         """The session's bound pool; failing that, the pool a new binding gets, then index order.
 
         A session whose pool has no eligible node rebinds exactly as a new
@@ -1018,6 +1072,7 @@ cdef class SnapshotKernel:
         gets what ``select`` would return. ``exclude_off`` (n+1 offsets) and
         ``exclude`` hold each request's excluded slots.
         """
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef Py_ssize_t n = src_ids.shape[0], i, key, sess
         cdef request_t req
         cdef uint64_t state
@@ -1061,6 +1116,7 @@ cdef class SnapshotKernel:
 
     def pick(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> int:
         """Best eligible slot of one pool, or -1."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         self._check_pool(pool)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
@@ -1076,6 +1132,7 @@ cdef class SnapshotKernel:
 
     def rank(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=(), Py_ssize_t k=4) -> list:
         """Up to ``k`` eligible slots of one pool, best first (ties in random order)."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         self._check_pool(pool)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -1138,6 +1195,7 @@ cdef class SnapshotKernel:
 
     def reasons(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> bytes:
         """One reason code per member of ``pool``, in member order."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         self._check_pool(pool)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
@@ -1154,12 +1212,14 @@ cdef class SnapshotKernel:
 
     def capacity(self, Py_ssize_t slot) -> tuple:
         """(max_concurrency, reported running) of a slot: what a reservation checks."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         if slot < 0 or slot >= self.n_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
         return (self.recs[slot].max_concurrency, self.loads[slot].running)
 
     def candidate(self, Py_ssize_t slot) -> tuple:
         """``(slot, node_id, max_concurrency, running)``: a reservation candidate, in one call."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         if slot < 0 or slot >= self.n_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
         return (slot, self.node_ids[slot], self.recs[slot].max_concurrency, self.loads[slot].running)
@@ -1172,6 +1232,7 @@ cdef class SnapshotKernel:
 
     def free_capacity(self, Py_ssize_t pool, uint64_t service_mask, int need, double now, exclude=()) -> int:
         """Sum of (max - effective load) over the eligible nodes of ``pool``."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         self._check_pool(pool)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
@@ -1210,6 +1271,7 @@ cdef class SnapshotKernel:
         self, Py_ssize_t src_id, Py_ssize_t tgt_id, uint64_t service_mask, int need, double now, exclude=()
     ) -> int:
         """The pool serving the pair with the most free capacity (earliest on ties); -1 if none."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef Py_ssize_t key = self._pair_key(src_id, tgt_id)
         cdef request_t req
         cdef int32_t stack[MAX_STACK_EXCLUDE]
@@ -1223,6 +1285,7 @@ cdef class SnapshotKernel:
 
     def reason(self, Py_ssize_t slot, uint64_t service_mask, int need, double now, exclude=()) -> int:
         """The reason code of one slot for a request (``R_OK`` when eligible)."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         if slot < 0 or slot >= self.n_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
         cdef request_t req

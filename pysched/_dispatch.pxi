@@ -10,7 +10,9 @@ kernel, reserves in the job table, and builds the job id and the
 middle of a change (the clock is read first; dict and list operations on
 str keys run no Python code). That makes the whole call atomic against
 other threads: two threads on one session decide its binding one at a
-time, and the reservation is exact. On a free-threaded build the session's
+time, and the reservation is exact. (A batch's placement pass, the one
+change made without the GIL, is kept apart by the gate each entry here
+takes: ``_gate.pxi``.) On a free-threaded build the session's
 lock would be taken around the session part and the job table's around the
 reservation, in that order (snapshot read -> session -> reservation).
 
@@ -145,6 +147,7 @@ cdef class Dispatcher:
             raise ValueError(f"prefix must be ASCII, got {prefix!r}")
         self.mgmt = mgmt
         self.jobs = jobs
+        self.gate = jobs._gate()
         self.outcomes = outcomes
         self.sessions = sessions
         self.languages = languages
@@ -232,9 +235,15 @@ cdef class Dispatcher:
         self.snap = snap
         return 0
 
+    # Every entry below brackets its work on the reservation state with the
+    # gate (_gate.pxi): a batch's pass without the GIL never overlaps it.
     def dispatch(self, object session_id, object src, object tgt):
         """The common job's :class:`Assignment`; ``(src, tgt, now)`` when no node is eligible; else None."""
-        return self._dispatch(session_id, src, tgt)
+        _enter(self.gate)
+        try:
+            return self._dispatch(session_id, src, tgt)
+        finally:
+            _leave(self.gate)
 
     cdef object _dispatch(self, object session_id, object src, object tgt):
         cdef PyObject* found_s
@@ -347,14 +356,22 @@ cdef class Dispatcher:
         """Release a job held on any node; None when the Python path must answer (a bad argument)."""
         if type(job_id) is not str or not job_id:
             return None
-        return self.jobs.c_release(<str>job_id, -1, self._now())
+        _enter(self.gate)
+        try:
+            return self.jobs.c_release(<str>job_id, -1, self._now())
+        finally:
+            _leave(self.gate)
 
     def commit(self, object job_id):
         """Commit a job held on any node; None when the Python path must answer."""
         if type(job_id) is not str or not job_id:
             return None
         cdef double now = self._now()
-        return self.jobs.c_commit(<str>job_id, -1, now + self.lease, now)
+        _enter(self.gate)
+        try:
+            return self.jobs.c_commit(<str>job_id, -1, now + self.lease, now)
+        finally:
+            _leave(self.gate)
 
     # -- the public entry points, as Scheduler methods on an instance ----------
     def connect(self, object sched, object default_services):
@@ -382,7 +399,11 @@ cdef class Dispatcher:
             services = self.default_services
         if (job_id is None and exclude is None and tenant is None and prefer is None and require_gpu is True
                 and services is self.default_services):
-            done = self._dispatch(session_id, src, tgt)
+            _enter(self.gate)
+            try:
+                done = self._dispatch(session_id, src, tgt)
+            finally:
+                _leave(self.gate)
             if done is not None:
                 if type(done) is tuple:
                     raise self.no_node(*done)
@@ -408,7 +429,11 @@ cdef class Dispatcher:
             if slot == -2:
                 return False  # a node this scheduler never saw holds nothing
             if slot >= -1:
-                return self.jobs.c_release(<str>job_id, slot, self._now())
+                _enter(self.gate)
+                try:
+                    return self.jobs.c_release(<str>job_id, slot, self._now())
+                finally:
+                    _leave(self.gate)
         return self.slow_release(job_id, node_id=node_id)
 
     def call_commit(self, job_id, *, node_id=None):
@@ -419,8 +444,12 @@ cdef class Dispatcher:
             slot = self._slot_of(node_id)
             if slot >= -1:
                 now = self._now()
-                if self.jobs.c_commit(<str>job_id, slot, now + self.lease, now):
-                    return None
+                _enter(self.gate)
+                try:
+                    if self.jobs.c_commit(<str>job_id, slot, now + self.lease, now):
+                        return None
+                finally:
+                    _leave(self.gate)
         return self.slow_commit(job_id, node_id=node_id)  # refused: the Python path says why
 
     # -- array batches ----------------------------------------------------------
@@ -496,53 +525,75 @@ cdef class Dispatcher:
         does; one decision stream is drawn per job whose pair has pools.
         Writes each job's node slot, pool id and handle (-1 each where none)
         and pair key (-1: no pool speaks both codes); returns the number
-        placed. The whole call holds the GIL: it is atomic against every
-        other thread.
+        placed.
+
+        The placement pass releases the GIL when no other entry into this
+        scheduler's reservation state is under way (see _gate.pxi), and holds
+        it otherwise; either way no other change of that state overlaps it.
         """
-        cdef Py_ssize_t n = len(session_ids), i, k, key, bound, slot, pidx, placed = 0, n_pairs = 0
+        cdef Py_ssize_t placed = -1
+        if not (out_slot.shape[0] == len(session_ids) and out_pool.shape[0] == len(session_ids)
+                and out_handle.shape[0] == len(session_ids) and out_key.shape[0] == len(session_ids)):
+            raise ValueError("batch: every output array must have one entry per job")
+        while placed < 0:  # -1: a snapshot was published while the batch got ready; again, over the new one
+            placed = self._batch(session_ids, src, tgt, service_mask, need, tenant, now, out_slot, out_pool,
+                                 out_handle, out_key)
+        return placed
+
+    cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,
+                           Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
+                           int64_t[::1] out_handle, int64_t[::1] out_key) except -2:
+        cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p
         cdef Py_ssize_t src_id = -1, tgt_id = -1  # the language ids of s_entry / t_entry
         cdef SnapshotKernel kernel
         cdef SessionState state
         cdef request_t req
-        cdef uint64_t stream
-        cdef int64_t found, handle, pid
+        cdef int64_t h
         cdef PyObject* entry
         cdef PyObject* s_entry
         cdef PyObject* t_entry
-        cdef bint one_src = type(src) is str, one_tgt = type(tgt) is str
+        cdef bint one_src = type(src) is str, one_tgt = type(tgt) is str, free_pass = False
         cdef list srcs = None if one_src else (src if type(src) is list else list(src))
         cdef list tgts = None if one_tgt else (tgt if type(tgt) is list else list(tgt))
-        if not (out_slot.shape[0] == n and out_pool.shape[0] == n and out_handle.shape[0] == n
-                and out_key.shape[0] == n):
-            raise ValueError("batch: every output array must have one entry per job")
+        cdef Gate gate = self.gate
         if not one_src and len(srcs) != n:
             raise ValueError(f"src must be one code or one per job ({n}), got {len(srcs)}")
         if not one_tgt and len(tgts) != n:
             raise ValueError(f"tgt must be one code or one per job ({n}), got {len(tgts)}")
         if self.snap is None:
             self._refresh(self.mgmt.snapshot)
+        # Everything below is read from this one snapshot; a publication meanwhile (validation runs
+        # Python code, the gate may wait) makes the batch start again before anything changed.
+        snap = self.snap
         kernel = self.kernel
+        cdef tuple pool_ids = self.pool_ids
         if tenant >= kernel.n_pools:
             raise ValueError(f"batch: tenant pool index {tenant} out of range")
-        # per job: its pair's number in this batch, its session's; per session: the bound pair key and pool
+        # per job: its pair's number in this batch, its session's; per session: the bound pair key and
+        # pool, and whether the batch bound it anew; per pool: its id
         cdef int32_t* pair_of = <int32_t*>malloc((4 * n + 1) * sizeof(int32_t))
-        if pair_of == NULL:
+        cdef uint8_t* rebound = <uint8_t*>calloc(n + 1, sizeof(uint8_t))
+        cdef int64_t* pool_c = <int64_t*>malloc((kernel.n_pools + 1) * sizeof(int64_t))
+        # pair key -> its number in this batch (-1: none yet); keys are dense, (n_langs + 1) * n_langs of them
+        cdef Py_ssize_t n_keys = (kernel.n_langs + 1) * kernel.n_langs
+        cdef int32_t* pair_number = <int32_t*>malloc((n_keys if n_keys else 1) * sizeof(int32_t))
+        if pair_of == NULL or rebound == NULL or pool_c == NULL or pair_number == NULL:
+            free(pair_of)
+            free(rebound)
+            free(pool_c)
+            free(pair_number)
             raise MemoryError()
         cdef int32_t* session_of = pair_of + n
         cdef int32_t* bound_key = pair_of + 2 * n
         cdef int32_t* bound_index = pair_of + 3 * n
-        # pair key -> its number in this batch (-1: none yet); keys are dense, (n_langs + 1) * n_langs of them
-        cdef Py_ssize_t n_keys = (kernel.n_langs + 1) * kernel.n_langs
-        cdef int32_t* pair_number = <int32_t*>malloc((n_keys if n_keys else 1) * sizeof(int32_t))
-        if pair_number == NULL:
-            free(pair_of)
-            raise MemoryError()
         memset(pair_number, 0xFF, (n_keys if n_keys else 1) * sizeof(int32_t))
         cdef list pairs = []         # pair number -> (src, tgt)
         cdef dict number = {}        # id -> number of a session not in the table yet
         cdef list states = []        # session number -> its SessionState, or its id while it has none
         cdef uint64_t mark
         try:
+            for p in range(kernel.n_pools):
+                pool_c[p] = <int64_t>pool_ids[p]
             # 1. validate everything (an unseen code runs Python code); nothing changes before this loop ends
             # (each entry's language id is read once: a PyLong conversion is a few dozen instructions)
             if one_src:
@@ -574,10 +625,13 @@ cdef class Dispatcher:
                         pairs.append(((<tuple>s_entry)[0], (<tuple>t_entry)[0]))
                         n_pairs += 1
                     pair_of[i] = pair_number[key]
+                out_slot[i] = -1
+                out_pool[i] = -1
+                out_handle[i] = -1
+            # 2. room for every job (the pass grows the table only if other threads reserved meanwhile)
             if self.jobs.n_free < n:
-                self.jobs._grow_to(self.jobs.cap - self.jobs.n_free + n)  # no allocation inside the loop
-            # 2. number the sessions and read each one's binding once (forgotten past its TTL). From
-            # here to the end no Python code runs: the marks below are this batch's alone.
+                self.jobs._grow_to(self.jobs.cap - self.jobs.n_free + n)
+            # 3. number the sessions and read each one's binding once (forgotten past its TTL)
             self.batches += 1
             mark = self.batches
             for i in range(n):
@@ -611,56 +665,111 @@ cdef class Dispatcher:
                 state.last_used = now
                 if state.binding is None:
                     continue
-                if not (state.seen_binding is state.binding and state.seen_snap is self.snap):
+                if not (state.seen_binding is state.binding and state.seen_snap is snap):
                     self._seen(state, <tuple>state.binding, -2)
                 bound_key[k] = <int32_t>state.seen_key
                 bound_index[k] = <int32_t>state.seen_index
-            # 3. place, reserve and bind, in order
+            n_sessions = len(states)
+            # 4. place and reserve, in order: without the GIL if no other entry is under way. The gate
+            # decides for itself (a wait here only spares the pass holding the GIL); what this batch read
+            # must all come from one snapshot, and from the check below to the pass no Python code runs.
+            if gate.busy:
+                gate.wait()
+            if self.snap is not snap:
+                return -1
             req.service_mask = service_mask
             req.need = need
             req.now = now
             req.exclude = NULL
             req.n_exclude = 0
             req.inflight = kernel.inflight
+            if n:
+                free_pass = gate.close()
+                if free_pass:
+                    self.passes_without_gil += 1
+                    with nogil:
+                        placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
+                                             pool_c, tenant, &req, now + self.ttl, &out_slot[0], &out_pool[0],
+                                             &out_handle[0])
+                    gate.open()
+                else:
+                    _enter(gate)
+                    try:
+                        placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
+                                             pool_c, tenant, &req, now + self.ttl, &out_slot[0], &out_pool[0],
+                                             &out_handle[0])
+                    finally:
+                        _leave(gate)
+            # 5. with the GIL: file each job's session id and pair (no Python code: atomic), then bind
             for i in range(n):
-                out_slot[i] = -1
-                out_pool[i] = -1
-                out_handle[i] = -1
-                key = out_key[i]
-                if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
-                    continue
-                k = session_of[i]
-                bound = bound_index[k] if bound_key[k] == key else -1
-                stream = kernel.rng.next_stream()
-                found = kernel._select(key, bound, tenant, &req, &stream)
-                if found < 0:
-                    continue
-                slot = <Py_ssize_t>(found & <int64_t>0xFFFFFFFF)
-                pidx = <Py_ssize_t>(found >> 32)
-                pid = <int64_t>self.pool_ids[pidx]
-                handle = self.jobs.c_reserve_handle(slot, kernel.recs[slot].max_concurrency,
-                                                    kernel.loads[slot].running, pid, session_ids[i],
-                                                    now + self.ttl, pairs[pair_of[i]])
-                if handle < 0:
-                    continue  # refused at the last moment: reported like no node
-                out_slot[i] = <int32_t>slot
-                out_pool[i] = pid
-                out_handle[i] = handle
-                placed += 1
-                if bound != pidx or bound_key[k] != key:
-                    bound_key[k] = <int32_t>key
-                    bound_index[k] = <int32_t>pidx
-                    if type(states[k]) is str:
-                        state = _new_session(now)
-                        self.sessions[states[k]] = state
-                        states[k] = state
-                    state = <SessionState>states[k]
-                    binding = (pairs[pair_of[i]], self.pool_ids[pidx])
-                    state.binding = binding
-                    self._memo(state, binding, pidx, key)  # as dispatch would set it
+                if out_handle[i] >= 0:
+                    h = out_handle[i] & <int64_t>0xFFFFFFFF
+                    self.jobs.session_ids[h] = session_ids[i]
+                    self.jobs.pairs[h] = pairs[pair_of[i]]
             self.seq += placed  # job numbers stay in step with one-by-one dispatch
             self.outcomes.values[0] += placed
+            for k in range(n_sessions):
+                if not rebound[k]:
+                    continue
+                if type(states[k]) is str:
+                    state = _new_session(now)
+                    self.sessions[states[k]] = state
+                    states[k] = state
+                state = <SessionState>states[k]
+                binding = (pairs[pair_number[bound_key[k]]], pool_ids[bound_index[k]])
+                state.binding = binding
+                if self.snap is snap:
+                    self._memo(state, binding, bound_index[k], bound_key[k])  # as dispatch would set it
         finally:
             free(pair_of)
+            free(rebound)
+            free(pool_c)
             free(pair_number)
+        return placed
+
+    cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t n, const int64_t* keys, const int32_t* session_of,
+                           int32_t* bound_key, int32_t* bound_index, uint8_t* rebound, const int64_t* pool_ids,
+                           Py_ssize_t tenant, request_t* req, double expires_at, int32_t* out_slot,
+                           int64_t* out_pool, int64_t* out_handle) noexcept nogil:
+        """The batch's pass: select, count and file each job in order; no Python object (see _gate.pxi).
+
+        Each session's binding lives in ``bound_key``/``bound_index`` for the
+        length of the pass (``rebound`` marks those it changed), so a job sees
+        the bindings its session's earlier jobs made.
+        """
+        cdef Py_ssize_t i, k, key, bound, slot, pidx, placed = 0
+        cdef uint64_t stream
+        cdef int64_t found, handle
+        for i in range(n):
+            key = keys[i]
+            if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
+                continue
+            k = session_of[i]
+            bound = bound_index[k] if bound_key[k] == key else -1
+            stream = kernel.rng.next_stream()
+            found = kernel._select(key, bound, tenant, req, &stream)
+            if found < 0:
+                continue
+            slot = <Py_ssize_t>(found & <int64_t>0xFFFFFFFF)
+            pidx = <Py_ssize_t>(found >> 32)
+            handle = self.jobs.c_claim(slot, kernel.recs[slot].max_concurrency, kernel.loads[slot].running,
+                                       pool_ids[pidx], expires_at)
+            if handle == JOB_NO_ROOM:  # only when the pass kept the GIL and a scan let others reserve
+                with gil:
+                    try:
+                        self.jobs._grow_jobs()
+                    except MemoryError:
+                        pass
+                handle = self.jobs.c_claim(slot, kernel.recs[slot].max_concurrency, kernel.loads[slot].running,
+                                           pool_ids[pidx], expires_at)
+            if handle < 0:
+                continue  # refused at the last moment: reported like no node
+            out_slot[i] = <int32_t>slot
+            out_pool[i] = pool_ids[pidx]
+            out_handle[i] = handle
+            placed += 1
+            if bound != pidx or bound_key[k] != key:
+                bound_key[k] = <int32_t>key
+                bound_index[k] = <int32_t>pidx
+                rebound[k] = 1
         return placed

@@ -11,9 +11,12 @@ collection, and no finalizer, can run mid-change). Each call is therefore
 atomic against every other Python thread, which is what makes the local
 reservation backend exact with no lock: check-and-add of a node's count,
 the job record and its place in the expiry heap change together or not at
-all. On a free-threaded CPython build this guarantee is gone; the place to
-take a real lock (one per table, or per slot for ``reserve``) is each
-``def`` below.
+all. The one exception, a batch's placement or release pass that runs
+without the GIL (``c_claim``, ``_release_pass``), is kept apart from every
+``def`` below by the scheduler's gate (``_gate.pxi``): each ``def`` holds it
+for its whole call. On a free-threaded CPython build the GIL's guarantee is
+gone; the place to take a real lock (one per table, or per slot for
+``reserve``) is where each ``def`` takes the gate.
 
 Expiry. One binary min-heap of handles keyed by ``expires_at`` (the TTL end
 of an uncommitted reservation, the lease end of a committed job), indexed
@@ -125,6 +128,7 @@ cdef class JobTable:
 
     def __contains__(self, job_id):
         """Whether ``job_id`` has a record (it may be past its expiry, not yet swept)."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         return type(job_id) is str and self._find(job_id, self._seq_of(job_id)) >= 0
 
     @property
@@ -148,6 +152,7 @@ cdef class JobTable:
     # -- slots ----------------------------------------------------------------
     def bind(self, Py_ssize_t slot):
         """A live node owns ``slot``: reservations there are accepted."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         if slot < 0:
             raise IndexError(f"slot {slot} out of range")
         if slot >= self.n_bound:
@@ -156,6 +161,7 @@ cdef class JobTable:
 
     def unbind(self, Py_ssize_t slot):
         """The node at ``slot`` is gone: refuse new reservations there (held ones stay releasable)."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         if 0 <= slot < self.n_bound:
             self.bound[slot] = 0
 
@@ -198,6 +204,7 @@ cdef class JobTable:
             self.recs[h].heap_pos = -1
             self.recs[h].gen = 0
             self.recs[h].seq = 0
+            self.recs[h].named = 0
             self.free_list[self.n_free] = <int32_t>h
             self.n_free += 1
         self.cap = n
@@ -393,10 +400,12 @@ cdef class JobTable:
 
     def handle(self, str job_id not None, double now) -> int:
         """The handle of ``job_id`` while it holds a reservation at ``now``, else -1."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         return self._live(job_id, now)
 
     def get(self, str job_id not None, double now):
         """``(slot, pool_id, session_id, expires_at, committed, pair)`` of a live job, or None."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef int32_t h = self._live(job_id, now)
         if h < 0:
             return None
@@ -413,6 +422,7 @@ cdef class JobTable:
         Succeeds only while ``max(count, running) < limit`` and a live node
         owns the slot. Returns the new handle, or FULL / GONE / HELD.
         """
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         return self.c_reserve(job_id, slot, limit, running, pool_id, session_id, expires_at, pair)
 
     cdef int32_t c_reserve(self, str job_id, Py_ssize_t slot, int64_t limit, int64_t running, object pool_id,
@@ -442,6 +452,7 @@ cdef class JobTable:
         r.expires_at = expires_at
         r.committed = 0
         r.gen += 1
+        r.named = 1
         self.job_ids[h] = job_id
         self.session_ids[h] = session_id
         self.pairs[h] = pair
@@ -458,6 +469,7 @@ cdef class JobTable:
         ``slot >= 0`` refuses a job held on another node. False, with
         nothing changed, when refused or unknown.
         """
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         return self.c_commit(job_id, slot, expires_at, now)
 
     cdef bint c_commit(self, str job_id, Py_ssize_t slot, double expires_at, double now) except -1:
@@ -469,6 +481,7 @@ cdef class JobTable:
 
     def renew(self, str job_id not None, Py_ssize_t slot, double expires_at, double now) -> bool:
         """Move a live job's expiry to ``expires_at``; False (nothing changed) if refused or unknown."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef int32_t h = self._live(job_id, now)
         if h < 0 or not self._owned(h, slot):
             return False
@@ -485,7 +498,7 @@ cdef class JobTable:
         self.recs[h].expires_at = expires_at
         self._heap_rekey(h)
 
-    cdef void _drop(self, int32_t h) noexcept:
+    cdef void _drop(self, int32_t h) noexcept nogil:
         """Forget handle ``h`` and give its capacity back (no Python call can run in here)."""
         cdef job_rec* r = &self.recs[h]
         self.counts.c_add(r.slot, -1)
@@ -504,6 +517,7 @@ cdef class JobTable:
         released, or None (nothing changed) when the job is unknown, already
         expired, or (``slot >= 0``) held on another slot.
         """
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef int32_t h = self._live(job_id, now)
         if h < 0 or not self._owned(h, slot):
             return None
@@ -526,6 +540,7 @@ cdef class JobTable:
         if job_id is not None:
             self._unclaim(h, job_id)
             self.job_ids[h] = None
+            self.recs[h].named = 0
         self._drop(h)
         self.session_ids[h] = None
         self.pairs[h] = None
@@ -539,6 +554,7 @@ cdef class JobTable:
         object is allocated, so even a collection triggered by building the
         result sees a consistent table.
         """
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef list out = []
         cdef int32_t h
         cdef job_rec* r
@@ -557,6 +573,7 @@ cdef class JobTable:
 
     def jobs(self) -> list:
         """Every live job as ``(job_id, slot, pool_id, session_id, expires_at, committed)``, by job id."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef Py_ssize_t h
         out = []
         for h in range(self.cap):
@@ -574,16 +591,33 @@ cdef class JobTable:
     def reserve_handle(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id, object session_id,
                        double expires_at, object pair=None) -> int:
         """:meth:`reserve` for a job with no id: its public handle (``gen << 32 | record``), or FULL / GONE."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         return self.c_reserve_handle(slot, limit, running, pool_id, session_id, expires_at, pair)
 
     cdef int64_t c_reserve_handle(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
                                   object session_id, double expires_at, object pair) except -4:
+        cdef int64_t handle
+        if self.n_free == 0 and 0 <= slot < self.n_bound and self.bound[slot]:
+            self._grow_jobs()
+        handle = self.c_claim(slot, limit, running, pool_id, expires_at)
+        if handle >= 0:
+            self.session_ids[handle & <int64_t>0xFFFFFFFF] = session_id
+            self.pairs[handle & <int64_t>0xFFFFFFFF] = pair
+        return handle
+
+    cdef int64_t c_claim(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
+                         double expires_at) noexcept nogil:
+        """The C half of a handle reservation: count, record, heap; the caller files the session id and pair.
+
+        A batch's pass calls it without the GIL (see _gate.pxi). JOB_NO_ROOM
+        when no handle is free (the caller grows the table and tries again).
+        """
         cdef int32_t h
         cdef job_rec* r
         if slot < 0 or slot >= self.n_bound or not self.bound[slot]:
             return JOB_GONE
         if self.n_free == 0:
-            self._grow_jobs()
+            return JOB_NO_ROOM
         if not self.counts.c_try_add(slot, limit, running):
             return JOB_FULL
         self.n_free -= 1
@@ -594,24 +628,27 @@ cdef class JobTable:
         r.expires_at = expires_at
         r.committed = 0
         r.gen += 1
-        self.session_ids[h] = session_id
-        self.pairs[h] = pair
+        r.named = 0
         self._heap_push(h)
         self.n_live += 1
         return (<int64_t>r.gen << 32) | h
 
-    cdef int32_t _of_handle(self, int64_t handle, double now) noexcept:
+    cdef Gate _gate(self):
+        return self.counts.gate
+
+    cdef int32_t _of_handle(self, int64_t handle, double now) noexcept nogil:
         """The record of a live, unexpired handle job, else -1 (a stale handle never matches)."""
         cdef int64_t h = handle & <int64_t>0xFFFFFFFF
         if handle < 0 or h >= self.cap:
             return -1
         cdef job_rec* r = &self.recs[h]
-        if r.slot < 0 or r.gen != <uint32_t>(handle >> 32) or self.job_ids[h] is not None or r.expires_at <= now:
+        if r.slot < 0 or r.gen != <uint32_t>(handle >> 32) or r.named or r.expires_at <= now:
             return -1
         return <int32_t>h
 
     def release_handle(self, int64_t handle, Py_ssize_t slot, double now) -> bool:
         """Release a handle job (``slot >= 0``: only if held there); False, nothing changed, otherwise."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef int32_t h = self._of_handle(handle, now)
         if h < 0 or not self._owned(h, slot):
             return False
@@ -620,6 +657,7 @@ cdef class JobTable:
 
     def commit_handle(self, int64_t handle, Py_ssize_t slot, double expires_at, double now) -> bool:
         """Commit a handle job until ``expires_at``; False, nothing changed, if unknown or refused."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef int32_t h = self._of_handle(handle, now)
         if h < 0 or not self._owned(h, slot):
             return False
@@ -628,6 +666,7 @@ cdef class JobTable:
 
     def renew_handle(self, int64_t handle, Py_ssize_t slot, double expires_at, double now) -> bool:
         """Move a handle job's expiry; False, nothing changed, if unknown or refused."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef int32_t h = self._of_handle(handle, now)
         if h < 0 or not self._owned(h, slot):
             return False
@@ -636,6 +675,7 @@ cdef class JobTable:
 
     def get_handle(self, int64_t handle, double now):
         """``(slot, pool_id, session_id, expires_at, committed, pair)`` of a live handle job, or None."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef int32_t h = self._of_handle(handle, now)
         if h < 0:
             return None
@@ -643,18 +683,57 @@ cdef class JobTable:
         return (r.slot, r.pool_id, self.session_ids[h], r.expires_at, bool(r.committed), self.pairs[h])
 
     def release_handles(self, const int64_t[::1] handles, double now) -> int:
-        """Release every live handle job in ``handles``; how many were."""
+        """Release every live handle job in ``handles``; how many were.
+
+        The counts, heap and free list are given back in one pass that
+        releases the GIL when no other entry is under way (as a batch's
+        placement pass, see _gate.pxi); the objects of the released records
+        are dropped afterwards, with the GIL.
+        """
+        cdef Py_ssize_t i, done = 0, n = handles.shape[0]
+        cdef Gate g = self._gate()
+        cdef bint free_pass
+        cdef int32_t* released = <int32_t*>malloc((n if n else 1) * sizeof(int32_t))
+        if released == NULL:
+            raise MemoryError()
+        try:
+            if n:
+                if g.busy:
+                    g.wait()
+                free_pass = g.close()
+                if free_pass:
+                    with nogil:
+                        done = self._release_pass(&handles[0], n, now, released)
+                    g.open()
+                else:
+                    _enter(g)
+                    try:
+                        done = self._release_pass(&handles[0], n, now, released)
+                    finally:
+                        _leave(g)
+            for i in range(done):  # no Python code runs here (str and tuple objects): atomic
+                self.session_ids[released[i]] = None
+                self.pairs[released[i]] = None
+        finally:
+            free(released)
+        return done
+
+    cdef Py_ssize_t _release_pass(self, const int64_t* handles, Py_ssize_t n, double now,
+                                  int32_t* released) noexcept nogil:
+        """Give back every live handle job's capacity; write the released records to ``released``."""
         cdef Py_ssize_t i, done = 0
         cdef int32_t h
-        for i in range(handles.shape[0]):
+        for i in range(n):
             h = self._of_handle(handles[i], now)
             if h >= 0:
-                self._forget(h)
+                self._drop(h)
+                released[done] = h
                 done += 1
         return done
 
     def commit_handles(self, const int64_t[::1] handles, double expires_at, double now) -> int:
         """Commit every live handle job in ``handles`` until ``expires_at``; how many were."""
+        cdef _Held _held = _hold(self._gate())  # the gate (_gate.pxi): released on return
         cdef Py_ssize_t i, done = 0
         cdef int32_t h
         for i in range(handles.shape[0]):

@@ -17,7 +17,9 @@ Who changes it, and why that is atomic. In-flight counts change only in
 included), reported figures only in ``LoadTable.update`` (heartbeats), node
 records only at publication (a new ``SnapshotKernel`` retargets the
 ordering). Each of these calls, and every decision that reads or
-temporarily hides leaves, runs in one compiled call that holds the GIL and
+temporarily hides leaves, runs in one compiled call that holds the GIL (or,
+for a batch's placement pass, holds the scheduler's gate with the GIL
+released: ``_gate.pxi``; every other entry waits for that pass) and
 makes no Python-level call in the middle (no allocation either, except in
 :meth:`Ordering.retarget`, which runs under the management lock, before the
 kernel is published), so no other thread ever sees a half-updated tree. On a
@@ -218,11 +220,13 @@ cdef class Ordering:
     # -- inspection (tests, diagnostics) -----------------------------------
     def evicted_slots(self) -> list:
         """Slots evicted for a stale heartbeat and not heard from since."""
+        cdef _Held _held = _hold(self.gate)  # the gate (_gate.pxi): released on return
         cdef Py_ssize_t s
         return [s for s in range(self.n_slots) if self.evicted[s]]
 
     def best(self, Py_ssize_t pool) -> tuple:
         """``(a best candidate slot or -1, how many candidates tie with it)`` in ``pool``."""
+        cdef _Held _held = _hold(self.gate)  # the gate (_gate.pxi): released on return
         if not self.ready or pool < 0 or pool >= self.n_pools:
             raise ValueError(f"pool {pool}: the ordering has no current tree for it")
         cdef pool_tree* t = self.tree_of(pool)
@@ -232,6 +236,7 @@ cdef class Ordering:
 
     def check(self) -> None:
         """Recompute every key and tree from the arrays; AssertionError on any difference (tests)."""
+        cdef _Held _held = _hold(self.gate)  # the gate (_gate.pxi): released on return
         if not self.ready:
             return
         cdef Py_ssize_t s, p, v

@@ -941,8 +941,10 @@ class Scheduler:
         placed in order exactly as that many :meth:`dispatch` calls with the
         same seed would place them (sessions' bindings and every earlier
         job's load included); instead of job id strings each placed job gets
-        an integer handle. The pass holds the GIL: like every reservation
-        change it is atomic against other threads.
+        an integer handle. The placement pass runs without the GIL (unless
+        another call into this scheduler's reservations is under way, then
+        holding it); either way no other reservation change overlaps it:
+        they wait for it. Batches on different schedulers run in parallel.
 
         :raises ValueError: for a bad value, naming the job; nothing changes.
         :raises TypeError: for a wrong type, or with any backend but the
