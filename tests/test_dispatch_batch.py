@@ -421,3 +421,35 @@ def test_batches_without_the_gil_race_dispatch_heartbeats_and_fleet_changes(kern
     if kernel_name == "compiled":
         assert _gate(sched).state == (False, 0)
         sched.snapshot.kernel.ordering.check()
+
+
+def test_a_fleet_change_while_a_batch_validates_is_seen_by_the_whole_batch(monkeypatch):
+    """Validation can run Python code (an unseen code is normalised); a snapshot published meanwhile
+    makes the batch start over on it, so it places exactly as dispatch calls made after the change."""
+    from pysched import languages
+
+    real = languages.normalize_language
+    changed: list[bool] = []
+
+    def normalize(code, *args, **kwargs):
+        if code == "zh-CN" and not changed and batching:
+            changed.append(True)
+            sched.register_node("late", ["zh", "en"], max_concurrency=50)
+        return real(code, *args, **kwargs)
+
+    monkeypatch.setattr(languages, "normalize_language", normalize)
+    batching: list[bool] = []
+    sched = pysched.Scheduler(kernel="compiled", seed=8)
+    twin = pysched.Scheduler(kernel="compiled", seed=8)
+    for s in (sched, twin):
+        for i in range(4):
+            s.register_node(f"n{i}", ["zh", "en"], max_concurrency=3)
+    twin.register_node("late", ["zh", "en"], max_concurrency=50)
+    sids = [f"s{i % 5}" for i in range(12)]
+    srcs = ["zh", "zh-CN"] + ["zh"] * 10
+    batching.append(True)
+    got = sched.dispatch_batch(sids, srcs, "en")
+    assert changed  # the fleet changed in the middle of the call
+    expected = one_by_one(twin, sids, srcs, ["en"] * 12)
+    assert [n if n else None for n in got.node_ids()] == [getattr(a, "node_id", None) for a in expected]
+    assert "late" in got.node_ids()
