@@ -544,14 +544,15 @@ cdef class Dispatcher:
                            Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
                            int64_t[::1] out_handle, int64_t[::1] out_key) except -2:
         cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p
-        cdef Py_ssize_t src_id = -1, tgt_id = -1  # the language ids of s_entry / t_entry
+        cdef Py_ssize_t src_id = -1, tgt_id = -1  # the language ids of s_code / t_code
         cdef SnapshotKernel kernel
         cdef SessionState state
         cdef request_t req
         cdef int64_t h
         cdef PyObject* entry
-        cdef PyObject* s_entry
-        cdef PyObject* t_entry
+        # each job's (normalised code, language id): held, not borrowed (a publication while a code is
+        # normalised swaps the cache that owns them; so does the next unmemoised code)
+        cdef tuple s_code = None, t_code = None
         cdef bint one_src = type(src) is str, one_tgt = type(tgt) is str, free_pass = False
         cdef list srcs = None if one_src else (src if type(src) is list else list(src))
         cdef list tgts = None if one_tgt else (tgt if type(tgt) is list else list(tgt))
@@ -597,21 +598,21 @@ cdef class Dispatcher:
             # 1. validate everything (an unseen code runs Python code); nothing changes before this loop ends
             # (each entry's language id is read once: a PyLong conversion is a few dozen instructions)
             if one_src:
-                s_entry = self._code_checked(src, "src", 0)
-                src_id = <Py_ssize_t>(<tuple>s_entry)[1]
+                s_code = <tuple>self._code_checked(src, "src", 0)
+                src_id = <Py_ssize_t>s_code[1]
             if one_tgt:
-                t_entry = self._code_checked(tgt, "tgt", 0)
-                tgt_id = <Py_ssize_t>(<tuple>t_entry)[1]
+                t_code = <tuple>self._code_checked(tgt, "tgt", 0)
+                tgt_id = <Py_ssize_t>t_code[1]
             for i in range(n):
                 sid = session_ids[i]
                 if type(sid) is not str or PyUnicode_GET_LENGTH(sid) == 0:
                     raise TypeError(f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
                 if not one_src:
-                    s_entry = self._code_checked(srcs[i], "src", i)
-                    src_id = <Py_ssize_t>(<tuple>s_entry)[1]
+                    s_code = <tuple>self._code_checked(srcs[i], "src", i)
+                    src_id = <Py_ssize_t>s_code[1]
                 if not one_tgt:
-                    t_entry = self._code_checked(tgts[i], "tgt", i)
-                    tgt_id = <Py_ssize_t>(<tuple>t_entry)[1]
+                    t_code = <tuple>self._code_checked(tgts[i], "tgt", i)
+                    tgt_id = <Py_ssize_t>t_code[1]
                 if tgt_id == self.n_langs:
                     raise ValueError(f"tgt[{i}]: 'auto' is not a target language")
                 key = -1
@@ -622,7 +623,7 @@ cdef class Dispatcher:
                 if key >= 0:
                     if pair_number[key] < 0:
                         pair_number[key] = <int32_t>n_pairs
-                        pairs.append(((<tuple>s_entry)[0], (<tuple>t_entry)[0]))
+                        pairs.append((s_code[0], t_code[0]))
                         n_pairs += 1
                     pair_of[i] = pair_number[key]
                 out_slot[i] = -1
