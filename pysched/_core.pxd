@@ -358,7 +358,7 @@ cdef class Dispatcher:
     cdef void _memo(self, SessionState state, tuple binding, Py_ssize_t index, Py_ssize_t key) noexcept
     cdef str _job_id(self, int64_t seq)
     cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,
-                           Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
+                           object tenant_pool, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
                            int64_t[::1] out_handle, int64_t[::1] out_key) except -2
     cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t n, const int64_t* keys, const int32_t* session_of,
                            int32_t* bound_key, int32_t* bound_index, uint8_t* rebound, const int64_t* pool_ids,

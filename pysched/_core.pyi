@@ -236,6 +236,6 @@ class Dispatcher:
     def call_commit(self, job_id: str | int, *, node_id: str | None = None) -> None: ...
     def batch(
         self, session_ids: list[str], src: str | list[object], tgt: str | list[object], service_mask: int, need: int,
-        tenant: int, now: float, out_slot: np.ndarray, out_pool: np.ndarray, out_handle: np.ndarray,
+        tenant_pool: int | None, now: float, out_slot: np.ndarray, out_pool: np.ndarray, out_handle: np.ndarray,
         out_key: np.ndarray,
     ) -> int: ...

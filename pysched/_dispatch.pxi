@@ -512,12 +512,13 @@ cdef class Dispatcher:
         state.seen_tgt = None
 
     def batch(self, list session_ids not None, object src, object tgt, uint64_t service_mask, int need,
-              Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
+              object tenant_pool, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
               int64_t[::1] out_handle, int64_t[::1] out_key):
         """Place and reserve a whole batch, in request order, exactly as that many dispatch calls would.
 
         ``session_ids`` is a list of str; ``src``/``tgt`` one code or a list
-        of one per job. Everything is validated first (a bad value raises,
+        of one per job; ``tenant_pool`` the pool id of the jobs' tenant (a new
+        binding prefers it), or None. Everything is validated first (a bad value raises,
         naming the job, before anything changes). Then each job reads its
         session's binding (bindings made earlier in the batch included),
         selects with the live counts (so it sees every reservation before
@@ -536,14 +537,14 @@ cdef class Dispatcher:
                 and out_handle.shape[0] == len(session_ids) and out_key.shape[0] == len(session_ids)):
             raise ValueError("batch: every output array must have one entry per job")
         while placed < 0:  # -1: a snapshot was published while the batch got ready; again, over the new one
-            placed = self._batch(session_ids, src, tgt, service_mask, need, tenant, now, out_slot, out_pool,
+            placed = self._batch(session_ids, src, tgt, service_mask, need, tenant_pool, now, out_slot, out_pool,
                                  out_handle, out_key)
         return placed
 
     cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,
-                           Py_ssize_t tenant, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
+                           object tenant_pool, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
                            int64_t[::1] out_handle, int64_t[::1] out_key) except -2:
-        cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p
+        cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p, tenant = -1
         cdef Py_ssize_t src_id = -1, tgt_id = -1  # the language ids of s_code / t_code
         cdef SnapshotKernel kernel
         cdef SessionState state
@@ -568,8 +569,10 @@ cdef class Dispatcher:
         snap = self.snap
         kernel = self.kernel
         cdef tuple pool_ids = self.pool_ids
-        if tenant >= kernel.n_pools:
-            raise ValueError(f"batch: tenant pool index {tenant} out of range")
+        if tenant_pool is not None:  # the tenant's pool in this snapshot (-1: not in it)
+            entry = _get(self.pool_index, tenant_pool)
+            if entry != NULL:
+                tenant = <object>entry
         # per job: its pair's number in this batch, its session's; per session: the bound pair key and
         # pool, and whether the batch bound it anew; per pool: its id
         cdef int32_t* pair_of = <int32_t*>malloc((4 * n + 1) * sizeof(int32_t))

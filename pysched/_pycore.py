@@ -1233,7 +1233,7 @@ class Dispatcher:
     # it would part the twins.
     def batch(  # noqa: PLR0912, PLR0915, PLR0917  (see above; the compiled signature)
         self, session_ids: Sequence[object], src: str | Sequence[object], tgt: str | Sequence[object],
-        service_mask: int, need: int, tenant: int, now: float, out_slot: NDArray[np.int32],
+        service_mask: int, need: int, tenant_pool: int | None, now: float, out_slot: NDArray[np.int32],
         out_pool: NDArray[np.int64], out_handle: NDArray[np.int64], out_key: NDArray[np.int64],
     ) -> int:
         n = len(session_ids)
@@ -1246,8 +1246,8 @@ class Dispatcher:
             raise ValueError(f"tgt must be one code or one per job ({n}), got {len(tgt)}")
         with self._lock:
             kernel, lang_ids, n_langs, pool_ids, pool_index = self._view or self._view_of(self._mgmt.snapshot)
-            if tenant >= kernel.n_pools:
-                raise ValueError(f"batch: tenant pool index {tenant} out of range")
+            # the tenant's pool in the snapshot this batch places with (-1: not in it)
+            tenant = -1 if tenant_pool is None else pool_index.get(tenant_pool, -1)
             # (code, id) of the one src/tgt, else set per job below (the placeholder is never read)
             s_entry = self._code_checked(src, "src", 0, lang_ids, n_langs) if one_src else ("", -1)
             t_entry = self._code_checked(tgt, "tgt", 0, lang_ids, n_langs) if one_tgt else ("", -1)

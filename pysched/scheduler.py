@@ -963,9 +963,8 @@ class Scheduler:
         mask, need = self._required(services)
         need |= (NEED_GPU if require_gpu else 0) | (NEED_PUBLIC if tenant is None else 0)
         snap = self._mgmt.snapshot
-        tenant_index = -1
-        if tenant is not None and tenant in self._tenant_pools:
-            tenant_index = snap.pool_index.get(self._tenant_pools[tenant], -1)
+        # the dispatcher finds the tenant's pool in the snapshot it places with (a publication may come first)
+        tenant_pool = None if tenant is None else self._tenant_pools.get(tenant)
         now = self._clock()
         if now >= self._reservations.due_at:
             self._reservations.expire_due(now)
@@ -976,7 +975,7 @@ class Scheduler:
         pool_id = np.empty(n, dtype=np.int64)
         handle = np.empty(n, dtype=np.int64)
         keys = np.empty(n, dtype=np.int64)
-        fast.batch(sids, srcs, tgts, mask, need, tenant_index, now, slot, pool_id, handle, keys)
+        fast.batch(sids, srcs, tgts, mask, need, tenant_pool, now, slot, pool_id, handle, keys)
         reason = np.zeros(n, dtype=np.uint8)
         failed = np.flatnonzero(slot < 0)
         if len(failed):

@@ -423,7 +423,8 @@ def test_batches_without_the_gil_race_dispatch_heartbeats_and_fleet_changes(kern
         sched.snapshot.kernel.ordering.check()
 
 
-def test_a_fleet_change_while_a_batch_validates_is_seen_by_the_whole_batch(monkeypatch):
+@pytest.mark.parametrize(("tenant", "fresh"), [(None, "zH_tW"), ("acme", "zH-Tw")])
+def test_a_fleet_change_while_a_batch_validates_is_seen_by_the_whole_batch(monkeypatch, tenant, fresh):
     """Validation can run Python code (an unseen code is normalised); a snapshot published meanwhile
     makes the batch start over on it, so it places exactly as dispatch calls made after the change."""
     from pysched import languages
@@ -432,24 +433,26 @@ def test_a_fleet_change_while_a_batch_validates_is_seen_by_the_whole_batch(monke
     changed: list[bool] = []
 
     def normalize(code, *args, **kwargs):
-        if code == "zH_tW" and not changed and batching:
+        if code == fresh and not changed and batching:
             changed.append(True)
-            sched.register_node("late", ["zh", "en"], max_concurrency=50)
+            sched.register_node("late", ["zh", "en", "ja"], max_concurrency=50)
         return real(code, *args, **kwargs)
 
     monkeypatch.setattr(languages, "normalize_language", normalize)
     batching: list[bool] = []
-    sched = pysched.Scheduler(kernel="compiled", seed=8)
-    twin = pysched.Scheduler(kernel="compiled", seed=8)
+    sched = pysched.Scheduler(kernel="compiled", seed=8, tenant_pools={"acme": 2})
+    twin = pysched.Scheduler(kernel="compiled", seed=8, tenant_pools={"acme": 2})
     for s in (sched, twin):
-        for i in range(4):
-            s.register_node(f"n{i}", ["zh", "en"], max_concurrency=3)
-    twin.register_node("late", ["zh", "en"], max_concurrency=50)
+        for i in range(4):  # pool 1: zh-en, pool 2: de-en-zh (the tenant's)
+            s.register_node(f"n{i}", ["zh", "en"] + (["de"] if i % 2 else []), max_concurrency=3,
+                            accept_public_jobs=not (i % 2))
+    twin.register_node("late", ["zh", "en", "ja"], max_concurrency=50)
     sids = [f"s{i % 5}" for i in range(12)]
-    srcs = ["zh", "zH_tW"] + ["zh"] * 10  # a code no other test sends: normalised here, not cached
+    srcs = ["zh", fresh] + ["zh"] * 10  # a code no other test sends: normalised here, not cached
     batching.append(True)
-    got = sched.dispatch_batch(sids, srcs, "en")
+    got = sched.dispatch_batch(sids, srcs, "en", tenant=tenant)
     assert changed  # the fleet changed in the middle of the call
-    expected = one_by_one(twin, sids, srcs, ["en"] * 12)
+    kw = {} if tenant is None else {"tenant": tenant}
+    expected = one_by_one(twin, sids, srcs, ["en"] * 12, **kw)
     assert [n if n else None for n in got.node_ids()] == [getattr(a, "node_id", None) for a in expected]
-    assert "late" in got.node_ids()
+    assert ("late" in got.node_ids()) == (tenant is None)  # the tenant's jobs go to its pool first
