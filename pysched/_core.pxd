@@ -119,8 +119,8 @@ cdef class Gate:
     cdef bint busy                     # that pass is running
     cdef Py_ssize_t active             # entry points under way (a batch then keeps the GIL)
     cdef int wait(self) except -1
-    cdef bint close(self) noexcept
-    cdef void open(self) noexcept
+    cdef int begin_pass(self) except -1
+    cdef void end_pass(self, bint free) noexcept
 
 
 cdef class Ordering:

@@ -216,7 +216,7 @@ cdef class LoadTable:
             raise IndexError(f"slot {slot} out of range [0, {self.n})")
         cdef node_load* rec = &self.loads[slot]
         cdef Gate g = self._gate()
-        if g is not None and g.busy:  # C only from here on: no entry bracket needed, only the wait
+        if g is not None:  # C only from here on: no entry bracket needed, only the wait
             g.wait()
         rec.last_heartbeat = now
         if cpu == cpu:  # NaN: not reported, keep the last figure
@@ -325,8 +325,7 @@ cdef class SlotCounts:
 
     def try_add(self, Py_ssize_t slot, int64_t limit, int64_t running) -> bool:
         """Add one if ``max(count, running) < limit``; report whether it did."""
-        if self.gate.busy:  # C only from here on: the wait is the whole bracket
-            self.gate.wait()
+        self.gate.wait()  # C only from here on: the wait is the whole bracket
         self._live_for(slot)
         return self.c_try_add(slot, limit, running)
 
@@ -341,22 +340,19 @@ cdef class SlotCounts:
                 raise IndexError(f"slot {slots[k]} out of range [0, {c.n})")
         out = np.zeros(n, dtype=np.bool_)
         cdef cnp.npy_bool* ok = <cnp.npy_bool*>cnp.PyArray_DATA(out)
-        if self.gate.busy:
-            self.gate.wait()
+        self.gate.wait()
         for k in range(n):
             ok[k] = c.c_try_add(slots[k], limits[k], running[k])
         return out
 
     def add(self, Py_ssize_t slot, int32_t delta) -> int:
-        if self.gate.busy:
-            self.gate.wait()
+        self.gate.wait()
         cdef SlotCounts c = self._live_for(slot)
         self.c_add(slot, delta)
         return c.counts[slot]
 
     def set(self, Py_ssize_t slot, int32_t value) -> None:
-        if self.gate.busy:
-            self.gate.wait()
+        self.gate.wait()
         cdef SlotCounts c = self._live_for(slot)
         c.c_add(slot, value - c.counts[slot])
 

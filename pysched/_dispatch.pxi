@@ -674,11 +674,10 @@ cdef class Dispatcher:
                 bound_key[k] = <int32_t>state.seen_key
                 bound_index[k] = <int32_t>state.seen_index
             n_sessions = len(states)
-            # 4. place and reserve, in order: without the GIL if no other entry is under way. The gate
-            # decides for itself (a wait here only spares the pass holding the GIL); what this batch read
-            # must all come from one snapshot, and from the check below to the pass no Python code runs.
-            if gate.busy:
-                gate.wait()
+            # 4. place and reserve, in order: without the GIL if no other entry is under way. What this
+            # batch read must all come from one snapshot: after the wait (other threads run meanwhile)
+            # the check below, and from there to the pass no Python code runs.
+            gate.wait()
             if self.snap is not snap:
                 return -1
             req.service_mask = service_mask
@@ -688,22 +687,18 @@ cdef class Dispatcher:
             req.n_exclude = 0
             req.inflight = kernel.inflight
             if n:
-                free_pass = gate.close()
+                free_pass = gate.begin_pass()
                 if free_pass:
                     self.passes_without_gil += 1
                     with nogil:
                         placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
                                              pool_c, tenant, &req, now + self.ttl, &out_slot[0], &out_pool[0],
                                              &out_handle[0])
-                    gate.open()
                 else:
-                    _enter(gate)
-                    try:
-                        placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
-                                             pool_c, tenant, &req, now + self.ttl, &out_slot[0], &out_pool[0],
-                                             &out_handle[0])
-                    finally:
-                        _leave(gate)
+                    placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
+                                         pool_c, tenant, &req, now + self.ttl, &out_slot[0], &out_pool[0],
+                                         &out_handle[0])
+                gate.end_pass(free_pass)  # _place raises nothing: no finally needed
             # 5. with the GIL: file each job's session id and pair (no Python code: atomic), then bind
             for i in range(n):
                 if out_handle[i] >= 0:

@@ -16,7 +16,7 @@
 #
 # * ``busy``: a batch's pass is running without the GIL. An entry that finds
 #   it set releases the GIL and waits on ``lock``, which the batch holds for
-#   the whole pass;
+#   the whole pass (``begin_pass`` / ``end_pass``);
 # * ``active``: how many entries are under way. An entry can run Python code
 #   (an allocation that starts the garbage collector, a finalizer), and
 #   another thread can run meanwhile; a batch that finds ``active`` non-zero
@@ -55,22 +55,27 @@ cdef class Gate:
                 PyThread_release_lock(self.lock)
         return 0
 
-    cdef bint close(self) noexcept:
-        """A batch: take the state for a pass without the GIL; False (run it holding the GIL) if not now.
+    cdef int begin_pass(self) except -1:
+        """A batch's pass starts (GIL held): 1 if it may run without the GIL, 0 if it must hold it.
 
-        Called with the GIL held, after :meth:`wait`: no other pass is running.
+        Waits for another pass first. 0 when an entry is under way, or a
+        waiter holds the lock for an instant: the pass then counts as an
+        entry itself. Either way :meth:`end_pass` ends it.
         """
-        if self.active or self.busy:
-            return False
-        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
-            return False  # a waiter holds the lock for an instant
-        self.busy = 1
-        return True
+        self.wait()
+        if not self.active and PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            self.busy = 1
+            return 1
+        self.active += 1
+        return 0
 
-    cdef void open(self) noexcept:
-        """End of the pass (GIL held): waiters go on."""
-        self.busy = 0
-        PyThread_release_lock(self.lock)
+    cdef void end_pass(self, bint free) noexcept:
+        """End of the pass that :meth:`begin_pass` started (GIL held): waiters go on."""
+        if free:
+            self.busy = 0
+            PyThread_release_lock(self.lock)
+        else:
+            self.active -= 1
 
     @property
     def state(self) -> tuple:
@@ -81,8 +86,7 @@ cdef class Gate:
 cdef inline int _enter(Gate g) except -1:
     """Start of an entry point's work on the reservation state (GIL held)."""
     if g is not None:
-        if g.busy:
-            g.wait()
+        g.wait()
         g.active += 1
     return 0
 

@@ -596,10 +596,10 @@ cdef class JobTable:
 
     cdef int64_t c_reserve_handle(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
                                   object session_id, double expires_at, object pair) except -4:
-        cdef int64_t handle
-        if self.n_free == 0 and 0 <= slot < self.n_bound and self.bound[slot]:
+        cdef int64_t handle = self.c_claim(slot, limit, running, pool_id, expires_at)
+        if handle == JOB_NO_ROOM:
             self._grow_jobs()
-        handle = self.c_claim(slot, limit, running, pool_id, expires_at)
+            handle = self.c_claim(slot, limit, running, pool_id, expires_at)
         if handle >= 0:
             self.session_ids[handle & <int64_t>0xFFFFFFFF] = session_id
             self.pairs[handle & <int64_t>0xFFFFFFFF] = pair
@@ -698,19 +698,13 @@ cdef class JobTable:
             raise MemoryError()
         try:
             if n:
-                if g.busy:
-                    g.wait()
-                free_pass = g.close()
+                free_pass = g.begin_pass()
                 if free_pass:
                     with nogil:
                         done = self._release_pass(&handles[0], n, now, released)
-                    g.open()
                 else:
-                    _enter(g)
-                    try:
-                        done = self._release_pass(&handles[0], n, now, released)
-                    finally:
-                        _leave(g)
+                    done = self._release_pass(&handles[0], n, now, released)
+                g.end_pass(free_pass)  # _release_pass raises nothing: no finally needed
             for i in range(done):  # no Python code runs here (str and tuple objects): atomic
                 self.session_ids[released[i]] = None
                 self.pairs[released[i]] = None
