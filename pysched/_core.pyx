@@ -783,6 +783,7 @@ cdef class SnapshotKernel:
         cdef const order_key* keys = o.keys
         cdef int32_t hidden[ORDER_DRAWS]
         cdef Py_ssize_t n_hidden = 0, i, pos
+        cdef int64_t r
         cdef int32_t slot
         cdef const node_load* load
         for i in range(req.n_exclude):
@@ -793,13 +794,22 @@ cdef class SnapshotKernel:
             if t.nodes[1].win < 0:
                 found = -1
                 break
-            pos = _tree_nth(t, _draw(state, t.nodes[1].ties))
-            slot = t.slots[pos]
+            r = _draw(state, t.nodes[1].ties)
+            if r == 0:
+                # the first of the tied leaves is the root's own best: no descent (with a
+                # single best, the common case under varied loads, always so)
+                slot = t.nodes[1].win
+                pos = -1
+            else:
+                pos = _tree_nth(t, r)
+                slot = t.slots[pos]
             load = &self.loads[slot]
             if _eligible(&self.recs[slot], load, req.inflight[slot], slot, req, self.heartbeat_timeout,
                          self.threshold):
                 found = slot
                 break
+            if pos < 0:
+                pos = o.leaf_in(slot, tree_id)
             if req.now - load.last_heartbeat > self.heartbeat_timeout:
                 o.evict(slot, load.last_heartbeat + self.heartbeat_timeout)  # takes its leaves out for good
             else:

@@ -326,6 +326,29 @@ def test_excluded_and_filtered_candidates_are_skipped_exactly() -> None:
         assert best == {s for s in range(n) if s % 3 == 1}  # 21 ties, 200 draws: each one comes up
 
 
+def test_a_single_best_candidate_filtered_out_is_skipped_and_put_back() -> None:
+    """One best candidate: the kernel takes the root's best without a descent; rejected, it is hidden and restored."""
+    for core in CORES:
+        n = 40
+        recs = np.zeros(n, dtype=L.NODE_DTYPE)
+        recs["service_mask"] = [0b01 if s in (5, 17) else 0b11 for s in range(n)]
+        recs["max_concurrency"] = 4
+        recs["flags"] = 3
+        f = Twin(core, n, [list(range(n)), list(range(0, n, 2))], recs, 4)
+        for s in range(n):
+            # every key distinct: the best is slot 5, then 17, then 6, then 7 ...
+            gpu = {5: 0.0, 17: 0.5}.get(s, 1.0 + s)
+            f.loads.update(s, 100.0, 1.0, gpu, 1.0, 0)
+        assert f.kernel.pick(0, 0b01, 3, 100.0) == 5
+        assert f.kernel.pick(0, 0b11, 3, 100.0) == 0  # 5 and 17 lack service 2: the next best, slot 0
+        assert f.kernel.pick(1, 0b11, 3, 100.0) == 0  # the other pool's tree: 5 and 17 are not members
+        assert f.kernel.pick(0, 0b11, 3, 100.0, (0,)) == 1
+        if core is _core:
+            _ordering(f.kernel).check()  # every hidden leaf is back
+            assert _ordering(f.kernel).best(0) == (5, 1)
+        assert f.kernel.pick(0, 0b01, 3, 100.0) == 5
+
+
 def test_ties_are_uniform_over_many_idle_nodes() -> None:
     sched = pysched.Scheduler(seed=11, kernel="compiled")
     for i in range(50):
