@@ -94,20 +94,50 @@ cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t
     climb stops at the first node whose answer did not change and whose best
     is another slot, since nothing above depends on this leaf then. (Nodes
     hold a slot, not a copy of its key: measured, copying 24-byte nodes cost
-    more than the lookups it saves.)
+    more than the lookups it saves.) This is :func:`_combine`, inlined so that
+    a node's new answer is held in registers and compared with the stored one
+    before anything is written: the climb runs on every count change.
     """
+    cdef order_node* nodes = t.nodes
     cdef Py_ssize_t v = t.size + pos
     cdef int32_t slot = t.slots[pos]
-    cdef order_node old
-    t.nodes[v].win = win
-    t.nodes[v].ties = 1 if win >= 0 else 0
+    cdef int32_t aw, bw, nw, nt, nl
+    cdef const order_node* a
+    cdef const order_node* b
+    cdef order_node* n
+    cdef int c
+    nodes[v].win = win
+    nodes[v].ties = 1 if win >= 0 else 0
     v >>= 1
     while v >= 1:
-        old = t.nodes[v]
-        _combine(t.nodes, keys, v)
-        if (old.win == t.nodes[v].win and old.ties == t.nodes[v].ties and old.left == t.nodes[v].left
-                and old.win != slot):
+        a = &nodes[2 * v]
+        b = a + 1
+        aw = a.win
+        bw = b.win
+        if bw < 0:
+            c = -1
+        elif aw < 0:
+            c = 1
+        else:
+            c = _key_cmp(&keys[aw], &keys[bw])
+        if c < 0:
+            nw = aw
+            nt = a.ties
+            nl = nt
+        elif c > 0:
+            nw = bw
+            nt = b.ties
+            nl = 0
+        else:
+            nw = aw
+            nl = a.ties
+            nt = nl + b.ties
+        n = &nodes[v]
+        if n.win == nw and n.ties == nt and n.left == nl and nw != slot:
             break
+        n.win = nw
+        n.ties = nt
+        n.left = nl
         v >>= 1
 
 
