@@ -136,6 +136,30 @@ cdef inline SessionState _new_session(double now):
     return state
 
 
+cdef enum:
+    CODE_MEMO = 64  # entries of a batch's per-job code memo, per direction (2 ** 6: see _memo_find)
+    MEMO_PROBES = 4
+
+
+cdef inline Py_ssize_t _memo_find(PyObject** ptrs, PyObject* code) noexcept nogil:
+    """Where ``code`` is in a batch's code memo (>= 0), or ``-1 - e`` for the entry ``e`` to file it in.
+
+    Open addressing over CODE_MEMO entries from a multiplicative hash of the
+    address (small strings sit 64 bytes apart in CPython's allocator, so its
+    low bits alone would use a quarter of the entries), MEMO_PROBES entries
+    at most; with none free the first is replaced (a memo may forget).
+    """
+    cdef Py_ssize_t j = <Py_ssize_t>((<uint64_t><size_t>code * <uint64_t>0x9E3779B97F4A7C15) >> 58)
+    cdef Py_ssize_t e, probe
+    for probe in range(MEMO_PROBES):
+        e = (j + probe) & (CODE_MEMO - 1)
+        if ptrs[e] == code:
+            return e
+        if ptrs[e] == NULL:
+            return -1 - e
+    return -1 - j
+
+
 @cython.final
 cdef class Dispatcher:
     """The common dispatch, start to finish, in one call (see the module notes)."""
@@ -595,6 +619,15 @@ cdef class Dispatcher:
         cdef dict number = {}        # id -> number of a session not in the table yet
         cdef list states = []        # session number -> its SessionState, or its id while it has none
         cdef uint64_t mark
+        # per-job codes: a small memo by object identity, so a batch that repeats a few code objects probes
+        # the code cache once per object (a dict probe and a PyLong conversion are ~150 instructions a job).
+        # An entry's object is held in ``memo_hold`` (with its (normalised code, id)) for the batch: its
+        # address cannot name another object meanwhile.
+        cdef PyObject* memo_ptr[2 * CODE_MEMO]  # [0, CODE_MEMO): src; [CODE_MEMO, 2 * CODE_MEMO): tgt
+        cdef Py_ssize_t memo_id[2 * CODE_MEMO]
+        cdef list memo_hold = [None] * (2 * CODE_MEMO)
+        cdef Py_ssize_t s_at = -1, t_at = -1, j
+        memset(memo_ptr, 0, sizeof(memo_ptr))
         try:
             for p in range(kernel.n_pools):
                 pool_c[p] = <int64_t>pool_ids[p]
@@ -611,11 +644,28 @@ cdef class Dispatcher:
                 if type(sid) is not str or PyUnicode_GET_LENGTH(sid) == 0:
                     raise TypeError(f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
                 if not one_src:
-                    s_code = <tuple>self._code_checked(srcs[i], "src", i)
-                    src_id = <Py_ssize_t>s_code[1]
+                    code = srcs[i]
+                    s_at = _memo_find(memo_ptr, <PyObject*>code)
+                    if s_at >= 0:
+                        src_id = memo_id[s_at]
+                    else:
+                        s_at = -1 - s_at
+                        s_code = <tuple>self._code_checked(code, "src", i)
+                        src_id = memo_id[s_at] = <Py_ssize_t>s_code[1]
+                        memo_hold[s_at] = (code, s_code)
+                        memo_ptr[s_at] = <PyObject*>code
                 if not one_tgt:
-                    t_code = <tuple>self._code_checked(tgts[i], "tgt", i)
-                    tgt_id = <Py_ssize_t>t_code[1]
+                    code = tgts[i]
+                    t_at = _memo_find(&memo_ptr[CODE_MEMO], <PyObject*>code)
+                    if t_at >= 0:
+                        t_at += CODE_MEMO
+                        tgt_id = memo_id[t_at]
+                    else:
+                        t_at = CODE_MEMO - 1 - t_at
+                        t_code = <tuple>self._code_checked(code, "tgt", i)
+                        tgt_id = memo_id[t_at] = <Py_ssize_t>t_code[1]
+                        memo_hold[t_at] = (code, t_code)
+                        memo_ptr[t_at] = <PyObject*>code
                 if tgt_id == self.n_langs:
                     raise ValueError(f"tgt[{i}]: 'auto' is not a target language")
                 key = -1
@@ -625,6 +675,10 @@ cdef class Dispatcher:
                 pair_of[i] = -1
                 if key >= 0:
                     if pair_number[key] < 0:
+                        if not one_src:  # this job's entries (the memo slot it was just found in)
+                            s_code = <tuple>(<tuple>memo_hold[s_at])[1]
+                        if not one_tgt:
+                            t_code = <tuple>(<tuple>memo_hold[t_at])[1]
                         pair_number[key] = <int32_t>n_pairs
                         pairs.append((s_code[0], t_code[0]))
                         n_pairs += 1

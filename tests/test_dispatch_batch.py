@@ -118,6 +118,46 @@ def test_numpy_arrays_in(make_scheduler):
     assert got.reason.dtype == np.uint8 and got.handle.dtype == np.int64 and got.slot.dtype == np.int32
 
 
+def _fresh(code, k):
+    """A new str object equal to ``code``, spelled in case variant ``k`` (codes are normalised case-blind)."""
+    spelled = "".join(c.upper() if (k >> i) & 1 else c for i, c in enumerate(code))
+    return "".join(list(spelled))  # never the interned object
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_job_codes_as_hundreds_of_distinct_objects_place_as_sequential_dispatch(make_scheduler, seed):
+    """The batch's per-job code memo (by object identity, 64 entries a direction) may collide and forget:
+
+    600 jobs whose codes are ~500 distinct str objects (equal strings, other
+    case spellings, aliases, a code no pool speaks) place exactly as one-by-one dispatch.
+    """
+    seq = fleet(make_scheduler)
+    bat = fleet(make_scheduler)
+    rng = np.random.default_rng(seed)
+    codes = ["zh", "en", "ja", "de", "ko", "es", "pt", "fr", "zh-CN", "en_US", "auto"]
+    objects = {c: [_fresh(c, k) for k in range(40)] for c in codes}
+    sids, srcs, tgts = [], [], []
+    for _ in range(600):
+        s, t = codes[int(rng.integers(0, len(codes)))], codes[int(rng.integers(0, len(codes) - 1))]
+        sids.append(f"s{int(rng.integers(0, 40))}")
+        srcs.append(objects[s][int(rng.integers(0, 40))])
+        tgts.append(objects[t][int(rng.integers(0, 40))])
+    assert len({id(x) for x in srcs + tgts}) > 400
+    expected = one_by_one(seq, sids, srcs, tgts)
+    got = bat.dispatch_batch(sids, srcs, tgts)
+    assert got.node_ids() == [x.node_id if isinstance(x, pysched.Assignment) else None for x in expected]
+    assert got.reasons() == [_reason_of(x) for x in expected]
+    assert got.placed > 0 and "no_pool" in got.reasons()
+    assert seq.reservations.inflight.tolist() == bat.reservations.inflight.tolist()
+    for sid in set(sids):
+        assert getattr(seq._sessions.get(sid), "binding", None) == getattr(bat._sessions.get(sid), "binding", None)
+    # an invalid code after hundreds of memoised ones is still named by its index, and nothing changes
+    before = bat.reservations.inflight.tolist()
+    with pytest.raises(ValueError, match=r"tgt\[599\]"):
+        bat.dispatch_batch(sids, srcs, tgts[:-1] + ["not a code!"])
+    assert bat.reservations.inflight.tolist() == before
+
+
 @pytest.mark.parametrize("args, error, match", [
     ((["s1", ""], "zh", "en"), TypeError, r"session_ids\[1\]"),
     ((["s1", 5], "zh", "en"), TypeError, r"session_ids\[1\]"),
