@@ -68,6 +68,7 @@ ctypedef struct job_rec:
     int32_t slot               # node slot whose capacity the job holds; -1 for a free handle
     int32_t heap_pos           # position in the expiry heap; -1 for a free handle
     int64_t seq                # the number of a job id written prefix + number (JobTable._seq_of), else 0
+    uint64_t order             # JobTable.n_set when expires_at was last set: equal expiries go in this order
     uint32_t gen               # bumped each time the record is reused: the high half of a public job handle
     uint8_t committed          # 1 once the node accepted the job
     uint8_t named              # 1 while the record is filed under a job id (JobTable.job_ids[h] is not None)
@@ -255,6 +256,7 @@ cdef class JobTable:
     cdef uint8_t* bound                # slot -> 1 while a live node owns it
     cdef Py_ssize_t cap, n_free, heap_n, n_bound
     cdef Py_ssize_t n_live, n_committed, n_expired
+    cdef uint64_t n_set                # expiries set so far (the next job_rec.order)
 
     cdef int _grow_bound(self, Py_ssize_t n) except -1
     cdef int _grow_jobs(self) except -1

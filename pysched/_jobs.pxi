@@ -19,11 +19,14 @@ gone; the place to take a real lock (one per table, or per slot for
 ``reserve``) is where each ``def`` takes the gate.
 
 Expiry. One binary min-heap of handles keyed by ``expires_at`` (the TTL end
-of an uncommitted reservation, the lease end of a committed job), indexed
-(each record knows its heap position) so that commit, renew and release
-update or remove a job's entry in O(log n) and the heap never holds a dead
-entry. ``next_expiry`` is the heap's top: a caller sweeps exactly when the
-clock reaches it.
+of an uncommitted reservation, the lease end of a committed job), then by
+the order the expiries were set (``job_rec.order``), indexed (each record
+knows its heap position) so that commit, renew and release update or
+remove a job's entry in O(log n) and the heap never holds a dead entry.
+The second key makes a push O(1) when expiries arrive in order, as a
+batch's equal ones do (by handle, a batch's handles, which come off the
+free list in falling order, each climbed to the top). ``next_expiry`` is
+the heap's top: a caller sweeps exactly when the clock reaches it.
 
 Job ids. The ids the dispatcher makes are its prefix and a number, and a
 job lives a short time: the table files those by number in a ring (number
@@ -57,8 +60,10 @@ cdef double INF = float("inf")
 
 
 cdef inline bint _heap_less(const job_rec* recs, int32_t a, int32_t b) noexcept nogil:
+    # equal expiries (a batch's jobs share one) go in the order they were set: a new entry is then
+    # never less than the ones already in, and sinks no further than its own level
     return recs[a].expires_at < recs[b].expires_at or (
-        recs[a].expires_at == recs[b].expires_at and a < b)
+        recs[a].expires_at == recs[b].expires_at and recs[a].order < recs[b].order)
 
 
 cdef inline int _file_seq(int32_t* ring, Py_ssize_t mask, dict spill, int64_t seq, int32_t h) except -1:
@@ -351,6 +356,8 @@ cdef class JobTable:
         self.recs[h].heap_pos = <int32_t>pos
 
     cdef void _heap_push(self, int32_t h) noexcept nogil:
+        self.n_set += 1
+        self.recs[h].order = self.n_set
         self.heap[self.heap_n] = h
         self.heap_n += 1
         self._sift_up(self.heap_n - 1)
@@ -495,6 +502,8 @@ cdef class JobTable:
         self._expire_at(h, expires_at)
 
     cdef void _expire_at(self, int32_t h, double expires_at) noexcept:
+        self.n_set += 1
+        self.recs[h].order = self.n_set
         self.recs[h].expires_at = expires_at
         self._heap_rekey(h)
 

@@ -734,7 +734,9 @@ class JobTable:
     gives the same guarantee. Expiry uses ``heapq`` with lazy deletion (an
     entry is live only while its ``(expires_at, version)`` still matches the
     job), which returns the same jobs in the same order as the compiled
-    indexed heap: earliest expiry first, then the lower handle.
+    indexed heap: earliest expiry first, then the expiry set first (the
+    version: every push takes the next one, as the compiled table numbers
+    each setting of an expiry).
     """
 
     FULL = -1
@@ -758,7 +760,7 @@ class JobTable:
         self._free: list[int] = []
         self._gen: list[int] = []  # handle -> times reused: the high half of a public job handle
         self._n_live = 0
-        self._heap: list[tuple[float, int, int]] = []  # (expires_at, handle, version)
+        self._heap: list[tuple[float, int, int]] = []  # (expires_at, version, handle)
         self._bound: set[int] = set()
         self._committed = 0
         self._expired = 0
@@ -797,7 +799,7 @@ class JobTable:
     def _prune_locked(self) -> None:
         heap = self._heap
         while heap:
-            at, h, version = heap[0]
+            at, version, h = heap[0]
             rec = self._recs[h]
             if rec is not None and rec[6] == version:
                 return
@@ -807,7 +809,7 @@ class JobTable:
         # versions are unique for the table's life: a reused handle's stale entries never match
         self._version += 1
         rec[6] = self._version
-        heapq.heappush(self._heap, (rec[4], h, rec[6]))
+        heapq.heappush(self._heap, (rec[4], rec[6], h))
 
     def _live_locked(self, job_id: str, now: float) -> int:
         h = self._index.get(job_id)
@@ -993,7 +995,7 @@ class JobTable:
                 self._prune_locked()
                 if not heap or heap[0][0] > now:
                     break
-                _, h, _ = heapq.heappop(heap)
+                _, _, h = heapq.heappop(heap)
                 rec = self._drop_locked(h)
                 self._expired += 1
                 job_id = rec[0] if rec[0] is not None else (self._gen[h] << 32) | h  # a batch job: its handle

@@ -530,17 +530,23 @@ def test_a_callers_job_id_is_held_when_hundreds_of_generated_ones_are(make_sched
     assert sched.reservations.count() == 0
 
 
-def test_a_deep_expiry_heap_expires_exactly_as_the_twin():
+@pytest.mark.parametrize("expiries", ["distinct", "tied"])
+def test_a_deep_expiry_heap_expires_exactly_as_the_twin(expiries):
     """Thousands of jobs with random expiries, released and renewed at random positions of the heap:
-    every sweep returns the same jobs in the same order as the twin's heapq table."""
+    every sweep returns the same jobs in the same order as the twin's heapq table. With ``tied``
+    expiries (five values, as a batch's jobs share one), equal ones go in the order they were set."""
     import random
 
     from pysched import _core, _pycore
 
     rng = random.Random(7)
-    plan = [("reserve", f"j{i}", rng.uniform(1.0, 100.0)) for i in range(3000)]
+
+    def at():
+        return rng.uniform(1.0, 100.0) if expiries == "distinct" else float(rng.choice((10, 30, 50, 70, 90)))
+
+    plan = [("reserve", f"j{i}", at()) for i in range(3000)]
     plan += [("release", f"j{i}", 0.0) for i in rng.sample(range(3000), 1200)]
-    plan += [("renew", f"j{i}", rng.uniform(1.0, 100.0)) for i in rng.sample(range(3000), 600)]
+    plan += [("renew", f"j{i}", at()) for i in rng.sample(range(3000), 600)]
     rng.shuffle(plan)
     plan.sort(key=lambda op: op[0] != "reserve")  # every job exists before releases and renewals
     results = []
@@ -563,6 +569,15 @@ def test_a_deep_expiry_heap_expires_exactly_as_the_twin():
         results.append(out)
     assert results[0] == results[1]
     assert results[0][-1] == (0, [0, 0, 0, 0])
+    # the order itself: by expiry, then by when that expiry was set (the last reserve or renew)
+    set_at = {}
+    for k, (op, job, t) in enumerate(plan):
+        if op == "release":
+            set_at.pop(job, None)
+        elif op == "reserve" or job in set_at:
+            set_at[job] = (t, k)
+    swept = [rec[0] for sweep in results[0][-22:-1] for rec in sweep]
+    assert swept == sorted(set_at, key=set_at.__getitem__)
 
 
 def test_numbered_job_ids_are_exact_past_ring_collisions_and_growth(make_scheduler, clock):
