@@ -251,7 +251,11 @@ cdef class JobTable:
     cdef list session_ids              # handle -> session id (None when free)
     cdef list pairs                    # handle -> what the caller stored with the job ((src, tgt) for dispatch)
     cdef job_rec* recs                 # handle -> record
-    cdef int32_t* heap                 # min-heap of live handles by expires_at
+    cdef int32_t* heap                 # min-heap of live handles by (expires_at, order), those not in the ring
+    cdef int32_t* fifo                 # ring of live handles in (expires_at, order) order: order & fifo_mask -> handle, or -1
+    cdef Py_ssize_t fifo_mask
+    cdef uint64_t fifo_head, fifo_end  # the ring's span of orders, [head, end): both ends hold a live handle
+    cdef Py_ssize_t fifo_n             # live handles in the ring (0: an empty span)
     cdef int32_t* free_list            # free handles, next one on top
     cdef uint8_t* bound                # slot -> 1 while a live node owns it
     cdef Py_ssize_t cap, n_free, heap_n, n_bound
@@ -265,7 +269,13 @@ cdef class JobTable:
     cdef void _sift_down(self, Py_ssize_t pos) noexcept nogil
     cdef void _heap_push(self, int32_t h) noexcept nogil
     cdef void _heap_remove(self, int32_t h) noexcept nogil
-    cdef void _heap_rekey(self, int32_t h) noexcept nogil
+    cdef void _queue_push(self, int32_t h) noexcept nogil
+    cdef void _queue_remove(self, int32_t h) noexcept nogil
+    cdef int32_t _queue_first(self) noexcept nogil
+    cdef bint _fifo_room(self, uint64_t order) noexcept nogil
+    cdef void _fifo_pop_head(self) noexcept nogil
+    cdef void _fifo_pop_tail(self) noexcept nogil
+    cdef bint _fifo_tail_after(self, double expires_at) noexcept nogil
     cdef int64_t _seq_of(self, str job_id) noexcept
     cdef int32_t _find(self, str job_id, int64_t seq) except -2
     cdef int _claim(self, str job_id, int64_t seq, int32_t h) except -1

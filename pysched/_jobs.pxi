@@ -18,15 +18,21 @@ for its whole call. On a free-threaded CPython build the GIL's guarantee is
 gone; the place to take a real lock (one per table, or per slot for
 ``reserve``) is where each ``def`` takes the gate.
 
-Expiry. One binary min-heap of handles keyed by ``expires_at`` (the TTL end
-of an uncommitted reservation, the lease end of a committed job), then by
-the order the expiries were set (``job_rec.order``), indexed (each record
-knows its heap position) so that commit, renew and release update or
-remove a job's entry in O(log n) and the heap never holds a dead entry.
-The second key makes a push O(1) when expiries arrive in order, as a
-batch's equal ones do (by handle, a batch's handles, which come off the
-free list in falling order, each climbed to the top). ``next_expiry`` is
-the heap's top: a caller sweeps exactly when the clock reaches it.
+Expiry. Every live job is in one of two queues keyed by ``expires_at``
+(the TTL end of an uncommitted reservation, the lease end of a committed
+job), then by the order the expiries were set (``job_rec.order``, the
+table's count of settings): a **ring** that takes a job whose expiry is
+not earlier than the last one it took (the common case: expiries are
+``now`` plus a fixed TTL or lease, and a batch's jobs share one), and an
+indexed binary **min-heap** for the rest. The ring is indexed by the order
+itself, so a release leaves a hole in O(1) and the first entry moves on
+past holes; the heap's entries know their position, so commit, renew and
+release update or remove them in O(log n). Neither ever holds a dead
+entry. A long-lived job at the ring's head that would make the ring's
+span outgrow it moves to the heap (with its key), unless the ring is half
+full, when it grows instead. ``next_expiry`` is the lesser of the two
+fronts: a caller sweeps exactly when the clock reaches it, and a sweep
+takes jobs in (expiry, order) order, as the twin's single heap does.
 
 Job ids. The ids the dispatcher makes are its prefix and a number, and a
 job lives a short time: the table files those by number in a ring (number
@@ -57,6 +63,7 @@ cdef inline PyObject* _get(object d, object key) noexcept:
     return PyDict_GetItemWithError(d, key)
 
 cdef double INF = float("inf")
+cdef int32_t IN_FIFO = -2  # job_rec.heap_pos of a job in the ring
 
 
 cdef inline bint _heap_less(const job_rec* recs, int32_t a, int32_t b) noexcept nogil:
@@ -95,6 +102,7 @@ cdef class JobTable:
     def __cinit__(self):
         self.recs = NULL
         self.heap = NULL
+        self.fifo = NULL
         self.free_list = NULL
         self.bound = NULL
         self.by_seq = NULL
@@ -118,12 +126,21 @@ cdef class JobTable:
         self.n_committed = 0
         self.n_expired = 0
         self._grow_ring(64)
+        self.fifo = <int32_t*>malloc(64 * sizeof(int32_t))  # libc: it may grow without the GIL
+        if self.fifo == NULL:
+            raise MemoryError()
+        memset(self.fifo, 0xFF, 64 * sizeof(int32_t))
+        self.fifo_mask = 63
+        self.fifo_head = self.fifo_end = 1
+        self.fifo_n = 0
+        self.n_set = 0
         if prefix is not None:
             self.number_ids(prefix)
 
     def __dealloc__(self):
         PyMem_Free(self.recs)
         PyMem_Free(self.heap)
+        free(self.fifo)
         PyMem_Free(self.free_list)
         PyMem_Free(self.bound)
         PyMem_Free(self.by_seq)
@@ -152,7 +169,8 @@ cdef class JobTable:
         return self.next_expiry_c()
 
     cdef inline double next_expiry_c(self) noexcept:
-        return self.recs[self.heap[0]].expires_at if self.heap_n else INF
+        cdef int32_t h = self._queue_first()
+        return self.recs[h].expires_at if h >= 0 else INF
 
     # -- slots ----------------------------------------------------------------
     def bind(self, Py_ssize_t slot):
@@ -356,8 +374,6 @@ cdef class JobTable:
         self.recs[h].heap_pos = <int32_t>pos
 
     cdef void _heap_push(self, int32_t h) noexcept nogil:
-        self.n_set += 1
-        self.recs[h].order = self.n_set
         self.heap[self.heap_n] = h
         self.heap_n += 1
         self._sift_up(self.heap_n - 1)
@@ -390,10 +406,117 @@ cdef class JobTable:
         self.recs[last].heap_pos = <int32_t>pos
         self._sift_up(pos)
 
-    cdef void _heap_rekey(self, int32_t h) noexcept nogil:
-        cdef Py_ssize_t pos = self.recs[h].heap_pos
-        self._sift_up(pos)
-        self._sift_down(self.recs[h].heap_pos)
+    # -- the expiry queue: the ring in front of the heap (see the module notes) ---
+    cdef void _queue_push(self, int32_t h) noexcept nogil:
+        """File live job ``h`` (its ``expires_at`` set) under the next order: at the ring's end if it can go there.
+
+        If the ring's last job expires later than ``h`` (a long lease or TTL
+        among short ones), it moves to the heap, so that one such job does not
+        keep the jobs after it out of the ring; if the one before it does too,
+        ``h`` is the odd one and goes to the heap itself. One move at most.
+        """
+        cdef job_rec* r = &self.recs[h]
+        cdef int32_t h_tail
+        self.n_set += 1
+        r.order = self.n_set
+        if self.fifo_n and self._fifo_tail_after(r.expires_at):
+            h_tail = self.fifo[(self.fifo_end - 1) & self.fifo_mask]
+            self._fifo_pop_tail()
+            self._heap_push(h_tail)
+            if self.fifo_n and self._fifo_tail_after(r.expires_at):
+                self._heap_push(h)
+                return
+        if (self.fifo_n and r.order - self.fifo_head <= <uint64_t>self.fifo_mask) or self._fifo_room(r.order):
+            self.fifo[r.order & self.fifo_mask] = h
+            r.heap_pos = IN_FIFO
+            self.fifo_end = r.order + 1
+            self.fifo_n += 1
+        else:
+            self._heap_push(h)
+
+    cdef bint _fifo_room(self, uint64_t order) noexcept nogil:
+        """Whether ``order`` fits in the ring's span: makes room by growing it or moving its head to the heap."""
+        cdef Py_ssize_t size = self.fifo_mask + 1, new_size
+        cdef uint64_t o
+        cdef int32_t* ring
+        cdef int32_t h
+        if self.fifo_n == 0:
+            self.fifo_head = self.fifo_end = order  # empty: the span starts here
+            return True
+        while order - self.fifo_head >= <uint64_t>size:
+            if 2 * self.fifo_n >= size:
+                # half full or more: double it (entries move to their order's place in the larger ring)
+                new_size = 2 * size
+                ring = <int32_t*>malloc(new_size * sizeof(int32_t))
+                if ring == NULL:
+                    return False  # the heap takes it
+                memset(ring, 0xFF, new_size * sizeof(int32_t))
+                for o in range(self.fifo_head, self.fifo_end):
+                    h = self.fifo[o & self.fifo_mask]
+                    if h >= 0:
+                        ring[o & (new_size - 1)] = h
+                free(self.fifo)
+                self.fifo = ring
+                self.fifo_mask = new_size - 1
+                size = new_size
+            else:
+                # a job still live long after the ones behind it came and went holds the head (the span
+                # outgrows the ring while it is mostly holes): it moves to the heap, key and all
+                h = self.fifo[self.fifo_head & self.fifo_mask]
+                self._fifo_pop_head()
+                self._heap_push(h)
+                if self.fifo_n == 0:
+                    self.fifo_head = self.fifo_end = order
+        return True
+
+    cdef inline bint _fifo_tail_after(self, double expires_at) noexcept nogil:
+        return self.recs[self.fifo[(self.fifo_end - 1) & self.fifo_mask]].expires_at > expires_at
+
+    cdef void _fifo_pop_head(self) noexcept nogil:
+        """Take the ring's first entry out; the head moves past the holes after it."""
+        self.fifo[self.fifo_head & self.fifo_mask] = -1
+        self.fifo_n -= 1
+        self.fifo_head += 1
+        if self.fifo_n == 0:
+            self.fifo_head = self.fifo_end
+            return
+        while self.fifo[self.fifo_head & self.fifo_mask] < 0:
+            self.fifo_head += 1
+
+    cdef void _fifo_pop_tail(self) noexcept nogil:
+        """Take the ring's last entry out; the end moves back past the holes before it."""
+        self.fifo_end -= 1
+        self.fifo[self.fifo_end & self.fifo_mask] = -1
+        self.fifo_n -= 1
+        if self.fifo_n == 0:
+            self.fifo_end = self.fifo_head
+            return
+        while self.fifo[(self.fifo_end - 1) & self.fifo_mask] < 0:
+            self.fifo_end -= 1
+
+    cdef void _queue_remove(self, int32_t h) noexcept nogil:
+        cdef job_rec* r = &self.recs[h]
+        if r.heap_pos != IN_FIFO:
+            self._heap_remove(h)
+            return
+        r.heap_pos = -1
+        if r.order == self.fifo_head:
+            self._fifo_pop_head()
+        elif r.order + 1 == self.fifo_end:
+            self._fifo_pop_tail()
+        else:
+            self.fifo[r.order & self.fifo_mask] = -1  # a hole: the ends never stop on one
+            self.fifo_n -= 1
+
+    cdef int32_t _queue_first(self) noexcept nogil:
+        """The live job that expires first (by expiry, then order), or -1."""
+        cdef int32_t a = self.fifo[self.fifo_head & self.fifo_mask] if self.fifo_n else -1
+        cdef int32_t b = self.heap[0] if self.heap_n else -1
+        if a < 0:
+            return b
+        if b < 0 or _heap_less(self.recs, a, b):
+            return a
+        return b
 
     # -- lookups --------------------------------------------------------------
     cdef int32_t _live(self, str job_id, double now) except -2:
@@ -463,7 +586,7 @@ cdef class JobTable:
         self.job_ids[h] = job_id
         self.session_ids[h] = session_id
         self.pairs[h] = pair
-        self._heap_push(h)
+        self._queue_push(h)
         self.n_live += 1
         return h
 
@@ -502,16 +625,15 @@ cdef class JobTable:
         self._expire_at(h, expires_at)
 
     cdef void _expire_at(self, int32_t h, double expires_at) noexcept:
-        self.n_set += 1
-        self.recs[h].order = self.n_set
+        self._queue_remove(h)
         self.recs[h].expires_at = expires_at
-        self._heap_rekey(h)
+        self._queue_push(h)
 
     cdef void _drop(self, int32_t h) noexcept nogil:
         """Forget handle ``h`` and give its capacity back (no Python call can run in here)."""
         cdef job_rec* r = &self.recs[h]
         self.counts.c_add(r.slot, -1)
-        self._heap_remove(h)
+        self._queue_remove(h)
         if r.committed:
             self.n_committed -= 1
         r.slot = -1
@@ -567,8 +689,10 @@ cdef class JobTable:
         cdef list out = []
         cdef int32_t h
         cdef job_rec* r
-        while self.heap_n and self.recs[self.heap[0]].expires_at <= now:
-            h = self.heap[0]
+        while True:
+            h = self._queue_first()
+            if h < 0 or self.recs[h].expires_at > now:
+                break
             r = &self.recs[h]
             job_id = self.job_ids[h]
             session_id = self.session_ids[h]
@@ -638,7 +762,7 @@ cdef class JobTable:
         r.committed = 0
         r.gen += 1
         r.named = 0
-        self._heap_push(h)
+        self._queue_push(h)
         self.n_live += 1
         return (<int64_t>r.gen << 32) | h
 

@@ -580,6 +580,91 @@ def test_a_deep_expiry_heap_expires_exactly_as_the_twin(expiries):
     assert swept == sorted(set_at, key=set_at.__getitem__)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_expiry_ring_and_heap_expire_exactly_as_the_twin(seed):
+    """The compiled table keeps in-order expiries in a ring in front of its heap (``_jobs.pxi``).
+
+    20,000 random steps drive both tables: jobs at ``now`` + a fixed TTL (the
+    ring), long-lived ones that block its head while thousands pass (they move
+    to the heap, or the ring grows), out-of-order expiries (the heap), commits
+    and renewals, releases oldest-first and at random, handle jobs, sweeps.
+    Every result, every sweep (jobs and order) and ``next_expiry`` agree.
+    """
+    import random
+
+    from pysched import _core, _pycore
+
+    rng = random.Random(seed)
+    plan = []
+    now, n = 0.0, 0
+    for _ in range(20_000):
+        x = rng.random()
+        if x < 0.40:
+            plan.append(("reserve", f"j{n}", now + 10.0))
+            n += 1
+        elif x < 0.42:
+            plan.append(("reserve", f"j{n}", now + rng.choice((500.0, 1e6))))
+            n += 1
+        elif x < 0.47:
+            plan.append(("reserve", f"j{n}", now + rng.uniform(0.0, 20.0)))
+            n += 1
+        elif x < 0.52:
+            plan.append(("handle", None, now + 10.0))
+        elif x < 0.72:
+            plan.append(("release_random", rng.random(), 0.0))
+        elif x < 0.85:
+            plan.append(("release_oldest", None, 0.0))
+        elif x < 0.90:
+            plan.append(("commit", rng.random(), now + rng.choice((10.0, 60.0))))
+        elif x < 0.93:
+            plan.append(("renew", rng.random(), now + rng.uniform(5.0, 30.0)))
+        else:
+            now += rng.uniform(0.0, 0.4)
+            plan.append(("expire", None, now))
+    plan.append(("expire", None, 2e6))
+    results = []
+    for core in (_core, _pycore):
+        counts = core.SlotCounts(4)
+        table = core.JobTable(counts, prefix="j")
+        for slot in range(4):
+            table.bind(slot)
+        live = []  # job ids and handles, oldest first
+        out = []
+        t = 0.0
+        for op, arg, at in plan:
+            if op == "reserve":
+                out.append(table.reserve(arg, int(arg[1:]) % 4, 1_000_000, 0, 1, "s", at))
+                live.append(arg)
+            elif op == "handle":
+                h = table.reserve_handle(len(live) % 4, 1_000_000, 0, 1, "s", at)
+                out.append(h)
+                live.append(h)
+            elif op in ("release_random", "release_oldest", "commit", "renew"):
+                if not live:
+                    continue
+                job = live[0] if op == "release_oldest" else live[int(arg * len(live))]
+                named = isinstance(job, str)
+                if op.startswith("release"):
+                    live.remove(job)
+                    done = table.release(job, -1, t) if named else table.release_handle(job, -1, t)
+                    out.append(done is not None and done is not False)
+                elif op == "commit":
+                    out.append(table.commit(job, -1, at, t) if named else table.commit_handle(job, -1, at, t))
+                else:
+                    out.append(table.renew(job, -1, at, t) if named else table.renew_handle(job, -1, at, t))
+            else:
+                t = at
+                swept = table.expire(at)
+                gone = {rec[0] for rec in swept}
+                live = [job for job in live if job not in gone]
+                out.append([rec[:2] + rec[4:] for rec in swept])
+                out.append(table.next_expiry)
+        out.append((len(table), counts.array.tolist()))
+        results.append(out)
+    assert results[0] == results[1]
+    assert results[0][-1] == (0, [0, 0, 0, 0])
+
+
 def test_numbered_job_ids_are_exact_past_ring_collisions_and_growth(make_scheduler, clock):
     """A job held while thousands of later ones come and go (their numbers wrap the compiled table's
     ring onto its entry, and the ring grows) is still found, and so is every later job."""
