@@ -149,6 +149,7 @@ cdef class Ordering:
 
     cdef bint _key_update(self, Py_ssize_t s) noexcept nogil
     cdef void _refresh(self, Py_ssize_t s) noexcept nogil
+    cdef void prefetch(self, Py_ssize_t slot) noexcept nogil
     cdef void on_count(self, Py_ssize_t slot) noexcept nogil
     cdef void on_load(self, Py_ssize_t slot) noexcept nogil
     cdef void evict(self, Py_ssize_t slot, double deadline) noexcept nogil

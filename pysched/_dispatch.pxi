@@ -31,6 +31,7 @@ from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH
 
 cdef extern from "Python.h":
     str PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    PyObject* PyList_GET_ITEM(object lst, Py_ssize_t i)  # borrowed, unchecked (the index is known valid)
 
 cdef extern from *:
     """
@@ -357,6 +358,7 @@ cdef class Dispatcher:
             return (s, t, now)
         slot = <Py_ssize_t>(found & <int64_t>0xFFFFFFFF)
         pidx = <Py_ssize_t>(found >> 32)
+        _prefetch(PyList_GET_ITEM(kernel.node_ids, slot))  # the node id, for the Assignment (cold in big fleets)
         pool_id = self.pool_ids[pidx]
         if pair is None:
             pair = (s, t)

@@ -667,6 +667,8 @@ cdef class JobTable:
 
     cdef int _forget(self, int32_t h) except -1:
         """Drop record ``h`` everywhere: its job id (if it has one), its capacity, its heap entry, its objects."""
+        if self.counts.ordering is not None:
+            self.counts.ordering.prefetch(self.recs[h].slot)  # read by _drop, after the id work below
         job_id = self.job_ids[h]
         if job_id is not None:
             self._unclaim(h, job_id)

@@ -330,6 +330,16 @@ cdef class Ordering:
             _tree_set(t, self.keys, pos, _leaf_of(self.keys, <int32_t>s))
             ref = t.next[pos]
 
+    cdef inline void prefetch(self, Py_ssize_t slot) noexcept nogil:
+        """Start loading what a change of ``slot``'s count reads (a hint: in big fleets those lines are
+        cold, and this lets them load in parallel with the caller's work instead of one after another)."""
+        if self.ready and 0 <= slot < self.n_slots:
+            _prefetch(&self.keys[slot])
+            _prefetch(&self.head[slot])
+            _prefetch(&self.evicted[slot])
+            _prefetch(&self.loads[slot])
+            _prefetch(&self.recs[slot])
+
     cdef void on_count(self, Py_ssize_t slot) noexcept nogil:
         if self.ready and slot < self.n_slots and self._key_update(slot):
             self._refresh(slot)
