@@ -321,6 +321,7 @@ cdef class SessionState:
     cdef public double last_used       # clock() time of the session's last dispatch
     # memo of the compiled calls: the pool index and pair key of ``seen_binding`` in snapshot ``seen_snap``
     cdef object seen_binding
+    cdef object seen_pair              # seen_binding[0]: a memo hit reads no binding tuple
     cdef object seen_snap
     cdef Py_ssize_t seen_index         # -1: the bound pool is not in that snapshot
     cdef Py_ssize_t seen_key           # -1: no pool of that snapshot speaks the bound pair

@@ -302,7 +302,7 @@ cdef class Dispatcher:
         # (in this snapshot) has the pair's codes and key in its memo: no code probe. Read only.
         if (state is not None and state.seen_src is src and state.seen_tgt is tgt and state.binding is not None
                 and state.seen_binding is state.binding and state.seen_snap is self.snap):
-            pair = <tuple>(<tuple>state.binding)[0]
+            pair = <tuple>state.seen_pair  # the binding's pair: the binding tuple itself is not read
             s = <str>pair[0]
             t = <str>pair[1]
             key = state.seen_key
@@ -335,17 +335,20 @@ cdef class Dispatcher:
                 state.binding = None  # idle past its TTL: forgotten at lookup
             state.last_used = now
             if state.binding is not None:
-                binding = <tuple>state.binding
-                pair = <tuple>binding[0]
-                if memo or (pair[0] == s and pair[1] == t):
-                    if not memo:
+                if memo:
+                    pair = <tuple>state.seen_pair
+                    bound = state.seen_index  # memo: the binding's pool index in this snapshot
+                else:
+                    binding = <tuple>state.binding
+                    pair = <tuple>binding[0]
+                    if pair[0] == s and pair[1] == t:
                         if not (state.seen_binding is binding and state.seen_snap is self.snap):
                             self._seen(state, binding, key)
                         state.seen_src = src  # the next dispatch with these objects skips the code probes
                         state.seen_tgt = tgt
-                    bound = state.seen_index  # memo: the binding's pool index in this snapshot
-                else:
-                    pair = None
+                        bound = state.seen_index
+                    else:
+                        pair = None
         req.service_mask = <uint64_t>self.default_mask
         req.need = NEED_GPU | NEED_PUBLIC
         req.now = now
@@ -531,6 +534,7 @@ cdef class Dispatcher:
         them against this binding's pair may set them again.
         """
         state.seen_binding = binding
+        state.seen_pair = binding[0]
         state.seen_snap = self.snap
         state.seen_index = index
         state.seen_key = key
