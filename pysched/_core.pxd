@@ -253,7 +253,7 @@ cdef class JobTable:
     cdef list pairs                    # handle -> what the caller stored with the job ((src, tgt) for dispatch)
     cdef job_rec* recs                 # handle -> record
     cdef int32_t* heap                 # min-heap of live handles by (expires_at, order), those not in the ring
-    cdef int32_t* fifo                 # ring of live handles in (expires_at, order) order: order & fifo_mask -> handle, or -1
+    cdef int32_t* fifo                 # ring of live handles by (expires_at, order): order & fifo_mask -> handle, or -1
     cdef Py_ssize_t fifo_mask
     cdef uint64_t fifo_head, fifo_end  # the ring's span of orders, [head, end): both ends hold a live handle
     cdef Py_ssize_t fifo_n             # live handles in the ring (0: an empty span)
