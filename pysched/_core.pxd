@@ -267,7 +267,6 @@ cdef class JobTable:
     cdef int _grow_jobs(self) except -1
     cdef int _grow_to(self, Py_ssize_t total) except -1
     cdef void _sift_up(self, Py_ssize_t pos) noexcept nogil
-    cdef void _sift_down(self, Py_ssize_t pos) noexcept nogil
     cdef void _heap_push(self, int32_t h) noexcept nogil
     cdef void _heap_remove(self, int32_t h) noexcept nogil
     cdef void _queue_push(self, int32_t h) noexcept nogil

@@ -22,17 +22,22 @@ Expiry. Every live job is in one of two queues keyed by ``expires_at``
 (the TTL end of an uncommitted reservation, the lease end of a committed
 job), then by the order the expiries were set (``job_rec.order``, the
 table's count of settings): a **ring** that takes a job whose expiry is
-not earlier than the last one it took (the common case: expiries are
+not earlier than the last one it holds (the common case: expiries are
 ``now`` plus a fixed TTL or lease, and a batch's jobs share one), and an
-indexed binary **min-heap** for the rest. The ring is indexed by the order
-itself, so a release leaves a hole in O(1) and the first entry moves on
-past holes; the heap's entries know their position, so commit, renew and
+indexed binary **min-heap** for the rest. The ring is indexed by the
+order itself, so a release leaves a hole in O(1) and its ends move past
+holes; the heap's entries know their position, so commit, renew and
 release update or remove them in O(log n). Neither ever holds a dead
-entry. A long-lived job at the ring's head that would make the ring's
-span outgrow it moves to the heap (with its key), unless the ring is half
-full, when it grows instead. ``next_expiry`` is the lesser of the two
-fronts: a caller sweeps exactly when the clock reaches it, and a sweep
-takes jobs in (expiry, order) order, as the twin's single heap does.
+entry. A job at the ring's end that expires later than a new one (a long
+lease among short TTLs) moves to the heap, key and all, one at most per
+push (if the one before it is later too, the new job is the odd one and
+goes to the heap); a job at the ring's head that outlives the ones behind
+it so long that the span outgrows the ring moves to the heap too, unless
+the ring is half full, when it doubles. ``next_expiry`` is the lesser of
+the two fronts: a caller sweeps exactly when the clock reaches it, and a
+sweep takes jobs in (expiry, order) order, as the twin's single heap
+does. (A single heap took O(log n) to remove its first entry, the common
+release: jobs end roughly in the order they started.)
 
 Job ids. The ids the dispatcher makes are its prefix and a number, and a
 job lives a short time: the table files those by number in a ring (number
@@ -352,24 +357,6 @@ cdef class JobTable:
             self.heap[pos] = parent_h
             self.recs[parent_h].heap_pos = <int32_t>pos
             pos = parent
-        self.heap[pos] = h
-        self.recs[h].heap_pos = <int32_t>pos
-
-    cdef void _sift_down(self, Py_ssize_t pos) noexcept nogil:
-        cdef int32_t h = self.heap[pos], child_h
-        cdef Py_ssize_t child, n = self.heap_n
-        while True:
-            child = 2 * pos + 1
-            if child >= n:
-                break
-            if child + 1 < n and _heap_less(self.recs, self.heap[child + 1], self.heap[child]):
-                child += 1
-            child_h = self.heap[child]
-            if not _heap_less(self.recs, child_h, h):
-                break
-            self.heap[pos] = child_h
-            self.recs[child_h].heap_pos = <int32_t>pos
-            pos = child
         self.heap[pos] = h
         self.recs[h].heap_pos = <int32_t>pos
 
