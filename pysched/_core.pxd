@@ -146,6 +146,7 @@ cdef class Ordering:
     cdef readonly uint64_t epoch       # bumped by every retarget; a kernel uses the trees only at its own
     cdef readonly bint ready           # the trees describe the current target
     cdef readonly double horizon       # latest heartbeat deadline of an evicted node
+    cdef bint shared_slots             # some slot has leaves in two trees (overlapping manual pools)
 
     cdef bint _key_update(self, Py_ssize_t s) noexcept nogil
     cdef void _refresh(self, Py_ssize_t s) noexcept nogil

@@ -213,6 +213,7 @@ cdef class Ordering:
     """
 
     def __cinit__(self):
+        self.shared_slots = False
         self.retired = NULL
         self.n_retired = 0
         self.keys = NULL
@@ -328,6 +329,8 @@ cdef class Ordering:
             t = self.trees[ref >> 32]
             pos = ref & LEAF_POS
             _tree_set(t, self.keys, pos, _leaf_of(self.keys, <int32_t>s))
+            if not self.shared_slots:
+                break  # one leaf a slot (auto pools): its link, a cold line in big fleets, is not read
             ref = t.next[pos]
 
     cdef inline void prefetch(self, Py_ssize_t slot) noexcept nogil:
@@ -466,6 +469,8 @@ cdef class Ordering:
         cdef int32_t s
         for pos in range(t.n):
             s = t.slots[pos]
+            if self.head[s] >= 0:
+                self.shared_slots = True  # until a full rebuild (conservative: dropping trees keeps it)
             t.next[pos] = self.head[s]
             self.head[s] = (<int64_t>tree_id << 32) | pos
 
@@ -570,6 +575,7 @@ cdef class Ordering:
             for s in range(self.n_slots):
                 self.head[s] = -1
                 self._key_update(s)
+            self.shared_slots = False
             self._match_trees(k.pool_off, k.pool_members, k.n_pools, False)
         else:
             if pools_changed:
