@@ -815,8 +815,8 @@ cdef class SnapshotKernel:
             else:
                 pos = _tree_nth(t, r)
                 slot = t.slots[pos]
-            # what reserving it reads next (its key, leaf link, eviction flag): one cold slot's lines
-            # load in parallel with the check below instead of one after another (10,000-node fleets)
+            # what the check below and reserving it read (its records, key, leaf link, eviction flag):
+            # a cold slot's lines load in parallel instead of one after another (10,000-node fleets)
             o.prefetch(slot)
             load = &self.loads[slot]
             if _eligible(&self.recs[slot], load, req.inflight[slot], slot, req, self.heartbeat_timeout,

@@ -632,7 +632,7 @@ cdef class Dispatcher:
         cdef PyObject* memo_ptr[2 * CODE_MEMO]  # [0, CODE_MEMO): src; [CODE_MEMO, 2 * CODE_MEMO): tgt
         cdef Py_ssize_t memo_id[2 * CODE_MEMO]
         cdef list memo_hold = [None] * (2 * CODE_MEMO)
-        cdef Py_ssize_t s_at = -1, t_at = -1, j
+        cdef Py_ssize_t s_at = -1, t_at = -1
         memset(memo_ptr, 0, sizeof(memo_ptr))
         try:
             for p in range(kernel.n_pools):

@@ -734,9 +734,9 @@ class JobTable:
     gives the same guarantee. Expiry uses ``heapq`` with lazy deletion (an
     entry is live only while its ``(expires_at, version)`` still matches the
     job), which returns the same jobs in the same order as the compiled
-    indexed heap: earliest expiry first, then the expiry set first (the
-    version: every push takes the next one, as the compiled table numbers
-    each setting of an expiry).
+    table's ring and indexed heap: earliest expiry first, then the expiry
+    set first (the version: every push takes the next one, as the compiled
+    table numbers each setting of an expiry).
     """
 
     FULL = -1
