@@ -530,6 +530,15 @@ def test_a_callers_job_id_is_held_when_hundreds_of_generated_ones_are(make_sched
     assert sched.reservations.count() == 0
 
 
+def _bound_table(core):
+    """A job table of ``core`` over four slots, every one bound, with numbered ids ``j<n>``."""
+    counts = core.SlotCounts(4)
+    table = core.JobTable(counts, prefix="j")
+    for slot in range(4):
+        table.bind(slot)
+    return counts, table
+
+
 @pytest.mark.parametrize("expiries", ["distinct", "tied"])
 def test_a_deep_expiry_heap_expires_exactly_as_the_twin(expiries):
     """Thousands of jobs with random expiries, released and renewed at random positions of the heap:
@@ -551,10 +560,7 @@ def test_a_deep_expiry_heap_expires_exactly_as_the_twin(expiries):
     plan.sort(key=lambda op: op[0] != "reserve")  # every job exists before releases and renewals
     results = []
     for core in (_core, _pycore):
-        counts = core.SlotCounts(4)
-        table = core.JobTable(counts, prefix="j")
-        for slot in range(4):
-            table.bind(slot)
+        counts, table = _bound_table(core)
         out = []
         for op, job, t in plan:
             if op == "reserve":
@@ -624,10 +630,7 @@ def test_the_expiry_ring_and_heap_expire_exactly_as_the_twin(seed):
     plan.append(("expire", None, 2e6))
     results = []
     for core in (_core, _pycore):
-        counts = core.SlotCounts(4)
-        table = core.JobTable(counts, prefix="j")
-        for slot in range(4):
-            table.bind(slot)
+        counts, table = _bound_table(core)
         live = []  # job ids and handles, oldest first
         out = []
         t = 0.0

@@ -119,22 +119,18 @@ class DispatchBatchThreads:
             w.join()
 
 
-class DispatchBatchStartedThreads:
+class DispatchBatchStartedThreads(DispatchBatchThreads):
     """``DispatchBatchThreads`` with the two threads started in ``setup``: each round times the batches only.
 
     ``threads=2``: two threads already running each place and release one
     batch, released together by a barrier; ``threads=1``: the main thread
     runs both. Starting two threads costs a few hundred microseconds on this
     kind of machine, which ``DispatchBatchThreads`` includes in each round.
+    Its parameters and fleets are the base class's.
     """
 
-    params = [1, 2]
-    param_names = ["threads"]
-    repeat = 10
-    timeout = 600
-
     def setup(self, threads):
-        self.fleets = [cached(("array", 32, k), lambda: _array_fleet(32)) for k in range(2)]
+        super().setup(threads)
         self.workers = []
         if threads == 1:
             return
@@ -162,8 +158,7 @@ class DispatchBatchStartedThreads:
 
     def time_two_batches(self, threads):
         if threads == 1:
-            for fleet in self.fleets:
-                DispatchBatchThreads._run(fleet)
+            super().time_two_batches(threads)
             return
         self.go.wait()
         self.done.wait()
