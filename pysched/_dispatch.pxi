@@ -63,6 +63,7 @@ cdef object _UNSET = object()  # "argument not given" (None is a value the Pytho
 
 
 @cython.final
+@cython.freelist(256)  # one is made per dispatch and most live briefly: reuse them instead of the allocator
 cdef class Assignment:
     """Where a job goes: ``node_id`` in ``pool_id``, under ``job_id``."""
 
