@@ -630,11 +630,14 @@ cdef class Dispatcher:
         # the code cache once per object (a dict probe and a PyLong conversion are ~150 instructions a job).
         # An entry's object is held in ``memo_hold`` (with its (normalised code, id)) for the batch: its
         # address cannot name another object meanwhile.
+        # (set up only when a direction has per-job codes: one code each needs none)
         cdef PyObject* memo_ptr[2 * CODE_MEMO]  # [0, CODE_MEMO): src; [CODE_MEMO, 2 * CODE_MEMO): tgt
         cdef Py_ssize_t memo_id[2 * CODE_MEMO]
-        cdef list memo_hold = [None] * (2 * CODE_MEMO)
+        cdef list memo_hold = None
         cdef Py_ssize_t s_at = -1, t_at = -1
-        memset(memo_ptr, 0, sizeof(memo_ptr))
+        if not (one_src and one_tgt):
+            memo_hold = [None] * (2 * CODE_MEMO)
+            memset(memo_ptr, 0, sizeof(memo_ptr))
         try:
             for p in range(kernel.n_pools):
                 pool_c[p] = <int64_t>pool_ids[p]

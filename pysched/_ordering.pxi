@@ -61,11 +61,15 @@ cdef inline int _key_cmp(const order_key* a, const order_key* b) noexcept nogil:
     return 0
 
 
-cdef inline void _combine(order_node* nodes, const order_key* keys, Py_ssize_t v) noexcept nogil:
-    """Node ``v`` from its two children: the better one's best, or both when they tie."""
+cdef inline order_node _combine(const order_node* nodes, const order_key* keys, Py_ssize_t v) noexcept nogil:
+    """Node ``v``'s answer from its two children: the better one's best, or both when they tie.
+
+    Returned by value (it fits in registers), so the climb can compare it with
+    the stored node before writing anything.
+    """
     cdef const order_node* a = &nodes[2 * v]
-    cdef const order_node* b = &nodes[2 * v + 1]
-    cdef order_node* n = &nodes[v]
+    cdef const order_node* b = a + 1
+    cdef order_node n
     cdef int c
     if b.win < 0:
         c = -1
@@ -85,6 +89,7 @@ cdef inline void _combine(order_node* nodes, const order_key* keys, Py_ssize_t v
         n.win = a.win
         n.ties = a.ties + b.ties
         n.left = a.ties
+    return n
 
 
 cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win) noexcept nogil:
@@ -94,50 +99,24 @@ cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t
     climb stops at the first node whose answer did not change and whose best
     is another slot, since nothing above depends on this leaf then. (Nodes
     hold a slot, not a copy of its key: measured, copying 24-byte nodes cost
-    more than the lookups it saves.) This is :func:`_combine`, inlined so that
-    a node's new answer is held in registers and compared with the stored one
-    before anything is written: the climb runs on every count change.
+    more than the lookups it saves.) Each level's new answer is compared with
+    the stored node before anything is written: the climb runs on every
+    count change.
     """
     cdef order_node* nodes = t.nodes
     cdef Py_ssize_t v = t.size + pos
     cdef int32_t slot = t.slots[pos]
-    cdef int32_t aw, bw, nw, nt, nl
-    cdef const order_node* a
-    cdef const order_node* b
+    cdef order_node nn
     cdef order_node* n
-    cdef int c
     nodes[v].win = win
     nodes[v].ties = 1 if win >= 0 else 0
     v >>= 1
     while v >= 1:
-        a = &nodes[2 * v]
-        b = a + 1
-        aw = a.win
-        bw = b.win
-        if bw < 0:
-            c = -1
-        elif aw < 0:
-            c = 1
-        else:
-            c = _key_cmp(&keys[aw], &keys[bw])
-        if c < 0:
-            nw = aw
-            nt = a.ties
-            nl = nt
-        elif c > 0:
-            nw = bw
-            nt = b.ties
-            nl = 0
-        else:
-            nw = aw
-            nl = a.ties
-            nt = nl + b.ties
+        nn = _combine(nodes, keys, v)
         n = &nodes[v]
-        if n.win == nw and n.ties == nt and n.left == nl and nw != slot:
+        if n.win == nn.win and n.ties == nn.ties and n.left == nn.left and nn.win != slot:
             break
-        n.win = nw
-        n.ties = nt
-        n.left = nl
+        n[0] = nn
         v >>= 1
 
 
@@ -197,7 +176,7 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
     t.nodes[0].ties = 0
     t.nodes[0].left = 0
     for v in range(size - 1, 0, -1):
-        _combine(t.nodes, keys, v)
+        t.nodes[v] = _combine(t.nodes, keys, v)
     return t
 
 
