@@ -91,11 +91,25 @@ ctypedef struct request_t:
     const int32_t* inflight    # in-flight counts to score with: the live array, or a batch's scratch copy
 
 
-# The per-pool ordering (_ordering.pxi): a tournament tree per pool over its members.
+# The per-pool ordering (_ordering.pxi): a tournament tree per pool over its members, and per slot
+# its key, compared by the trees (16 bytes, four to a cache line: a tree repair compares the keys of
+# other slots), and its brief: copies of what a decision checks and a count change reads of the
+# slot's node and load records, so that in a big fleet those read two cold lines of the slot (key
+# and brief) instead of five (key, node record, load record, leaf link, eviction flag). Every change
+# of what they copy refreshes them (Ordering._key_update).
 ctypedef struct order_key:
     int32_t eff                # max(in-flight, reported running); -1: not a candidate
-    int32_t max_concurrency
-    double gpu
+    uint32_t max_concurrency   # the node record's: the key's divisor, and the reservation's limit
+    double gpu                 # reported GPU use: the key's second criterion
+
+ctypedef struct slot_brief:
+    double last_heartbeat      # the load record's: a decision checks staleness against it
+    uint64_t service_mask      # the node record's
+    int64_t head               # the slot's first leaf (tree id << 32 | position), or -1
+    int32_t running            # the load record's: a count change recomputes eff from it
+    uint8_t flags              # the node record's FLAG_* bits
+    uint8_t live               # ready, not overloaded, not evicted: a candidate unless it is full
+    uint16_t pad_              # always zero (32 bytes: the array is aligned to 32, a brief is in one line)
 
 ctypedef struct order_node:
     int32_t win                # slot of a best candidate below (leftmost of the tied ones); -1: none
@@ -126,8 +140,9 @@ cdef class Gate:
 
 cdef class Ordering:
     cdef order_key* keys               # slot -> key as of the slot's last change
+    cdef slot_brief* briefs            # slot -> brief, in step with the key (aligned to 32 bytes)
+    cdef void* briefs_mem              # the allocation briefs lies in
     cdef uint8_t* evicted              # slot -> 1 once a decision found its heartbeat stale
-    cdef int64_t* head                 # slot -> its first leaf (tree id << 32 | position), or -1
     cdef Py_ssize_t n_slots
     cdef pool_tree** trees             # by tree id (stable while the tree's member list is)
     cdef Py_ssize_t n_trees
@@ -148,7 +163,9 @@ cdef class Ordering:
     cdef readonly double horizon       # latest heartbeat deadline of an evicted node
     cdef bint shared_slots             # some slot has leaves in two trees (overlapping manual pools)
 
+    cdef order_key _key_of(self, Py_ssize_t s, slot_brief* b) noexcept nogil
     cdef bint _key_update(self, Py_ssize_t s) noexcept nogil
+    cdef bint _count_update(self, Py_ssize_t s) noexcept nogil
     cdef void _refresh(self, Py_ssize_t s) noexcept nogil
     cdef void prefetch(self, Py_ssize_t slot) noexcept nogil
     cdef void on_count(self, Py_ssize_t slot) noexcept nogil
@@ -226,6 +243,8 @@ cdef class SnapshotKernel:
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
     cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
+    cdef bint _ordered(self) noexcept nogil
+    cdef void _capacity(self, Py_ssize_t slot, int64_t* limit, int64_t* running) noexcept nogil
     cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state,
                                  Ordering o) noexcept nogil
     cdef int32_t _choose_scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state, Ordering o) noexcept

@@ -281,7 +281,7 @@ cdef class Dispatcher:
         cdef SessionState state = None
         cdef request_t req
         cdef uint64_t stream
-        cdef int64_t found
+        cdef int64_t found, limit, running
         cdef int32_t h
         cdef tuple binding, pair = None
         cdef bint memo
@@ -368,8 +368,8 @@ cdef class Dispatcher:
             pair = (s, t)
         self.seq += 1
         job_id = self._job_id(self.seq)
-        h = self.jobs._reserve(job_id, self.seq, slot, kernel.recs[slot].max_concurrency,
-                               kernel.loads[slot].running, pool_id, session_id, now + self.ttl, pair)
+        kernel._capacity(slot, &limit, &running)
+        h = self.jobs._reserve(job_id, self.seq, slot, limit, running, pool_id, session_id, now + self.ttl, pair)
         if h < 0:
             return None
         if state is None:
@@ -802,7 +802,7 @@ cdef class Dispatcher:
         """
         cdef Py_ssize_t i, k, key, bound, slot, pidx, placed = 0
         cdef uint64_t stream
-        cdef int64_t found, handle
+        cdef int64_t found, handle, limit, running
         for i in range(n):
             key = keys[i]
             if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
@@ -815,16 +815,15 @@ cdef class Dispatcher:
                 continue
             slot = <Py_ssize_t>(found & <int64_t>0xFFFFFFFF)
             pidx = <Py_ssize_t>(found >> 32)
-            handle = self.jobs.c_claim(slot, kernel.recs[slot].max_concurrency, kernel.loads[slot].running,
-                                       pool_ids[pidx], expires_at)
+            kernel._capacity(slot, &limit, &running)
+            handle = self.jobs.c_claim(slot, limit, running, pool_ids[pidx], expires_at)
             if handle == JOB_NO_ROOM:  # only when the pass kept the GIL and a scan let others reserve
                 with gil:
                     try:
                         self.jobs._grow_jobs()
                     except MemoryError:
                         pass
-                handle = self.jobs.c_claim(slot, kernel.recs[slot].max_concurrency, kernel.loads[slot].running,
-                                           pool_ids[pidx], expires_at)
+                handle = self.jobs.c_claim(slot, limit, running, pool_ids[pidx], expires_at)
             if handle < 0:
                 continue  # refused at the last moment: reported like no node
             out_slot[i] = <int32_t>slot

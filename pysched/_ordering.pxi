@@ -5,7 +5,14 @@ What it holds. For every slot an ordering key, ``(eff, max_concurrency,
 gpu)`` with ``eff = max(in-flight, reported running)``, as of the slot's last
 change; ``eff = -1`` marks a slot that is not a *candidate*: a candidate is
 ready, below its max, not overloaded, and not *evicted* (found with a stale
-heartbeat by an earlier decision, until its next heartbeat). For every pool a
+heartbeat by an earlier decision, until its next heartbeat). Next to it the
+slot's *brief*: its first leaf, and copies of what a decision checks and a
+count change reads of its node and load records (services, flags, last
+heartbeat, reported running, and whether it is a candidate apart from its
+count). A decision then reads two lines of the chosen slot, key and brief,
+and a count change the same two and the count, instead of five; keys stay
+16 bytes, four to a line, because a tree repair compares other slots' keys.
+For every pool a
 tournament tree over its members in member order: each node keeps the slot of
 a best leaf below it (keys compared exactly: ``eff_a * max_b`` against
 ``eff_b * max_a``, then GPU use) and how many leaves below tie with it, so the
@@ -52,8 +59,8 @@ cdef int64_t LEAF_POS = 0xFFFFFFFF  # a leaf reference is tree id << 32 | positi
 
 cdef inline int _key_cmp(const order_key* a, const order_key* b) noexcept nogil:
     """-1, 0 or 1 as (a.eff/a.max, a.gpu) is lower than, equal to, or above b's, exactly."""
-    cdef int64_t lhs = <int64_t>a.eff * b.max_concurrency
-    cdef int64_t rhs = <int64_t>b.eff * a.max_concurrency
+    cdef int64_t lhs = <int64_t>a.eff * <int64_t>b.max_concurrency
+    cdef int64_t rhs = <int64_t>b.eff * <int64_t>a.max_concurrency
     if lhs != rhs:
         return -1 if lhs < rhs else 1
     if a.gpu != b.gpu:
@@ -196,8 +203,9 @@ cdef class Ordering:
         self.retired = NULL
         self.n_retired = 0
         self.keys = NULL
+        self.briefs = NULL
+        self.briefs_mem = NULL
         self.evicted = NULL
-        self.head = NULL
         self.n_slots = 0
         self.trees = NULL
         self.n_trees = 0
@@ -224,8 +232,8 @@ cdef class Ordering:
         free(self.trees)
         free(self.pool_tree)
         free(self.keys)
+        free(self.briefs_mem)
         free(self.evicted)
-        free(self.head)
 
     # -- inspection (tests, diagnostics) -----------------------------------
     def evicted_slots(self) -> list:
@@ -251,12 +259,13 @@ cdef class Ordering:
             return
         cdef Py_ssize_t s, p, v
         cdef order_key k
+        cdef slot_brief b
         cdef pool_tree* t
         cdef pool_tree* fresh
         for s in range(self.n_slots):
-            k = self.keys[s]
-            if self._key_update(s):
-                self.keys[s] = k
+            k = self._key_of(s, &b)  # the key and every copy in the brief (padding is zero in both)
+            if (memcmp(&k, &self.keys[s], sizeof(order_key)) != 0
+                    or memcmp(&b, &self.briefs[s], sizeof(slot_brief)) != 0):
                 raise AssertionError(f"ordering: stale key for slot {s}")
         for p in range(self.n_pools):
             t = self.tree_of(p)
@@ -280,28 +289,57 @@ cdef class Ordering:
                 _tree_free(fresh)
 
     # -- notifications (each O(log n), atomic under the GIL) -----------------
-    cdef bint _key_update(self, Py_ssize_t s) noexcept nogil:
-        """Recompute slot ``s``'s key from the target arrays; whether it changed."""
+    cdef order_key _key_of(self, Py_ssize_t s, slot_brief* b) noexcept nogil:
+        """Slot ``s``'s key computed from the target arrays, and its brief into ``b`` (leaf link as it stands)."""
         cdef const node_rec* rec = &self.recs[s]
         cdef const node_load* load = &self.loads[s]
         cdef int32_t held = self.counts[s]
         cdef int32_t eff = held if held > load.running else load.running
         cdef double thr = self.threshold
+        cdef int64_t head = self.briefs[s].head
         cdef order_key k
-        if (rec.status != STATUS_READY or eff >= <int64_t>rec.max_concurrency or self.evicted[s]
-                or load.cpu >= thr or load.gpu >= thr or load.mem >= thr):
-            eff = -1
-        k.eff = eff
-        k.max_concurrency = <int32_t>rec.max_concurrency
+        memset(b, 0, sizeof(slot_brief))
+        b.last_heartbeat = load.last_heartbeat
+        b.service_mask = rec.service_mask
+        b.head = head
+        b.running = load.running
+        b.flags = rec.flags
+        b.live = not (rec.status != STATUS_READY or self.evicted[s]
+                      or load.cpu >= thr or load.gpu >= thr or load.mem >= thr)
+        k.eff = eff if b.live and eff < <int64_t>rec.max_concurrency else -1
+        k.max_concurrency = rec.max_concurrency
         k.gpu = load.gpu
+        return k
+
+    cdef bint _key_update(self, Py_ssize_t s) noexcept nogil:
+        """Recompute slot ``s``'s key and brief from the target arrays; whether the key changed."""
+        cdef order_key k = self._key_of(s, &self.briefs[s])
         if memcmp(&k, &self.keys[s], sizeof(order_key)) == 0:
             return False
         self.keys[s] = k
         return True
 
+    cdef bint _count_update(self, Py_ssize_t s) noexcept nogil:
+        """``_key_update`` after a change of slot ``s``'s in-flight count only, from its key, brief and count.
+
+        What else the key depends on is copied in the brief, kept up to date
+        by every other change, so this reads no node or load record (two
+        more cold lines per count change in a big fleet).
+        """
+        cdef order_key* k = &self.keys[s]
+        cdef const slot_brief* b = &self.briefs[s]
+        cdef int32_t held = self.counts[s]
+        cdef int32_t eff = held if held > b.running else b.running
+        if not b.live or eff >= <int64_t>k.max_concurrency:
+            eff = -1
+        if eff == k.eff:
+            return False
+        k.eff = eff
+        return True
+
     cdef void _refresh(self, Py_ssize_t s) noexcept nogil:
         """Bring every leaf of slot ``s`` in line with its key."""
-        cdef int64_t ref = self.head[s]
+        cdef int64_t ref = self.briefs[s].head
         cdef pool_tree* t
         cdef Py_ssize_t pos
         while ref >= 0:
@@ -317,13 +355,11 @@ cdef class Ordering:
         cold, and this lets them load in parallel with the caller's work instead of one after another)."""
         if self.ready and 0 <= slot < self.n_slots:
             _prefetch(&self.keys[slot])
-            _prefetch(&self.head[slot])
-            _prefetch(&self.evicted[slot])
-            _prefetch(&self.loads[slot])
-            _prefetch(&self.recs[slot])
+            _prefetch(&self.briefs[slot])
+            _prefetch(&self.counts[slot])
 
     cdef void on_count(self, Py_ssize_t slot) noexcept nogil:
-        if self.ready and slot < self.n_slots and self._key_update(slot):
+        if self.ready and slot < self.n_slots and self._count_update(slot):
             self._refresh(slot)
 
     cdef void on_load(self, Py_ssize_t slot) noexcept nogil:
@@ -349,7 +385,7 @@ cdef class Ordering:
         """Position of ``slot``'s leaf in tree ``tree_id``, or -1."""
         if slot < 0 or slot >= self.n_slots:
             return -1
-        cdef int64_t ref = self.head[slot]
+        cdef int64_t ref = self.briefs[slot].head
         while ref >= 0:
             if (ref >> 32) == tree_id:
                 return ref & LEAF_POS
@@ -366,6 +402,17 @@ cdef class Ordering:
         if keys == NULL:
             raise MemoryError()
         self.keys = keys
+        # briefs on 32-byte boundaries, so that none straddles two cache lines (malloc promises 16;
+        # aligned_alloc is not everywhere the wheels are built)
+        cdef void* briefs_mem = malloc((n if n > 0 else 1) * sizeof(slot_brief) + 31)
+        if briefs_mem == NULL:
+            raise MemoryError()
+        cdef slot_brief* briefs = <slot_brief*>((<size_t>briefs_mem + 31) & ~(<size_t>31))
+        if keep:
+            memcpy(briefs, self.briefs, keep * sizeof(slot_brief))
+        free(self.briefs_mem)
+        self.briefs_mem = briefs_mem
+        self.briefs = briefs
         # The evicted flags are read without the GIL by a scanning decision of an
         # older kernel (SnapshotKernel._choose_scan, large pools), which may run
         # while this retarget happens: the old array is retired, not freed, so
@@ -386,16 +433,13 @@ cdef class Ordering:
             self.retired[self.n_retired] = self.evicted
             self.n_retired += 1
         self.evicted = evicted
-        cdef int64_t* head = <int64_t*>realloc(self.head, (n if n > 0 else 1) * sizeof(int64_t))
-        if head == NULL:
-            raise MemoryError()
-        self.head = head
         for s in range(keep, n):
             self.keys[s].eff = -1
             self.keys[s].max_concurrency = 0
             self.keys[s].gpu = 0.0
+            memset(&self.briefs[s], 0, sizeof(slot_brief))
+            self.briefs[s].head = -1
             self.evicted[s] = 0
-            self.head[s] = -1
         self.n_slots = n
         return 0
 
@@ -448,10 +492,10 @@ cdef class Ordering:
         cdef int32_t s
         for pos in range(t.n):
             s = t.slots[pos]
-            if self.head[s] >= 0:
+            if self.briefs[s].head >= 0:
                 self.shared_slots = True  # until a full rebuild (conservative: dropping trees keeps it)
-            t.next[pos] = self.head[s]
-            self.head[s] = (<int64_t>tree_id << 32) | pos
+            t.next[pos] = self.briefs[s].head
+            self.briefs[s].head = (<int64_t>tree_id << 32) | pos
 
     cdef void _drop_tree(self, int32_t tree_id) noexcept nogil:
         """Unlink every leaf of a tree from its slot's list, then free it."""
@@ -464,10 +508,10 @@ cdef class Ordering:
             me = (<int64_t>tree_id << 32) | pos
             if s >= self.n_slots:
                 continue
-            if self.head[s] == me:
-                self.head[s] = t.next[pos]
+            if self.briefs[s].head == me:
+                self.briefs[s].head = t.next[pos]
                 continue
-            prev = self.head[s]
+            prev = self.briefs[s].head
             while prev >= 0:
                 ref = self.trees[prev >> 32].next[prev & LEAF_POS]
                 if ref == me:
@@ -499,7 +543,7 @@ cdef class Ordering:
             n = pool_off[p + 1] - begin
             if not reuse or n == 0 or members[begin] >= self.n_slots:
                 continue
-            ref = self.head[members[begin]]
+            ref = self.briefs[members[begin]].head
             while ref >= 0:
                 tid = <int32_t>(ref >> 32)
                 pos = ref & LEAF_POS
@@ -552,7 +596,7 @@ cdef class Ordering:
                 _tree_free(self.trees[i])
                 self.trees[i] = NULL
             for s in range(self.n_slots):
-                self.head[s] = -1
+                self.briefs[s].head = -1
                 self._key_update(s)
             self.shared_slots = False
             self._match_trees(k.pool_off, k.pool_members, k.n_pools, False)

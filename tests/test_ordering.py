@@ -200,9 +200,11 @@ def test_random_operations_keep_both_kernels_exact_and_equal(data: st.DataObject
             status = draw(st.sampled_from([0, 0, 2, 3, 4]))
             mx = draw(st.integers(1, 4))
             flags = draw(st.sampled_from([3, 1, 2]))
+            services = draw(st.sampled_from([0b11, 0b01, 0b10, 0b00]))
             hint = draw(st.booleans())  # the publisher names the changed slot, or the kernel compares
             for t in fleets:
                 t.recs[s]["status"], t.recs[s]["max_concurrency"], t.recs[s]["flags"] = status, mx, flags
+                t.recs[s]["service_mask"] = services  # no part of the key: the slot's brief must follow it
                 t.republish([s] if hint else None)
         elif op == "members":
             pools = _pools(data, n)
@@ -347,6 +349,51 @@ def test_a_single_best_candidate_filtered_out_is_skipped_and_put_back() -> None:
             _ordering(f.kernel).check()  # every hidden leaf is back
             assert _ordering(f.kernel).best(0) == (5, 1)
         assert f.kernel.pick(0, 0b01, 3, 100.0) == 5
+
+
+@pytest.mark.parametrize("hint", [True, False], ids=["named", "compared"])
+def test_changes_that_leave_the_key_alone_still_reach_the_decision(hint: bool) -> None:
+    """Services, flags, heartbeat time: no part of the ordering key, all checked from the slot's brief.
+
+    The best node's services, then its GPU flag, then its heartbeat's age
+    change while its key (load, max, GPU use) stays the same, so its leaf is
+    never touched; each decision must still see the change, on both kernels,
+    whether the publication names the changed slot or the kernel compares.
+    """
+    n = 8
+    recs = np.zeros(n, dtype=L.NODE_DTYPE)
+    recs["service_mask"] = 0b11
+    recs["max_concurrency"] = 4
+    recs["flags"] = L.FLAG_HAS_GPU | L.FLAG_PUBLIC
+    fleets = (Twin(_core, n, [list(range(n))], recs, 9), Twin(_pycore, n, [list(range(n))], recs, 9))
+    for t in fleets:
+        for s in range(n):
+            t.loads.update(s, 100.0, 1.0, 10.0 + s, 1.0, 0)  # slot 0 the best, then 1, 2 ...
+    need = L.NEED_GPU | L.NEED_PUBLIC
+
+    def decide(mask: int, now: float = 100.0) -> int:
+        got = {t.kernel.pick(0, mask, need, now) for t in fleets}
+        assert len(got) == 1, got
+        _ordering(fleets[0].kernel).check()  # every key and brief as recomputed from the arrays
+        return got.pop()
+
+    assert decide(0b11) == 0
+    for t in fleets:
+        t.recs[0]["service_mask"] = 0b01  # slot 0 loses service 2: same key
+        t.republish([0] if hint else None)
+    assert _ordering(fleets[0].kernel).best(0) == (0, 1)  # still the tree's best ...
+    assert decide(0b11) == 1  # ... but not eligible for service 2
+    assert decide(0b01) == 0
+    for t in fleets:
+        t.recs[1]["flags"] = L.FLAG_PUBLIC  # slot 1 loses its GPU: same key
+        t.republish([1] if hint else None)
+    assert decide(0b11) == 2
+    for t in fleets:
+        for s in range(1, n):
+            t.loads.update(s, 130.0, 1.0, 10.0 + s, 1.0, 0)  # a heartbeat for all but slot 0
+    assert decide(0b01, 130.0) == 0  # slot 0's last heartbeat is 30 s old: within the timeout
+    assert decide(0b01, 100.0 + TIMEOUT + 1.0) == 2  # now past it: evicted; slot 1 has no GPU: slot 2
+    assert _ordering(fleets[0].kernel).evicted_slots() == [0]
 
 
 def test_ties_are_uniform_over_many_idle_nodes() -> None:
