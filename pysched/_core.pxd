@@ -72,6 +72,8 @@ ctypedef struct job_rec:
     uint32_t gen               # bumped each time the record is reused: the high half of a public job handle
     uint8_t committed          # 1 once the node accepted the job
     uint8_t named              # 1 while the record is filed under a job id (JobTable.job_ids[h] is not None)
+    int32_t group              # the batch group holding its session id and pair (JobTable.groups), or -1
+    int32_t at                 # its place in that group (its index in the batch)
 
 
 cdef enum:
@@ -271,6 +273,15 @@ cdef class JobTable:
     cdef list job_ids                  # handle -> job id (None when free)
     cdef list session_ids              # handle -> session id (None when free)
     cdef list pairs                    # handle -> what the caller stored with the job ((src, tgt) for dispatch)
+    # A batch files its jobs' session ids and pairs once for all of them, as a group, instead of one
+    # list entry each (see _jobs.pxi): a job of group g has session id groups[g][0][at] and pair
+    # groups[g][1][group_pairs[g][at]], and its session_ids / pairs entries stay None.
+    cdef list groups                   # group -> (session ids, pairs, pair numbers as bytes), None when free
+    cdef int32_t* group_live           # group -> its live jobs (the last one's release makes the group dead)
+    cdef const int32_t** group_pairs   # group -> its jobs' pair numbers (the data of groups[g][2])
+    cdef int32_t* spare_groups         # free group numbers (a stack)
+    cdef int32_t* dead_groups          # groups whose last job went without the GIL: _reap frees them
+    cdef Py_ssize_t n_groups, n_spare, n_dead
     cdef job_rec* recs                 # handle -> record
     cdef int32_t* heap                 # min-heap of live handles by (expires_at, order), those not in the ring
     cdef int32_t* fifo                 # ring of live handles by (expires_at, order): order & fifo_mask -> handle, or -1
@@ -304,7 +315,13 @@ cdef class JobTable:
     cdef int number_ids(self, str prefix) except -1
     cdef int32_t _live(self, str job_id, double now) except -2
     cdef bint _owned(self, int32_t h, Py_ssize_t slot) noexcept
-    cdef void _drop(self, int32_t h) noexcept nogil
+    cdef bint _drop(self, int32_t h) noexcept nogil
+    cdef int _group_room(self) except -1
+    cdef int32_t _new_group(self, tuple filed) noexcept
+    cdef int _free_group(self, int32_t g) except -1
+    cdef int _reap(self) except -1
+    cdef object _session_of(self, int32_t h)
+    cdef object _pair_of(self, int32_t h)
     cdef int _forget(self, int32_t h) except -1
     cdef void _commit(self, int32_t h, double expires_at) noexcept
     cdef void _expire_at(self, int32_t h, double expires_at) noexcept
@@ -317,7 +334,7 @@ cdef class JobTable:
     cdef bint c_release(self, str job_id, Py_ssize_t slot, double now) except -1
     cdef int32_t _of_handle(self, int64_t handle, double now) noexcept nogil
     cdef Py_ssize_t _release_pass(self, const int64_t* handles, Py_ssize_t n, double now,
-                                  int32_t* released) noexcept nogil
+                                  int32_t* released, Py_ssize_t* n_filed) noexcept nogil
     cdef int64_t c_claim(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
                          double expires_at) noexcept nogil
     cdef int64_t c_reserve_handle(self, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
@@ -395,5 +412,5 @@ cdef class Dispatcher:
                            int64_t[::1] out_handle, int64_t[::1] out_key) except -2
     cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t n, const int64_t* keys, const int32_t* session_of,
                            int32_t* bound_key, int32_t* bound_index, uint8_t* rebound, const int64_t* pool_ids,
-                           Py_ssize_t tenant, request_t* req, double expires_at, int32_t* out_slot,
+                           Py_ssize_t tenant, request_t* req, double expires_at, int32_t group, int32_t* out_slot,
                            int64_t* out_pool, int64_t* out_handle) noexcept nogil

@@ -26,6 +26,7 @@ exactly as a batch does. The pure-Python twin does the same in every case,
 so both make the same decisions.
 """
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH
 
 
@@ -547,8 +548,10 @@ cdef class Dispatcher:
               int64_t[::1] out_handle, int64_t[::1] out_key):
         """Place and reserve a whole batch, in request order, exactly as that many dispatch calls would.
 
-        ``session_ids`` is a list of str; ``src``/``tgt`` one code or a list
-        of one per job; ``tenant_pool`` the pool id of the jobs' tenant (a new
+        ``session_ids`` is a list of str, which the job table keeps (the
+        placed jobs' session ids, filed once for the batch: the caller hands
+        over a list of its own and never changes it); ``src``/``tgt`` one code
+        or a list of one per job; ``tenant_pool`` the pool id of the jobs' tenant (a new
         binding prefers it), or None. Everything is validated first (a bad value raises,
         naming the job, before anything changes). Then each job reads its
         session's binding (bindings made earlier in the batch included),
@@ -580,7 +583,8 @@ cdef class Dispatcher:
         cdef SnapshotKernel kernel
         cdef SessionState state
         cdef request_t req
-        cdef int64_t h
+        cdef int32_t group
+        cdef tuple filed = None
         cdef PyObject* entry
         # each job's (normalised code, language id): held, not borrowed (a publication while a code is
         # normalised swaps the cache that owns them; so does the next unmemoised code)
@@ -696,9 +700,14 @@ cdef class Dispatcher:
                 out_slot[i] = -1
                 out_pool[i] = -1
                 out_handle[i] = -1
-            # 2. room for every job (the pass grows the table only if other threads reserved meanwhile)
+            # 2. room for every job (the pass grows the table only if other threads reserved meanwhile), and
+            # for the group that files the jobs' session ids and pairs once for all of them (a placed job
+            # joins it in the pass; the table owns these lists from then on)
             if self.jobs.n_free < n:
                 self.jobs._grow_to(self.jobs.cap - self.jobs.n_free + n)
+            if n:
+                self.jobs._group_room()
+                filed = (session_ids, pairs, PyBytes_FromStringAndSize(<char*>pair_of, n * sizeof(int32_t)))
             # 3. number the sessions and read each one's binding once (forgotten past its TTL)
             self.batches += 1
             mark = self.batches
@@ -742,7 +751,7 @@ cdef class Dispatcher:
             # batch read must all come from one snapshot: after the wait (other threads run meanwhile)
             # the check below, and from there to the pass no Python code runs.
             gate.wait()
-            if self.snap is not snap:
+            if self.snap is not snap or (n and self.jobs.n_spare == 0):  # (another batch took the spare group)
                 return -1
             req.service_mask = service_mask
             req.need = need
@@ -751,24 +760,22 @@ cdef class Dispatcher:
             req.n_exclude = 0
             req.inflight = kernel.inflight
             if n:
+                group = self.jobs._new_group(filed)  # allocates nothing: no Python code runs before the pass
                 free_pass = gate.begin_pass()
                 if free_pass:
                     self.passes_without_gil += 1
                     with nogil:
                         placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
-                                             pool_c, tenant, &req, now + self.ttl, &out_slot[0], &out_pool[0],
-                                             &out_handle[0])
+                                             pool_c, tenant, &req, now + self.ttl, group, &out_slot[0],
+                                             &out_pool[0], &out_handle[0])
                 else:
                     placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
-                                         pool_c, tenant, &req, now + self.ttl, &out_slot[0], &out_pool[0],
+                                         pool_c, tenant, &req, now + self.ttl, group, &out_slot[0], &out_pool[0],
                                          &out_handle[0])
                 gate.end_pass(free_pass)  # _place raises nothing: no finally needed
-            # 5. with the GIL: file each job's session id and pair (no Python code: atomic), then bind
-            for i in range(n):
-                if out_handle[i] >= 0:
-                    h = out_handle[i] & <int64_t>0xFFFFFFFF
-                    self.jobs.session_ids[h] = session_ids[i]
-                    self.jobs.pairs[h] = pairs[pair_of[i]]
+                if placed == 0:
+                    self.jobs._free_group(group)  # no job joined it
+            # 5. with the GIL: count and bind (no Python code: atomic)
             self.seq += placed  # job numbers stay in step with one-by-one dispatch
             self.outcomes.values[0] += placed
             for k in range(n_sessions):
@@ -792,9 +799,11 @@ cdef class Dispatcher:
 
     cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t n, const int64_t* keys, const int32_t* session_of,
                            int32_t* bound_key, int32_t* bound_index, uint8_t* rebound, const int64_t* pool_ids,
-                           Py_ssize_t tenant, request_t* req, double expires_at, int32_t* out_slot,
+                           Py_ssize_t tenant, request_t* req, double expires_at, int32_t group, int32_t* out_slot,
                            int64_t* out_pool, int64_t* out_handle) noexcept nogil:
         """The batch's pass: select, count and file each job in order; no Python object (see _gate.pxi).
+
+        A placed job joins ``group`` (``JobTable._new_group``) at its index in the batch.
 
         Each session's binding lives in ``bound_key``/``bound_index`` for the
         length of the pass (``rebound`` marks those it changed), so a job sees
@@ -803,6 +812,8 @@ cdef class Dispatcher:
         cdef Py_ssize_t i, k, key, bound, slot, pidx, placed = 0
         cdef uint64_t stream
         cdef int64_t found, handle, limit, running
+        cdef job_rec* rec
+        cdef int32_t* live = &self.jobs.group_live[group]  # group arrays move only in _new_group (GIL)
         for i in range(n):
             key = keys[i]
             if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
@@ -826,6 +837,10 @@ cdef class Dispatcher:
                 handle = self.jobs.c_claim(slot, limit, running, pool_ids[pidx], expires_at)
             if handle < 0:
                 continue  # refused at the last moment: reported like no node
+            rec = &self.jobs.recs[handle & <int64_t>0xFFFFFFFF]
+            rec.group = group
+            rec.at = <int32_t>i
+            live[0] += 1
             out_slot[i] = <int32_t>slot
             out_pool[i] = pool_ids[pidx]
             out_handle[i] = handle

@@ -39,6 +39,19 @@ sweep takes jobs in (expiry, order) order, as the twin's single heap
 does. (A single heap took O(log n) to remove its first entry, the common
 release: jobs end roughly in the order they started.)
 
+Batch groups. A job placed one at a time has its session id and pair in
+the per-handle lists ``session_ids`` and ``pairs``; a batch's jobs share one
+*group* instead: the batch's own list of session ids, its list of pairs and
+each job's pair number, filed once before the placement pass, which makes
+each placed job a member (``job_rec.group``, ``job_rec.at``) with no Python
+object touched per job, with or without the GIL. A release (or expiry)
+counts the member out, also without the GIL; the last one lists the group
+dead, and the next call holding the GIL (``_reap``) drops its lists. So a
+group's lists live exactly as long as its longest-lived job. The tuple and
+bytes that file a group are made before the batch's last checks, so
+nothing is allocated between those checks and the pass (a collection could
+otherwise run code there).
+
 Job ids. The ids the dispatcher makes are its prefix and a number, and a
 job lives a short time: the table files those by number in a ring (number
 modulo its size, twice the table's capacity), so reserving one neither
@@ -111,6 +124,11 @@ cdef class JobTable:
         self.free_list = NULL
         self.bound = NULL
         self.by_seq = NULL
+        self.group_live = NULL
+        self.group_pairs = NULL
+        self.spare_groups = NULL
+        self.dead_groups = NULL
+        self.n_groups = self.n_spare = self.n_dead = 0
 
     def __init__(self, SlotCounts counts not None, str prefix=None):
         """``prefix``: job ids written ``prefix`` + a number are filed by number (see the module notes)."""
@@ -121,6 +139,7 @@ cdef class JobTable:
         self.job_ids = []
         self.session_ids = []
         self.pairs = []
+        self.groups = []
         self.prefix = None
         self.seq_spill = {}
         self.cap = 0
@@ -149,6 +168,10 @@ cdef class JobTable:
         PyMem_Free(self.free_list)
         PyMem_Free(self.bound)
         PyMem_Free(self.by_seq)
+        PyMem_Free(self.group_live)
+        PyMem_Free(self.group_pairs)
+        PyMem_Free(self.spare_groups)
+        PyMem_Free(self.dead_groups)
 
     def __len__(self):
         return self.n_live
@@ -229,6 +252,7 @@ cdef class JobTable:
         # new handles go on the free list highest first, so the lowest is used first
         for h in range(n - 1, self.cap - 1, -1):
             self.recs[h].slot = -1
+            self.recs[h].group = -1
             self.recs[h].heap_pos = -1
             self.recs[h].gen = 0
             self.recs[h].seq = 0
@@ -527,7 +551,7 @@ cdef class JobTable:
         if h < 0:
             return None
         cdef job_rec* r = &self.recs[h]
-        return (r.slot, r.pool_id, self.session_ids[h], r.expires_at, bool(r.committed), self.pairs[h])
+        return (r.slot, r.pool_id, self._session_of(h), r.expires_at, bool(r.committed), self._pair_of(h))
 
     # -- changes --------------------------------------------------------------
     def reserve(self, str job_id not None, Py_ssize_t slot, int64_t limit, int64_t running, int64_t pool_id,
@@ -616,9 +640,15 @@ cdef class JobTable:
         self.recs[h].expires_at = expires_at
         self._queue_push(h)
 
-    cdef void _drop(self, int32_t h) noexcept nogil:
-        """Forget handle ``h`` and give its capacity back (no Python call can run in here)."""
+    cdef bint _drop(self, int32_t h) noexcept nogil:
+        """Forget handle ``h`` and give its capacity back (no Python call can run in here).
+
+        Whether the job was a group's (then its session_ids / pairs entries
+        are None already; a group left without jobs is listed dead, for
+        ``_reap`` to free with the GIL).
+        """
         cdef job_rec* r = &self.recs[h]
+        cdef int32_t g = r.group
         self.counts.c_add(r.slot, -1)
         self._queue_remove(h)
         if r.committed:
@@ -627,6 +657,97 @@ cdef class JobTable:
         self.n_live -= 1
         self.free_list[self.n_free] = h
         self.n_free += 1
+        if g < 0:
+            return False
+        r.group = -1
+        self.group_live[g] -= 1
+        if self.group_live[g] == 0:
+            self.dead_groups[self.n_dead] = g
+            self.n_dead += 1
+        return True
+
+    # -- batch groups ---------------------------------------------------------
+    cdef int _group_room(self) except -1:
+        """Room for one more batch group (with the GIL; it may allocate, so before the batch's checks)."""
+        cdef Py_ssize_t n, g
+        cdef int32_t* live
+        cdef const int32_t** by_group
+        cdef int32_t* spare
+        cdef int32_t* dead
+        self._reap()
+        if self.n_spare:
+            return 0
+        n = max(2 * self.n_groups, 8)
+        live = <int32_t*>PyMem_Realloc(self.group_live, n * sizeof(int32_t))
+        if live == NULL:
+            raise MemoryError()
+        self.group_live = live
+        by_group = <const int32_t**>PyMem_Realloc(self.group_pairs, n * sizeof(int32_t*))
+        if by_group == NULL:
+            raise MemoryError()
+        self.group_pairs = by_group
+        spare = <int32_t*>PyMem_Realloc(self.spare_groups, n * sizeof(int32_t))
+        if spare == NULL:
+            raise MemoryError()
+        self.spare_groups = spare
+        dead = <int32_t*>PyMem_Realloc(self.dead_groups, n * sizeof(int32_t))  # each listed once between reaps
+        if dead == NULL:
+            raise MemoryError()
+        self.dead_groups = dead
+        self.groups.extend([None] * (n - self.n_groups))
+        for g in range(n - 1, self.n_groups - 1, -1):
+            self.group_live[g] = 0
+            self.group_pairs[g] = NULL
+            self.spare_groups[self.n_spare] = <int32_t>g
+            self.n_spare += 1
+        self.n_groups = n
+        return 0
+
+    cdef int32_t _new_group(self, tuple filed) noexcept:
+        """A group for one batch's jobs, ``filed`` being ``(session ids, pairs, pair numbers)``: per job (by
+        its index in the batch) its session id, and as an int32 in a bytes object its pair's index in
+        ``pairs``. The lists become the table's: nobody changes them afterwards. The caller made room
+        (``_group_room``), so nothing is allocated here; it then sets each placed job's ``group`` and
+        ``at`` and counts it in ``group_live``, and frees it (``_free_group``) if no job joined.
+        """
+        self.n_spare -= 1
+        cdef int32_t g = self.spare_groups[self.n_spare]
+        self.groups[g] = filed
+        self.group_pairs[g] = <const int32_t*><const char*>(<bytes>filed[2])
+        self.group_live[g] = 0
+        return g
+
+    cdef int _free_group(self, int32_t g) except -1:
+        """Free group ``g`` now (with the GIL): one no job joined."""
+        self.dead_groups[self.n_dead] = g
+        self.n_dead += 1
+        return self._reap()
+
+    cdef int _reap(self) except -1:
+        """Free the groups listed dead that have no live job (their lists go with them)."""
+        cdef Py_ssize_t i
+        cdef int32_t g
+        for i in range(self.n_dead):
+            g = self.dead_groups[i]
+            if self.group_live[g] == 0 and self.groups[g] is not None:
+                self.groups[g] = None
+                self.group_pairs[g] = NULL
+                self.spare_groups[self.n_spare] = g
+                self.n_spare += 1
+        self.n_dead = 0
+        return 0
+
+    cdef object _session_of(self, int32_t h):
+        cdef int32_t g = self.recs[h].group
+        if g < 0:
+            return self.session_ids[h]
+        return (<list>(<tuple>self.groups[g])[0])[self.recs[h].at]
+
+    cdef object _pair_of(self, int32_t h):
+        cdef int32_t g = self.recs[h].group
+        if g < 0:
+            return self.pairs[h]
+        return (<list>(<tuple>self.groups[g])[1])[self.group_pairs[g][self.recs[h].at]]
 
     def release(self, str job_id not None, Py_ssize_t slot, double now):
         """Give a live job's capacity back.
@@ -640,7 +761,7 @@ cdef class JobTable:
         if h < 0 or not self._owned(h, slot):
             return None
         cdef job_rec* r = &self.recs[h]
-        out = (r.slot, r.pool_id, self.session_ids[h], bool(r.committed))
+        out = (r.slot, r.pool_id, self._session_of(h), bool(r.committed))
         self._forget(h)
         return out
 
@@ -661,9 +782,12 @@ cdef class JobTable:
             self._unclaim(h, job_id)
             self.job_ids[h] = None
             self.recs[h].named = 0
-        self._drop(h)
-        self.session_ids[h] = None
-        self.pairs[h] = None
+        if self._drop(h):
+            if self.n_dead:
+                self._reap()
+        else:
+            self.session_ids[h] = None
+            self.pairs[h] = None
         return 0
 
     def expire(self, double now) -> list:
@@ -684,7 +808,7 @@ cdef class JobTable:
                 break
             r = &self.recs[h]
             job_id = self.job_ids[h]
-            session_id = self.session_ids[h]
+            session_id = self._session_of(h)
             slot, pool_id, expires_at, committed = r.slot, r.pool_id, r.expires_at, bool(r.committed)
             if job_id is None:
                 job_id = (<int64_t>r.gen << 32) | h  # a batch job: named by its handle
@@ -704,7 +828,7 @@ cdef class JobTable:
             job_id = self.job_ids[h]
             if job_id is None:
                 job_id = (<int64_t>self.recs[h].gen << 32) | h
-            out.append((job_id, self.recs[h].slot, self.recs[h].pool_id, self.session_ids[h],
+            out.append((job_id, self.recs[h].slot, self.recs[h].pool_id, self._session_of(h),
                         self.recs[h].expires_at, bool(self.recs[h].committed)))
         out.sort(key=_job_order)
         return out
@@ -802,7 +926,7 @@ cdef class JobTable:
         if h < 0:
             return None
         cdef job_rec* r = &self.recs[h]
-        return (r.slot, r.pool_id, self.session_ids[h], r.expires_at, bool(r.committed), self.pairs[h])
+        return (r.slot, r.pool_id, self._session_of(h), r.expires_at, bool(r.committed), self._pair_of(h))
 
     def release_handles(self, const int64_t[::1] handles, double now) -> int:
         """Release every live handle job in ``handles``; how many were.
@@ -812,7 +936,7 @@ cdef class JobTable:
         placement pass, see _gate.pxi); the objects of the released records
         are dropped afterwards, with the GIL.
         """
-        cdef Py_ssize_t i, done = 0, n = handles.shape[0]
+        cdef Py_ssize_t i, done = 0, n = handles.shape[0], n_filed = 0
         cdef Gate g = self._gate()
         cdef bint free_pass
         cdef int32_t* released = <int32_t*>malloc((n if n else 1) * sizeof(int32_t))
@@ -823,27 +947,32 @@ cdef class JobTable:
                 free_pass = g.begin_pass()
                 if free_pass:
                     with nogil:
-                        done = self._release_pass(&handles[0], n, now, released)
+                        done = self._release_pass(&handles[0], n, now, released, &n_filed)
                 else:
-                    done = self._release_pass(&handles[0], n, now, released)
+                    done = self._release_pass(&handles[0], n, now, released, &n_filed)
                 g.end_pass(free_pass)  # _release_pass raises nothing: no finally needed
-            for i in range(done):  # no Python code runs here (str and tuple objects): atomic
+            # no Python code runs here (str, tuple, list and bytes objects): atomic
+            for i in range(n_filed):
                 self.session_ids[released[i]] = None
                 self.pairs[released[i]] = None
+            if self.n_dead:
+                self._reap()
         finally:
             free(released)
         return done
 
     cdef Py_ssize_t _release_pass(self, const int64_t* handles, Py_ssize_t n, double now,
-                                  int32_t* released) noexcept nogil:
-        """Give back every live handle job's capacity; write the released records to ``released``."""
+                                  int32_t* released, Py_ssize_t* n_filed) noexcept nogil:
+        """Give back every live handle job's capacity; how many. The released records that had their own
+        session id and pair (no group's) go to ``released``, ``n_filed[0]`` of them."""
         cdef Py_ssize_t i, done = 0
         cdef int32_t h
         for i in range(n):
             h = self._of_handle(handles[i], now)
             if h >= 0:
-                self._drop(h)
-                released[done] = h
+                if not self._drop(h):
+                    released[n_filed[0]] = h
+                    n_filed[0] += 1
                 done += 1
         return done
 

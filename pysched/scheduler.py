@@ -945,6 +945,10 @@ class Scheduler:
         another call into this scheduler's reservations is under way, then
         holding it); either way no other reservation change overlaps it:
         they wait for it. Batches on different schedulers run in parallel.
+        The scheduler keeps its copy of ``session_ids`` (and the batch's
+        pairs) while any of the batch's jobs is held, for each job's
+        session id and pair: one list for the batch instead of one entry
+        per job.
 
         :raises ValueError: for a bad value, naming the job; nothing changes.
         :raises TypeError: for a wrong type, or with any backend but the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 import numpy as np
@@ -108,6 +109,52 @@ def test_uncommitted_batch_jobs_expire_with_an_event(make_scheduler, clock):
     assert sched.reservations.expire() == 1
     (event,) = [e for e in seen if e[0] == "job_expired"]
     assert event[1] == "a" and event[2]["job_id"] == int(got.handle[1]) and event[2]["committed"] is False
+
+
+def test_batch_jobs_keep_their_session_and_pair_until_the_last_one_goes(make_scheduler, clock):
+    """A batch files its jobs' session ids and pairs once for all (a group): each job still reports its own,
+    through release one by one, release in batches, commit and expiry, and the last job to go takes every
+    reference the batch held with it (nothing leaks, nothing is freed early)."""
+    sched = make_scheduler(reservation_ttl=5.0, commit_lease=100.0)
+    seen = []
+    sched.add_listener(lambda e, n, f: seen.append(f) if e == "job_expired" else None)
+    sched.register_node("a", ["zh", "en"], max_concurrency=100)
+    sched.register_node("b", ["ja", "en"], max_concurrency=100)
+    sids = ["".join(("q", str(i))) for i in range(30)]  # this test's own objects: their counts are its own
+    for sid in sids:  # the sessions exist, keyed by these very objects, before the counts are taken
+        sched.release(sched.dispatch(sid, "zh", "en").job_id)
+    srcs = [("zh", "ja", "ko")[i % 3] for i in range(30)]  # ko: no pool, that job is not placed
+    before = [sys.getrefcount(sid) for sid in sids]
+    got = sched.dispatch_batch(sids, srcs, "en")
+    placed = [i for i in range(30) if got.handle[i] >= 0]
+    assert len(placed) == 20
+    table = sched.reservations._table
+    for i in placed:
+        info = table.get_handle(int(got.handle[i]), clock())
+        assert info[2] is sids[i] and info[5] == (srcs[i], "en")
+    by_job = {r.job_id: r.session_id for r in sched.reservations.jobs()}
+    assert {by_job[int(got.handle[i])] for i in placed} == {sids[i] for i in placed}
+    del by_job, info  # they hold session ids too
+    # a second batch from the same list while the first one's jobs live: two groups, each its own
+    again = sched.dispatch_batch(sids[:3], "ja", "en")
+    assert [table.get_handle(int(h), clock())[2] for h in again.handle] == sids[:3]
+    assert sched.release_batch(again.handle) == 3
+    one, rest = placed[:5], placed[5:]
+    for i in one:
+        assert sched.release(int(got.handle[i])) is True
+    assert sched.commit_batch(got.handle[rest[:5]]) == 5
+    assert sched.release_batch(got.handle[rest[5:10]]) == 5
+    assert [table.get_handle(int(got.handle[i]), clock())[2] for i in rest[:5]] == [sids[i] for i in rest[:5]]
+    assert any(sys.getrefcount(sid) > b for sid, b in zip(sids, before, strict=True))  # still held
+    clock.advance(5.0)
+    assert sched.reservations.expire() == 5  # the uncommitted rest, each with its own session id
+    assert sorted(f["session_id"] for f in seen) == sorted(sids[i] for i in rest[10:])
+    seen.clear()
+    assert sched.release_batch(got.handle[rest[:5]]) == 5  # the committed ones, last
+    assert sched.stats()["reservations"] == 0
+    assert [sys.getrefcount(sid) for sid in sids] == before  # the batch's references went with its last job
+    nothing = sched.dispatch_batch(sids[:4], "ko", "en")  # no job placed: nothing is kept either
+    assert nothing.placed == 0 and [sys.getrefcount(sid) for sid in sids] == before
 
 
 def test_numpy_arrays_in(make_scheduler):
