@@ -709,6 +709,25 @@ def test_a_callers_job_id_in_the_generated_form_is_the_same_id(make_scheduler):
     assert sched.reservations.count() == 0 == int(sched.reservations.inflight[0])
 
 
+def test_generated_job_ids_are_the_prefix_and_the_decimal_number_at_every_width():
+    """The compiled dispatcher writes its job ids itself, two digits at a time: every width, 1 to 19 digits,
+    reads exactly as ``prefix + str(number)`` and is filed under that number (``_seq_of`` agrees)."""
+    pytest.importorskip("pysched._core")
+    sched = pysched.Scheduler(kernel="compiled")
+    fast, prefix = sched._fast, sched._job_prefix
+    numbers = set(range(0, 1200)) | {2**63 - 1, 2**62, 2**31, 2**32 + 7}
+    for k in range(1, 19):
+        numbers |= {10**k - 1, 10**k, 10**k + 1, 10**k + 10, 10**k + 99}
+    for seq in sorted(numbers):
+        assert fast.job_id_of(seq) == f"{prefix}{seq}"
+    with pytest.raises(ValueError, match="seq must be >= 0"):
+        fast.job_id_of(-1)
+    sched.register_node("n", ["zh", "en"], max_concurrency=10)
+    made = [sched.dispatch("s", "zh", "en").job_id for _ in range(3)]
+    assert made == [f"{prefix}{k}" for k in (1, 2, 3)] and fast.new_job_id() == f"{prefix}4"
+    assert all(sched.release(j) for j in made)
+
+
 def test_the_default_clock_is_time_monotonic_to_the_bit(kernel_name):
     """With the default clock the compiled dispatcher reads CLOCK_MONOTONIC itself (on Linux): the
     values are time.monotonic()'s, in order with it, so both paths of one scheduler share one clock."""
