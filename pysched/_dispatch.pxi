@@ -244,7 +244,7 @@ cdef class Dispatcher:
         if v >= 10:
             memcpy(end - 2, &_DIGIT_PAIRS[2 * v], 2)
         else:
-            end[-1] = <char>(48 + v)
+            (end - 1)[0] = <char>(48 + v)
         return out
 
     def publish(self, snap):
