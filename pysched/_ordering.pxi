@@ -54,6 +54,8 @@ import weakref
 _COUNTS_BY_ADDRESS = weakref.WeakValueDictionary()
 
 cdef double NEG_INF = float("-inf")
+cdef enum:
+    PREFETCH_TREE = 256  # trees of this many leaves or more prefetch a repair's path (_tree_set)
 cdef int64_t LEAF_POS = 0xFFFFFFFF  # a leaf reference is tree id << 32 | position
 
 
@@ -111,10 +113,19 @@ cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t
     count change.
     """
     cdef order_node* nodes = t.nodes
-    cdef Py_ssize_t v = t.size + pos
-    cdef int32_t slot = t.slots[pos]
+    cdef Py_ssize_t v = t.size + pos, u
+    cdef int32_t slot = t.slots[pos], w
     cdef order_node nn
     cdef order_node* n
+    if t.size >= PREFETCH_TREE:
+        # A big tree's lower levels, and the keys their best leaves point to, are cold: ask for the whole
+        # path's siblings and their keys first (independent loads, which overlap), then climb.
+        u = v
+        while u > 1:
+            w = nodes[u ^ 1].win
+            if w >= 0:
+                _prefetch(&keys[w])
+            u >>= 1
     nodes[v].win = win
     nodes[v].ties = 1 if win >= 0 else 0
     v >>= 1

@@ -1131,6 +1131,14 @@ class Dispatcher:
             self._seq += 1
             return f"{self._prefix}{self._seq}"
 
+    def job_id_of(self, seq: int) -> str:
+        """The job id numbered ``seq`` (``>= 0``): what ``new_job_id`` returns for that number."""
+        if type(seq) is not int:
+            raise TypeError(f"seq must be an int, got {type(seq).__name__}: {seq!r}")
+        if seq < 0:
+            raise ValueError(f"seq must be >= 0, got {seq}")
+        return f"{self._prefix}{seq}"
+
     def publish(self, snap: RuntimeSnapshot) -> None:
         """Cache what dispatch reads from a new snapshot (management's ``on_publish`` hook)."""
         with self._lock:

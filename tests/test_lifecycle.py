@@ -709,11 +709,10 @@ def test_a_callers_job_id_in_the_generated_form_is_the_same_id(make_scheduler):
     assert sched.reservations.count() == 0 == int(sched.reservations.inflight[0])
 
 
-def test_generated_job_ids_are_the_prefix_and_the_decimal_number_at_every_width():
+def test_generated_job_ids_are_the_prefix_and_the_decimal_number_at_every_width(kernel_name):
     """The compiled dispatcher writes its job ids itself, two digits at a time: every width, 1 to 19 digits,
-    reads exactly as ``prefix + str(number)`` and is filed under that number (``_seq_of`` agrees)."""
-    pytest.importorskip("pysched._core")
-    sched = pysched.Scheduler(kernel="compiled")
+    reads exactly as ``prefix + str(number)`` (the twin's f-string), and release finds each one by it."""
+    sched = pysched.Scheduler(kernel=kernel_name)
     fast, prefix = sched._fast, sched._job_prefix
     numbers = set(range(0, 1200)) | {2**63 - 1, 2**62, 2**31, 2**32 + 7}
     for k in range(1, 19):
