@@ -155,6 +155,12 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
     return v - t.size
 
 
+cdef inline int32_t _eff_of(int32_t held, int32_t running, int64_t max_concurrency, bint live) noexcept nogil:
+    """A key's ``eff``: max(in-flight, reported running), or -1 when the slot is not a candidate."""
+    cdef int32_t eff = held if held > running else running
+    return eff if live and eff < max_concurrency else -1
+
+
 cdef inline int32_t _leaf_of(const order_key* keys, int32_t slot) noexcept nogil:
     return slot if keys[slot].eff >= 0 else -1
 
@@ -304,8 +310,6 @@ cdef class Ordering:
         """Slot ``s``'s key computed from the target arrays, and its brief into ``b`` (leaf link as it stands)."""
         cdef const node_rec* rec = &self.recs[s]
         cdef const node_load* load = &self.loads[s]
-        cdef int32_t held = self.counts[s]
-        cdef int32_t eff = held if held > load.running else load.running
         cdef double thr = self.threshold
         cdef int64_t head = self.briefs[s].head
         cdef order_key k
@@ -317,7 +321,7 @@ cdef class Ordering:
         b.flags = rec.flags
         b.live = not (rec.status != STATUS_READY or self.evicted[s]
                       or load.cpu >= thr or load.gpu >= thr or load.mem >= thr)
-        k.eff = eff if b.live and eff < <int64_t>rec.max_concurrency else -1
+        k.eff = _eff_of(self.counts[s], load.running, rec.max_concurrency, b.live)
         k.max_concurrency = rec.max_concurrency
         k.gpu = load.gpu
         return k
@@ -339,10 +343,7 @@ cdef class Ordering:
         """
         cdef order_key* k = &self.keys[s]
         cdef const slot_brief* b = &self.briefs[s]
-        cdef int32_t held = self.counts[s]
-        cdef int32_t eff = held if held > b.running else b.running
-        if not b.live or eff >= <int64_t>k.max_concurrency:
-            eff = -1
+        cdef int32_t eff = _eff_of(self.counts[s], b.running, k.max_concurrency, b.live)
         if eff == k.eff:
             return False
         k.eff = eff
