@@ -832,7 +832,7 @@ cdef class Dispatcher:
         cdef uint64_t stream
         cdef int64_t found, handle, limit, running
         cdef job_rec* rec
-        cdef int32_t* live = &self.jobs.group_live[group]  # group arrays move only in _new_group (GIL)
+        cdef int32_t* live = &self.jobs.group_live[group]  # the group arrays move only in _group_room (GIL)
         for i in range(n):
             key = keys[i]
             if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
