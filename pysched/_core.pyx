@@ -423,14 +423,19 @@ cdef inline bint _eligible(
     both flag checks are one mask test; the hot scan pays for ~6 branches
     per node instead of ~12.
     """
-    cdef Py_ssize_t i
     cdef int32_t effective = held if held > load.running else load.running
     if (rec.status != STATUS_READY
-            or (req.need & ~rec.flags & (NEED_GPU | NEED_PUBLIC | NEED_UNKNOWN_SERVICE))
-            or (req.service_mask & ~rec.service_mask)
             or effective >= <int64_t>rec.max_concurrency
             or req.now - load.last_heartbeat > heartbeat_timeout
             or load.cpu >= threshold or load.gpu >= threshold or load.mem >= threshold):
+        return False
+    return _wanted(rec.flags, rec.service_mask, slot, req)
+
+
+cdef inline bint _wanted(uint8_t flags, uint64_t service_mask, int32_t slot, const request_t* req) noexcept nogil:
+    """The request's own part of eligibility: its needs, its services, its exclusions."""
+    cdef Py_ssize_t i
+    if (req.need & ~flags & (NEED_GPU | NEED_PUBLIC | NEED_UNKNOWN_SERVICE)) or (req.service_mask & ~service_mask):
         return False
     for i in range(req.n_exclude):
         if req.exclude[i] == slot:
@@ -446,19 +451,13 @@ cdef inline bint _eligible_key(const order_key* k, const slot_brief* b, int32_t 
     ordering follows every change of them), and ``eff >= 0`` says what
     ``_eligible`` checks of them that no request changes: ready, below its max
     counting in-flight and reported jobs, not overloaded. What is left is the
-    request's part and the heartbeat's age, from the brief's copies. In a big
-    fleet this reads two cache lines of the slot instead of four.
+    request's part (``_wanted``, as there) and the heartbeat's age, from the
+    brief's copies. In a big fleet this reads two cache lines of the slot
+    (key, brief) instead of three (node record, load record, count).
     """
-    cdef Py_ssize_t i
-    if (k.eff < 0
-            or (req.need & ~b.flags & (NEED_GPU | NEED_PUBLIC | NEED_UNKNOWN_SERVICE))
-            or (req.service_mask & ~b.service_mask)
-            or req.now - b.last_heartbeat > heartbeat_timeout):
+    if k.eff < 0 or req.now - b.last_heartbeat > heartbeat_timeout:
         return False
-    for i in range(req.n_exclude):
-        if req.exclude[i] == slot:
-            return False
-    return True
+    return _wanted(b.flags, b.service_mask, slot, req)
 
 
 cdef int _fill_request(
@@ -794,8 +793,8 @@ cdef class SnapshotKernel:
     cdef inline void _capacity(self, Py_ssize_t slot, int64_t* limit, int64_t* running) noexcept nogil:
         """``slot``'s max and reported running jobs, what reserving on it checks against.
 
-        From the ordering's key when it describes this kernel: the decision
-        just read those lines, while the node and load records would be two
+        From the ordering's key and brief when it describes this kernel: the
+        decision just read those lines, while the node and load records would be two
         more cold ones in a big fleet. The values are the same (copies).
         """
         if self._ordered():
