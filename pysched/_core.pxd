@@ -372,7 +372,8 @@ cdef class SessionState:
 cdef class Dispatcher:
     cdef object mgmt                   # the ManagementRegistry: .snapshot is read once per call
     cdef Gate gate                     # the job table's (see _gate.pxi)
-    cdef readonly uint64_t passes_without_gil  # batches whose placement pass released the GIL
+    cdef readonly uint64_t passes_without_gil  # batch placement passes that released the GIL
+    cdef Py_ssize_t pass_jobs          # jobs per placement pass of a batch (pass_size)
     cdef JobTable jobs
     cdef Counters outcomes
     cdef dict sessions                 # session id -> SessionState (shared with the SessionManager)
@@ -382,7 +383,7 @@ cdef class Dispatcher:
     cdef str prefix                    # job id prefix
     cdef double ttl, session_ttl, lease
     cdef int64_t seq                   # job ids issued (shared with the Python path)
-    cdef uint64_t batches              # batches run: each marks its sessions with its own number
+    cdef uint64_t batches              # batch passes run: each marks its sessions with its own number
     cdef public int64_t default_mask   # the default services' mask; -1 until every one has a bit
     cdef public double next_sweep      # the session table's next sweep: the Python path runs it
     cdef object snap                   # the snapshot the cached fields below come from
@@ -409,8 +410,10 @@ cdef class Dispatcher:
     cdef str _job_id(self, int64_t seq)
     cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,
                            object tenant_pool, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
-                           int64_t[::1] out_handle, int64_t[::1] out_key) except -2
-    cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t n, const int64_t* keys, const int32_t* session_of,
-                           int32_t* bound_key, int32_t* bound_index, uint8_t* rebound, const int64_t* pool_ids,
+                           int64_t[::1] out_handle, int64_t[::1] out_key, Py_ssize_t start,
+                           Py_ssize_t* done) except -1
+    cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t lo, Py_ssize_t hi, const int64_t* keys,
+                           const int32_t* session_of, int32_t* bound_key, int32_t* bound_index, uint8_t* rebound,
+                           const int64_t* pool_ids,
                            Py_ssize_t tenant, request_t* req, double expires_at, int32_t group, int32_t* out_slot,
                            int64_t* out_pool, int64_t* out_handle) noexcept nogil

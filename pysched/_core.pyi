@@ -216,6 +216,10 @@ class Dispatcher:
     default_mask: int
     next_sweep: float
     passes_without_gil: int
+    @property
+    def pass_size(self) -> int: ...
+    @pass_size.setter
+    def pass_size(self, value: int) -> None: ...
     def __init__(
         self, mgmt: object, jobs: JobTable, outcomes: Counters, sessions: dict[str, SessionState],
         languages: dict[str, str], clock: Callable[[], float], prefix: str, reservation_ttl: float,

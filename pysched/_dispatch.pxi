@@ -144,6 +144,11 @@ cdef inline SessionState _new_session(double now):
 
 
 cdef enum:
+    # jobs per placement pass of a batch (Dispatcher.pass_size): between two passes the batch takes
+    # the GIL back for its sessions' bookkeeping, and another thread's batch does its own then, while
+    # this one's next pass runs without the GIL. (One pass for a whole big batch left another thread's
+    # batch waiting for the GIL as long as this one's bookkeeping took.)
+    PASS_SIZE = 2048
     CODE_MEMO = 64  # entries of a batch's per-job code memo, per direction (2 ** 6: see _memo_find)
     MEMO_PROBES = 4
 
@@ -197,6 +202,18 @@ cdef class Dispatcher:
         self.next_sweep = INF
         self.own_assignment = True
         self.assignment_type = Assignment
+        self.pass_jobs = PASS_SIZE
+
+    @property
+    def pass_size(self) -> int:
+        """Jobs per placement pass of a batch (see :meth:`batch`); >= 1, 2,048 unless set."""
+        return self.pass_jobs
+
+    @pass_size.setter
+    def pass_size(self, Py_ssize_t value):
+        if value < 1:
+            raise ValueError(f"pass_size must be >= 1, got {value}")
+        self.pass_jobs = value
 
     cdef inline double _now(self) except? -1.0:
         cdef double now
@@ -581,23 +598,34 @@ cdef class Dispatcher:
         and pair key (-1: no pool speaks both codes); returns the number
         placed.
 
-        The placement pass releases the GIL when no other entry into this
-        scheduler's reservation state is under way (see _gate.pxi), and holds
-        it otherwise; either way no other change of that state overlaps it.
+        The jobs are placed in passes of up to ``pass_size`` (2,048) jobs. Each
+        pass releases the GIL when no other entry into this scheduler's
+        reservation state is under way (see _gate.pxi), and holds it
+        otherwise; either way no other change of that state overlaps a pass.
+        Between passes, with the GIL, the batch binds the pass's sessions and
+        reads the next pass's; other threads' calls may run there, exactly as
+        between two of the equivalent dispatch calls.
         """
-        cdef Py_ssize_t placed = -1
-        if not (out_slot.shape[0] == len(session_ids) and out_pool.shape[0] == len(session_ids)
-                and out_handle.shape[0] == len(session_ids) and out_key.shape[0] == len(session_ids)):
+        cdef Py_ssize_t n = len(session_ids), placed = 0, done = 0
+        if not (out_slot.shape[0] == n and out_pool.shape[0] == n and out_handle.shape[0] == n
+                and out_key.shape[0] == n):
             raise ValueError("batch: every output array must have one entry per job")
-        while placed < 0:  # -1: a snapshot was published while the batch got ready; again, over the new one
-            placed = self._batch(session_ids, src, tgt, service_mask, need, tenant_pool, now, out_slot, out_pool,
-                                 out_handle, out_key)
-        return placed
+        while True:
+            # the jobs from ``done`` on; a call stops early (``done`` then names the first job not placed)
+            # when a snapshot was published meanwhile: the next one goes on over the new snapshot
+            placed += self._batch(session_ids, src, tgt, service_mask, need, tenant_pool, now, out_slot,
+                                  out_pool, out_handle, out_key, done, &done)
+            if done >= n:
+                return placed
 
     cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,
                            object tenant_pool, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
-                           int64_t[::1] out_handle, int64_t[::1] out_key) except -2:
+                           int64_t[::1] out_handle, int64_t[::1] out_key, Py_ssize_t start,
+                           Py_ssize_t* done) except -1:
+        """Jobs ``start`` on, all over one snapshot; sets ``done`` to the first job not handled (all of them,
+        unless a publication came between two passes) and returns how many were placed."""
         cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p, tenant = -1
+        cdef Py_ssize_t lo = start, hi, m, got
         cdef Py_ssize_t src_id = -1, tgt_id = -1  # the language ids of s_code / t_code
         cdef SnapshotKernel kernel
         cdef SessionState state
@@ -665,14 +693,16 @@ cdef class Dispatcher:
             for p in range(kernel.n_pools):
                 pool_c[p] = <int64_t>pool_ids[p]
             # 1. validate everything (an unseen code runs Python code); nothing changes before this loop ends
-            # (each entry's language id is read once: a PyLong conversion is a few dozen instructions)
+            # (each entry's language id is read once: a PyLong conversion is a few dozen instructions).
+            # Jobs before ``start`` were handled by an earlier call: only their pair numbers are filed (-1)
+            memset(pair_of, 0xFF, start * sizeof(int32_t))
             if one_src:
                 s_code = <tuple>self._code_checked(src, "src", 0)
                 src_id = <Py_ssize_t>s_code[1]
             if one_tgt:
                 t_code = <tuple>self._code_checked(tgt, "tgt", 0)
                 tgt_id = <Py_ssize_t>t_code[1]
-            for i in range(n):
+            for i in range(start, n):
                 sid = session_ids[i]
                 if type(sid) is not str or PyUnicode_GET_LENGTH(sid) == 0:
                     raise TypeError(f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
@@ -719,96 +749,107 @@ cdef class Dispatcher:
                 out_slot[i] = -1
                 out_pool[i] = -1
                 out_handle[i] = -1
-            # 2. room for every job (the pass grows the table only if other threads reserved meanwhile), and
-            # for the group that files the jobs' session ids and pairs once for all of them (a placed job
-            # joins it in the pass; the table owns these lists from then on)
-            if self.jobs.n_free < n:
-                self.jobs._grow_to(self.jobs.cap - self.jobs.n_free + n)
-            if n:
-                self.jobs._group_room()
+            # 2. room for every job (a pass grows the table only if other threads reserved meanwhile), and
+            # the lists that file the jobs' session ids and pairs once for all of them (each pass's placed
+            # jobs join a group over these lists; the job table owns them from then on)
+            if self.jobs.n_free < n - start:
+                self.jobs._grow_to(self.jobs.cap - self.jobs.n_free + n - start)
+            if start < n:
                 filed = (session_ids, pairs, PyBytes_FromStringAndSize(<char*>pair_of, n * sizeof(int32_t)))
-            # 3. number the sessions and read each one's binding once (forgotten past its TTL)
-            self.batches += 1
-            mark = self.batches
-            for i in range(n):
-                sid = session_ids[i]
-                entry = _get(self.sessions, sid)
-                if entry == NULL:  # no state yet: numbered by id, once
-                    entry = _get(number, sid)
-                    if entry != NULL:
-                        session_of[i] = <object>entry
-                        continue
-                    k = len(states)
-                    number[sid] = k
-                    states.append(sid)
-                    session_of[i] = <int32_t>k
-                    bound_key[k] = -1
-                    bound_index[k] = -1
-                    continue
-                state = <SessionState>entry
-                if state.batch == mark:
-                    session_of[i] = <int32_t>state.batch_k
-                    continue
-                k = len(states)
-                state.batch = mark
-                state.batch_k = k
-                states.append(state)
-                session_of[i] = <int32_t>k
-                bound_key[k] = -1
-                bound_index[k] = -1
-                if state.binding is not None and state.last_used < now - self.session_ttl:
-                    state.binding = None  # idle past its TTL: forgotten at lookup
-                state.last_used = now
-                if state.binding is None:
-                    continue
-                if not (state.seen_binding is state.binding and state.seen_snap is snap):
-                    self._seen(state, <tuple>state.binding, -2)
-                bound_key[k] = <int32_t>state.seen_key
-                bound_index[k] = <int32_t>state.seen_index
-            n_sessions = len(states)
-            # 4. place and reserve, in order: without the GIL if no other entry is under way. What this
-            # batch read must all come from one snapshot: after the wait (other threads run meanwhile)
-            # the check below, and from there to the pass no Python code runs.
-            gate.wait()
-            if self.snap is not snap or (n and self.jobs.n_spare == 0):  # (another batch took the spare group)
-                return -1
             req.service_mask = service_mask
             req.need = need
             req.now = now
             req.exclude = NULL
             req.n_exclude = 0
             req.inflight = kernel.inflight
-            if n:
+            while lo < n:
+                hi = lo + self.pass_jobs if n - lo > self.pass_jobs else n
+                m = hi - lo
+                if self.jobs.n_free < m:  # other threads reserved between two passes
+                    self.jobs._grow_to(self.jobs.cap - self.jobs.n_free + m)
+                self.jobs._group_room()
+                # 3. number the pass's sessions and read each one's binding once (forgotten past its TTL)
+                self.batches += 1
+                mark = self.batches
+                states = []
+                number = {}
+                for i in range(lo, hi):
+                    sid = session_ids[i]
+                    entry = _get(self.sessions, sid)
+                    if entry == NULL:  # no state yet: numbered by id, once
+                        entry = _get(number, sid)
+                        if entry != NULL:
+                            session_of[i] = <object>entry
+                            continue
+                        k = len(states)
+                        number[sid] = k
+                        states.append(sid)
+                        session_of[i] = <int32_t>k
+                        bound_key[k] = -1
+                        bound_index[k] = -1
+                        continue
+                    state = <SessionState>entry
+                    if state.batch == mark:
+                        session_of[i] = <int32_t>state.batch_k
+                        continue
+                    k = len(states)
+                    state.batch = mark
+                    state.batch_k = k
+                    states.append(state)
+                    session_of[i] = <int32_t>k
+                    bound_key[k] = -1
+                    bound_index[k] = -1
+                    if state.binding is not None and state.last_used < now - self.session_ttl:
+                        state.binding = None  # idle past its TTL: forgotten at lookup
+                    state.last_used = now
+                    if state.binding is None:
+                        continue
+                    if not (state.seen_binding is state.binding and state.seen_snap is snap):
+                        self._seen(state, <tuple>state.binding, -2)
+                    bound_key[k] = <int32_t>state.seen_key
+                    bound_index[k] = <int32_t>state.seen_index
+                n_sessions = len(states)
+                # 4. place and reserve, in order: without the GIL if no other entry is under way. What this
+                # batch read must all come from one snapshot: after the wait (other threads run meanwhile)
+                # the check below (the next call goes on from ``lo``), and from there to the pass no Python
+                # code runs.
+                gate.wait()
+                if self.snap is not snap or self.jobs.n_spare == 0:  # (another batch took the spare group)
+                    break
                 group = self.jobs._new_group(filed)  # allocates nothing: no Python code runs before the pass
                 free_pass = gate.begin_pass()
                 if free_pass:
                     self.passes_without_gil += 1
                     with nogil:
-                        placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
-                                             pool_c, tenant, &req, now + self.ttl, group, &out_slot[0],
-                                             &out_pool[0], &out_handle[0])
+                        got = self._place(kernel, lo, hi, &out_key[0], session_of, bound_key, bound_index,
+                                          rebound, pool_c, tenant, &req, now + self.ttl, group, &out_slot[0],
+                                          &out_pool[0], &out_handle[0])
                 else:
-                    placed = self._place(kernel, n, &out_key[0], session_of, bound_key, bound_index, rebound,
-                                         pool_c, tenant, &req, now + self.ttl, group, &out_slot[0], &out_pool[0],
-                                         &out_handle[0])
+                    got = self._place(kernel, lo, hi, &out_key[0], session_of, bound_key, bound_index, rebound,
+                                      pool_c, tenant, &req, now + self.ttl, group, &out_slot[0], &out_pool[0],
+                                      &out_handle[0])
                 gate.end_pass(free_pass)  # _place raises nothing: no finally needed
-                if placed == 0:
+                if got == 0:
                     self.jobs._free_group(group)  # no job joined it
-            # 5. with the GIL: count and bind (no Python code: atomic)
-            self.seq += placed  # job numbers stay in step with one-by-one dispatch
-            self.outcomes.values[0] += placed
-            for k in range(n_sessions):
-                if not rebound[k]:
-                    continue
-                if type(states[k]) is str:
-                    state = _new_session(now)
-                    self.sessions[states[k]] = state
-                    states[k] = state
-                state = <SessionState>states[k]
-                binding = (pairs[pair_number[bound_key[k]]], pool_ids[bound_index[k]])
-                state.binding = binding
-                if self.snap is snap:
-                    self._memo(state, binding, bound_index[k], bound_key[k])  # as dispatch would set it
+                # 5. with the GIL: count and bind (no Python code: atomic)
+                self.seq += got  # job numbers stay in step with one-by-one dispatch
+                self.outcomes.values[0] += got
+                placed += got
+                for k in range(n_sessions):
+                    if not rebound[k]:
+                        continue
+                    rebound[k] = 0  # (for the next pass's numbering)
+                    if type(states[k]) is str:
+                        state = _new_session(now)
+                        self.sessions[states[k]] = state
+                        states[k] = state
+                    state = <SessionState>states[k]
+                    binding = (pairs[pair_number[bound_key[k]]], pool_ids[bound_index[k]])
+                    state.binding = binding
+                    if self.snap is snap:
+                        self._memo(state, binding, bound_index[k], bound_key[k])  # as dispatch would set it
+                lo = hi
+            done[0] = lo
         finally:
             free(pair_of)
             free(rebound)
@@ -816,13 +857,14 @@ cdef class Dispatcher:
             free(pair_number)
         return placed
 
-    cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t n, const int64_t* keys, const int32_t* session_of,
+    cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t lo, Py_ssize_t hi, const int64_t* keys,
+                           const int32_t* session_of,
                            int32_t* bound_key, int32_t* bound_index, uint8_t* rebound, const int64_t* pool_ids,
                            Py_ssize_t tenant, request_t* req, double expires_at, int32_t group, int32_t* out_slot,
                            int64_t* out_pool, int64_t* out_handle) noexcept nogil:
-        """The batch's pass: select, count and file each job in order; no Python object (see _gate.pxi).
+        """One pass of a batch, jobs ``lo`` to ``hi``: select, count and file each in order; no Python object.
 
-        A placed job joins ``group`` (``JobTable._new_group``) at its index in the batch.
+        (See _gate.pxi.) A placed job joins ``group`` (``JobTable._new_group``) at its index in the batch.
 
         Each session's binding lives in ``bound_key``/``bound_index`` for the
         length of the pass (``rebound`` marks those it changed), so a job sees
@@ -833,7 +875,7 @@ cdef class Dispatcher:
         cdef int64_t found, handle, limit, running
         cdef job_rec* rec
         cdef int32_t* live = &self.jobs.group_live[group]  # the group arrays move only in _group_room (GIL)
-        for i in range(n):
+        for i in range(lo, hi):
             key = keys[i]
             if key < 0 or kernel.pair_off[key] == kernel.pair_off[key + 1]:
                 continue

@@ -42,9 +42,10 @@ release: jobs end roughly in the order they started.)
 Batch groups. A job placed one at a time has its session id and pair in
 the per-handle lists ``session_ids`` and ``pairs``; a batch's jobs share one
 *group* instead: the batch's own list of session ids, its list of pairs and
-each job's pair number, filed once before the placement pass, which makes
-each placed job a member (``job_rec.group``, ``job_rec.at``) with no Python
-object touched per job, with or without the GIL. A release (or expiry)
+each job's pair number, filed once before its placement passes (each pass
+has a group of its own over the same three objects), which makes each
+placed job a member (``job_rec.group``, ``job_rec.at``, its index in the
+batch) with no Python object touched per job, with or without the GIL. A release (or expiry)
 counts the member out, also without the GIL; the last one lists the group
 dead, and the next call holding the GIL (``_reap``) drops its lists. So a
 group's lists live exactly as long as its longest-lived job. The tuple and

@@ -1117,6 +1117,7 @@ class Dispatcher:
         self._view: _View | None = None
         self.default_mask = -1  # unknown until every default service has a bit
         self.next_sweep = float("inf")
+        self._pass_size = 2048
         # one Assignment type per process, whichever kernel made it (the compiled one when built)
         from pysched._impl import kernel as default_kernel
 
@@ -1125,6 +1126,24 @@ class Dispatcher:
     def now(self) -> float:
         """The time dispatch, release and commit read: the scheduler's clock."""
         return self._clock()
+
+    @property
+    def pass_size(self) -> int:
+        """Jobs per placement pass of a batch; >= 1, 2,048 unless set.
+
+        The compiled batch places that many jobs per pass without the GIL;
+        the twin places a whole batch under its lock, which gives the same
+        decisions (passes decide nothing), so here it is only checked and kept.
+        """
+        return self._pass_size
+
+    @pass_size.setter
+    def pass_size(self, value: int) -> None:
+        if type(value) is not int:
+            raise TypeError(f"pass_size must be an int, got {type(value).__name__}: {value!r}")
+        if value < 1:
+            raise ValueError(f"pass_size must be >= 1, got {value}")
+        self._pass_size = value
 
     def new_job_id(self) -> str:
         with self._lock:

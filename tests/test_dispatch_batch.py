@@ -384,6 +384,84 @@ def test_a_sessions_memo_of_its_codes_never_outlives_its_binding(make_scheduler)
 # -- the pass without the GIL (compiled kernel; see pysched/_gate.pxi) ----------------------------------------
 
 
+
+@pytest.mark.parametrize("pass_size", [1, 3, 7, 64])
+def test_a_batch_in_many_passes_places_exactly_as_sequential_dispatch(make_scheduler, pass_size):
+    """A big batch is placed in passes of ``pass_size`` jobs; sessions bound in one pass (new ones
+    included) keep their binding in the next, and the whole equals one-by-one dispatch."""
+    seq = fleet(make_scheduler, tenant_pools={"acme": 2})
+    bat = fleet(make_scheduler, tenant_pools={"acme": 2})
+    bat._fast.pass_size = pass_size
+    assert bat._fast.pass_size == pass_size
+    for sched in (seq, bat):
+        sched.dispatch("s1", "zh", "en")
+    sids, srcs, tgts = jobs(5, n=140)
+    sids = [*sids[:70], *[f"new{i % 9}" for i in range(70)]]  # sessions that first appear mid-batch
+    expected = one_by_one(seq, sids, srcs, tgts)
+    before = getattr(bat._fast, "passes_without_gil", 0)  # (the compiled kernel counts its passes)
+    got = bat.dispatch_batch(sids, srcs, tgts)
+    assert got.node_ids() == [x.node_id if isinstance(x, pysched.Assignment) else None for x in expected]
+    assert got.reasons() == [_reason_of(x) for x in expected]
+    assert seq.reservations.inflight.tolist() == bat.reservations.inflight.tolist()
+    for sid in set(sids):
+        assert getattr(seq._sessions.get(sid), "binding", None) == getattr(bat._sessions.get(sid), "binding", None)
+    assert seq.stats()["dispatch"] == bat.stats()["dispatch"]
+    if hasattr(bat._fast, "passes_without_gil"):  # compiled: a pass (GIL released: nothing else runs) per pass_size
+        assert bat._fast.passes_without_gil == before + -(-len(sids) // pass_size)
+    assert bat.release_batch(got.handle[got.ok]) == got.placed
+    assert bat.reservations.count() == seq.reservations.count() - got.placed
+
+
+@pytest.mark.parametrize("pass_size", [0, -1])
+def test_pass_size_below_one_is_refused(make_scheduler, pass_size):
+    sched = make_scheduler()
+    with pytest.raises(ValueError, match="pass_size"):
+        sched._fast.pass_size = pass_size
+    assert sched._fast.pass_size == 2048
+
+
+def test_a_fleet_change_between_two_passes_is_seen_from_the_next_pass_on():
+    """Between two passes the batch holds the GIL and runs no Python code of its own, but a collection
+    can (its callbacks): a snapshot published there is used from the next pass on, exactly as by
+    dispatch calls made after the change. Forced here with a collection at every allocation."""
+    import gc
+
+    def make():
+        sched = pysched.Scheduler(kernel="compiled", seed=8)
+        for i in range(4):
+            sched.register_node(f"n{i}", ["zh", "en"], max_concurrency=3)
+        return sched
+
+    sched, twin = make(), make()
+    fast = sched._fast
+    fast.pass_size = 4
+    sids = [f"s{i % 6}" for i in range(20)]
+    first = fast.passes_without_gil
+    changed: list[int] = []
+
+    def publish(phase, info):
+        if phase == "start" and not changed and fast.passes_without_gil == first + 1:
+            changed.append(1)  # after the first pass, before the second
+            sched.register_node("late", ["zh", "en"], max_concurrency=50)
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(publish)
+    gc.set_threshold(1)
+    try:
+        got = sched.dispatch_batch(sids, "zh", "en")
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(publish)
+    assert changed
+    expected = [twin.dispatch(sid, "zh", "en").node_id for sid in sids[:4]]
+    twin.register_node("late", ["zh", "en"], max_concurrency=50)
+    expected += [twin.dispatch(sid, "zh", "en").node_id for sid in sids[4:]]
+    assert got.node_ids() == expected
+    assert "late" in expected[4:]
+    assert sched.reservations.inflight.tolist() == twin.reservations.inflight.tolist()
+    sched.snapshot.kernel.ordering.check()
+
+
 def _gate(sched):
     return sched.reservations._counts.gate
 
@@ -432,6 +510,7 @@ def test_batches_without_the_gil_race_dispatch_heartbeats_and_fleet_changes(kern
     """Two batchers, a dispatcher, heartbeats and fleet changes on one scheduler: no node above its
     max at any check, nothing leaked, the ordering whole, no deadlock (joins bounded at 300 s)."""
     sched = pysched.Scheduler(kernel=kernel_name, seed=11, reservation_ttl=1e6, heartbeat_timeout=1e6)
+    sched._fast.pass_size = 16  # batches of up to 120 jobs in several passes: other calls run in between
     cap = {f"n{i}": 2 + i % 3 for i in range(24)}
     for node, c in cap.items():
         sched.register_node(node, SETS[int(node[1:]) % len(SETS)], max_concurrency=c)
