@@ -529,6 +529,13 @@ cdef inline int _better(int64_t eff, int64_t mx, double gpu,
     return 0
 
 
+cdef inline Py_ssize_t _pair_key_of(Py_ssize_t n_langs, Py_ssize_t src_id, Py_ssize_t tgt_id) noexcept nogil:
+    """pysched.language_index.pair_key in C (the one definition), -1 for ids out of range."""
+    if src_id < 0 or src_id > n_langs or tgt_id < 0 or tgt_id >= n_langs:
+        return -1
+    return src_id * n_langs + tgt_id
+
+
 @cython.final
 cdef class SnapshotKernel:
     """Raw-pointer view of one published snapshot, plus the kernel entry points.
@@ -684,10 +691,7 @@ cdef class SnapshotKernel:
 
     # -- helpers -----------------------------------------------------------
     cdef Py_ssize_t _pair_key(self, Py_ssize_t src_id, Py_ssize_t tgt_id) except -2:
-        # pysched.language_index.pair_key in C (the one definition), -1 for ids out of range
-        if src_id < 0 or src_id > self.n_langs or tgt_id < 0 or tgt_id >= self.n_langs:
-            return -1
-        return src_id * self.n_langs + tgt_id
+        return _pair_key_of(self.n_langs, src_id, tgt_id)
 
     cdef int _check_pool(self, Py_ssize_t pool) except -1:
         if pool < 0 or pool >= self.n_pools:

@@ -27,6 +27,7 @@ so both make the same decisions.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.sequence cimport PySequence_Fast_ITEMS
 from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH
 
 
@@ -58,6 +59,15 @@ cdef extern from *:
     """
     const bint PYSCHED_C_MONOTONIC
     double pysched_monotonic() noexcept nogil
+
+cdef extern from *:
+    """
+    /* a batch checks its jobs' session ids without the GIL (its own list holds them) */
+    #define pysched_is_str(o) (Py_TYPE(o) == &PyUnicode_Type)
+    #define pysched_str_len(o) PyUnicode_GET_LENGTH(o)
+    """
+    bint pysched_is_str(PyObject* o) noexcept nogil
+    Py_ssize_t pysched_str_len(PyObject* o) noexcept nogil
 
 
 cdef const char* _DIGIT_PAIRS = (b"00010203040506070809101112131415161718192021222324252627282930313233343536373839"
@@ -151,6 +161,10 @@ cdef enum:
     PASS_SIZE = 2048
     CODE_MEMO = 64  # entries of a batch's per-job code memo, per direction (2 ** 6: see _memo_find)
     MEMO_PROBES = 4
+    # a batch of this many jobs or more checks them without the GIL (_checked_run), so that another
+    # thread's batch can start meanwhile; a smaller one is over before that would pay
+    NOGIL_CHECKS = 1024
+    CHECKS_WITH_GIL = 64  # after a short run without the GIL, jobs checked holding it before trying again
 
 
 cdef inline Py_ssize_t _memo_find(PyObject** ptrs, PyObject* code) noexcept nogil:
@@ -170,6 +184,52 @@ cdef inline Py_ssize_t _memo_find(PyObject** ptrs, PyObject* code) noexcept nogi
         if ptrs[e] == NULL:
             return -1 - e
     return -1 - j
+
+
+cdef Py_ssize_t _checked_run(Py_ssize_t i, Py_ssize_t n, PyObject** sids, PyObject** srcs, PyObject** tgts,
+                             PyObject** memo_ptr, const Py_ssize_t* memo_id, Py_ssize_t src_id, Py_ssize_t tgt_id,
+                             Py_ssize_t n_langs, int32_t* pair_number, int32_t* pair_of, int64_t* out_key,
+                             int32_t* out_slot, int64_t* out_pool, int64_t* out_handle) noexcept nogil:
+    """A batch's step 1 for jobs ``i`` on, as long as a job needs nothing but C; the first job that needs
+    the GIL (or ``n``).
+
+    A job needs the GIL when its session id is not a non-empty str (the
+    error names it), a code object is not in the batch's memo yet, its
+    target is "auto" (an error), or its pair is new to the batch (filed in
+    ``pairs``). Every other job gets here exactly what the loop holding the
+    GIL gives it. ``srcs`` / ``tgts`` are NULL when the batch has one code.
+    The lists are the batch's own, and their items are held by them.
+    """
+    cdef Py_ssize_t at, key
+    cdef PyObject* sid
+    while i < n:
+        sid = sids[i]
+        if not pysched_is_str(sid) or pysched_str_len(sid) == 0:
+            return i
+        if srcs != NULL:
+            at = _memo_find(memo_ptr, srcs[i])
+            if at < 0:
+                return i
+            src_id = memo_id[at]
+        if tgts != NULL:
+            at = _memo_find(&memo_ptr[CODE_MEMO], tgts[i])
+            if at < 0:
+                return i
+            tgt_id = memo_id[CODE_MEMO + at]
+        if tgt_id == n_langs:
+            return i
+        key = -1
+        if src_id >= 0 and tgt_id >= 0:
+            key = _pair_key_of(n_langs, src_id, tgt_id)
+        if key >= 0 and pair_number[key] < 0:
+            return i
+        out_key[i] = key
+        pair_of[i] = pair_number[key] if key >= 0 else -1
+        out_slot[i] = -1
+        out_pool[i] = -1
+        out_handle[i] = -1
+        i += 1
+    return n
 
 
 @cython.final
@@ -587,7 +647,10 @@ cdef class Dispatcher:
         ``session_ids`` is a list of str, which the job table keeps (the
         placed jobs' session ids, filed once for the batch: the caller hands
         over a list of its own and never changes it); ``src``/``tgt`` one code
-        or a list of one per job; ``tenant_pool`` the pool id of the jobs' tenant (a new
+        or a list of one per job, which nobody changes during the call either
+        (a batch of NOGIL_CHECKS (1,024) jobs or more reads all three lists
+        without the GIL while it checks them, so that another thread's batch
+        can start meanwhile); ``tenant_pool`` the pool id of the jobs' tenant (a new
         binding prefers it), or None. Everything is validated first (a bad value raises,
         naming the job, before anything changes). Then each job reads its
         session's binding (bindings made earlier in the batch included),
@@ -625,7 +688,10 @@ cdef class Dispatcher:
         """Jobs ``start`` on, all over one snapshot; sets ``done`` to the first job not handled (all of them,
         unless a publication came between two passes) and returns how many were placed."""
         cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p, tenant = -1
-        cdef Py_ssize_t lo = start, hi, m, got
+        cdef Py_ssize_t lo = start, hi, m, got, nogil_at
+        cdef PyObject** sid_items
+        cdef PyObject** src_items
+        cdef PyObject** tgt_items
         cdef Py_ssize_t src_id = -1, tgt_id = -1  # the language ids of s_code / t_code
         cdef SnapshotKernel kernel
         cdef SessionState state
@@ -702,7 +768,23 @@ cdef class Dispatcher:
             if one_tgt:
                 t_code = <tuple>self._code_checked(tgt, "tgt", 0)
                 tgt_id = <Py_ssize_t>t_code[1]
-            for i in range(start, n):
+            # Big batches check runs of jobs without the GIL (_checked_run), and each job that needs it
+            # here; after a short run the next CHECKS_WITH_GIL jobs are checked here before trying again.
+            sid_items = PySequence_Fast_ITEMS(session_ids)
+            src_items = NULL if one_src else PySequence_Fast_ITEMS(srcs)
+            tgt_items = NULL if one_tgt else PySequence_Fast_ITEMS(tgts)
+            nogil_at = start if n - start >= NOGIL_CHECKS else n
+            i = start
+            while i < n:
+                if i >= nogil_at:
+                    with nogil:
+                        k = _checked_run(i, n, sid_items, src_items, tgt_items, memo_ptr, memo_id, src_id, tgt_id,
+                                         kernel.n_langs, pair_number, pair_of, &out_key[0], &out_slot[0],
+                                         &out_pool[0], &out_handle[0])
+                    nogil_at = k + 1 if k - i >= CHECKS_WITH_GIL else k + CHECKS_WITH_GIL
+                    i = k
+                    if i >= n:
+                        break
                 sid = session_ids[i]
                 if type(sid) is not str or PyUnicode_GET_LENGTH(sid) == 0:
                     raise TypeError(f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
@@ -749,6 +831,7 @@ cdef class Dispatcher:
                 out_slot[i] = -1
                 out_pool[i] = -1
                 out_handle[i] = -1
+                i += 1
             # 2. room for every job (a pass grows the table only if other threads reserved meanwhile), and
             # the lists that file the jobs' session ids and pairs once for all of them (each pass's placed
             # jobs join a group over these lists; the job table owns them from then on)

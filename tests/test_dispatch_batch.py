@@ -220,6 +220,62 @@ def test_bad_batches_change_nothing(make_scheduler, args, error, match):
     assert sched.reservations.count() == 0 and sched.stats()["sessions"] == 0
 
 
+
+BIG = 3000  # jobs: a batch this big checks its jobs in runs without the GIL (1,024 or more)
+
+
+@pytest.mark.parametrize(("at", "change", "error", "match"), [
+    (2100, lambda a: a[0].__setitem__(2100, ""), TypeError, r"session_ids\[2100\]"),
+    (2999, lambda a: a[0].__setitem__(2999, 7), TypeError, r"session_ids\[2999\]"),
+    (1500, lambda a: a[1].__setitem__(1500, "not a code!"), ValueError, r"src\[1500\]"),
+    (2500, lambda a: a[2].__setitem__(2500, "auto"), ValueError, r"tgt\[2500\]"),
+    (1024, lambda a: a[2].__setitem__(1024, 3.5), TypeError, r"tgt\[1024\]"),
+])
+def test_a_bad_job_deep_in_a_big_batch_is_named_and_changes_nothing(make_scheduler, at, change, error, match):
+    sched = fleet(make_scheduler)
+    sids, srcs, tgts = jobs(9, n=BIG)
+    sched.dispatch_batch(sids[:50], srcs[:50], tgts[:50])  # some load and bindings to keep
+    before = (sched.reservations.inflight.tolist(), sched.stats()["dispatch"],
+              {sid: getattr(sched._sessions.get(sid), "binding", None) for sid in set(sids)})
+    args = (list(sids), list(srcs), list(tgts))
+    change(args)
+    with pytest.raises(error, match=match):
+        sched.dispatch_batch(*args)
+    assert (sched.reservations.inflight.tolist(), sched.stats()["dispatch"],
+            {sid: getattr(sched._sessions.get(sid), "binding", None) for sid in set(sids)}) == before
+
+
+def test_a_big_batch_with_new_pairs_and_codes_along_the_way_places_as_sequential_dispatch(make_scheduler):
+    """Per-job codes, a distinct object now and then and pairs first seen deep in the batch: the
+    runs checked without the GIL stop at each and go on, and the batch equals one-by-one dispatch."""
+    seq = fleet(make_scheduler)
+    bat = fleet(make_scheduler)
+    rng = np.random.default_rng(4)
+    sids, srcs, tgts = [], [], []
+    # the first 1,000 jobs ask for zh-en and ja-zh only; after that (ja, en), a new pair of codes already
+    # memoised, and pairs that appear one by one
+    early = [("zh", "en"), ("ja", "zh")]
+    for i in range(BIG):
+        if i < 1000:
+            s, t = early[i % 2]
+        else:
+            s, t = [("ja", "en"), *PAIRS][min(int(rng.integers(0, len(PAIRS) + 1)), (i - 1000) // 250)]
+        sids.append(f"s{int(rng.integers(0, 60))}")
+        srcs.append(_fresh(s, i) if i % 500 == 7 else s)  # (a new object now and then: runs stay long)
+        tgts.append(t)
+    expected = one_by_one(seq, sids, srcs, tgts)
+    got = bat.dispatch_batch(sids, srcs, tgts)
+    assert got.node_ids() == [x.node_id if isinstance(x, pysched.Assignment) else None for x in expected]
+    assert got.reasons() == [_reason_of(x) for x in expected]
+    assert seq.reservations.inflight.tolist() == bat.reservations.inflight.tolist()
+    assert seq.stats()["dispatch"] == bat.stats()["dispatch"]
+    for sid in set(sids):  # bindings name each pair, as filed by the batch
+        assert getattr(seq._sessions.get(sid), "binding", None) == getattr(bat._sessions.get(sid), "binding", None)
+    table, now = bat.reservations._table, bat._clock()
+    assert [table.get_handle(int(got.handle[i]), now)[5] for i in np.flatnonzero(got.ok)] == [
+        (x.src, x.tgt) for x in expected if isinstance(x, pysched.Assignment)]
+
+
 def test_batch_needs_the_local_backend(kernel_name):
     class Custom(pysched.LocalReservations):
         pass
