@@ -223,13 +223,19 @@ cdef Py_ssize_t _checked_run(Py_ssize_t i, Py_ssize_t n, PyObject** sids, PyObje
             key = _pair_key_of(n_langs, src_id, tgt_id)
         if key >= 0 and pair_number[key] < 0:
             return i
-        out_key[i] = key
-        pair_of[i] = pair_number[key] if key >= 0 else -1
-        out_slot[i] = -1
-        out_pool[i] = -1
-        out_handle[i] = -1
+        _checked(i, key, pair_number, pair_of, out_key, out_slot, out_pool, out_handle)
         i += 1
     return n
+
+
+cdef inline void _checked(Py_ssize_t i, Py_ssize_t key, const int32_t* pair_number, int32_t* pair_of,
+                          int64_t* out_key, int32_t* out_slot, int64_t* out_pool, int64_t* out_handle) noexcept nogil:
+    """Job ``i`` checked, its pair key ``key`` (-1: none) filed in this batch: its entries before the pass."""
+    out_key[i] = key
+    pair_of[i] = pair_number[key] if key >= 0 else -1
+    out_slot[i] = -1
+    out_pool[i] = -1
+    out_handle[i] = -1
 
 
 @cython.final
@@ -768,8 +774,9 @@ cdef class Dispatcher:
             if one_tgt:
                 t_code = <tuple>self._code_checked(tgt, "tgt", 0)
                 tgt_id = <Py_ssize_t>t_code[1]
-            # Big batches check runs of jobs without the GIL (_checked_run), and each job that needs it
-            # here; after a short run the next CHECKS_WITH_GIL jobs are checked here before trying again.
+            # Runs of jobs that need nothing but C are checked by _checked_run: a big batch's without the
+            # GIL (after a short run, the next CHECKS_WITH_GIL jobs' holding it); a job it stops at is
+            # checked here, holding the GIL: an error naming it, or its codes and pair filed.
             sid_items = PySequence_Fast_ITEMS(session_ids)
             src_items = NULL if one_src else PySequence_Fast_ITEMS(srcs)
             tgt_items = NULL if one_tgt else PySequence_Fast_ITEMS(tgts)
@@ -782,55 +789,50 @@ cdef class Dispatcher:
                                          kernel.n_langs, pair_number, pair_of, &out_key[0], &out_slot[0],
                                          &out_pool[0], &out_handle[0])
                     nogil_at = k + 1 if k - i >= CHECKS_WITH_GIL else k + CHECKS_WITH_GIL
-                    i = k
-                    if i >= n:
-                        break
+                else:
+                    k = _checked_run(i, n, sid_items, src_items, tgt_items, memo_ptr, memo_id, src_id, tgt_id,
+                                     kernel.n_langs, pair_number, pair_of, &out_key[0], &out_slot[0],
+                                     &out_pool[0], &out_handle[0])
+                i = k
+                if i >= n:
+                    break
                 sid = session_ids[i]
                 if type(sid) is not str or PyUnicode_GET_LENGTH(sid) == 0:
                     raise TypeError(f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
                 if not one_src:
                     code = srcs[i]
                     s_at = _memo_find(memo_ptr, <PyObject*>code)
-                    if s_at >= 0:
-                        src_id = memo_id[s_at]
-                    else:
+                    if s_at < 0:
                         s_at = -1 - s_at
                         s_code = <tuple>self._code_checked(code, "src", i)
-                        src_id = memo_id[s_at] = <Py_ssize_t>s_code[1]
+                        memo_id[s_at] = <Py_ssize_t>s_code[1]
                         memo_hold[s_at] = (code, s_code)
                         memo_ptr[s_at] = <PyObject*>code
+                    src_id = memo_id[s_at]
                 if not one_tgt:
                     code = tgts[i]
                     t_at = _memo_find(&memo_ptr[CODE_MEMO], <PyObject*>code)
                     if t_at >= 0:
                         t_at += CODE_MEMO
-                        tgt_id = memo_id[t_at]
                     else:
                         t_at = CODE_MEMO - 1 - t_at
                         t_code = <tuple>self._code_checked(code, "tgt", i)
-                        tgt_id = memo_id[t_at] = <Py_ssize_t>t_code[1]
+                        memo_id[t_at] = <Py_ssize_t>t_code[1]
                         memo_hold[t_at] = (code, t_code)
                         memo_ptr[t_at] = <PyObject*>code
+                    tgt_id = memo_id[t_at]
                 if tgt_id == self.n_langs:
                     raise ValueError(f"tgt[{i}]: 'auto' is not a target language")
-                key = -1
-                if src_id >= 0 and tgt_id >= 0:
-                    key = kernel._pair_key(src_id, tgt_id)
-                out_key[i] = key
-                pair_of[i] = -1
-                if key >= 0:
-                    if pair_number[key] < 0:
-                        if not one_src:  # this job's entries (the memo slot it was just found in)
-                            s_code = <tuple>(<tuple>memo_hold[s_at])[1]
-                        if not one_tgt:
-                            t_code = <tuple>(<tuple>memo_hold[t_at])[1]
-                        pair_number[key] = <int32_t>n_pairs
-                        pairs.append((s_code[0], t_code[0]))
-                        n_pairs += 1
-                    pair_of[i] = pair_number[key]
-                out_slot[i] = -1
-                out_pool[i] = -1
-                out_handle[i] = -1
+                key = _pair_key_of(kernel.n_langs, src_id, tgt_id) if src_id >= 0 and tgt_id >= 0 else -1
+                if key >= 0 and pair_number[key] < 0:  # a pair new to the batch (its codes: this job's entries)
+                    if not one_src:
+                        s_code = <tuple>(<tuple>memo_hold[s_at])[1]
+                    if not one_tgt:
+                        t_code = <tuple>(<tuple>memo_hold[t_at])[1]
+                    pair_number[key] = <int32_t>n_pairs
+                    pairs.append((s_code[0], t_code[0]))
+                    n_pairs += 1
+                _checked(i, key, pair_number, pair_of, &out_key[0], &out_slot[0], &out_pool[0], &out_handle[0])
                 i += 1
             # 2. room for every job (a pass grows the table only if other threads reserved meanwhile), and
             # the lists that file the jobs' session ids and pairs once for all of them (each pass's placed
