@@ -414,6 +414,5 @@ cdef class Dispatcher:
                            Py_ssize_t* done) except -1
     cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t lo, Py_ssize_t hi, const int64_t* keys,
                            const int32_t* session_of, int32_t* bound_key, int32_t* bound_index, uint8_t* rebound,
-                           const int64_t* pool_ids,
-                           Py_ssize_t tenant, request_t* req, double expires_at, int32_t group, int32_t* out_slot,
-                           int64_t* out_pool, int64_t* out_handle) noexcept nogil
+                           const int64_t* pool_ids, Py_ssize_t tenant, request_t* req, double expires_at,
+                           int32_t group, int32_t* out_slot, int64_t* out_pool, int64_t* out_handle) noexcept nogil

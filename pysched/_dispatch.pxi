@@ -196,9 +196,9 @@ cdef Py_ssize_t _checked_run(Py_ssize_t i, Py_ssize_t n, PyObject** sids, PyObje
     A job needs the GIL when its session id is not a non-empty str (the
     error names it), a code object is not in the batch's memo yet, its
     target is "auto" (an error), or its pair is new to the batch (filed in
-    ``pairs``). Every other job gets here exactly what the loop holding the
-    GIL gives it. ``srcs`` / ``tgts`` are NULL when the batch has one code.
-    The lists are the batch's own, and their items are held by them.
+    ``pairs``); the caller checks that one holding the GIL, then calls this
+    again from the next job. ``srcs`` / ``tgts`` are NULL when the batch has
+    one code. The lists are the batch's own, and their items are held by them.
     """
     cdef Py_ssize_t at, key
     cdef PyObject* sid
@@ -218,9 +218,7 @@ cdef Py_ssize_t _checked_run(Py_ssize_t i, Py_ssize_t n, PyObject** sids, PyObje
             tgt_id = memo_id[CODE_MEMO + at]
         if tgt_id == n_langs:
             return i
-        key = -1
-        if src_id >= 0 and tgt_id >= 0:
-            key = _pair_key_of(n_langs, src_id, tgt_id)
+        key = _pair_key_of(n_langs, src_id, tgt_id)  # (-1 for a code no pool speaks)
         if key >= 0 and pair_number[key] < 0:
             return i
         _checked(i, key, pair_number, pair_of, out_key, out_slot, out_pool, out_handle)
@@ -823,7 +821,7 @@ cdef class Dispatcher:
                     tgt_id = memo_id[t_at]
                 if tgt_id == self.n_langs:
                     raise ValueError(f"tgt[{i}]: 'auto' is not a target language")
-                key = _pair_key_of(kernel.n_langs, src_id, tgt_id) if src_id >= 0 and tgt_id >= 0 else -1
+                key = _pair_key_of(kernel.n_langs, src_id, tgt_id)
                 if key >= 0 and pair_number[key] < 0:  # a pair new to the batch (its codes: this job's entries)
                     if not one_src:
                         s_code = <tuple>(<tuple>memo_hold[s_at])[1]
@@ -943,9 +941,9 @@ cdef class Dispatcher:
         return placed
 
     cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t lo, Py_ssize_t hi, const int64_t* keys,
-                           const int32_t* session_of,
-                           int32_t* bound_key, int32_t* bound_index, uint8_t* rebound, const int64_t* pool_ids,
-                           Py_ssize_t tenant, request_t* req, double expires_at, int32_t group, int32_t* out_slot,
+                           const int32_t* session_of, int32_t* bound_key, int32_t* bound_index, uint8_t* rebound,
+                           const int64_t* pool_ids, Py_ssize_t tenant, request_t* req, double expires_at,
+                           int32_t group, int32_t* out_slot,
                            int64_t* out_pool, int64_t* out_handle) noexcept nogil:
         """One pass of a batch, jobs ``lo`` to ``hi``: select, count and file each in order; no Python object.
 
