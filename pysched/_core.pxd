@@ -166,9 +166,10 @@ cdef class Ordering:
     cdef bint shared_slots             # some slot has leaves in two trees (overlapping manual pools)
 
     cdef order_key _key_of(self, Py_ssize_t s, slot_brief* b) noexcept nogil
-    cdef bint _key_update(self, Py_ssize_t s) noexcept nogil
-    cdef bint _count_update(self, Py_ssize_t s) noexcept nogil
-    cdef void _refresh(self, Py_ssize_t s) noexcept nogil
+    cdef int _key_update(self, Py_ssize_t s) noexcept nogil
+    cdef int _count_update(self, Py_ssize_t s) noexcept nogil
+    cdef void _refresh(self, Py_ssize_t s, int rel) noexcept nogil
+    cdef void _rekey(self, Py_ssize_t s) noexcept nogil
     cdef void prefetch(self, Py_ssize_t slot) noexcept nogil
     cdef void on_count(self, Py_ssize_t slot) noexcept nogil
     cdef void on_load(self, Py_ssize_t slot) noexcept nogil

@@ -847,7 +847,7 @@ cdef class SnapshotKernel:
         for i in range(req.n_exclude):
             pos = o.leaf_in(req.exclude[i], tree_id)
             if pos >= 0 and t.nodes[t.size + pos].win >= 0:
-                _tree_set(t, keys, pos, -1)
+                _tree_set(t, keys, pos, -1, 1)
         while n_hidden < ORDER_DRAWS:
             if t.nodes[1].win < 0:
                 found = -1
@@ -873,16 +873,16 @@ cdef class SnapshotKernel:
             if req.now - b.last_heartbeat > self.heartbeat_timeout:
                 o.evict(slot, b.last_heartbeat + self.heartbeat_timeout)  # takes its leaves out for good
             else:
-                _tree_set(t, keys, pos, -1)
+                _tree_set(t, keys, pos, -1, 1)
             hidden[n_hidden] = <int32_t>pos
             n_hidden += 1
         for i in range(n_hidden):
             pos = hidden[i]
-            _tree_set(t, keys, pos, _leaf_of(keys, t.slots[pos]))
+            _tree_set(t, keys, pos, _leaf_of(keys, t.slots[pos]), 0)
         for i in range(req.n_exclude):
             pos = o.leaf_in(req.exclude[i], tree_id)
             if pos >= 0:
-                _tree_set(t, keys, pos, _leaf_of(keys, t.slots[pos]))
+                _tree_set(t, keys, pos, _leaf_of(keys, t.slots[pos]), 0)
         if found == -2:
             with gil:
                 found = self._scan(pool, req, state)

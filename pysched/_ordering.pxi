@@ -101,22 +101,45 @@ cdef inline order_node _combine(const order_node* nodes, const order_key* keys, 
     return n
 
 
-cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win) noexcept nogil:
+cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win, int rel) noexcept nogil:
     """Set member ``pos``'s leaf (its slot, or -1 to leave it out) and repair its path to the root.
 
-    Correct as long as at most this one leaf is out of date with ``keys``: the
-    climb stops at the first node whose answer did not change and whose best
-    is another slot, since nothing above depends on this leaf then. (Nodes
-    hold a slot, not a copy of its key: measured, copying 24-byte nodes cost
-    more than the lookups it saves.) Each level's new answer is compared with
-    the stored node before anything is written: the climb runs on every
-    count change.
+    ``rel`` says how the leaf's key compares with its key before the change
+    (-1 better, 0 the same, 1 worse, as ``_key_cmp(new, old)``); it is read
+    only when the leaf was and stays in (a leaf put in counts as better, one
+    left out as worse). Correct as long as at most this one leaf is out of
+    date with ``keys``.
+
+    Why the relation: each node's answer is its best key, how many leaves
+    below tie with it, and how many of those are in its left half. Knowing
+    how the changed child's best key moved, and what each child contributed
+    to the stored answer, most levels are settled from those counts alone,
+    without reading a key: a worse child whose sibling tied leaves the
+    sibling's ties; a better child that was best stays best alone; a child
+    whose best key is the same contributes its new tie count. Keys are read
+    (``_combine``, one comparison) only where the order between the two
+    children really changes: a worse child that was best alone, or a better
+    one that was not best. Tied fleets (integer loads, many equal nodes) make
+    most repairs of the first kind; a comparison's branch there follows the
+    loads and is mispredicted about half the time. The climb stops at the
+    first node whose answer and best key both stand, since nothing above
+    depends on this leaf then. (Nodes hold a slot, not a copy of its key:
+    measured, copying 24-byte nodes cost more than the lookups it saves.)
     """
     cdef order_node* nodes = t.nodes
     cdef Py_ssize_t v = t.size + pos, u
-    cdef int32_t slot = t.slots[pos], w
+    cdef int32_t w, u_win, u_ties, o_win, cu, co, cu2, co2, cl, cr, wl, wr, side
     cdef order_node nn
     cdef order_node* n
+    cdef order_node* o
+    if nodes[v].win < 0:
+        if win < 0:
+            return
+        rel = -1
+    elif win < 0:
+        rel = 1
+    elif rel == 0:
+        return  # the same slot, a key that compares as before: no answer above changes
     if t.size >= PREFETCH_TREE:
         # A big tree's lower levels, and the keys their best leaves point to, are cold: ask for the whole
         # path's siblings and their keys first (independent loads, which overlap), then climb.
@@ -126,26 +149,91 @@ cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t
             if w >= 0:
                 _prefetch(&keys[w])
             u >>= 1
-    nodes[v].win = win
-    nodes[v].ties = 1 if win >= 0 else 0
-    v >>= 1
-    while v >= 1:
-        nn = _combine(nodes, keys, v)
+    u_win = win
+    u_ties = 1 if win >= 0 else 0
+    nodes[v].win = u_win
+    nodes[v].ties = u_ties
+    while v > 1:
+        u = v
+        v >>= 1
         n = &nodes[v]
-        if n.win == nn.win and n.ties == nn.ties and n.left == nn.left and nn.win != slot:
+        o = &nodes[u ^ 1]
+        o_win = o.win
+        # what the changed child (u) and its sibling (o) contributed to the stored answer's ties. The side
+        # is taken by masks, not branches: which side a path takes is random, so a branch on it (gcc makes
+        # one of a plain conditional here) is mispredicted half the time, at every level.
+        side = -<int32_t>(u & 1)  # 0: u is the left child; -1 (all ones): the right one
+        cl = n.left
+        cr = n.ties - cl
+        cu = cl ^ ((cl ^ cr) & side)
+        co = cl ^ cr ^ cu
+        if rel == 0:  # u's best key is the one it had: it contributes its new ties if it contributed before
+            cu2 = u_ties if cu > 0 else 0
+            co2 = co
+        elif rel > 0:
+            if cu == 0:
+                break  # u was not best here and got worse: this answer, and all above, stand
+            if co > 0:  # the sibling tied: its ties are the answer now, with the same best key
+                cu2 = 0
+                co2 = co
+                rel = 0
+            else:  # u was best alone and got worse: compare (the best key here gets worse too)
+                nn = _combine(nodes, keys, v)
+                n[0] = nn
+                u_win = nn.win
+                u_ties = nn.ties
+                continue
+        elif cu > 0 or co == 0:  # better, and u was best here (or nothing was): u alone is best
+            cu2 = u_ties
+            co2 = 0
+        else:  # better, but the sibling was best: compare
+            w = _key_cmp(&keys[u_win], &keys[o_win])
+            if w < 0:
+                cu2 = u_ties
+                co2 = 0
+            elif w == 0:
+                cu2 = u_ties
+                co2 = co
+                rel = 0
+            else:
+                cu2 = 0
+                co2 = co
+                rel = 0
+        # the answer from the two contributions, leftmost tied leaf first (-1: none), by the same masks
+        cl = cu2 ^ ((cu2 ^ co2) & side)
+        cr = cu2 ^ co2 ^ cl
+        wl = u_win ^ ((u_win ^ o_win) & side)
+        wr = (u_win ^ o_win ^ wl) | -<int32_t>(cr == 0)
+        nn.ties = cl + cr
+        nn.left = cl
+        nn.win = wl ^ ((wl ^ wr) & -<int32_t>(cl == 0))
+        if rel == 0 and n.win == nn.win and n.ties == nn.ties and n.left == nn.left:
             break
         n[0] = nn
-        v >>= 1
+        u_win = nn.win
+        u_ties = nn.ties
 
 
 cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
     """Position of the ``r``-th (from 0, in member order) leaf tied with the root's best.
 
     Each node knows how many of its ties lie in its left half, so the descent
-    reads one node a level and compares no keys.
+    reads one node a level and compares no keys. Which way it goes is as
+    random as ``r``: in a small tree (hot in cache) the step is computed
+    without a branch, a mispredicted branch at every other level costing more
+    than the load it waits for; in a big one (cold) the branch stays, since
+    its speculation starts the next level's load early.
     """
-    cdef Py_ssize_t v = 1
+    cdef Py_ssize_t v = 1, right
     cdef const order_node* nodes = t.nodes
+    cdef int64_t left
+    if t.size < PREFETCH_TREE:
+        while v < t.size:
+            left = nodes[v].left
+            right = r >= left
+            r -= left & -(<int64_t>right)
+            v = 2 * v + right
+        return v - t.size
     while v < t.size:
         if r < nodes[v].left:
             v = 2 * v
@@ -326,15 +414,27 @@ cdef class Ordering:
         k.gpu = load.gpu
         return k
 
-    cdef bint _key_update(self, Py_ssize_t s) noexcept nogil:
-        """Recompute slot ``s``'s key and brief from the target arrays; whether the key changed."""
-        cdef order_key k = self._key_of(s, &self.briefs[s])
-        if memcmp(&k, &self.keys[s], sizeof(order_key)) == 0:
-            return False
-        self.keys[s] = k
-        return True
+    cdef int _key_update(self, Py_ssize_t s) noexcept nogil:
+        """Recompute slot ``s``'s key and brief from the target arrays; how its leaves must move.
 
-    cdef bint _count_update(self, Py_ssize_t s) noexcept nogil:
+        0 when no tree answer can change (the key compares as it did, or the
+        slot is no candidate before or after); else -1 (better) or 1 (worse),
+        what :meth:`_refresh` and ``_tree_set`` take (a slot that becomes a
+        candidate, or stops being one, is told apart by its leaf).
+        """
+        cdef order_key k = self._key_of(s, &self.briefs[s])
+        cdef order_key* old = &self.keys[s]
+        cdef int rel
+        if memcmp(&k, old, sizeof(order_key)) == 0:
+            return 0
+        if k.eff >= 0 and old.eff >= 0:
+            rel = _key_cmp(&k, old)
+        else:
+            rel = 0 if k.eff < 0 and old.eff < 0 else 1
+        old[0] = k
+        return rel
+
+    cdef int _count_update(self, Py_ssize_t s) noexcept nogil:
         """``_key_update`` after a change of slot ``s``'s in-flight count only, from its key, brief and count.
 
         What else the key depends on is copied in the brief, kept up to date
@@ -344,23 +444,32 @@ cdef class Ordering:
         cdef order_key* k = &self.keys[s]
         cdef const slot_brief* b = &self.briefs[s]
         cdef int32_t eff = _eff_of(self.counts[s], b.running, k.max_concurrency, b.live)
-        if eff == k.eff:
-            return False
+        cdef int32_t was = k.eff
+        if eff == was:
+            return 0
         k.eff = eff
-        return True
+        if eff >= 0 and was >= 0:
+            return 1 if eff > was else -1  # same max and GPU use: the ratio moves with eff
+        return 1
 
-    cdef void _refresh(self, Py_ssize_t s) noexcept nogil:
-        """Bring every leaf of slot ``s`` in line with its key."""
+    cdef void _refresh(self, Py_ssize_t s, int rel) noexcept nogil:
+        """Bring every leaf of slot ``s`` in line with its key (``rel``: from ``_key_update``)."""
         cdef int64_t ref = self.briefs[s].head
         cdef pool_tree* t
         cdef Py_ssize_t pos
         while ref >= 0:
             t = self.trees[ref >> 32]
             pos = ref & LEAF_POS
-            _tree_set(t, self.keys, pos, _leaf_of(self.keys, <int32_t>s))
+            _tree_set(t, self.keys, pos, _leaf_of(self.keys, <int32_t>s), rel)
             if not self.shared_slots:
                 break  # one leaf a slot (auto pools): its link, a cold line in big fleets, is not read
             ref = t.next[pos]
+
+    cdef void _rekey(self, Py_ssize_t s) noexcept nogil:
+        """``_key_update``, then ``_refresh`` when the trees must follow."""
+        cdef int rel = self._key_update(s)
+        if rel:
+            self._refresh(s, rel)
 
     cdef inline void prefetch(self, Py_ssize_t slot) noexcept nogil:
         """Start loading what a change of ``slot``'s count reads (a hint: in big fleets those lines are
@@ -371,15 +480,18 @@ cdef class Ordering:
             _prefetch(&self.counts[slot])
 
     cdef void on_count(self, Py_ssize_t slot) noexcept nogil:
-        if self.ready and slot < self.n_slots and self._count_update(slot):
-            self._refresh(slot)
+        cdef int rel
+        if self.ready and slot < self.n_slots:
+            rel = self._count_update(slot)
+            if rel:
+                self._refresh(slot, rel)
 
     cdef void on_load(self, Py_ssize_t slot) noexcept nogil:
         if slot >= self.n_slots:
             return
         self.evicted[slot] = 0  # a heartbeat: the node is heard from again
-        if self.ready and self._key_update(slot):
-            self._refresh(slot)
+        if self.ready:
+            self._rekey(slot)
 
     cdef void evict(self, Py_ssize_t slot, double deadline) noexcept nogil:
         if slot >= self.n_slots:
@@ -387,8 +499,8 @@ cdef class Ordering:
         self.evicted[slot] = 1
         if deadline > self.horizon:
             self.horizon = deadline
-        if self.ready and self._key_update(slot):
-            self._refresh(slot)
+        if self.ready:
+            self._rekey(slot)
 
     cdef void suspend(self) noexcept nogil:
         self.ready = False
@@ -617,8 +729,8 @@ cdef class Ordering:
                 self._match_trees(k.pool_off, k.pool_members, k.n_pools, True)
             for i in range(n_changed):
                 s = changed[i]
-                if s < old_n and self._key_update(s):
-                    self._refresh(s)
+                if s < old_n:
+                    self._rekey(s)
             # records that changed (compared 64 at a time, the common case being "none")
             s0 = 0 if n_changed < 0 else old_n
             while s0 < old_n:
@@ -627,12 +739,11 @@ cdef class Ordering:
                     s0 = end
                     continue
                 for s in range(s0, end):
-                    if memcmp(&old_recs[s], &self.recs[s], sizeof(node_rec)) != 0 and self._key_update(s):
-                        self._refresh(s)
+                    if memcmp(&old_recs[s], &self.recs[s], sizeof(node_rec)) != 0:
+                        self._rekey(s)
                 s0 = end
             for s in range(old_n, self.n_slots):
-                if self._key_update(s):
-                    self._refresh(s)
+                self._rekey(s)
         self.target = k.refs  # keeps every array above alive
         self.epoch += 1
         self.ready = True
