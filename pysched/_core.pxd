@@ -113,6 +113,10 @@ ctypedef struct slot_brief:
     uint8_t live               # ready, not overloaded, not evicted: a candidate unless it is full
     uint16_t pad_              # always zero (32 bytes: the array is aligned to 32, a brief is in one line)
 
+ctypedef struct session_entry:
+    Py_hash_t hash             # the session id's hash
+    PyObject* state            # its SessionState (held by Dispatcher.sindex_held); NULL: empty
+
 ctypedef struct order_node:
     int32_t win                # slot of a best candidate below (leftmost of the tied ones); -1: none
     int32_t ties               # candidates below whose key equals win's
@@ -368,6 +372,8 @@ cdef class SessionState:
     # scratch of Dispatcher.batch: the session's number in batch ``batch`` (a batch holds the GIL)
     cdef uint64_t batch
     cdef Py_ssize_t batch_k
+    # the id the Dispatcher's session index files it under (None: not filed)
+    cdef str indexed_id
 
 
 cdef class Dispatcher:
@@ -385,6 +391,11 @@ cdef class Dispatcher:
     cdef double ttl, session_ttl, lease
     cdef int64_t seq                   # job ids issued (shared with the Python path)
     cdef uint64_t batches              # batch passes run: each marks its sessions with its own number
+    # the session index: the session table's states by their id's hash, open addressing (see _session_find)
+    cdef session_entry* sindex
+    cdef Py_ssize_t sindex_cap         # entries: 0 or a power of two, at least twice sindex_n
+    cdef Py_ssize_t sindex_n
+    cdef list sindex_held              # entry i's state at i (None where empty): the index's references
     cdef public int64_t default_mask   # the default services' mask; -1 until every one has a bit
     cdef public double next_sweep      # the session table's next sweep: the Python path runs it
     cdef object snap                   # the snapshot the cached fields below come from
@@ -409,6 +420,9 @@ cdef class Dispatcher:
     cdef int _seen(self, SessionState state, tuple binding, Py_ssize_t key) except -1
     cdef void _memo(self, SessionState state, tuple binding, Py_ssize_t index, Py_ssize_t key) noexcept
     cdef str _job_id(self, int64_t seq)
+    cdef PyObject* _session_find(self, str session_id) except? NULL
+    cdef int _session_file(self, str session_id, SessionState state) except -1
+    cdef void _session_put(self, Py_hash_t h, PyObject* state) noexcept
     cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,
                            object tenant_pool, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
                            int64_t[::1] out_handle, int64_t[::1] out_key, Py_ssize_t start,

@@ -37,6 +37,19 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     """
+    /* entry i of a list becomes o (a new reference), then its old item is let go: last, since that may
+       free an object */
+    static inline void pysched_list_put(PyObject* list, Py_ssize_t i, PyObject* o) {
+        PyObject* old = PyList_GET_ITEM(list, i);
+        Py_INCREF(o);
+        PyList_SET_ITEM(list, i, o);
+        Py_XDECREF(old);
+    }
+    """
+    void pysched_list_put(object lst, Py_ssize_t i, PyObject* o)
+
+cdef extern from *:
+    """
     /* time.monotonic() without the call: the same clock and the same double
        (CPython's _PyTime_AsSecondsDouble), where CPython reads it with
        clock_gettime(CLOCK_MONOTONIC). Elsewhere the scheduler's clock is
@@ -65,9 +78,12 @@ cdef extern from *:
     /* a batch checks its jobs' session ids without the GIL (its own list holds them) */
     #define pysched_is_str(o) (Py_TYPE(o) == &PyUnicode_Type)
     #define pysched_str_len(o) PyUnicode_GET_LENGTH(o)
+    /* a str's hash as it keeps it (-1: not computed yet) */
+    #define pysched_str_hash(o) (((PyASCIIObject*)(o))->hash)
     """
     bint pysched_is_str(PyObject* o) noexcept nogil
     Py_ssize_t pysched_str_len(PyObject* o) noexcept nogil
+    Py_hash_t pysched_str_hash(PyObject* o) noexcept nogil
 
 
 cdef const char* _DIGIT_PAIRS = (b"00010203040506070809101112131415161718192021222324252627282930313233343536373839"
@@ -267,6 +283,10 @@ cdef class Dispatcher:
         self.own_assignment = True
         self.assignment_type = Assignment
         self.pass_jobs = PASS_SIZE
+        self.sindex_held = []
+
+    def __dealloc__(self):
+        free(self.sindex)  # (its references are sindex_held's, which goes with this object)
 
     @property
     def pass_size(self) -> int:
@@ -327,6 +347,160 @@ cdef class Dispatcher:
         else:
             (end - 1)[0] = <char>(48 + v)
         return out
+
+    # -- the session index ------------------------------------------------------
+    # Every compiled dispatch, and a batch for each of its jobs, finds the
+    # session's state in the session table, a dict shared with the Python
+    # path. In a big table that probe misses the cache on the table's index,
+    # its entry, and (for an id object other than the table's key) the key;
+    # then on the state. The index files the states the compiled calls found
+    # or made by their id's hash, in one 16-byte entry: a lookup reads that
+    # entry and the state, whose ``indexed_id`` confirms the id. It is exact
+    # because a state is filed only while the table holds it under that id,
+    # the table never replaces a state (setdefault everywhere), and every
+    # removal (SessionManager.close and sweep) calls forget_session just
+    # after. (Between the two, a call on another thread may still find the
+    # dropped state, as it may when it looked the session up just before the
+    # removal; either way its binding is written to a state nobody finds
+    # again, and the session starts afresh.) Read and changed with the GIL
+    # only; its references are in ``sindex_held``, so the collector sees them.
+
+    cdef PyObject* _session_find(self, str session_id) except? NULL:
+        """The state filed under ``session_id`` (borrowed: the index holds it), or NULL."""
+        if self.sindex_cap == 0:
+            return NULL
+        cdef Py_hash_t h = pysched_str_hash(<PyObject*>session_id)
+        if h == -1:
+            h = hash(session_id)
+        cdef size_t mask = <size_t>self.sindex_cap - 1
+        cdef size_t i = <size_t>h & mask
+        cdef session_entry* e
+        cdef SessionState state
+        while True:
+            e = &self.sindex[i]
+            if e.state == NULL:
+                return NULL
+            if e.hash == h:
+                # (the same object, the common case, without a reference taken or a call)
+                if <PyObject*>(<SessionState>e.state).indexed_id == <PyObject*>session_id:
+                    return e.state
+                state = <SessionState>e.state
+                if state.indexed_id == session_id:
+                    return e.state
+            i = (i + 1) & mask
+
+    cdef int _session_file(self, str session_id, SessionState state) except -1:
+        """File ``state``, which the session table holds under ``session_id`` now (unless filed already)."""
+        if state.indexed_id is not None:
+            return 0
+        cdef Py_hash_t h = hash(session_id)
+        cdef Py_ssize_t cap = self.sindex_cap, old_cap = cap, i
+        cdef session_entry* old
+        cdef session_entry* grown
+        cdef list old_held
+        if 2 * (self.sindex_n + 1) > cap:  # at most half full: short probes
+            cap = 1024 if cap == 0 else 2 * cap
+            # everything that allocates first: a collection it starts may run a finalizer that drops a
+            # session (forget_session), which must find the index whole
+            grown = <session_entry*>calloc(cap, sizeof(session_entry))
+            if grown == NULL:
+                raise MemoryError()
+            try:
+                held = [None] * cap
+            except BaseException:
+                free(grown)
+                raise
+            old = self.sindex
+            old_held = self.sindex_held
+            self.sindex = grown
+            self.sindex_cap = cap
+            self.sindex_held = held
+            self.sindex_n = 0
+            for i in range(old_cap):
+                if old[i].state != NULL:
+                    self._session_put(old[i].hash, old[i].state)
+            free(old)
+            old_held = None  # (every state in it is in the new list too)
+        state.indexed_id = session_id
+        self._session_put(h, <PyObject*>state)
+        return 0
+
+    cdef void _session_put(self, Py_hash_t h, PyObject* state) noexcept:
+        """An entry for ``state`` in the first free place from its hash's (there is one: half full at most)."""
+        cdef size_t mask = <size_t>self.sindex_cap - 1
+        cdef size_t i = <size_t>h & mask
+        while self.sindex[i].state != NULL:
+            i = (i + 1) & mask
+        self.sindex[i].hash = h
+        self.sindex[i].state = state
+        self.sindex_n += 1
+        pysched_list_put(self.sindex_held, i, state)  # (the item replaced is None)
+
+    def forget_session(self, SessionState state not None):
+        """The session table dropped ``state``: its entry goes (SessionManager's ``on_forget``)."""
+        if state.indexed_id is None or self.sindex_cap == 0:
+            return
+        cdef Py_hash_t h = hash(state.indexed_id)
+        cdef size_t mask = <size_t>self.sindex_cap - 1
+        cdef size_t i = <size_t>h & mask, j, k
+        state.indexed_id = None
+        while self.sindex[i].state != <PyObject*>state:
+            if self.sindex[i].state == NULL:
+                return  # (not filed: nothing to do)
+            i = (i + 1) & mask
+        # Remove entry i and shift back each later entry of its run that may move (linear probing's
+        # deletion: no tombstones, so a lookup still stops at the first free entry). ``state`` is held
+        # by the caller meanwhile: the list updates below free nothing it needs.
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self.sindex[j].state == NULL:
+                break
+            k = <size_t>self.sindex[j].hash & mask  # where entry j's probe starts
+            # entry j may fill i unless its start lies cyclically within (i, j]
+            if (k <= i or k > j) if i <= j else (k <= i and k > j):
+                self.sindex[i] = self.sindex[j]
+                pysched_list_put(self.sindex_held, i, <PyObject*>self.sindex_held[j])
+                i = j
+        self.sindex[i].state = NULL
+        self.sindex[i].hash = 0
+        self.sindex_n -= 1
+        pysched_list_put(self.sindex_held, i, <PyObject*>None)
+
+    def check_session_index(self) -> int:
+        """Check the session index against the session table; its number of entries (tests).
+
+        AssertionError unless every entry holds a state the table holds under
+        that entry's id and hash, lies in the probe run from its hash's place
+        (nothing free in between), and is the one reference of ``sindex_held``
+        at its place, with None at every free place.
+        """
+        cdef Py_ssize_t i, n = 0
+        cdef size_t mask = <size_t>self.sindex_cap - 1, j
+        cdef SessionState state
+        if len(self.sindex_held) != self.sindex_cap:
+            raise AssertionError("session index: its reference list is not its size")
+        for i in range(self.sindex_cap):
+            if self.sindex[i].state == NULL:
+                if self.sindex_held[i] is not None:
+                    raise AssertionError(f"session index: free entry {i} holds a reference")
+                continue
+            n += 1
+            state = <SessionState>self.sindex[i].state
+            if self.sindex_held[i] is not state:
+                raise AssertionError(f"session index: entry {i} is not held")
+            if state.indexed_id is None or self.sessions.get(state.indexed_id) is not state:
+                raise AssertionError(f"session index: entry {i} ({state.indexed_id!r}) is not in the table")
+            if hash(state.indexed_id) != self.sindex[i].hash:
+                raise AssertionError(f"session index: entry {i} has another hash")
+            j = <size_t>self.sindex[i].hash & mask
+            while j != <size_t>i:
+                if self.sindex[j].state == NULL:
+                    raise AssertionError(f"session index: entry {i} is cut off from its place {j}")
+                j = (j + 1) & mask
+        if n != self.sindex_n:
+            raise AssertionError(f"session index: {n} entries, {self.sindex_n} counted")
+        return n
 
     def publish(self, snap):
         """Management's ``on_publish`` hook: cache what dispatch reads from the new snapshot."""
@@ -397,7 +571,11 @@ cdef class Dispatcher:
         if self.snap is None:
             self._refresh(self.mgmt.snapshot)
         kernel = self.kernel
-        entry = _get(self.sessions, session_id)
+        entry = self._session_find(<str>session_id)
+        if entry == NULL:
+            entry = _get(self.sessions, session_id)
+            if entry != NULL:
+                self._session_file(<str>session_id, <SessionState?>entry)
         if entry != NULL:
             state = <SessionState?>entry
         # A session that sends the very code objects of its last dispatch to the pair it is bound to
@@ -475,6 +653,7 @@ cdef class Dispatcher:
             return None
         if state is None:
             state = <SessionState>self.sessions.setdefault(session_id, _new_session(now))
+            self._session_file(<str>session_id, state)
         if bound != pidx or state.binding is None:
             state.binding = (pair, pool_id)
         state.last_used = now
@@ -858,7 +1037,11 @@ cdef class Dispatcher:
                 number = {}
                 for i in range(lo, hi):
                     sid = session_ids[i]
-                    entry = _get(self.sessions, sid)
+                    entry = self._session_find(<str>sid)
+                    if entry == NULL:
+                        entry = _get(self.sessions, sid)
+                        if entry != NULL:
+                            self._session_file(<str>sid, <SessionState>entry)
                     if entry == NULL:  # no state yet: numbered by id, once
                         entry = _get(number, sid)
                         if entry != NULL:
@@ -923,8 +1106,10 @@ cdef class Dispatcher:
                         continue
                     rebound[k] = 0  # (for the next pass's numbering)
                     if type(states[k]) is str:
-                        state = _new_session(now)
-                        self.sessions[states[k]] = state
+                        # (setdefault, as dispatch: a state another thread made meanwhile is kept, never replaced)
+                        sid = states[k]
+                        state = <SessionState>self.sessions.setdefault(sid, _new_session(now))
+                        self._session_file(<str>sid, state)
                         states[k] = state
                     state = <SessionState>states[k]
                     binding = (pairs[pair_number[bound_key[k]]], pool_ids[bound_index[k]])

@@ -1145,6 +1145,17 @@ class Dispatcher:
             raise ValueError(f"pass_size must be >= 1, got {value}")
         self._pass_size = value
 
+    def forget_session(self, state: SessionState) -> None:
+        """The session table dropped ``state``: nothing to do here.
+
+        The compiled class drops it from its index of states; the twin finds
+        states in the table itself.
+        """
+
+    def check_session_index(self) -> int:
+        """The compiled class checks its session index here (tests); the twin has none: 0."""
+        return 0
+
     def new_job_id(self) -> str:
         with self._lock:
             self._seq += 1
@@ -1362,9 +1373,8 @@ class Dispatcher:
                     bound_pair[k] = pair_of[i]
                     bound_index[k] = pidx
                     state = states[k]
-                    if state is None:
-                        state = states[k] = SessionState(now)
-                        self._sessions[sids[i]] = state
+                    if state is None:  # (setdefault: a state another thread made meanwhile is kept)
+                        state = states[k] = self._sessions.setdefault(sids[i], SessionState(now))
                     state.binding = (pair, pool_id)
             self._seq += placed
             self._outcomes.add(0, placed)

@@ -221,6 +221,7 @@ class Scheduler:
         self._local = reservations
         fast.next_sweep = self._sessions.next_sweep
         self._sessions.on_next_sweep = self._set_next_sweep
+        self._sessions.on_forget = fast.forget_session  # a dropped session leaves the compiled calls' index
         self._mgmt.on_publish = fast.publish
         fast.publish(self._mgmt.snapshot)
         fast.connect(self, DEFAULT_SERVICES)

@@ -35,10 +35,13 @@ class SessionManager:
     :param core: the kernel module (``pysched._core`` or ``pysched._pycore``)
         whose ``SessionState`` the entries are.
     :param on_next_sweep: told every time ``next_sweep`` moves.
+    :param on_forget: told of every state dropped (a session closed or
+        swept), just after it leaves the table.
     """
 
     def __init__(self, session_ttl: float, clock: Callable[[], float], *, core: ModuleType = default_kernel,
-                 on_next_sweep: Callable[[float], None] | None = None) -> None:
+                 on_next_sweep: Callable[[float], None] | None = None,
+                 on_forget: Callable[[SessionState], None] | None = None) -> None:
         self._ttl = session_ttl
         self._clock = clock
         self._state: Callable[[float], SessionState] = core.SessionState
@@ -48,6 +51,8 @@ class SessionManager:
         self._sweep_lock = threading.Lock()
         #: told every time ``next_sweep`` moves (the compiled dispatch checks it)
         self.on_next_sweep = on_next_sweep
+        #: told of every state dropped, just after it leaves the table (the compiled calls' index follows it)
+        self.on_forget = on_forget
 
     @property
     def entries(self) -> dict[str, SessionState]:
@@ -75,7 +80,12 @@ class SessionManager:
 
     def close(self, session_id: str) -> bool:
         """Forget a session; False if it was not known."""
-        return self._entries.pop(session_id, None) is not None
+        state = self._entries.pop(session_id, None)
+        if state is None:
+            return False
+        if self.on_forget is not None:
+            self.on_forget(state)
+        return True
 
     def sweep(self, now: float | None = None) -> int:
         """Forget every session idle for longer than the TTL; return how many."""
@@ -90,6 +100,8 @@ class SessionManager:
                     if state.last_used < cutoff and entries.get(session_id) is state:
                         del entries[session_id]
                         dropped += 1
+                        if self.on_forget is not None:
+                            self.on_forget(state)
         return dropped
 
     def maybe_sweep(self, now: float) -> None:

@@ -123,6 +123,9 @@ def test_batch_jobs_keep_their_session_and_pair_until_the_last_one_goes(make_sch
     sids = ["".join(("q", str(i))) for i in range(30)]  # this test's own objects: their counts are its own
     for sid in sids:  # the sessions exist, keyed by these very objects, before the counts are taken
         sched.release(sched.dispatch(sid, "zh", "en").job_id)
+    # and the compiled calls' session index has each one's state (it holds the id it files a state
+    # under for the session's life, as the table holds its key)
+    sched.release_batch(sched.dispatch_batch(sids, "zh", "en").handle)
     srcs = [("zh", "ja", "ko")[i % 3] for i in range(30)]  # ko: no pool, that job is not placed
     before = [sys.getrefcount(sid) for sid in sids]
     got = sched.dispatch_batch(sids, srcs, "en")
@@ -682,3 +685,60 @@ def test_a_fleet_change_while_a_batch_validates_is_seen_by_the_whole_batch(monke
     expected = one_by_one(twin, sids, srcs, ["en"] * 12, **kw)
     assert [n if n else None for n in got.node_ids()] == [getattr(a, "node_id", None) for a in expected]
     assert ("late" in got.node_ids()) == (tenant is None)  # the tenant's jobs go to its pool first
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_session_index_follows_the_session_table(seed):
+    """The compiled calls find a session's state through an index of their own (by the id's hash), kept
+    exact with the session table through every way a session comes and goes: dispatch and batches make and
+    find sessions (with id objects other than the table's keys), close_session and sweeps drop them, and
+    the index grows past its first size and loses entries in the middle of probe runs. After every step
+    it is checked against the table, and both kernels decide alike throughout (a state the index kept
+    after its session was dropped would keep the old binding, which the twin, finding none, does not)."""
+    from conftest import FakeClock
+
+    results = []
+    for kernel in ("compiled", "python"):
+        clock = FakeClock(1000.0)
+        rng = np.random.default_rng(seed)
+        sched = pysched.Scheduler(seed=seed, kernel=kernel, clock=clock, session_ttl=50.0)
+        for i in range(6):
+            sched.register_node(f"n{i}", ["zh", "en", "ja"] if i % 2 else ["zh", "en"], max_concurrency=10_000)
+        fast = sched._fast
+        out = []
+        held = []
+        peak = 0
+        for _ in range(120):
+            r = rng.random()
+            if r < 0.35:  # a batch over sessions old and new, each id a fresh object
+                ids = ["".join(("s", str(int(k)))) for k in rng.integers(0, 3000, size=int(rng.integers(1, 600)))]
+                got = sched.dispatch_batch(ids, "zh", "en")
+                out.append(got.pool_id.tolist())
+                held.extend(int(h) for h in got.handle if h >= 0)
+            elif r < 0.6:
+                for k in rng.integers(0, 1500, size=40):
+                    a = sched.dispatch("".join(("s", str(int(k)))), "zh", str(rng.choice(["en", "ja"])))
+                    out.append((a.pool_id, a.node_id))
+                    held.append(a.job_id)
+            elif r < 0.8:
+                for k in rng.integers(0, 1500, size=int(rng.integers(1, 200))):
+                    out.append(sched.close_session("".join(("s", str(int(k))))))
+            elif r < 0.9:
+                clock.advance(float(rng.choice([10.0, 30.0, 60.0])))
+                for i in range(6):  # (the nodes stay online)
+                    sched.heartbeat(f"n{i}", running=0, gpu=float(i))
+                out.append(sched.sweep_sessions())
+            else:
+                sched.release_batch([h for h in held if isinstance(h, int)])
+                for job in held:
+                    if isinstance(job, str):
+                        sched.release(job)
+                held = []
+            if kernel == "compiled":
+                filed = fast.check_session_index()
+                assert filed <= len(sched._sessions)
+                peak = max(peak, filed)
+        if kernel == "compiled":
+            assert peak > 1024  # it grew twice past its first size (1,024 entries, at most half in use)
+        results.append(out)
+    assert results[0] == results[1]
