@@ -380,6 +380,7 @@ cdef class Dispatcher:
     cdef object mgmt                   # the ManagementRegistry: .snapshot is read once per call
     cdef Gate gate                     # the job table's (see _gate.pxi)
     cdef readonly uint64_t passes_without_gil  # batch placement passes that released the GIL
+    cdef readonly uint64_t resolved_in_pass  # batch jobs whose session the pass itself resolved (_resolved_run)
     cdef Py_ssize_t pass_jobs          # jobs per placement pass of a batch (pass_size)
     cdef JobTable jobs
     cdef Counters outcomes
@@ -421,6 +422,10 @@ cdef class Dispatcher:
     cdef void _memo(self, SessionState state, tuple binding, Py_ssize_t index, Py_ssize_t key) noexcept
     cdef str _job_id(self, int64_t seq)
     cdef PyObject* _session_find(self, str session_id) except? NULL
+    cdef PyObject* _session_at(self, PyObject* session_id, Py_hash_t h) noexcept nogil
+    cdef Py_ssize_t _resolved_run(self, Py_ssize_t i, Py_ssize_t hi, PyObject** sids, PyObject* snap, double now,
+                                  uint64_t mark, int32_t* session_of, int32_t* bound_key, int32_t* bound_index,
+                                  PyObject** state_of, Py_ssize_t* n_sessions) noexcept nogil
     cdef int _session_file(self, str session_id, SessionState state) except -1
     cdef void _session_put(self, Py_hash_t h, PyObject* state) noexcept
     cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,

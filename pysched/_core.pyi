@@ -216,6 +216,7 @@ class Dispatcher:
     default_mask: int
     next_sweep: float
     passes_without_gil: int
+    resolved_in_pass: int
     @property
     def pass_size(self) -> int: ...
     @pass_size.setter

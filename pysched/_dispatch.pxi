@@ -80,9 +80,20 @@ cdef extern from *:
     #define pysched_str_len(o) PyUnicode_GET_LENGTH(o)
     /* a str's hash as it keeps it (-1: not computed yet) */
     #define pysched_str_hash(o) (((PyASCIIObject*)(o))->hash)
+    /* two str hold the same text (what str.__eq__ answers for two str; reads no Python state) */
+    static inline int pysched_str_eq(PyObject* a, PyObject* b) {
+        Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+        int kind = PyUnicode_KIND(a);
+        return n == PyUnicode_GET_LENGTH(b) && kind == (int)PyUnicode_KIND(b)
+               && memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * (size_t)kind) == 0;
+    }
+    /* a str's hash as it keeps it (-1: not computed yet) */
+    #define pysched_str_hash(o) (((PyASCIIObject*)(o))->hash)
     """
     bint pysched_is_str(PyObject* o) noexcept nogil
     Py_ssize_t pysched_str_len(PyObject* o) noexcept nogil
+    Py_hash_t pysched_str_hash(PyObject* o) noexcept nogil
+    bint pysched_str_eq(PyObject* a, PyObject* b) noexcept nogil
     Py_hash_t pysched_str_hash(PyObject* o) noexcept nogil
 
 
@@ -181,6 +192,7 @@ cdef enum:
     # thread's batch can start meanwhile; a smaller one is over before that would pay
     NOGIL_CHECKS = 1024
     CHECKS_WITH_GIL = 64  # after a short run without the GIL, jobs checked holding it before trying again
+    SESSIONS_WITH_GIL = 64  # after a session that needs Python, the pass's next ones resolved holding the GIL
 
 
 cdef inline Py_ssize_t _memo_find(PyObject** ptrs, PyObject* code) noexcept nogil:
@@ -250,6 +262,18 @@ cdef inline void _checked(Py_ssize_t i, Py_ssize_t key, const int32_t* pair_numb
     out_slot[i] = -1
     out_pool[i] = -1
     out_handle[i] = -1
+
+
+cdef inline bint _session_ready(PyObject* found, uint64_t mark, PyObject* snap, double stale) noexcept nogil:
+    """A filed state a batch's pass can take as it is: numbered in this pass already, or unbound, or bound
+    with a memo of its binding in this snapshot and used since ``stale`` (see Dispatcher._resolved_run)."""
+    if (<SessionState>found).batch == mark:
+        return True
+    if <PyObject*>(<SessionState>found).binding == <PyObject*>None:
+        return True
+    return ((<SessionState>found).last_used >= stale
+            and <PyObject*>(<SessionState>found).seen_binding == <PyObject*>(<SessionState>found).binding
+            and <PyObject*>(<SessionState>found).seen_snap == snap)
 
 
 @cython.final
@@ -372,25 +396,34 @@ cdef class Dispatcher:
         cdef Py_hash_t h = pysched_str_hash(<PyObject*>session_id)
         if h == -1:
             h = hash(session_id)
+        return self._session_at(<PyObject*>session_id, h)
+
+    cdef PyObject* _session_at(self, PyObject* session_id, Py_hash_t h) noexcept nogil:
+        """``_session_find`` for a str whose hash ``h`` is known; reads no Python state (a batch's pass
+        calls it without the GIL: the index changes only when no pass runs, see forget_session)."""
+        if self.sindex_cap == 0:
+            return NULL
         cdef size_t mask = <size_t>self.sindex_cap - 1
         cdef size_t i = <size_t>h & mask
         cdef session_entry* e
-        cdef SessionState state
+        cdef PyObject* filed
         while True:
             e = &self.sindex[i]
             if e.state == NULL:
                 return NULL
             if e.hash == h:
-                # (the same object, the common case, without a reference taken or a call)
-                if <PyObject*>(<SessionState>e.state).indexed_id == <PyObject*>session_id:
-                    return e.state
-                state = <SessionState>e.state
-                if state.indexed_id == session_id:
+                filed = <PyObject*>(<SessionState>e.state).indexed_id
+                if filed == session_id or pysched_str_eq(filed, session_id):
                     return e.state
             i = (i + 1) & mask
 
     cdef int _session_file(self, str session_id, SessionState state) except -1:
         """File ``state``, which the session table holds under ``session_id`` now (unless filed already)."""
+        if state.indexed_id is not None:
+            return 0
+        # a batch's pass reads the index without the GIL: it changes between passes only (and the wait may
+        # let another thread file this very state meanwhile)
+        self.gate.wait()
         if state.indexed_id is not None:
             return 0
         cdef Py_hash_t h = hash(session_id)
@@ -438,6 +471,7 @@ cdef class Dispatcher:
 
     def forget_session(self, SessionState state not None):
         """The session table dropped ``state``: its entry goes (SessionManager's ``on_forget``)."""
+        self.gate.wait()  # (as _session_file: never while a batch's pass reads the index)
         if state.indexed_id is None or self.sindex_cap == 0:
             return
         cdef Py_hash_t h = hash(state.indexed_id)
@@ -848,9 +882,13 @@ cdef class Dispatcher:
         pass releases the GIL when no other entry into this scheduler's
         reservation state is under way (see _gate.pxi), and holds it
         otherwise; either way no other change of that state overlaps a pass.
-        Between passes, with the GIL, the batch binds the pass's sessions and
-        reads the next pass's; other threads' calls may run there, exactly as
-        between two of the equivalent dispatch calls.
+        Each pass finds its jobs' sessions in the session index and reads
+        their bindings itself; a session that needs Python (new to the index,
+        past its TTL, its binding not memoised in this snapshot) is read
+        before the pass, with the GIL, and the pass then ends at the next such
+        job. Between passes, with the GIL, the batch binds the pass's
+        sessions; other threads' calls may run there, exactly as between two
+        of the equivalent dispatch calls.
         """
         cdef Py_ssize_t n = len(session_ids), placed = 0, done = 0
         if not (out_slot.shape[0] == n and out_pool.shape[0] == n and out_handle.shape[0] == n
@@ -871,7 +909,11 @@ cdef class Dispatcher:
         """Jobs ``start`` on, all over one snapshot; sets ``done`` to the first job not handled (all of them,
         unless a publication came between two passes) and returns how many were placed."""
         cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p, tenant = -1
-        cdef Py_ssize_t lo = start, hi, m, got, nogil_at
+        cdef Py_ssize_t lo = start, hi, m, got, nogil_at, gil_until, resolved, n_with_gil
+        cdef bint force_gil = False
+        cdef PyObject* found
+        cdef Py_hash_t h
+        cdef double stale = now - self.session_ttl
         cdef PyObject** sid_items
         cdef PyObject** src_items
         cdef PyObject** tgt_items
@@ -909,14 +951,18 @@ cdef class Dispatcher:
         cdef int32_t* pair_of = <int32_t*>malloc((4 * n + 1) * sizeof(int32_t))
         cdef uint8_t* rebound = <uint8_t*>calloc(n + 1, sizeof(uint8_t))
         cdef int64_t* pool_c = <int64_t*>malloc((kernel.n_pools + 1) * sizeof(int64_t))
+        # per session number of a pass: its state (borrowed; NULL for one without a state yet)
+        cdef PyObject** state_of = <PyObject**>malloc(
+            ((self.pass_jobs if self.pass_jobs < n - start else n - start) + 1) * sizeof(PyObject*))
         # pair key -> its number in this batch (-1: none yet); keys are dense, (n_langs + 1) * n_langs of them
         cdef Py_ssize_t n_keys = (kernel.n_langs + 1) * kernel.n_langs
         cdef int32_t* pair_number = <int32_t*>malloc((n_keys if n_keys else 1) * sizeof(int32_t))
-        if pair_of == NULL or rebound == NULL or pool_c == NULL or pair_number == NULL:
+        if pair_of == NULL or rebound == NULL or pool_c == NULL or pair_number == NULL or state_of == NULL:
             free(pair_of)
             free(rebound)
             free(pool_c)
             free(pair_number)
+            free(state_of)
             raise MemoryError()
         cdef int32_t* session_of = pair_of + n
         cdef int32_t* bound_key = pair_of + 2 * n
@@ -1030,51 +1076,80 @@ cdef class Dispatcher:
                 if self.jobs.n_free < m:  # other threads reserved between two passes
                     self.jobs._grow_to(self.jobs.cap - self.jobs.n_free + m)
                 self.jobs._group_room()
-                # 3. number the pass's sessions and read each one's binding once (forgotten past its TTL)
+                # 3. number the pass's sessions and read each one's binding once (forgotten past its TTL).
+                # A job whose session needs Python (see _resolved_run) is resolved here, holding the GIL,
+                # and so are the SESSIONS_WITH_GIL jobs after it (a few passes, not one per such job, when
+                # they come mixed); from the first other job on, the pass resolves them itself. The gate's
+                # entry count is held meanwhile: no other batch's pass runs without the GIL while these
+                # states change (_gate.pxi).
                 self.batches += 1
                 mark = self.batches
                 states = []
                 number = {}
-                for i in range(lo, hi):
-                    sid = session_ids[i]
-                    entry = self._session_find(<str>sid)
-                    if entry == NULL:
-                        entry = _get(self.sessions, sid)
-                        if entry != NULL:
-                            self._session_file(<str>sid, <SessionState>entry)
-                    if entry == NULL:  # no state yet: numbered by id, once
-                        entry = _get(number, sid)
-                        if entry != NULL:
-                            session_of[i] = <object>entry
+                n_sessions = 0
+                _enter(gate)
+                try:
+                    i = lo
+                    gil_until = lo + 1 if force_gil else lo
+                    force_gil = False
+                    while i < hi:
+                        if i >= gil_until:
+                            h = pysched_str_hash(sid_items[i])
+                            if h != -1:
+                                found = self._session_at(sid_items[i], h)
+                                if found != NULL and _session_ready(found, mark, <PyObject*>snap, stale):
+                                    break
+                            gil_until = i + SESSIONS_WITH_GIL
+                        sid = session_ids[i]
+                        entry = self._session_find(<str>sid)
+                        if entry == NULL:
+                            entry = _get(self.sessions, sid)
+                            if entry != NULL:
+                                self._session_file(<str>sid, <SessionState>entry)
+                        if entry == NULL:  # no state yet: numbered by id, once
+                            entry = _get(number, sid)
+                            if entry != NULL:
+                                session_of[i] = <object>entry
+                                i += 1
+                                continue
+                            k = n_sessions
+                            number[sid] = k
+                            states.append(sid)
+                            state_of[k] = NULL
+                            n_sessions += 1
+                            session_of[i] = <int32_t>k
+                            bound_key[k] = -1
+                            bound_index[k] = -1
+                            i += 1
                             continue
-                        k = len(states)
-                        number[sid] = k
-                        states.append(sid)
+                        state = <SessionState>entry
+                        if state.batch == mark:
+                            session_of[i] = <int32_t>state.batch_k
+                            i += 1
+                            continue
+                        k = n_sessions
+                        state.batch = mark
+                        state.batch_k = k
+                        states.append(state)
+                        state_of[k] = <PyObject*>state
+                        n_sessions += 1
                         session_of[i] = <int32_t>k
                         bound_key[k] = -1
                         bound_index[k] = -1
-                        continue
-                    state = <SessionState>entry
-                    if state.batch == mark:
-                        session_of[i] = <int32_t>state.batch_k
-                        continue
-                    k = len(states)
-                    state.batch = mark
-                    state.batch_k = k
-                    states.append(state)
-                    session_of[i] = <int32_t>k
-                    bound_key[k] = -1
-                    bound_index[k] = -1
-                    if state.binding is not None and state.last_used < now - self.session_ttl:
-                        state.binding = None  # idle past its TTL: forgotten at lookup
-                    state.last_used = now
-                    if state.binding is None:
-                        continue
-                    if not (state.seen_binding is state.binding and state.seen_snap is snap):
-                        self._seen(state, <tuple>state.binding, -2)
-                    bound_key[k] = <int32_t>state.seen_key
-                    bound_index[k] = <int32_t>state.seen_index
-                n_sessions = len(states)
+                        if state.binding is not None and state.last_used < now - self.session_ttl:
+                            state.binding = None  # idle past its TTL: forgotten at lookup
+                        state.last_used = now
+                        i += 1
+                        if state.binding is None:
+                            continue
+                        if not (state.seen_binding is state.binding and state.seen_snap is snap):
+                            self._seen(state, <tuple>state.binding, -2)
+                        bound_key[k] = <int32_t>state.seen_key
+                        bound_index[k] = <int32_t>state.seen_index
+                finally:
+                    _leave(gate)
+                resolved = i  # jobs from here on: resolved in the pass
+                n_with_gil = n_sessions
                 # 4. place and reserve, in order: without the GIL if no other entry is under way. What this
                 # batch read must all come from one snapshot: after the wait (other threads run meanwhile)
                 # the check below (the next call goes on from ``lo``), and from there to the pass no Python
@@ -1087,35 +1162,51 @@ cdef class Dispatcher:
                 if free_pass:
                     self.passes_without_gil += 1
                     with nogil:
+                        hi = self._resolved_run(resolved, hi, sid_items, <PyObject*>snap, now, mark, session_of,
+                                                bound_key, bound_index, state_of, &n_sessions)
                         got = self._place(kernel, lo, hi, &out_key[0], session_of, bound_key, bound_index,
                                           rebound, pool_c, tenant, &req, now + self.ttl, group, &out_slot[0],
                                           &out_pool[0], &out_handle[0])
                 else:
+                    hi = self._resolved_run(resolved, hi, sid_items, <PyObject*>snap, now, mark, session_of,
+                                            bound_key, bound_index, state_of, &n_sessions)
                     got = self._place(kernel, lo, hi, &out_key[0], session_of, bound_key, bound_index, rebound,
                                       pool_c, tenant, &req, now + self.ttl, group, &out_slot[0], &out_pool[0],
                                       &out_handle[0])
                 gate.end_pass(free_pass)  # _place raises nothing: no finally needed
+                self.resolved_in_pass += hi - resolved
                 if got == 0:
                     self.jobs._free_group(group)  # no job joined it
-                # 5. with the GIL: count and bind (no Python code: atomic)
+                # the states the pass numbered, held from here on (the index holds them until now: it
+                # changes only between passes, and no Python code ran since this one)
+                for k in range(n_with_gil, n_sessions):
+                    states.append(<object>state_of[k])
+                if hi == lo:
+                    force_gil = True  # (a job found ready and then not: the next pass resolves it with the GIL)
+                # 5. with the GIL: count and bind
                 self.seq += got  # job numbers stay in step with one-by-one dispatch
                 self.outcomes.values[0] += got
                 placed += got
-                for k in range(n_sessions):
-                    if not rebound[k]:
-                        continue
-                    rebound[k] = 0  # (for the next pass's numbering)
-                    if type(states[k]) is str:
-                        # (setdefault, as dispatch: a state another thread made meanwhile is kept, never replaced)
-                        sid = states[k]
-                        state = <SessionState>self.sessions.setdefault(sid, _new_session(now))
-                        self._session_file(<str>sid, state)
-                        states[k] = state
-                    state = <SessionState>states[k]
-                    binding = (pairs[pair_number[bound_key[k]]], pool_ids[bound_index[k]])
-                    state.binding = binding
-                    if self.snap is snap:
-                        self._memo(state, binding, bound_index[k], bound_key[k])  # as dispatch would set it
+                _enter(gate)
+                try:
+                    for k in range(n_sessions):
+                        if not rebound[k]:
+                            continue
+                        rebound[k] = 0  # (for the next pass's numbering)
+                        if type(states[k]) is str:
+                            # (setdefault, as dispatch: a state another thread made meanwhile is kept, never
+                            # replaced)
+                            sid = states[k]
+                            state = <SessionState>self.sessions.setdefault(sid, _new_session(now))
+                            self._session_file(<str>sid, state)
+                            states[k] = state
+                        state = <SessionState>states[k]
+                        binding = (pairs[pair_number[bound_key[k]]], pool_ids[bound_index[k]])
+                        state.binding = binding
+                        if self.snap is snap:
+                            self._memo(state, binding, bound_index[k], bound_key[k])  # as dispatch would set it
+                finally:
+                    _leave(gate)
                 lo = hi
             done[0] = lo
         finally:
@@ -1123,7 +1214,60 @@ cdef class Dispatcher:
             free(rebound)
             free(pool_c)
             free(pair_number)
+            free(state_of)
         return placed
+
+    cdef Py_ssize_t _resolved_run(self, Py_ssize_t i, Py_ssize_t hi, PyObject** sids, PyObject* snap, double now,
+                                  uint64_t mark, int32_t* session_of, int32_t* bound_key, int32_t* bound_index,
+                                  PyObject** state_of, Py_ssize_t* n_sessions) noexcept nogil:
+        """A batch's step 3 for jobs ``i`` on, as long as a job needs no Python: the first job that does
+        (or ``hi``). It runs in the pass, without the GIL when the pass has none.
+
+        A job needs nothing but C when its session is numbered in this pass
+        already, or when the session index has its state, that state's memo
+        is of its binding in this snapshot (``snap``), and the binding is not
+        past its TTL. Otherwise (a session not filed yet, or new; a binding to
+        forget, or to look up in this snapshot) the caller resolves it holding
+        the GIL. Which is why this is safe without it: the index changes only
+        between passes (_session_file, forget_session), and a state's memo and
+        batch number only in compiled calls that no pass overlaps (dispatch
+        waits for the pass; a batch resolves its sessions holding the gate's
+        entry count, so that no other pass starts without the GIL meanwhile).
+        The Python path may set a binding meanwhile: only its address is read,
+        to compare it with the memo's.
+        """
+        cdef PyObject* sid
+        cdef PyObject* found
+        cdef Py_hash_t h
+        cdef Py_ssize_t k
+        cdef double stale = now - self.session_ttl
+        while i < hi:
+            sid = sids[i]
+            h = pysched_str_hash(sid)
+            if h == -1:
+                return i
+            found = self._session_at(sid, h)
+            if found == NULL or not _session_ready(found, mark, snap, stale):
+                return i
+            if (<SessionState>found).batch == mark:
+                session_of[i] = <int32_t>(<SessionState>found).batch_k
+                i += 1
+                continue
+            k = n_sessions[0]
+            n_sessions[0] = k + 1
+            (<SessionState>found).batch = mark
+            (<SessionState>found).batch_k = k
+            (<SessionState>found).last_used = now
+            state_of[k] = found
+            session_of[i] = <int32_t>k
+            if <PyObject*>(<SessionState>found).binding != <PyObject*>None:
+                bound_key[k] = <int32_t>(<SessionState>found).seen_key
+                bound_index[k] = <int32_t>(<SessionState>found).seen_index
+            else:
+                bound_key[k] = -1
+                bound_index[k] = -1
+            i += 1
+        return hi
 
     cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t lo, Py_ssize_t hi, const int64_t* keys,
                            const int32_t* session_of, int32_t* bound_key, int32_t* bound_index, uint8_t* rebound,

@@ -23,6 +23,12 @@
 #   does its pass holding the GIL instead, as every other change does (never
 #   waiting: the entry under way may be its own thread's).
 #
+# The pass also reads the sessions of its jobs that the dispatcher's session
+# index knows (their state's batch number, memo and last use): the index and
+# those fields change only in compiled code that no pass overlaps, namely
+# entries (dispatch), the index's own changes (which wait for a pass first)
+# and a batch's GIL-held session work, which holds ``active`` too.
+#
 # Both fields are read and written only with the GIL held, so their own
 # updates need no atomics. A free-threaded build would make ``busy`` and
 # ``active`` a reader-writer lock (entries share it, a batch takes it alone)

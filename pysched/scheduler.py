@@ -942,14 +942,17 @@ class Scheduler:
         placed in order exactly as that many :meth:`dispatch` calls with the
         same seed would place them (sessions' bindings and every earlier
         job's load included); instead of job id strings each placed job gets
-        an integer handle. The jobs are placed in passes of 2,048, each
+        an integer handle. The jobs are placed in passes of up to 2,048, each
         without the GIL (unless another call into this scheduler's
         reservations is under way, then holding it); either way no other
-        reservation change overlaps a pass: they wait for it. Between two
-        passes the batch holds the GIL to bind the sessions of one and read
-        those of the next; other calls may run there, as they could between
-        two of the equivalent :meth:`dispatch` calls. Batches on different
-        schedulers run in parallel.
+        reservation change overlaps a pass: they wait for it. A pass reads
+        the sessions the compiled calls know itself; one that needs Python
+        (new, past its TTL, or bound in an earlier snapshot) is read holding
+        the GIL before a pass, which then ends at the next such job. Between
+        two passes the batch holds the GIL to bind the sessions of one; other
+        calls may run there, as they could between two of the equivalent
+        :meth:`dispatch` calls. Batches on different schedulers run in
+        parallel.
         The scheduler keeps its copy of ``session_ids`` (and the batch's
         pairs) while any of the batch's jobs is held, for each job's
         session id and pair: one list for the batch instead of one entry
