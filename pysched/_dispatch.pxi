@@ -951,7 +951,7 @@ cdef class Dispatcher:
         cdef int32_t* pair_of = <int32_t*>malloc((4 * n + 1) * sizeof(int32_t))
         cdef uint8_t* rebound = <uint8_t*>calloc(n + 1, sizeof(uint8_t))
         cdef int64_t* pool_c = <int64_t*>malloc((kernel.n_pools + 1) * sizeof(int64_t))
-        # per session number of a pass: its state (borrowed; NULL for one without a state yet)
+        # per session number the pass itself gave (from n_with_gil on): its state (borrowed, see _resolved_run)
         cdef PyObject** state_of = <PyObject**>malloc(
             ((self.pass_jobs if self.pass_jobs < n - start else n - start) + 1) * sizeof(PyObject*))
         # pair key -> its number in this batch (-1: none yet); keys are dense, (n_langs + 1) * n_langs of them
@@ -1115,7 +1115,6 @@ cdef class Dispatcher:
                             k = n_sessions
                             number[sid] = k
                             states.append(sid)
-                            state_of[k] = NULL
                             n_sessions += 1
                             session_of[i] = <int32_t>k
                             bound_key[k] = -1
@@ -1131,12 +1130,11 @@ cdef class Dispatcher:
                         state.batch = mark
                         state.batch_k = k
                         states.append(state)
-                        state_of[k] = <PyObject*>state
                         n_sessions += 1
                         session_of[i] = <int32_t>k
                         bound_key[k] = -1
                         bound_index[k] = -1
-                        if state.binding is not None and state.last_used < now - self.session_ttl:
+                        if state.binding is not None and state.last_used < stale:
                             state.binding = None  # idle past its TTL: forgotten at lookup
                         state.last_used = now
                         i += 1
