@@ -87,14 +87,11 @@ cdef extern from *:
         return n == PyUnicode_GET_LENGTH(b) && kind == (int)PyUnicode_KIND(b)
                && memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * (size_t)kind) == 0;
     }
-    /* a str's hash as it keeps it (-1: not computed yet) */
-    #define pysched_str_hash(o) (((PyASCIIObject*)(o))->hash)
     """
     bint pysched_is_str(PyObject* o) noexcept nogil
     Py_ssize_t pysched_str_len(PyObject* o) noexcept nogil
     Py_hash_t pysched_str_hash(PyObject* o) noexcept nogil
     bint pysched_str_eq(PyObject* a, PyObject* b) noexcept nogil
-    Py_hash_t pysched_str_hash(PyObject* o) noexcept nogil
 
 
 cdef const char* _DIGIT_PAIRS = (b"00010203040506070809101112131415161718192021222324252627282930313233343536373839"
@@ -391,8 +388,6 @@ cdef class Dispatcher:
 
     cdef PyObject* _session_find(self, str session_id) except? NULL:
         """The state filed under ``session_id`` (borrowed: the index holds it), or NULL."""
-        if self.sindex_cap == 0:
-            return NULL
         cdef Py_hash_t h = pysched_str_hash(<PyObject*>session_id)
         if h == -1:
             h = hash(session_id)
@@ -911,8 +906,6 @@ cdef class Dispatcher:
         cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p, tenant = -1
         cdef Py_ssize_t lo = start, hi, m, got, nogil_at, gil_until, resolved, n_with_gil
         cdef bint force_gil = False
-        cdef PyObject* found
-        cdef Py_hash_t h
         cdef double stale = now - self.session_ttl
         cdef PyObject** sid_items
         cdef PyObject** src_items
@@ -1093,15 +1086,12 @@ cdef class Dispatcher:
                     gil_until = lo + 1 if force_gil else lo
                     force_gil = False
                     while i < hi:
-                        if i >= gil_until:
-                            h = pysched_str_hash(sid_items[i])
-                            if h != -1:
-                                found = self._session_at(sid_items[i], h)
-                                if found != NULL and _session_ready(found, mark, <PyObject*>snap, stale):
-                                    break
-                            gil_until = i + SESSIONS_WITH_GIL
                         sid = session_ids[i]
                         entry = self._session_find(<str>sid)
+                        if i >= gil_until:
+                            if entry != NULL and _session_ready(entry, mark, <PyObject*>snap, stale):
+                                break  # this job on: the pass resolves them
+                            gil_until = i + SESSIONS_WITH_GIL
                         if entry == NULL:
                             entry = _get(self.sessions, sid)
                             if entry != NULL:

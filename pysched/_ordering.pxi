@@ -55,7 +55,9 @@ _COUNTS_BY_ADDRESS = weakref.WeakValueDictionary()
 
 cdef double NEG_INF = float("-inf")
 cdef enum:
-    PREFETCH_TREE = 256  # trees of this many leaves or more prefetch a repair's path (_tree_set)
+    # a tree of this many leaves or more counts as big, i.e. cold in cache: a repair prefetches its path
+    # first (_tree_set), a descent keeps its branch (_tree_nth)
+    PREFETCH_TREE = 256
 cdef int64_t LEAF_POS = 0xFFFFFFFF  # a leaf reference is tree id << 32 | position
 
 
