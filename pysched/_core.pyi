@@ -203,6 +203,7 @@ class SessionState:
     lock: threading.Lock
     binding: tuple[tuple[str, str], int] | None
     last_used: float
+    deciding: bool
     def __init__(self, now: float) -> None: ...
     @property
     def pair(self) -> tuple[str, str] | None: ...

@@ -152,12 +152,15 @@ cdef class SessionState:
 
     ``binding`` is one tuple ``((src, tgt), pool_id)`` (or ``None``), so a
     reader that only needs a consistent view gets it from one attribute read.
+    ``deciding`` is set while the Python path decides under ``lock``; the
+    compiled call, which takes no lock, then leaves the job to that path.
     """
 
     def __init__(self, double now):
         self.lock = threading.Lock()
         self.binding = None
         self.last_used = now
+        self.deciding = False
 
     @property
     def pair(self):
@@ -607,6 +610,10 @@ cdef class Dispatcher:
                 self._session_file(<str>session_id, <SessionState?>entry)
         if entry != NULL:
             state = <SessionState?>entry
+            if state.deciding:
+                # the Python path is deciding this session's binding (holding its lock, which it may have
+                # let go of the GIL under): that path waits for the lock, so the two decide one at a time
+                return None
         # A session that sends the very code objects of its last dispatch to the pair it is bound to
         # (in this snapshot) has the pair's codes and key in its memo: no code probe. Read only.
         if (state is not None and state.seen_src is src and state.seen_tgt is tgt and state.binding is not None

@@ -1042,14 +1042,19 @@ class SessionState:
 
     ``binding`` is one tuple ``((src, tgt), pool_id)`` (or ``None``), so a
     reader that only needs a consistent view gets it from one attribute read.
+    ``deciding`` is set while the Python path decides under ``lock``; the
+    one-call dispatch, which takes no lock, then leaves the job to that path.
     """
 
-    __slots__ = ("lock", "binding", "last_used")
+    __slots__ = ("lock", "binding", "last_used", "deciding")
 
     def __init__(self, now: float) -> None:
         self.lock = threading.Lock()
         self.binding: tuple[tuple[str, str], int] | None = None
         self.last_used = now
+        #: set while the Python path decides the binding holding ``lock``; the one-call dispatch then
+        #: hands its job to that path, which waits for the lock
+        self.deciding = False
 
     @property
     def pair(self) -> tuple[str, str] | None:
@@ -1208,6 +1213,8 @@ class Dispatcher:
             if not pools:
                 return None
             state = self._sessions.get(session_id)
+            if state is not None and state.deciding:
+                return None  # the Python path is deciding its binding: it waits for the session's lock
             bound = -1
             pair = None
             if state is not None:

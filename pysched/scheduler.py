@@ -4,14 +4,16 @@ Dispatch follows the design's ten steps and takes no management lock:
 
 1. read the published snapshot (one attribute read);
 2. take the session's own lock;
-3. decide the language pair and the preferred pool;
-4. release it;
+3. decide the language pair and the preferred pool (with steps 5-7 for the
+   first candidate), and record that pool as the binding;
+4. release it (no I/O happens under it);
 5. look the pair up in the language index;
 6. take the candidates from the pool members in the snapshot;
 7. filter and score them in the compiled kernel;
 8. reserve the best candidate;
 9. if that fails, reserve the next candidate, then try the next eligible pool;
-10. bind the session to the pool that served it.
+10. bind the session to the pool that served it, if step 3 recorded another
+    (a call that places nothing takes step 3's binding back).
 
 With the in-process reservations the common job does all ten in one call
 into the compiled ``Dispatcher`` (``_dispatch.pxi``), installed as the
@@ -74,7 +76,7 @@ from pysched.management import ManagementRegistry
 from pysched.pools import PoolConfig, PoolInfo
 from pysched.reservations import LocalReservations, Reservation, ReservationBackend
 from pysched.results import BATCH_REASONS, Assignment, BatchResult, DispatchRequest, Explanation, Request
-from pysched.sessions import SessionManager
+from pysched.sessions import SessionManager, SessionState
 from pysched.snapshot import RuntimeSnapshot
 
 if TYPE_CHECKING:
@@ -749,104 +751,162 @@ class Scheduler:
         src_id, tgt_id = ids
         kernel: SnapshotKernel = snap.kernel
 
-        # Steps 2-4: the session's binding, read under its own lock.
-        session = self._session_map.get(session_id)
-        bound_id = None  # the pool id the session is bound to for this pair
-        if session is not None:
+        reservations = self._reservations
+        if now >= reservations.due_at:
+            reservations.expire_due(now)  # before the session's lock: a listener told of expiries may dispatch
+
+        # Steps 2-4 and the first selection, under the session's own lock: the binding is read, the pool
+        # chosen and written at once (tentatively: step 10 moves it if the reservation lands elsewhere), so
+        # the session's next job, in whichever thread, sees this decision instead of making its own. Nothing
+        # in here does I/O (the reservation, a Redis round trip in Redis mode, comes after). ``deciding``
+        # tells the one-call dispatch, which takes no lock, to hand the session's job to this path (and so
+        # wait for the lock) meanwhile. A session this call creates and does not bind is dropped again, and
+        # a tentative binding is undone if the call fails: a failed call leaves the session as it was.
+        sessions, session_map = self._sessions, self._session_map
+        session = session_map.get(session_id)
+        created = False
+        while True:
+            if session is None:
+                session, created = sessions.claim(session_id, now)
             lock = session.lock
-            lock.acquire()  # cheaper than `with` (~50 ns a dispatch) and nothing in here can raise
+            lock.acquire()
+            if session_map.get(session_id) is session:
+                break
+            lock.release()  # closed or swept while this call waited for it: look again
+            session, created = None, False
+        session.deciding = True
+        binding = tentative = None
+        try:
             binding = session.binding
             if session.last_used < now - self.session_ttl:
                 # idle past its TTL: forgotten at lookup, even before a sweep removes it
                 binding = session.binding = None
             session.last_used = now
-            lock.release()
+            bound_id = None  # the pool id the session is bound to for this pair
             if binding is not None and binding[0] == pair:
                 bound_id = binding[1]
-        bound_index = -1 if bound_id is None else snap.pool_index.get(bound_id, -1)
-        tenant_index = -1
-        if tenant is not None:
-            tenant_pool_id = self._tenant_pools.get(tenant)
-            if tenant_pool_id is not None:
-                tenant_index = snap.pool_index.get(tenant_pool_id, -1)
+            bound_index = -1 if bound_id is None else snap.pool_index.get(bound_id, -1)
+            tenant_index = -1
+            if tenant is not None:
+                tenant_pool_id = self._tenant_pools.get(tenant)
+                if tenant_pool_id is not None:
+                    tenant_index = snap.pool_index.get(tenant_pool_id, -1)
+            first: Found | int | None = kernel.select_candidate(src_id, tgt_id, bound_index, mask, need, now, excl,
+                                                                tenant_index)
+            if type(first) is tuple:
+                if prefer:
+                    first = self._preferred(snap, first, prefer, src_id, tgt_id, bound_index, mask, need, now,
+                                            excl)
+                if snap.pool_ids[first[4]] != bound_id:
+                    tentative = session.binding = (pair, snap.pool_ids[first[4]])
+        except BaseException:
+            session.deciding = False
+            lock.release()
+            self._undo_binding(session_id, session, tentative, binding, created)
+            raise
+        session.deciding = False
+        lock.release()
 
-        # Steps 5-9: kernel selection, then the reservation decides.
-        reservations = self._reservations
-        if now >= reservations.due_at:
-            reservations.expire_due(now)
-        supplied = job_id is not None
-        refused: dict[int, str] = {}  # slot -> the backend's refusal, for the breakdown
-        shortlist = self._shortlist
-        retries = 0
-        while True:
-            found = kernel.select_candidate(src_id, tgt_id, bound_index, mask, need, now, excl, tenant_index)
-            if type(found) is not tuple:  # -1: no eligible node, -2: no pool serves the pair
-                if supplied and job_id is not None:
-                    # A concurrent retry of the same job may have taken the last
-                    # slot since the caller's check: answer with its assignment.
-                    existing = reservations.get(job_id)
-                    if existing is not None:
-                        return self._held_assignment(existing, job_id, session_id, s, t)
-                if found == -2:  # noqa: PLR2004  the kernel's "no pool serves the pair"
-                    self._outcomes.add(OUTCOME_NO_POOL)
-                    raise NoPoolForLanguagePair(s, t)
-                reasons = node_reasons(kernel, src_id, tgt_id, mask, need, now, excl=excl, refused=refused)
-                if "ok" in reasons.values() and retries < 3:  # noqa: PLR2004  a bound, not a rule
-                    # capacity came back between the scan and now: look again
-                    retries += 1
-                    continue
-                raise no_node_error(self._outcomes, s, t, reasons)
-            if prefer:
-                found = self._preferred(snap, found, prefer, src_id, tgt_id, bound_index, mask, need, now, excl)
-            if job_id is None:
-                job_id = self._new_job_id()  # numbered once a node is found, as the compiled path does
-            pool_index = found[4]
-            pool_id = snap.pool_ids[pool_index]
-            try:
-                # one variable for both answers: every local slot costs each call a little
-                result: Reservation | str | list[str] | None
-                if shortlist == 1:
-                    result = reservations.reserve_one(job_id, found, pool_id, session_id, now, pair)
-                    if result is None:
-                        node_id = found[1]
-                        break
-                    if isinstance(result, str):
-                        refused[found[0]] = result
-                        excl = excl + (found[0],)
-                        prefer = tuple(p for p in prefer if p != found[0])
-                        continue
+        # Steps 5-9: the selection, then the reservation decides.
+        try:
+            supplied = job_id is not None
+            refused: dict[int, str] = {}  # slot -> the backend's refusal, for the breakdown
+            shortlist = self._shortlist
+            retries = 0
+            while True:
+                if first is not None:
+                    found, first = first, None  # made (and preferences applied) under the session's lock
                 else:
-                    slots = kernel.rank(pool_index, mask, need, now, excl, shortlist)
-                    if prefer and found[0] not in slots[:1]:
-                        slots = [found[0], *[c for c in slots if c != found[0]]][:shortlist]
-                    candidates = [kernel.candidate(c) for c in slots]
-                    result = reservations.try_reserve(job_id, candidates, pool_id, session_id)
-                    if not isinstance(result, Reservation):
-                        for cand, reason in zip(candidates, result, strict=False):
-                            refused[cand[0]] = reason
-                        excl = excl + tuple(c[0] for c in candidates)
-                        prefer = tuple(p for p in prefer if p not in excl)
+                    found = kernel.select_candidate(src_id, tgt_id, bound_index, mask, need, now, excl,
+                                                    tenant_index)
+                    if prefer and type(found) is tuple:
+                        found = self._preferred(snap, found, prefer, src_id, tgt_id, bound_index, mask, need,
+                                                now, excl)
+                if type(found) is not tuple:  # -1: no eligible node, -2: no pool serves the pair
+                    if supplied and job_id is not None:
+                        # A concurrent retry of the same job may have taken the last
+                        # slot since the caller's check: answer with its assignment.
+                        existing = reservations.get(job_id)
+                        if existing is not None:
+                            self._undo_binding(session_id, session, tentative, binding, created)
+                            return self._held_assignment(existing, job_id, session_id, s, t)
+                    if found == -2:  # noqa: PLR2004  the kernel's "no pool serves the pair"
+                        self._outcomes.add(OUTCOME_NO_POOL)
+                        raise NoPoolForLanguagePair(s, t)
+                    reasons = node_reasons(kernel, src_id, tgt_id, mask, need, now, excl=excl, refused=refused)
+                    if "ok" in reasons.values() and retries < 3:  # noqa: PLR2004  a bound, not a rule
+                        # capacity came back between the scan and now: look again
+                        retries += 1
                         continue
-            except ReservationBackendUnavailable:
-                self._outcomes.add(OUTCOME_BACKEND_UNAVAILABLE)
-                raise
-            # a Reservation: fresh from the backend, or the one job_id already held
-            if supplied and result.session_id != session_id:
-                return self._held_assignment(result, job_id, session_id, s, t)
-            node_id, pool_id = result.node_id, result.pool_id
-            break
+                    raise no_node_error(self._outcomes, s, t, reasons)
+                if job_id is None:
+                    job_id = self._new_job_id()  # numbered once a node is found, as the compiled path does
+                pool_index = found[4]
+                pool_id = snap.pool_ids[pool_index]
+                try:
+                    # one variable for both answers: every local slot costs each call a little
+                    result: Reservation | str | list[str] | None
+                    if shortlist == 1:
+                        result = reservations.reserve_one(job_id, found, pool_id, session_id, now, pair)
+                        if result is None:
+                            node_id = found[1]
+                            break
+                        if isinstance(result, str):
+                            refused[found[0]] = result
+                            excl = excl + (found[0],)
+                            prefer = tuple(p for p in prefer if p != found[0])
+                            continue
+                    else:
+                        slots = kernel.rank(pool_index, mask, need, now, excl, shortlist)
+                        if prefer and found[0] not in slots[:1]:
+                            slots = [found[0], *[c for c in slots if c != found[0]]][:shortlist]
+                        candidates = [kernel.candidate(c) for c in slots]
+                        result = reservations.try_reserve(job_id, candidates, pool_id, session_id)
+                        if not isinstance(result, Reservation):
+                            for cand, reason in zip(candidates, result, strict=False):
+                                refused[cand[0]] = reason
+                            excl = excl + tuple(c[0] for c in candidates)
+                            prefer = tuple(p for p in prefer if p not in excl)
+                            continue
+                except ReservationBackendUnavailable:
+                    self._outcomes.add(OUTCOME_BACKEND_UNAVAILABLE)
+                    raise
+                # a Reservation: fresh from the backend, or the one job_id already held
+                if supplied and result.session_id != session_id:
+                    self._undo_binding(session_id, session, tentative, binding, created)
+                    return self._held_assignment(result, job_id, session_id, s, t)
+                node_id, pool_id = result.node_id, result.pool_id
+                break
 
-        # Step 10: bind the session to the pool that served it.
-        if session is None or pool_id != bound_id:
-            if session is None:
-                session = self._sessions.entry(session_id, now)
-            with session.lock:
+        except BaseException:
+            self._undo_binding(session_id, session, tentative, binding, created)
+            raise
+
+        # Step 10: bind the session to the pool that served it (unless step 4 did).
+        if pool_id != (bound_id if tentative is None else tentative[1]):
+            with lock:
                 session.binding = (pair, pool_id)
-                session.last_used = now
-        if now >= self._sessions.next_sweep:
-            self._sessions.maybe_sweep(now)
+        if now >= sessions.next_sweep:
+            sessions.maybe_sweep(now)
         self._outcomes.add(OUTCOME_OK)
         return Assignment(node_id, pool_id, job_id, session_id, s, t)
+
+    def _undo_binding(self, session_id: str, session: SessionState, tentative: tuple[tuple[str, str], int] | None,
+                      before: tuple[tuple[str, str], int] | None, created: bool) -> None:
+        """Take back what a call that placed no job wrote.
+
+        Its tentative binding, if still the session's, and the session
+        itself if this call created it and it is still unbound.
+        """
+        with session.lock:
+            session.deciding = True  # the one-call dispatch waits: it sees the session before or after
+            try:
+                if tentative is not None and session.binding is tentative:
+                    session.binding = before
+                if created and session.binding is None:
+                    self._sessions.discard(session_id, session)
+            finally:
+                session.deciding = False
 
     def _preferred(self, snap: RuntimeSnapshot, found: Found, prefer: tuple[int, ...], src_id: int,  # noqa: PLR0917
                    tgt_id: int, bound_index: int, mask: int, need: int, now: float,

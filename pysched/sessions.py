@@ -78,6 +78,30 @@ class SessionManager:
             state = self._entries.setdefault(session_id, self._state(now))
         return state
 
+    def claim(self, session_id: str, now: float) -> tuple[SessionState, bool]:
+        """The session's state, created on first use, and whether this call created it."""
+        if now >= self.next_sweep:
+            self.maybe_sweep(now)
+        state = self._entries.get(session_id)
+        if state is not None:
+            return state, False
+        fresh = self._state(now)
+        state = self._entries.setdefault(session_id, fresh)
+        return state, state is fresh
+
+    def discard(self, session_id: str, state: SessionState) -> bool:
+        """Forget ``state`` if the table still holds it under ``session_id``; False otherwise.
+
+        For a dispatch that created it and failed: a failed call leaves no
+        session behind.
+        """
+        if self._entries.get(session_id) is not state:
+            return False
+        del self._entries[session_id]
+        if self.on_forget is not None:
+            self.on_forget(state)
+        return True
+
     def close(self, session_id: str) -> bool:
         """Forget a session; False if it was not known."""
         state = self._entries.pop(session_id, None)
@@ -94,14 +118,18 @@ class SessionManager:
         dropped = 0
         entries = self._entries
         for session_id, state in list(entries.items()):
-            if state.last_used < cutoff:
-                with state.lock:
+            # a session whose lock is held is being dispatched to (the Python path holds it while it
+            # decides, which may include a reservation's round trip): in use, so not swept, and not waited for
+            if state.last_used < cutoff and state.lock.acquire(blocking=False):
+                try:
                     # re-check under the session's lock: a dispatch may just have used it
                     if state.last_used < cutoff and entries.get(session_id) is state:
                         del entries[session_id]
                         dropped += 1
                         if self.on_forget is not None:
                             self.on_forget(state)
+                finally:
+                    state.lock.release()
         return dropped
 
     def maybe_sweep(self, now: float) -> None:

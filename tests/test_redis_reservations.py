@@ -690,3 +690,50 @@ def test_server_outage_raises_unavailable_then_recovers(redis_server: Any) -> No
     assert b.release("held") is True
     assert b.inflight[0] == 1
     client.close()
+
+
+def test_concurrent_jobs_of_a_new_session_share_one_pool_through_redis(redis_client: Any) -> None:
+    """Every reservation is a round trip that lets go of the GIL, and other sessions' jobs move the loads
+    meanwhile: the session's lock still makes its jobs decide its binding one at a time, so all of them
+    follow the first one's pool."""
+    import pysched
+
+    sched = pysched.Scheduler(reservations=RedisReservations(redis_client, namespace="session-race"), seed=7)
+    try:
+        for i in range(4):
+            sched.register_node(f"p{i}", ["zh", "en"], max_concurrency=1000)
+            sched.register_node(f"t{i}", ["de", "en", "zh"], max_concurrency=1000)
+        for round_no in range(5):
+            start = threading.Barrier(16)
+            out: list[Any] = []
+            others: list[Any] = []
+
+            def job(start: threading.Barrier = start, out: list[Any] = out, session: str = f"s{round_no}") -> None:
+                start.wait(30)
+                try:
+                    out.append(sched.dispatch(session, "zh", "en"))
+                except BaseException as e:  # reported below
+                    out.append(e)
+
+            def noise(k: int, start: threading.Barrier = start, others: list[Any] = others,
+                      round_no: int = round_no) -> None:
+                start.wait(30)
+                for j in range(10):  # new sessions, each placed in the freer pool of the moment
+                    try:
+                        others.append(sched.dispatch(f"other-{round_no}-{k}-{j}", "zh", "en"))
+                    except BaseException as e:  # reported below
+                        others.append(e)
+
+            threads = [threading.Thread(target=job) for _ in range(8)]
+            threads += [threading.Thread(target=noise, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads)
+            assert all(isinstance(a, pysched.Assignment) for a in out + others), out + others
+            assert len({a.pool_id for a in out}) == 1, [(a.node_id, a.pool_id) for a in out]
+            for a in out + others:
+                sched.release(a.job_id)
+    finally:
+        sched.close()

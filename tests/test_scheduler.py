@@ -518,6 +518,171 @@ def test_sessions_sweep_by_themselves(make_scheduler, clock):
     assert sched.stats()["sessions"] == 1
 
 
+def test_two_dispatches_of_one_session_decide_its_binding_one_at_a_time(make_scheduler):
+    """The Python path holds the session's lock from reading the binding to writing its decision, and the
+    one-call dispatch hands a session being decided to it: a second job of the session waits for the first
+    job's binding instead of deciding on its own (here it would take the freer pool), whichever thread
+    runs first, even when the first one's reservation lets go of the GIL (as a Redis round trip does)."""
+    import threading
+
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=4)
+    sched.register_node("b", ["de", "en", "zh"], max_concurrency=4)
+    sched.heartbeat("a", running=2)  # b is the freer node: a job deciding alone would take it
+    out: dict[str, object] = {}
+
+    def job(name: str, **kwargs) -> None:
+        try:
+            out[name] = sched.dispatch("s", "zh", "en", **kwargs)
+        except BaseException as e:  # reported by the assertions below
+            out[name] = e
+
+    # the first job goes by the Python path (it excludes b) and stops in its reservation until let go
+    first = threading.Thread(target=job, args=("first",), kwargs={"exclude": ["b"]})
+    second = threading.Thread(target=job, args=("second",))
+    reservations = sched._reservations
+    reserve_one = reservations.reserve_one
+    inside, go = threading.Event(), threading.Event()
+
+    def held_reserve_one(*args, **kwargs):
+        if threading.current_thread() is first and not inside.is_set():
+            inside.set()
+            assert go.wait(30), "the test never let the first reservation go on"
+        return reserve_one(*args, **kwargs)
+
+    reservations.reserve_one = held_reserve_one
+    first.start()
+    assert inside.wait(30), "the first dispatch never reached its reservation"
+    second.start()
+    second.join(0.2)  # room for the second to run ahead, were it not held back (nothing is asserted on it)
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert not first.is_alive() and not second.is_alive()
+    a, b = out["first"], out["second"]
+    assert isinstance(a, pysched.Assignment) and isinstance(b, pysched.Assignment), out
+    assert a.node_id == "a"
+    assert b.pool_id == a.pool_id  # bound by the first job, kept by the second
+    assert sched.dispatch("s", "zh", "en").pool_id == a.pool_id
+    assert sched.reservations.count() == 3
+
+
+def test_the_one_call_dispatch_leaves_a_session_being_decided_to_the_python_path(make_scheduler):
+    """While the Python path decides a session's binding (its lock held, ``deciding`` set), a plain dispatch
+    of the session does not decide on its own: it waits for the lock, then follows that decision."""
+    import threading
+
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=4)
+    sched.register_node("b", ["de", "en", "zh"], max_concurrency=4)
+    sched.heartbeat("a", running=2)
+    sched.release(sched.dispatch("s", "zh", "en").job_id)  # bound to b's pool, the freer one
+    pools = {p.name: p.pool_id for p in sched.pools()}
+    assert sched._session_map["s"].binding == (("zh", "en"), pools["de-en-zh"])
+    state = sched._session_map["s"]
+    out: list[object] = []
+    worker = threading.Thread(target=lambda: out.append(sched.dispatch("s", "zh", "en")))
+    assert state.lock.acquire(timeout=30)
+    state.deciding = True  # what the Python path does while it decides
+    try:
+        worker.start()
+        worker.join(0.2)  # room for the worker to run ahead, were it not held back (nothing is asserted on it)
+        state.binding = (("zh", "en"), pools["en-zh"])  # the decision: a's pool
+    finally:
+        state.deciding = False
+        state.lock.release()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert out[0].node_id == "a" and out[0].pool_id == pools["en-zh"]
+
+
+class _HeldReservation:
+    """Stops the first reservation made by ``thread`` until :meth:`let_go` (a stand-in for a slow backend)."""
+
+    def __init__(self, sched) -> None:
+        import threading
+
+        self.reservations = sched._reservations
+        self.reserve_one = self.reservations.reserve_one
+        self.inside, self.go = threading.Event(), threading.Event()
+        self.thread = None
+        self.reservations.reserve_one = self._reserve_one
+
+    def _reserve_one(self, *args, **kwargs):
+        import threading
+
+        if threading.current_thread() is self.thread and not self.inside.is_set():
+            self.inside.set()
+            assert self.go.wait(30), "the test never let the reservation go on"
+        return self.reserve_one(*args, **kwargs)
+
+    def start(self, thread) -> None:
+        self.thread = thread
+        thread.start()
+        assert self.inside.wait(30), "the dispatch never reached its reservation"
+
+    def let_go(self) -> None:
+        self.go.set()
+
+
+def test_a_sweep_skips_a_session_whose_lock_is_held_without_waiting(make_scheduler, clock):
+    import threading
+
+    sched = make_scheduler(session_ttl=10.0)
+    sched.register_node("a", ["zh", "en"], max_concurrency=4)
+    sched.dispatch("s", "zh", "en")
+    clock.advance(60)
+    state = sched._session_map["s"]
+    swept: list[int] = []
+    sweeper = threading.Thread(target=lambda: swept.append(sched.sweep_sessions()))
+    assert state.lock.acquire(timeout=30)  # as a dispatch deciding its binding holds it
+    try:
+        sweeper.start()
+        sweeper.join(30)  # it does not wait for the lock: a session in use is not idle
+        assert not sweeper.is_alive() and swept == [0]
+    finally:
+        state.lock.release()
+    assert sched.sweep_sessions() == 1
+
+
+def test_a_dispatch_waiting_for_a_closed_session_decides_on_a_fresh_one(make_scheduler):
+    import threading
+
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=4)
+    sched.dispatch("s", "zh", "en")
+    state = sched._session_map["s"]
+    out: dict[str, object] = {}
+    assert state.lock.acquire(timeout=30)  # another dispatch is deciding the session's binding
+    try:
+        worker = threading.Thread(target=lambda: out.setdefault("job", sched.dispatch("s", "zh", "en", exclude=["x"])))
+        worker.start()
+        worker.join(0.2)  # room for the worker to reach the session's lock (nothing is asserted on it)
+        assert sched.close_session("s") is True  # the state leaves the table meanwhile
+    finally:
+        state.lock.release()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert out["job"].node_id == "a"
+    # the worker found its state gone once it had the lock, and bound a fresh one: the table has it
+    assert sched.stats()["sessions"] == 1 and sched._session_map["s"] is not state
+    assert sched._session_map["s"].binding == (("zh", "en"), out["job"].pool_id)
+
+
+def test_a_failed_dispatch_of_a_new_session_leaves_no_session(make_scheduler):
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=1)
+    sched.dispatch("s", "zh", "en")
+    with pytest.raises(pysched.NoNodeAvailable):
+        sched.dispatch("new", "zh", "en")  # the one-call path
+    with pytest.raises(pysched.NoNodeAvailable):
+        sched.dispatch("new", "zh", "en", exclude=["a"])  # the Python path, which holds a state while deciding
+    with pytest.raises(pysched.NoPoolForLanguagePair):
+        sched.dispatch("new", "zh", "de")
+    assert sched.stats()["sessions"] == 1
+    assert sched.close_session("new") is False
+
+
 # ---------------------------------------------------------------- reservations
 def test_job_id_retry_returns_the_same_assignment(make_scheduler):
     sched = make_scheduler()
