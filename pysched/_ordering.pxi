@@ -229,6 +229,10 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
     cdef Py_ssize_t v = 1, right
     cdef const order_node* nodes = t.nodes
     cdef int64_t left
+    if nodes[1].ties == t.n:
+        # every member ties (an idle pool, or one whose loads just evened out): the r-th is member r, and a
+        # big tree's descent would be a chain of cold loads for nothing
+        return <Py_ssize_t>r
     if t.size < PREFETCH_TREE:
         while v < t.size:
             left = nodes[v].left
@@ -243,6 +247,21 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
             r -= nodes[v].left
             v = 2 * v + 1
     return v - t.size
+
+
+cdef inline void _prefetch_path(const pool_tree* t, Py_ssize_t pos) noexcept nogil:
+    """Ask for the lines of leaf ``pos``'s path to the root in a big tree (cold), its top levels aside.
+
+    For a leaf about to be chosen: reserving it repairs that path, and its
+    lines then load while the decision waits for the chosen slot's own
+    lines, instead of after them.
+    """
+    cdef Py_ssize_t v
+    if t.size >= PREFETCH_TREE:
+        v = t.size + pos
+        while v >= 64:  # the top levels (63 nodes, 12 lines) stay hot
+            _prefetch(&t.nodes[v & ~1])  # the node and its sibling, one line as a rule
+            v >>= 1
 
 
 cdef inline int32_t _eff_of(int32_t held, int32_t running, int64_t max_concurrency, bint live) noexcept nogil:
