@@ -669,6 +669,36 @@ def test_a_dispatch_waiting_for_a_closed_session_decides_on_a_fresh_one(make_sch
     assert sched._session_map["s"].binding == (("zh", "en"), out["job"].pool_id)
 
 
+def test_a_failed_dispatch_takes_back_the_binding_it_recorded(make_scheduler):
+    """The Python path records its choice as the binding before reserving; when the reservation is
+    refused and nothing else is eligible, the call fails and the session is bound as it was."""
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=4)
+    sched.register_node("b", ["de", "en", "zh"], max_concurrency=4)
+    pools = {p.name: p.pool_id for p in sched.pools()}
+    sched.release(sched.dispatch("s", "zh", "en", exclude=["b"]).job_id)
+    state = sched._session_map["s"]
+    before = state.binding
+    assert before == (("zh", "en"), pools["en-zh"])
+    reservations = sched._reservations
+    reserve_one = reservations.reserve_one
+    seen: list[object] = []
+
+    def refusing(job_id, found, *args, **kwargs):
+        seen.append(state.binding)  # what the session is bound to while the reservation is under way
+        return REFUSED_FULL  # the final word: b is full after all
+
+    reservations.reserve_one = refusing
+    try:
+        with pytest.raises(pysched.NoNodeAvailable):
+            sched.dispatch("s", "zh", "en", exclude=["a"])
+    finally:
+        reservations.reserve_one = reserve_one
+    assert seen == [(("zh", "en"), pools["de-en-zh"])]  # recorded before the reservation
+    assert state.binding is before and sched._session_map["s"] is state
+    assert sched.dispatch("s", "zh", "en").pool_id == pools["en-zh"]
+
+
 def test_a_failed_dispatch_of_a_new_session_leaves_no_session(make_scheduler):
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"], max_concurrency=1)
