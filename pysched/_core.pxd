@@ -360,8 +360,8 @@ cdef class SessionState:
     cdef readonly object lock          # threading.Lock: the Python path decides the binding under it
     cdef public object binding         # ((src, tgt), pool_id) or None
     cdef public double last_used       # clock() time of the session's last dispatch
-    # set while the Python path decides the binding (it holds ``lock`` from reading the binding to writing
-    # its decision); a compiled dispatch that finds it set hands its job to the Python path, which waits
+    # set while the Python path decides the binding (it holds ``lock`` from reading the binding to recording
+    # its choice); a compiled dispatch that finds it set hands its job to the Python path, which waits
     cdef public bint deciding
     # memo of the compiled calls: the pool index and pair key of ``seen_binding`` in snapshot ``seen_snap``
     cdef object seen_binding

@@ -118,8 +118,8 @@ class SessionManager:
         dropped = 0
         entries = self._entries
         for session_id, state in list(entries.items()):
-            # a session whose lock is held is being dispatched to (the Python path holds it while it
-            # decides, which may include a reservation's round trip): in use, so not swept, and not waited for
+            # a session whose lock is held is being dispatched to (the Python path holds it while it decides
+            # and records its binding): in use, so not swept, and not waited for
             if state.last_used < cutoff and state.lock.acquire(blocking=False):
                 try:
                     # re-check under the session's lock: a dispatch may just have used it
