@@ -774,41 +774,37 @@ class Scheduler:
                 break
             lock.release()  # closed or swept while this call waited for it: look again
             session, created = None, False
-        session.deciding = True
         binding = tentative = None
         try:
-            binding = session.binding
-            if session.last_used < now - self.session_ttl:
-                # idle past its TTL: forgotten at lookup, even before a sweep removes it
-                binding = session.binding = None
-            session.last_used = now
-            bound_id = None  # the pool id the session is bound to for this pair
-            if binding is not None and binding[0] == pair:
-                bound_id = binding[1]
-            bound_index = -1 if bound_id is None else snap.pool_index.get(bound_id, -1)
-            tenant_index = -1
-            if tenant is not None:
-                tenant_pool_id = self._tenant_pools.get(tenant)
-                if tenant_pool_id is not None:
-                    tenant_index = snap.pool_index.get(tenant_pool_id, -1)
-            first: Found | int | None = kernel.select_candidate(src_id, tgt_id, bound_index, mask, need, now, excl,
-                                                                tenant_index)
-            if type(first) is tuple:
-                if prefer:
-                    first = self._preferred(snap, first, prefer, src_id, tgt_id, bound_index, mask, need, now,
-                                            excl)
-                if snap.pool_ids[first[4]] != bound_id:
-                    tentative = session.binding = (pair, snap.pool_ids[first[4]])
-        except BaseException:
-            session.deciding = False
-            lock.release()
-            self._undo_binding(session_id, session, tentative, binding, created)
-            raise
-        session.deciding = False
-        lock.release()
+            session.deciding = True
+            try:
+                binding = session.binding
+                if session.last_used < now - self.session_ttl:
+                    # idle past its TTL: forgotten at lookup, even before a sweep removes it
+                    binding = session.binding = None
+                session.last_used = now
+                bound_id = None  # the pool id the session is bound to for this pair
+                if binding is not None and binding[0] == pair:
+                    bound_id = binding[1]
+                bound_index = -1 if bound_id is None else snap.pool_index.get(bound_id, -1)
+                tenant_index = -1
+                if tenant is not None:
+                    tenant_pool_id = self._tenant_pools.get(tenant)
+                    if tenant_pool_id is not None:
+                        tenant_index = snap.pool_index.get(tenant_pool_id, -1)
+                first: Found | int | None = kernel.select_candidate(src_id, tgt_id, bound_index, mask, need, now, excl,
+                                                                    tenant_index)
+                if type(first) is tuple:
+                    if prefer:
+                        first = self._preferred(snap, first, prefer, src_id, tgt_id, bound_index, mask, need, now,
+                                                excl)
+                    if snap.pool_ids[first[4]] != bound_id:
+                        tentative = session.binding = (pair, snap.pool_ids[first[4]])
+            finally:
+                session.deciding = False
+                lock.release()
 
-        # Steps 5-9: the selection, then the reservation decides.
-        try:
+            # Steps 5-9: the selection, then the reservation decides.
             supplied = job_id is not None
             refused: dict[int, str] = {}  # slot -> the backend's refusal, for the breakdown
             shortlist = self._shortlist

@@ -71,12 +71,7 @@ class SessionManager:
 
     def entry(self, session_id: str, now: float) -> SessionState:
         """The session's state, created on first use."""
-        if now >= self.next_sweep:
-            self.maybe_sweep(now)
-        state = self._entries.get(session_id)
-        if state is None:
-            state = self._entries.setdefault(session_id, self._state(now))
-        return state
+        return self.claim(session_id, now)[0]
 
     def claim(self, session_id: str, now: float) -> tuple[SessionState, bool]:
         """The session's state, created on first use, and whether this call created it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -519,12 +521,10 @@ def test_sessions_sweep_by_themselves(make_scheduler, clock):
 
 
 def test_two_dispatches_of_one_session_decide_its_binding_one_at_a_time(make_scheduler):
-    """The Python path holds the session's lock from reading the binding to writing its decision, and the
-    one-call dispatch hands a session being decided to it: a second job of the session waits for the first
-    job's binding instead of deciding on its own (here it would take the freer pool), whichever thread
-    runs first, even when the first one's reservation lets go of the GIL (as a Redis round trip does)."""
-    import threading
-
+    """The Python path records its choice as the session's binding, under the session's lock, before it
+    reserves: a second job of the session follows that binding instead of deciding on its own (here it
+    would take the freer pool), even while the first one's reservation has let go of the GIL (as a Redis
+    round trip does)."""
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"], max_concurrency=4)
     sched.register_node("b", ["de", "en", "zh"], max_concurrency=4)
@@ -570,8 +570,6 @@ def test_two_dispatches_of_one_session_decide_its_binding_one_at_a_time(make_sch
 def test_the_one_call_dispatch_leaves_a_session_being_decided_to_the_python_path(make_scheduler):
     """While the Python path decides a session's binding (its lock held, ``deciding`` set), a plain dispatch
     of the session does not decide on its own: it waits for the lock, then follows that decision."""
-    import threading
-
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"], max_concurrency=4)
     sched.register_node("b", ["de", "en", "zh"], max_concurrency=4)
@@ -596,38 +594,7 @@ def test_the_one_call_dispatch_leaves_a_session_being_decided_to_the_python_path
     assert out[0].node_id == "a" and out[0].pool_id == pools["en-zh"]
 
 
-class _HeldReservation:
-    """Stops the first reservation made by ``thread`` until :meth:`let_go` (a stand-in for a slow backend)."""
-
-    def __init__(self, sched) -> None:
-        import threading
-
-        self.reservations = sched._reservations
-        self.reserve_one = self.reservations.reserve_one
-        self.inside, self.go = threading.Event(), threading.Event()
-        self.thread = None
-        self.reservations.reserve_one = self._reserve_one
-
-    def _reserve_one(self, *args, **kwargs):
-        import threading
-
-        if threading.current_thread() is self.thread and not self.inside.is_set():
-            self.inside.set()
-            assert self.go.wait(30), "the test never let the reservation go on"
-        return self.reserve_one(*args, **kwargs)
-
-    def start(self, thread) -> None:
-        self.thread = thread
-        thread.start()
-        assert self.inside.wait(30), "the dispatch never reached its reservation"
-
-    def let_go(self) -> None:
-        self.go.set()
-
-
 def test_a_sweep_skips_a_session_whose_lock_is_held_without_waiting(make_scheduler, clock):
-    import threading
-
     sched = make_scheduler(session_ttl=10.0)
     sched.register_node("a", ["zh", "en"], max_concurrency=4)
     sched.dispatch("s", "zh", "en")
@@ -646,8 +613,6 @@ def test_a_sweep_skips_a_session_whose_lock_is_held_without_waiting(make_schedul
 
 
 def test_a_dispatch_waiting_for_a_closed_session_decides_on_a_fresh_one(make_scheduler):
-    import threading
-
     sched = make_scheduler()
     sched.register_node("a", ["zh", "en"], max_concurrency=4)
     sched.dispatch("s", "zh", "en")
