@@ -285,10 +285,13 @@ def test_script_cache_flush_falls_back_to_eval(redis_client: Any) -> None:
 
 
 def test_uncommitted_reservations_expire_by_themselves(any_client: Any) -> None:
-    b = make_backend(any_client, {"a": 1}, reservation_ttl=2.0)
+    # A TTL no stall of a loaded machine outlasts while the job is checked as
+    # held; its renewal (uncommitted: its TTL) then makes it short.
+    b = make_backend(any_client, {"a": 1}, reservation_ttl=30.0)
     res = b.try_reserve("j", [cand(b, "a")], 0, "s")
     assert isinstance(res, Reservation)
     assert b.count("a") == 1 and b.inflight[0] == 1
+    assert b.renew("j", lease=0.3) is True
     # Redis stops counting it at its TTL, before anything prunes it.
     _poll(lambda: b.count("a") == 0, "Redis to drop the expired reservation")
     assert b.count() == 0
@@ -305,17 +308,21 @@ def test_uncommitted_reservations_expire_by_themselves(any_client: Any) -> None:
 
 
 def test_crashed_scheduler_capacity_comes_back(redis_client: Any) -> None:
-    crashed = make_backend(redis_client, {"a": 1}, reservation_ttl=3.0)
+    crashed = make_backend(redis_client, {"a": 1}, reservation_ttl=30.0)
     assert isinstance(crashed.try_reserve("lost", [cand(crashed, "a")], 0, "s"), Reservation)
-    del crashed  # never releases, never commits
     survivor = make_backend(redis_client, {"a": 1}, reservation_ttl=30)
     assert survivor.try_reserve("j", [cand(survivor, "a")], 0, "s") == [REFUSED_FULL]
+    # Its last word (no stall can outlast the 30 s TTL before the check above):
+    assert crashed.renew("lost", lease=0.3) is True
+    del crashed  # never releases, never commits
     _poll(lambda: isinstance(survivor.try_reserve("j", [cand(survivor, "a")], 0, "s"), Reservation),
           "the crashed scheduler's capacity to come back")
 
 
 def test_refresh_inflight_mirrors_fleet_counts(redis_client: Any) -> None:
-    b = make_backend(redis_client, {"a": 4, "b": 4}, reservation_ttl=3.0)
+    # TTLs no stall of a loaded machine outlasts before the counts are
+    # checked; "mine"'s renewal then makes its own short.
+    b = make_backend(redis_client, {"a": 4, "b": 4}, reservation_ttl=30)
     other = make_backend(redis_client, {"a": 4, "b": 4}, reservation_ttl=30)
     for job in ("o1", "o2"):
         assert isinstance(other.try_reserve(job, [cand(other, "b")], 0, "s"), Reservation)
@@ -326,6 +333,7 @@ def test_refresh_inflight_mirrors_fleet_counts(redis_client: Any) -> None:
     assert b.refresh_inflight() == {"a": 1, "b": 2}
     assert b.round_trips == 1
     assert list(b.inflight[:2]) == [1, 2]
+    assert b.renew("mine", lease=0.3) is True
     # "mine" expires in Redis; a refresh also sweeps this process's expired jobs and reports them
     _poll(lambda: b.refresh_inflight() is not None and list(b.inflight[:2]) == [0, 2], "'mine' to expire")
     assert b.stats()["expired"] == 1 and b.stats()["held"] == 0
@@ -334,39 +342,55 @@ def test_refresh_inflight_mirrors_fleet_counts(redis_client: Any) -> None:
 
 
 def test_commit_stops_expiry_until_the_lease_ends(any_client: Any) -> None:
-    b = make_backend(any_client, {"a": 1}, reservation_ttl=0.5, commit_lease=4.0)
-    res = b.try_reserve("j", [cand(b, "a")], 0, "s")
-    assert isinstance(res, Reservation)
-    assert b.commit("j") is True
-    assert b.commit("j") is True  # idempotent
+    ttl = 0.5
+    b = make_backend(any_client, {"a": 1}, reservation_ttl=ttl, commit_lease=30.0)
+    # The commit must come within the TTL. A stall that outlasts it (a loaded
+    # machine) lets the job expire first: then try again with another job.
+    for attempt in range(20):
+        job = f"j{attempt}"
+        reserved_at = time.monotonic()
+        res = b.try_reserve(job, [cand(b, "a")], 0, "s")
+        assert isinstance(res, Reservation)
+        if b.commit(job):
+            break
+        assert time.monotonic() - reserved_at > ttl  # only a stall past the TTL explains a refused commit
+        _poll(lambda: b.count("a") == 0, "the stalled job to expire")
+    else:
+        pytest.fail("no commit came within the reservation TTL in 20 attempts")
+    assert b.commit(job) is True  # idempotent
     assert res.committed
     tag = "{pysched}:"
     assert any_client.zcard(tag + "resv:a") == 0 and any_client.zcard(tag + "lease:a") == 1
-    time.sleep(0.7)  # past the reservation TTL, well within the lease
+    time.sleep(max(0.0, reserved_at + ttl + 0.2 - time.monotonic()))  # past the TTL, well within the lease
     assert b.count("a") == 1
     assert b.expire() == 0
-    got = b.get("j")
+    got = b.get(job)
     assert got is res and got.committed
     assert b.try_reserve("k", [cand(b, "a")], 0, "s") == [REFUSED_FULL]
+    assert b.renew(job, lease=0.3) is True  # committed: the lease, now short
     _poll(lambda: b.count("a") == 0, "the lease to end")  # a node that died mid-job frees its slot
-    _swept(b, 1)
+    _swept(b, attempt + 1)  # with any stalled attempt's job
     assert b.inflight[0] == 0
     assert isinstance(b.try_reserve("k", [cand(b, "a")], 0, "s"), Reservation)
     assert b.commit("unknown") is False
 
 
 def test_renew_extends_a_committed_lease(redis_client: Any) -> None:
-    b = make_backend(redis_client, {"a": 2}, reservation_ttl=5, commit_lease=0.4)
+    # TTL and lease long enough that no stall ends them between the steps;
+    # the expiry scores (ms) show each renewal's effect.
+    b = make_backend(redis_client, {"a": 2}, reservation_ttl=30, commit_lease=30)
     assert isinstance(b.try_reserve("j", [cand(b, "a")], 0, "s"), Reservation)
     # Uncommitted: a renewal extends the reservation's TTL (it stays uncommitted).
     tag = "{pysched}:"
     before = redis_client.zscore(tag + "resv:a", "j")
-    assert b.renew("j", lease=20.0) is True
-    assert redis_client.zscore(tag + "resv:a", "j") > before + 10_000
+    assert b.renew("j", lease=60.0) is True
+    assert redis_client.zscore(tag + "resv:a", "j") > before + 20_000
     assert not b.get("j").committed  # type: ignore[union-attr]
     assert b.commit("j")
-    assert b.renew("j", lease=30.0) is True
-    time.sleep(0.6)
+    before = redis_client.zscore(tag + "lease:a", "j")
+    assert b.renew("j", lease=60.0) is True  # committed: the lease
+    assert redis_client.zscore(tag + "lease:a", "j") > before + 20_000
+    assert redis_client.zscore(tag + "resv:a", "j") is None
     assert b.count("a") == 1
     assert b.expire() == 0
     assert b.renew("nope") is False
