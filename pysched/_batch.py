@@ -111,9 +111,19 @@ class KernelBatch(NamedTuple):
 class _Bindings(NamedTuple):
     """The sessions of a pass as the pass found them, by session number."""
 
-    states: list[SessionState | None]
+    states: list[SessionState]
     keys: list[int]  # the binding's pair key, -1 for none
     pool_indices: list[int]  # the binding's pool index, -1 for none
+
+
+class _Written(NamedTuple):
+    """A binding a pass wrote: taken back if the backend placed none of the pass's jobs."""
+
+    session_id: str
+    state: SessionState
+    before: tuple[tuple[str, str], int] | None  # the binding it replaced
+    binding: tuple[tuple[str, str], int]
+    created: bool  # the pass made the session's state
 
 
 def dispatch_many(sched: Scheduler, requests: Iterable[object]) -> list[RequestResult]:
@@ -236,12 +246,26 @@ class BatchPass:
 
     # -- the pass, step by step ------------------------------------------------
     def _place(self) -> None:
-        """Select, number, reserve and bind the pass's requests; fill their result slots."""
-        snap = self.snap
-        bindings = self._read_bindings()
-        batch = self._kernel_batch(bindings)
-        kernel: SnapshotKernel = snap.kernel
-        kernel.select_batch(*batch)
+        """Select, number, reserve and bind the pass's requests; fill their result slots.
+
+        The pass's sessions are held (:mod:`pysched._holding`) from reading
+        their bindings until the pass's choices are written back as their
+        bindings (tentatively, as the Python path does), so each binding is
+        decided one call at a time. The reservation comes after, with no
+        session held (in Redis mode it is a round trip); if the backend
+        places nothing, the pass takes its bindings back.
+        """
+        snap, sched = self.snap, self.sched
+        holds = sched._holds
+        held, created = holds.hold(self.requests.session_no, self.now)
+        try:
+            bindings = self._read_bindings(held)
+            batch = self._kernel_batch(bindings)
+            kernel: SnapshotKernel = snap.kernel
+            kernel.select_batch(*batch)
+            written = self._bind_sessions(batch, bindings, {sid for sid, _ in created})
+        finally:
+            holds.let_go(held, created)
         out = batch.out
         placed = np.flatnonzero(out >= 0)
         placed_positions = placed.tolist()
@@ -251,35 +275,32 @@ class BatchPass:
         for j in placed_positions:
             if job_ids[j] is None:
                 job_ids[j] = new_job_id()
-        retry = self._reserve(out[placed], placed_positions)
-        if retry is not None:
-            self._bind_sessions(batch, bindings)
+        try:
+            retry = self._reserve(out[placed], placed_positions)
+        except BaseException:
+            self._unbind(written)
+            raise
+        if retry is None:
+            self._unbind(written)
         self._unplaced(batch)
         for j in retry or ():
             self._dispatch_alone(j)
 
-    def _read_bindings(self) -> _Bindings:
-        """Each session's binding at the start of the pass (forgetting idle ones, as dispatch does)."""
+    def _read_bindings(self, held: dict[str, SessionState]) -> _Bindings:
+        """Each held session's binding at the start of the pass (forgetting idle ones, as dispatch does)."""
         r = self.requests
         snap, now = self.snap, self.now
         pool_index = snap.pool_index
         keys = [-1] * len(r.session_no)
         pool_indices = [-1] * len(r.session_no)
-        session_map = self.sched._session_map
-        states: list[SessionState | None] = []
+        states: list[SessionState] = []
         own_keys = dict(zip(r.pair, r.key, strict=False))  # columns of one record: equal by construction
         idle_before = now - self.sched.session_ttl
-        # Each binding is read with one attribute load (a consistent tuple);
-        # decisions are written back under the session's lock (_bind_sessions).
-        for sid, k in r.session_no.items():
-            state = session_map.get(sid)
+        for sid, k in r.session_no.items():  # (in session-number order)
+            state = held[sid]
             states.append(state)
-            if state is None:
-                continue
             if state.last_used < idle_before:
-                with state.lock:  # idle past its TTL: forgotten at lookup, as in dispatch
-                    if state.last_used < idle_before:
-                        state.binding = None
+                state.binding = None  # idle past its TTL: forgotten at lookup, as in dispatch
             state.last_used = now
             binding = state.binding
             if binding is None:
@@ -374,12 +395,13 @@ class BatchPass:
         sched._outcomes.add(OUTCOME_OK, served)
         return retry
 
-    def _bind_sessions(self, batch: KernelBatch, before: _Bindings) -> None:
-        """Bind each session to the pool that last served it in the pass, under its lock."""
+    def _bind_sessions(self, batch: KernelBatch, before: _Bindings, created: set[str]) -> list[_Written]:
+        """Bind each held session to the pool that last served it in the pass; what was written."""
         r = self.requests
-        pool_ids, now = self.snap.pool_ids, self.now
+        pool_ids = self.snap.pool_ids
         key_pair = dict(zip(r.key, r.pair, strict=False))  # columns of one record: equal by construction
         final_keys, final_pool_indices = batch.bound_key.tolist(), batch.bound_pool.tolist()
+        written: list[_Written] = []
         for sid, k in r.session_no.items():
             key, pool_index = final_keys[k], final_pool_indices[k]
             if ((key == before.keys[k] and pool_index == before.pool_indices[k]) or pool_index < 0
@@ -387,13 +409,31 @@ class BatchPass:
                 continue  # unchanged by this pass
             binding = (key_pair[key], pool_ids[pool_index])
             state = before.states[k]
-            if state is not None and state.binding == binding:
+            if state.binding == binding:
                 continue
-            if state is None:
-                state = self.sched._sessions.entry(sid, now)
-            with state.lock:
-                state.binding = binding
-                state.last_used = now
+            written.append(_Written(sid, state, state.binding, binding, sid in created))
+            state.binding = binding
+        return written
+
+    def _unbind(self, written: list[_Written]) -> None:
+        """Take back the bindings a pass wrote and placed no job under (the backend was down).
+
+        Each binding still the pass's goes back to what it was, decided as
+        the Python path decides (the session's lock, ``deciding``, no batch
+        holding it); a session the pass made and left unbound goes again.
+        """
+        sched = self.sched
+        for w in written:
+            with w.state.lock:
+                w.state.deciding = True
+                try:
+                    sched._await_session(w.state)
+                    if w.state.binding is w.binding:
+                        w.state.binding = w.before
+                    if w.created and w.state.binding is None:
+                        sched._sessions.discard(w.session_id, w.state)
+                finally:
+                    w.state.deciding = False
 
     def _unplaced(self, batch: KernelBatch) -> None:
         """The error of each request the kernel did not place: no pool, or why no node."""

@@ -375,6 +375,10 @@ cdef class SessionState:
     # scratch of Dispatcher.batch: the session's number in batch ``batch`` (a batch holds the GIL)
     cdef uint64_t batch
     cdef Py_ssize_t batch_k
+    # set while a batch's pass has read the binding and not yet written it back (from numbering the session in
+    # pass ``batch`` until the pass's sessions are bound): every other decision of the binding waits for it
+    # to clear (public as ``deciding`` is: tests stand in for a batch with it)
+    cdef public bint held
     # the id the Dispatcher's session index files it under (None: not filed)
     cdef str indexed_id
 
@@ -430,6 +434,8 @@ cdef class Dispatcher:
                                   uint64_t mark, int32_t* session_of, int32_t* bound_key, int32_t* bound_index,
                                   PyObject** state_of, Py_ssize_t* n_sessions) noexcept nogil
     cdef int _session_file(self, str session_id, SessionState state) except -1
+    cdef int _await_unheld(self, SessionState state) except -1
+    cdef int _release_sessions(self, list states, list created) except -1
     cdef void _session_put(self, Py_hash_t h, PyObject* state) noexcept
     cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,
                            object tenant_pool, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,

@@ -99,6 +99,9 @@ cdef const char* _DIGIT_PAIRS = (b"000102030405060708091011121314151617181920212
                                  b"8081828384858687888990919293949596979899")  # "00" .. "99", for _job_id
 
 cdef object _UNSET = object()  # "argument not given" (None is a value the Python path validates)
+# seconds between two looks of a thread waiting for a batch to let go of a session (a pass of PASS_SIZE
+# jobs lasts a few hundred microseconds; the wait is rare: the same session in a batch and a dispatch at once)
+cdef double HELD_POLL = 50e-6
 
 
 @cython.final
@@ -152,8 +155,10 @@ cdef class SessionState:
 
     ``binding`` is one tuple ``((src, tgt), pool_id)`` (or ``None``), so a
     reader that only needs a consistent view gets it from one attribute read.
-    ``deciding`` is set while the Python path decides under ``lock``; the
-    compiled call, which takes no lock, then leaves the job to that path.
+    ``deciding`` is set while the Python path decides under ``lock``, and
+    ``held`` while a batch has read the binding and not yet written it back;
+    the compiled call, which takes no lock, then leaves the job to the
+    Python path, which waits for both (see Dispatcher.await_session).
     """
 
     def __init__(self, double now):
@@ -161,6 +166,7 @@ cdef class SessionState:
         self.binding = None
         self.last_used = now
         self.deciding = False
+        self.held = False
 
     @property
     def pair(self):
@@ -269,6 +275,8 @@ cdef inline bint _session_ready(PyObject* found, uint64_t mark, PyObject* snap, 
     with a memo of its binding in this snapshot and used since ``stale`` (see Dispatcher._resolved_run)."""
     if (<SessionState>found).batch == mark:
         return True
+    if (<SessionState>found).deciding or (<SessionState>found).held:
+        return False  # another thread decides its binding: not this pass's (see Dispatcher.batch)
     if <PyObject*>(<SessionState>found).binding == <PyObject*>None:
         return True
     return ((<SessionState>found).last_used >= stale
@@ -499,6 +507,97 @@ cdef class Dispatcher:
         self.sindex_n -= 1
         pysched_list_put(self.sindex_held, i, <PyObject*>None)
 
+    # -- a session's binding, decided one thread at a time ------------------------------------------------
+    # Three kinds of call decide a session's binding. The one-call dispatch does it atomically (under the
+    # GIL, no pass overlapping it). The Python path reads, decides and writes it holding the session's
+    # lock, with ``deciding`` set. A batch's pass reads it when it numbers the session and writes it back
+    # after the pass, possibly without the GIL in between, with ``held`` set meanwhile. Each leaves the
+    # session to whichever other one is under way:
+    #
+    # * the one-call dispatch, finding ``deciding`` or ``held`` set, hands its job to the Python path;
+    # * the Python path, holding the lock with ``deciding`` set, first waits for ``held`` to clear
+    #   (await_session);
+    # * a batch numbers no session with ``deciding`` set, or ``held`` by another batch: its pass ends
+    #   before that job, and the next pass, before it holds any session, waits for it.
+    #
+    # No cycle of waits can form: a batch waits only while it holds no session, and the Python path waits
+    # only for batches, which finish their pass and write back without waiting for anything.
+
+    def await_session(self, SessionState state not None):
+        """Wait until no batch holds ``state``. The caller holds the session's lock with ``deciding`` set,
+        so no batch takes it anew: the binding it reads next is the session's until it writes it."""
+        self._await_unheld(state)
+
+    cdef int _await_unheld(self, SessionState state) except -1:
+        """Wait, letting go of the GIL, until no batch holds ``state``."""
+        # read with the GIL and no pass running: a pass that numbered the session has set ``held`` by then
+        self.gate.wait()
+        while state.held:
+            time.sleep(HELD_POLL)  # the batch writes back right after its pass (and tells nobody)
+            self.gate.wait()
+        return 0
+
+    def try_hold(self, object session_ids, double now):
+        """Hold every session of ``session_ids`` (distinct str ids) at once if no other call is deciding any
+        of them: ``(held, created)`` as ``pysched._holding.Holds.hold`` returns, else None with nothing held.
+
+        A session new to the table gets its state (listed in ``created``).
+        Each check and its ``held`` are one step under the GIL, as in a
+        batch's own numbering, and the gate's entry count is held meanwhile,
+        so no pass numbers sessions without the GIL at the same time.
+        """
+        cdef dict held = {}
+        cdef list created = []
+        cdef SessionState state
+        cdef PyObject* entry
+        cdef bint free = True
+        _enter(self.gate)
+        try:
+            for sid in session_ids:
+                entry = _get(self.sessions, sid)
+                if entry != NULL:
+                    state = <SessionState?>entry
+                else:
+                    fresh = _new_session(now)
+                    state = <SessionState?>self.sessions.setdefault(sid, fresh)
+                    if state is fresh:
+                        created.append((sid, state))
+                if state.deciding or state.held:
+                    free = False
+                    break
+                state.held = True
+                held[sid] = state
+        except BaseException:
+            free = False
+            raise
+        finally:
+            _leave(self.gate)
+            if not free:
+                self._release_sessions(list(held.values()), created)
+        return (held, created) if free else None
+
+    def let_go(self, dict held not None, list created not None):
+        """End a hold that :meth:`try_hold` (or ``Holds.hold``) took: each state it made and left unbound
+        leaves the table, then every held state is free."""
+        self._release_sessions(list(held.values()), created)
+
+    cdef int _release_sessions(self, list states, list created) except -1:
+        """A batch's pass lets go of its sessions (their bindings written back, or the pass abandoned).
+
+        A state the pass made (``created``: ``(id, state)`` pairs) that is still unbound leaves the
+        table first, as a failed dispatch leaves no session; then every state in ``states`` is free.
+        """
+        cdef Py_ssize_t k
+        cdef SessionState state
+        for k in range(len(created)):
+            sid, state = <tuple>created[k]
+            if state.binding is None and _get(self.sessions, sid) == <PyObject*>state:
+                del self.sessions[sid]
+                self.forget_session(state)
+        for k in range(len(states)):
+            (<SessionState>PyList_GET_ITEM(states, k)).held = False
+        return 0
+
     def check_session_index(self) -> int:
         """Check the session index against the session table; its number of entries (tests).
 
@@ -610,10 +709,6 @@ cdef class Dispatcher:
                 self._session_file(<str>session_id, <SessionState?>entry)
         if entry != NULL:
             state = <SessionState?>entry
-            if state.deciding:
-                # the Python path is deciding this session's binding (holding its lock, which it may have
-                # let go of the GIL under): that path waits for the lock, so the two decide one at a time
-                return None
         # A session that sends the very code objects of its last dispatch to the pair it is bound to
         # (in this snapshot) has the pair's codes and key in its memo: no code probe. Read only.
         if (state is not None and state.seen_src is src and state.seen_tgt is tgt and state.binding is not None
@@ -647,6 +742,13 @@ cdef class Dispatcher:
             return None
         pair = None
         if state is not None:
+            if state.deciding or state.held:
+                # another thread is deciding this session's binding: the Python path (holding its lock,
+                # under which it may have let go of the GIL) or a batch's pass. The Python path waits for
+                # both, so the decisions come one at a time. (Checked here, after the code probes, which
+                # may call into Python and so let another thread run: from here to the binding written
+                # below no Python code runs, short of a finalizer that an allocation's collection runs.)
+                return None
             if state.binding is not None and state.last_used < now - self.session_ttl:
                 state.binding = None  # idle past its TTL: forgotten at lookup
             state.last_used = now
@@ -969,8 +1071,11 @@ cdef class Dispatcher:
         cdef int32_t* bound_index = pair_of + 3 * n
         memset(pair_number, 0xFF, (n_keys if n_keys else 1) * sizeof(int32_t))
         cdef list pairs = []         # pair number -> (src, tgt)
-        cdef dict number = {}        # id -> number of a session not in the table yet
-        cdef list states = []        # session number -> its SessionState, or its id while it has none
+        # session number -> its SessionState, which this pass holds (``held``) until it is bound; None: the
+        # pass's sessions are released
+        cdef list states = None
+        cdef list created = None     # (id, state) of each state this pass made (dropped again if left unbound)
+        cdef SessionState wait_for
         cdef uint64_t mark
         # per-job codes: a small memo by object identity, so a batch that repeats a few code objects probes
         # the code cache once per object (a dict probe and a PyLong conversion are ~150 instructions a job).
@@ -1085,7 +1190,8 @@ cdef class Dispatcher:
                 self.batches += 1
                 mark = self.batches
                 states = []
-                number = {}
+                created = []
+                wait_for = None
                 n_sessions = 0
                 _enter(gate)
                 try:
@@ -1102,30 +1208,35 @@ cdef class Dispatcher:
                         if entry == NULL:
                             entry = _get(self.sessions, sid)
                             if entry != NULL:
-                                self._session_file(<str>sid, <SessionState>entry)
-                        if entry == NULL:  # no state yet: numbered by id, once
-                            entry = _get(number, sid)
-                            if entry != NULL:
-                                session_of[i] = <object>entry
-                                i += 1
-                                continue
-                            k = n_sessions
-                            number[sid] = k
-                            states.append(sid)
-                            n_sessions += 1
-                            session_of[i] = <int32_t>k
-                            bound_key[k] = -1
-                            bound_index[k] = -1
-                            i += 1
-                            continue
-                        state = <SessionState>entry
+                                state = <SessionState>entry
+                            else:
+                                # a new session: its state is made now, so that the pass holds it as any
+                                # other (dropped again at the pass's end if no job bound it, as a failed
+                                # dispatch leaves none; setdefault, as dispatch: a state another thread made
+                                # meanwhile is kept)
+                                fresh = _new_session(now)
+                                state = <SessionState>self.sessions.setdefault(sid, fresh)
+                                if state is fresh:
+                                    created.append((sid, state))
+                            self._session_file(<str>sid, state)
+                        else:
+                            state = <SessionState>entry
                         if state.batch == mark:
                             session_of[i] = <int32_t>state.batch_k
                             i += 1
                             continue
+                        if state.deciding or state.held:
+                            # another thread is deciding this session's binding (the Python path, or
+                            # another batch's pass): the pass ends before this job, and the next one, which
+                            # holds no session yet, waits for it first (see "one thread at a time" above)
+                            if i == lo:
+                                wait_for = state
+                            hi = i
+                            break
                         k = n_sessions
                         state.batch = mark
                         state.batch_k = k
+                        state.held = True
                         states.append(state)
                         n_sessions += 1
                         session_of[i] = <int32_t>k
@@ -1143,6 +1254,16 @@ cdef class Dispatcher:
                         bound_index[k] = <int32_t>state.seen_index
                 finally:
                     _leave(gate)
+                if wait_for is not None:
+                    # (nothing numbered: ``states`` is empty, and a state made above is unbound)
+                    self._release_sessions(states, created)
+                    states = None
+                    if wait_for.deciding:
+                        wait_for.lock.acquire()  # the Python path decides holding it
+                        wait_for.lock.release()
+                    else:
+                        self._await_unheld(wait_for)
+                    continue  # (from ``lo`` again)
                 resolved = i  # jobs from here on: resolved in the pass
                 n_with_gil = n_sessions
                 # 4. place and reserve, in order: without the GIL if no other entry is under way. What this
@@ -1188,23 +1309,20 @@ cdef class Dispatcher:
                         if not rebound[k]:
                             continue
                         rebound[k] = 0  # (for the next pass's numbering)
-                        if type(states[k]) is str:
-                            # (setdefault, as dispatch: a state another thread made meanwhile is kept, never
-                            # replaced)
-                            sid = states[k]
-                            state = <SessionState>self.sessions.setdefault(sid, _new_session(now))
-                            self._session_file(<str>sid, state)
-                            states[k] = state
                         state = <SessionState>states[k]
                         binding = (pairs[pair_number[bound_key[k]]], pool_ids[bound_index[k]])
                         state.binding = binding
                         if self.snap is snap:
                             self._memo(state, binding, bound_index[k], bound_key[k])  # as dispatch would set it
+                    self._release_sessions(states, created)
+                    states = None
                 finally:
                     _leave(gate)
                 lo = hi
             done[0] = lo
         finally:
+            if states is not None:  # (a pass that did not get to its end: a new snapshot, an error)
+                self._release_sessions(states, created)
             free(pair_of)
             free(rebound)
             free(pool_c)
@@ -1252,6 +1370,7 @@ cdef class Dispatcher:
             n_sessions[0] = k + 1
             (<SessionState>found).batch = mark
             (<SessionState>found).batch_k = k
+            (<SessionState>found).held = True
             (<SessionState>found).last_used = now
             state_of[k] = found
             session_of[i] = <int32_t>k

@@ -12,13 +12,14 @@ from __future__ import annotations
 import heapq
 import threading
 import weakref
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
+from pysched._holding import Held, Holds, await_unheld
 from pysched._layout import (
     FLAG_HAS_GPU,
     FLAG_PUBLIC,
@@ -1042,11 +1043,13 @@ class SessionState:
 
     ``binding`` is one tuple ``((src, tgt), pool_id)`` (or ``None``), so a
     reader that only needs a consistent view gets it from one attribute read.
-    ``deciding`` is set while the Python path decides under ``lock``; the
-    one-call dispatch, which takes no lock, then leaves the job to that path.
+    ``deciding`` is set while the Python path decides under ``lock``, and
+    ``held`` while a batch has read the binding and not yet written it back;
+    the one-call dispatch then leaves the job to the Python path, which
+    waits for both.
     """
 
-    __slots__ = ("lock", "binding", "last_used", "deciding")
+    __slots__ = ("lock", "binding", "last_used", "deciding", "held")
 
     def __init__(self, now: float) -> None:
         self.lock = threading.Lock()
@@ -1055,6 +1058,9 @@ class SessionState:
         #: set while the Python path decides the binding holding ``lock``; the one-call dispatch then
         #: hands its job to that path, which waits for the lock
         self.deciding = False
+        #: set while a batch has read the binding and not yet written it back; every other decision of the
+        #: binding waits for it to clear
+        self.held = False
 
     @property
     def pair(self) -> tuple[str, str] | None:
@@ -1109,6 +1115,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._mgmt = mgmt
         self._jobs = jobs
+        self._holds: Holds[SessionState] = Holds(sessions, SessionState)  # what a batch holds its sessions with
         self._outcomes = outcomes
         self._sessions = sessions
         self._languages = languages
@@ -1161,6 +1168,22 @@ class Dispatcher:
         """The compiled class checks its session index here (tests); the twin has none: 0."""
         return 0
 
+    def await_session(self, state: SessionState) -> None:
+        """Wait until no batch holds ``state`` (its caller holds the session's lock with ``deciding`` set)."""
+        await_unheld(state)
+
+    def try_hold(self, session_ids: Collection[str], now: float) -> Held[SessionState] | None:
+        """Hold every session of ``session_ids`` at once if no other call is deciding any of them (else None).
+
+        The compiled class checks and sets ``held`` in one step under the
+        GIL; the twin takes each session's lock without waiting (``Holds.try_hold``).
+        """
+        return self._holds.try_hold(session_ids, now)
+
+    def let_go(self, held: dict[str, SessionState], created: list[tuple[str, SessionState]]) -> None:
+        """End a hold that :meth:`try_hold` (or ``Holds.hold``) took (``Holds.let_go``)."""
+        self._holds.let_go(held, created)
+
     def new_job_id(self) -> str:
         with self._lock:
             self._seq += 1
@@ -1212,40 +1235,61 @@ class Dispatcher:
             pools = kernel.pools_for(src_id, tgt_id)
             if not pools:
                 return None
+            # The compiled call decides the session's binding atomically under the GIL. Python code can
+            # let another thread run between any two lines, so the twin takes the session's lock instead,
+            # without waiting (a call deciding the session holds it: the Python path, which waits, takes
+            # the job); a new session's state is made first, and dropped again if the job is not placed.
             state = self._sessions.get(session_id)
-            if state is not None and state.deciding:
-                return None  # the Python path is deciding its binding: it waits for the session's lock
-            bound = -1
-            pair = None
-            if state is not None:
-                binding = state.binding
-                if binding is not None and state.last_used < now - self._session_ttl:
-                    binding = state.binding = None  # idle past its TTL: forgotten at lookup
-                state.last_used = now
-                if binding is not None and binding[0][0] == s and binding[0][1] == t:
-                    pair = binding[0]
-                    bound = pool_index.get(binding[1], -1)
-            stream = kernel._rng.next_stream()
-            found = kernel._select(src_id, tgt_id, pools, bound, -1, mask, NEED_GPU | NEED_PUBLIC, now, set(), stream)
-            if found < 0:
-                return (s, t, now)  # no eligible node: the Python path builds the breakdown
-            slot, pidx = found & 0xFFFFFFFF, found >> 32
-            pool_id = pool_ids[pidx]
-            if pair is None:
-                pair = (s, t)
-            self._seq += 1
-            job_id = f"{self._prefix}{self._seq}"
-            max_c, running = kernel.capacity(slot)
-            if self._jobs.reserve(job_id, slot, max_c, running, pool_id, session_id, now + self._ttl, pair) < 0:
-                return None
+            created = state is None
             if state is None:
-                state = self._sessions.setdefault(session_id, SessionState(now))
-            if bound != pidx or state.binding is None:
-                state.binding = (pair, pool_id)
-            state.last_used = now
-            self._outcomes.add(0)
-            # the management layer always gives the kernel its node ids
-            return self._assignment(kernel._node_ids[slot], pool_id, job_id, session_id, s, t)  # type: ignore[index]
+                fresh = SessionState(now)
+                state = self._sessions.setdefault(session_id, fresh)
+                created = state is fresh
+            if not state.lock.acquire(blocking=False):
+                return None
+            try:
+                if state.held or self._sessions.get(session_id) is not state:
+                    return None  # a batch holds it, or it was closed meanwhile: the Python path waits and sees
+                return self._decide(state, session_id, s, t, src_id, tgt_id, pools, kernel, pool_ids, pool_index,
+                                    mask, now)
+            finally:
+                if created and state.binding is None and self._sessions.get(session_id) is state:
+                    del self._sessions[session_id]
+                state.lock.release()
+
+    def _decide(  # noqa: PLR0913, PLR0917  the call's locals, handed over once
+        self, state: SessionState, session_id: str, s: str, t: str, src_id: int, tgt_id: int, pools: tuple[int, ...],
+        kernel: SnapshotKernel, pool_ids: tuple[int, ...], pool_index: dict[int, int], mask: int, now: float,
+    ) -> _core.Assignment | tuple[str, str, float] | None:
+        """:meth:`dispatch` with the session's lock held: binding, selection, reservation, binding."""
+        bound = -1
+        pair = None
+        binding = state.binding
+        if binding is not None and state.last_used < now - self._session_ttl:
+            binding = state.binding = None  # idle past its TTL: forgotten at lookup
+        state.last_used = now
+        if binding is not None and binding[0][0] == s and binding[0][1] == t:
+            pair = binding[0]
+            bound = pool_index.get(binding[1], -1)
+        stream = kernel._rng.next_stream()
+        found = kernel._select(src_id, tgt_id, pools, bound, -1, mask, NEED_GPU | NEED_PUBLIC, now, set(), stream)
+        if found < 0:
+            return (s, t, now)  # no eligible node: the Python path builds the breakdown
+        slot, pidx = found & 0xFFFFFFFF, found >> 32
+        pool_id = pool_ids[pidx]
+        if pair is None:
+            pair = (s, t)
+        self._seq += 1
+        job_id = f"{self._prefix}{self._seq}"
+        max_c, running = kernel.capacity(slot)
+        if self._jobs.reserve(job_id, slot, max_c, running, pool_id, session_id, now + self._ttl, pair) < 0:
+            return None
+        if bound != pidx or state.binding is None:
+            state.binding = (pair, pool_id)
+        state.last_used = now
+        self._outcomes.add(0)
+        # the management layer always gives the kernel its node ids
+        return self._assignment(kernel._node_ids[slot], pool_id, job_id, session_id, s, t)  # type: ignore[index]
 
     def release(self, job_id: object) -> bool | None:
         """Release a job held on any node; None when the Python path must answer (bad argument)."""
@@ -1291,101 +1335,108 @@ class Dispatcher:
             raise ValueError(f"src must be one code or one per job ({n}), got {len(src)}")
         if not one_tgt and len(tgt) != n:
             raise ValueError(f"tgt must be one code or one per job ({n}), got {len(tgt)}")
-        with self._lock:
-            kernel, lang_ids, n_langs, pool_ids, pool_index = self._view or self._view_of(self._mgmt.snapshot)
-            # the tenant's pool in the snapshot this batch places with (-1: not in it)
-            tenant = -1 if tenant_pool is None else pool_index.get(tenant_pool, -1)
-            # (code, id) of the one src/tgt, else set per job below (the placeholder is never read)
-            s_entry = self._code_checked(src, "src", 0, lang_ids, n_langs) if one_src else ("", -1)
-            t_entry = self._code_checked(tgt, "tgt", 0, lang_ids, n_langs) if one_tgt else ("", -1)
-            pair_number: dict[int, int] = {}
-            pairs: list[tuple[str, str]] = []
-            pair_of: list[int] = []
-            number: dict[str, int] = {}
-            session_of: list[int] = []
-            for i in range(n):
-                sid = session_ids[i]
-                if type(sid) is not str or not sid:
-                    raise TypeError(f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
-                if not one_src:
-                    s_entry = self._code_checked(src[i], "src", i, lang_ids, n_langs)
-                if not one_tgt:
-                    t_entry = self._code_checked(tgt[i], "tgt", i, lang_ids, n_langs)
-                if t_entry[1] == n_langs:
-                    raise ValueError(f"tgt[{i}]: 'auto' is not a target language")
-                key = -1
-                if s_entry[1] >= 0 and t_entry[1] >= 0:
-                    key = kernel._pair_key(s_entry[1], t_entry[1])
-                out_key[i] = key
-                p = -1
-                if key >= 0:
-                    known_pair = pair_number.get(key)
-                    if known_pair is None:
-                        known_pair = pair_number[key] = len(pairs)
-                        pairs.append((s_entry[0], t_entry[0]))
-                    p = known_pair
-                pair_of.append(p)
-                k = number.get(sid)
-                if k is None:
-                    k = number[sid] = len(number)
-                session_of.append(k)
-            sids = cast("Sequence[str]", session_ids)  # every entry was checked to be a non-empty str above
-            states: list[SessionState | None] = [None] * len(number)
-            bound_pair = [-1] * len(number)
-            bound_index = [-1] * len(number)
-            for sid, k in number.items():
-                state = self._sessions.get(sid)
-                if state is None:
-                    continue
-                states[k] = state
-                if state.binding is not None and state.last_used < now - self._session_ttl:
-                    state.binding = None
-                state.last_used = now
-                if state.binding is None:
-                    continue
-                pair = state.binding[0]
-                bound_pair[k] = -2
-                for j, known in enumerate(pairs):
-                    if known == pair:
-                        bound_pair[k] = j
-                        bound_index[k] = pool_index.get(state.binding[1], -1)
-                        break
-            placed = 0
-            for i in range(n):
-                out_slot[i] = out_pool[i] = out_handle[i] = -1
-                key = int(out_key[i])
-                if key < 0:
-                    continue
-                src_id, tgt_id = split_pair_key(key, n_langs)
-                pools = kernel.pools_for(src_id, tgt_id)
-                if not pools:
-                    continue
-                k = session_of[i]
-                bound = bound_index[k] if bound_pair[k] == pair_of[i] else -1
-                stream = kernel._rng.next_stream()
-                found = kernel._select(src_id, tgt_id, pools, bound, tenant, service_mask, need, now, set(), stream)
-                if found < 0:
-                    continue
-                slot, pidx = found & 0xFFFFFFFF, found >> 32
-                pool_id = pool_ids[pidx]
-                max_c, running = kernel.capacity(slot)
-                pair = pairs[pair_of[i]]
-                handle = self._jobs.reserve_handle(slot, max_c, running, pool_id, session_ids[i], now + self._ttl,
-                                                   pair)
-                if handle < 0:
-                    continue
-                out_slot[i], out_pool[i], out_handle[i] = slot, pool_id, handle
-                placed += 1
-                if bound != pidx or bound_pair[k] != pair_of[i]:
-                    bound_pair[k] = pair_of[i]
-                    bound_index[k] = pidx
-                    state = states[k]
-                    if state is None:  # (setdefault: a state another thread made meanwhile is kept)
-                        state = states[k] = self._sessions.setdefault(sids[i], SessionState(now))
-                    state.binding = (pair, pool_id)
-            self._seq += placed
-            self._outcomes.add(0, placed)
-            return placed
+        # The batch's sessions are held (pysched._holding) before the lock is taken and until the jobs are
+        # placed and bound: any other decision of their bindings comes before or after the batch. A fleet
+        # change while they were taken makes the batch check its jobs again over the new snapshot (the
+        # compiled batch starts its pass again).
+        while True:
+            with self._lock:
+                view = self._view or self._view_of(self._mgmt.snapshot)
+                kernel, lang_ids, n_langs, pool_ids, pool_index = view
+                # the tenant's pool in the snapshot this batch places with (-1: not in it)
+                tenant = -1 if tenant_pool is None else pool_index.get(tenant_pool, -1)
+                # (code, id) of the one src/tgt, else set per job below (the placeholder is never read)
+                s_entry = self._code_checked(src, "src", 0, lang_ids, n_langs) if one_src else ("", -1)
+                t_entry = self._code_checked(tgt, "tgt", 0, lang_ids, n_langs) if one_tgt else ("", -1)
+                pair_number: dict[int, int] = {}
+                pairs: list[tuple[str, str]] = []
+                pair_of: list[int] = []
+                number: dict[str, int] = {}
+                session_of: list[int] = []
+                for i in range(n):
+                    sid = session_ids[i]
+                    if type(sid) is not str or not sid:
+                        raise TypeError(
+                            f"session_ids[{i}] must be a non-empty str, got {type(sid).__name__}: {sid!r}")
+                    if not one_src:
+                        s_entry = self._code_checked(src[i], "src", i, lang_ids, n_langs)
+                    if not one_tgt:
+                        t_entry = self._code_checked(tgt[i], "tgt", i, lang_ids, n_langs)
+                    if t_entry[1] == n_langs:
+                        raise ValueError(f"tgt[{i}]: 'auto' is not a target language")
+                    key = -1
+                    if s_entry[1] >= 0 and t_entry[1] >= 0:
+                        key = kernel._pair_key(s_entry[1], t_entry[1])
+                    out_key[i] = key
+                    p = -1
+                    if key >= 0:
+                        known_pair = pair_number.get(key)
+                        if known_pair is None:
+                            known_pair = pair_number[key] = len(pairs)
+                            pairs.append((s_entry[0], t_entry[0]))
+                        p = known_pair
+                    pair_of.append(p)
+                    k = number.get(sid)
+                    if k is None:
+                        k = number[sid] = len(number)
+                    session_of.append(k)
+            held, created = self._holds.hold(number, now)
+            try:
+                with self._lock:
+                    if (self._view or self._view_of(self._mgmt.snapshot)) is not view:
+                        continue  # (the finally lets go of the sessions first)
+                    states = [held[sid] for sid in number]
+                    bound_pair = [-1] * len(number)
+                    bound_index = [-1] * len(number)
+                    for k, state in enumerate(states):
+                        if state.binding is not None and state.last_used < now - self._session_ttl:
+                            state.binding = None
+                        state.last_used = now
+                        if state.binding is None:
+                            continue
+                        pair = state.binding[0]
+                        bound_pair[k] = -2
+                        for j, known in enumerate(pairs):
+                            if known == pair:
+                                bound_pair[k] = j
+                                bound_index[k] = pool_index.get(state.binding[1], -1)
+                                break
+                    placed = 0
+                    for i in range(n):
+                        out_slot[i] = out_pool[i] = out_handle[i] = -1
+                        key = int(out_key[i])
+                        if key < 0:
+                            continue
+                        src_id, tgt_id = split_pair_key(key, n_langs)
+                        pools = kernel.pools_for(src_id, tgt_id)
+                        if not pools:
+                            continue
+                        k = session_of[i]
+                        bound = bound_index[k] if bound_pair[k] == pair_of[i] else -1
+                        stream = kernel._rng.next_stream()
+                        found = kernel._select(src_id, tgt_id, pools, bound, tenant, service_mask, need, now, set(),
+                                               stream)
+                        if found < 0:
+                            continue
+                        slot, pidx = found & 0xFFFFFFFF, found >> 32
+                        pool_id = pool_ids[pidx]
+                        max_c, running = kernel.capacity(slot)
+                        pair = pairs[pair_of[i]]
+                        handle = self._jobs.reserve_handle(slot, max_c, running, pool_id, session_ids[i],
+                                                           now + self._ttl, pair)
+                        if handle < 0:
+                            continue
+                        out_slot[i], out_pool[i], out_handle[i] = slot, pool_id, handle
+                        placed += 1
+                        if bound != pidx or bound_pair[k] != pair_of[i]:
+                            bound_pair[k] = pair_of[i]
+                            bound_index[k] = pidx
+                            states[k].binding = (pair, pool_id)
+                    self._seq += placed
+                    self._outcomes.add(0, placed)
+                    return placed
+            finally:
+                self._holds.let_go(held, created)
 
     # -- the public entry points, as Scheduler methods on an instance ----------
     # ``sched`` is the Scheduler facade (Any: its private slow paths are looked

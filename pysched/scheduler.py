@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pysched import _batch
+from pysched._holding import Holds, await_unheld
 from pysched._impl import resolve
 from pysched._layout import NEED_GPU, NEED_PUBLIC, NEED_UNKNOWN_SERVICE, REASONS
 from pysched._outcomes import (
@@ -201,6 +202,8 @@ class Scheduler:
         self._shortlist = max(1, int(getattr(reservations, "shortlist", 1)))
         self._listeners: list[Listener] = []
         self._fast: Dispatcher | None = None
+        #: waits until no batch holds a session (pysched._holding): the compiled calls' own wait when they run
+        self._await_session: Callable[[SessionState], None] = await_unheld
         #: the in-process reservations when the compiled calls own them (job handles need them)
         self._local: LocalReservations | None = None
         self._new_job_id: Callable[[], str]
@@ -213,6 +216,12 @@ class Scheduler:
             seq = itertools.count(1)
             prefix = self._job_prefix
             self._new_job_id = lambda: f"{prefix}{next(seq)}"
+        #: how dispatch_many's passes hold their sessions (pysched._holding)
+        fast = self._fast
+        self._holds: Holds[SessionState] = Holds(
+            self._session_map, self._kernel.SessionState, self._await_session,
+            None if fast is None else fast.try_hold, self._sessions.on_forget, None if fast is None else fast.let_go,
+        )
 
     def _connect_compiled(self, reservations: LocalReservations) -> None:
         """Route dispatch, release and commit of the common job through the compiled ``Dispatcher``."""
@@ -239,6 +248,7 @@ class Scheduler:
         if cls.commit is Scheduler.commit:
             self.commit = fast.call_commit  # type: ignore[method-assign]  # the same signature, compiled
         self._new_job_id = fast.new_job_id
+        self._await_session = fast.await_session
 
     # ------------------------------------------------------------ properties
     @property
@@ -760,9 +770,11 @@ class Scheduler:
         # the session's next job, in whichever thread, sees this decision instead of making its own. Nothing
         # in here does I/O (the reservation, a Redis round trip in Redis mode, comes after). ``deciding``
         # tells the one-call dispatch, which takes no lock, to hand the session's job to this path (and so
-        # wait for the lock) meanwhile. A session this call creates and does not bind is dropped again, and
-        # a tentative binding is undone if the call fails: a failed call leaves the session as it was.
-        sessions, session_map = self._sessions, self._session_map
+        # wait for the lock) meanwhile, and a batch to leave the session alone; a batch's pass that holds the
+        # session already writes its binding back first (await_session). A session this call creates and
+        # does not bind is dropped again, and a tentative binding is undone if the call fails: a failed call
+        # leaves the session as it was.
+        sessions, session_map, await_session = self._sessions, self._session_map, self._await_session
         session = session_map.get(session_id)
         created = False
         while True:
@@ -770,13 +782,23 @@ class Scheduler:
                 session, created = sessions.claim(session_id, now)
             lock = session.lock
             lock.acquire()
-            if session_map.get(session_id) is session:
+            session.deciding = True
+            try:
+                await_session(session)
+                current = session_map.get(session_id) is session
+            except BaseException:
+                session.deciding = False
+                lock.release()
+                if created:
+                    self._undo_binding(session_id, session, None, None, created)
+                raise
+            if current:
                 break
-            lock.release()  # closed or swept while this call waited for it: look again
+            session.deciding = False
+            lock.release()  # closed or swept while this call waited (for the lock or a batch): look again
             session, created = None, False
         binding = tentative = None
         try:
-            session.deciding = True
             try:
                 binding = session.binding
                 if session.last_used < now - self.session_ttl:
@@ -878,10 +900,15 @@ class Scheduler:
             self._undo_binding(session_id, session, tentative, binding, created)
             raise
 
-        # Step 10: bind the session to the pool that served it (unless step 4 did).
+        # Step 10: bind the session to the pool that served it (unless step 4 did): decided as step 4's.
         if pool_id != (bound_id if tentative is None else tentative[1]):
             with lock:
-                session.binding = (pair, pool_id)
+                session.deciding = True
+                try:
+                    await_session(session)
+                    session.binding = (pair, pool_id)
+                finally:
+                    session.deciding = False
         if now >= sessions.next_sweep:
             sessions.maybe_sweep(now)
         self._outcomes.add(OUTCOME_OK)
@@ -895,8 +922,9 @@ class Scheduler:
         itself if this call created it and it is still unbound.
         """
         with session.lock:
-            session.deciding = True  # the one-call dispatch waits: it sees the session before or after
+            session.deciding = True  # the one-call dispatch and batches wait: they see the session before or after
             try:
+                self._await_session(session)
                 if tentative is not None and session.binding is tentative:
                     session.binding = before
                 if created and session.binding is None:
@@ -975,8 +1003,11 @@ class Scheduler:
         reservation, or a ``prefer``) ends the current pass; it is dispatched
         on its own, in its place, and the next pass starts after it. A
         request the backend refuses after all (capacity taken by another
-        thread meanwhile) falls back to :meth:`dispatch`. The passes are
-        :mod:`pysched._batch`.
+        thread meanwhile) falls back to :meth:`dispatch`. Each pass holds
+        its sessions (:mod:`pysched._holding`) from reading their bindings
+        until it has written them back, before it reserves: any other call
+        deciding one of those bindings comes before or after, never between.
+        The passes are :mod:`pysched._batch`.
         """
         return _batch.dispatch_many(self, requests)
 
@@ -1007,7 +1038,11 @@ class Scheduler:
         the GIL before a pass, which then ends at the next such job. Between
         two passes the batch holds the GIL to bind the sessions of one; other
         calls may run there, as they could between two of the equivalent
-        :meth:`dispatch` calls. Batches on different schedulers run in
+        :meth:`dispatch` calls. A pass holds each of its sessions from
+        reading its binding until it has bound it (``SessionState.held``):
+        another call deciding that binding waits for it, and a pass meeting
+        a session another call is deciding ends before that job (the next
+        one waits for the decision). Batches on different schedulers run in
         parallel.
         The scheduler keeps its copy of ``session_ids`` (and the batch's
         pairs) while any of the batch's jobs is held, for each job's

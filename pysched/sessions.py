@@ -1,8 +1,9 @@
 """Per-session state, each session behind its own lock.
 
 A session remembers the language pair it is bound to and the pool that
-serves it. Both are decided under the session's own lock, with no I/O and
-no management lock inside, so sessions never wait on each other or on
+serves it. Both are decided one call at a time: under the session's own
+lock (or, by a batch, under a hold: :mod:`pysched._holding`), with no I/O
+and no management lock inside, so sessions never wait on each other or on
 heartbeats. Sessions idle for ``session_ttl`` seconds are forgotten.
 """
 
@@ -18,7 +19,8 @@ __all__ = ["SessionState", "SessionManager"]
 
 #: One session's record: ``lock``, ``binding`` (one tuple ``((src, tgt),
 #: pool_id)`` or ``None``, so a reader gets a consistent view from one
-#: attribute read) and ``last_used``. It is the kernel's type, because the
+#: attribute read), ``last_used``, and the flags of a decision under way:
+#: ``deciding`` (the Python path's, under ``lock``) and ``held`` (a batch's). It is the kernel's type, because the
 #: compiled dispatch reads and writes it directly.
 SessionState = default_kernel.SessionState
 

@@ -138,5 +138,53 @@ def test_batch_falls_back_when_the_backend_refuses(make_scheduler, kernel_name):
     assert sched.reservations.count() == 2
 
 
+def test_a_pass_the_backend_places_nothing_of_takes_its_bindings_back(make_scheduler, kernel_name):
+    """``dispatch_many`` writes a pass's bindings before it reserves (no session is held through the
+    reservation); when the backend is down, the bindings are taken back and the sessions it made go."""
+    from pysched._impl import resolve
+    from pysched.reservations import LocalReservations
+
+    class Down(LocalReservations):
+        down = False
+
+        def reserve_placed(self, *args, **kwargs):
+            if self.down:
+                raise pysched.ReservationBackendUnavailable("down for the test")
+            return super().reserve_placed(*args, **kwargs)
+
+    backend = Down(core=resolve(kernel_name))
+    sched = make_scheduler(reservations=backend)
+    sched.register_node("a", ["zh", "en"], max_concurrency=8)
+    sched.register_node("b", ["de", "en", "zh"], max_concurrency=8)
+    sched.heartbeat("b", running=4)
+    pools = {p.name: p.pool_id for p in sched.pools()}
+    assert sched.dispatch("old", "zh", "en").pool_id == pools["en-zh"]
+    sched.heartbeat("a", running=7)  # a new decision would now take b's pool
+    sessions_before = sorted(sched._session_map)
+    binding = sched._session_map["old"].binding
+    backend.down = True
+    out = sched.dispatch_many([("new", "zh", "en"), ("old", "zh", "en"), ("old", "de", "zh")])
+    assert all(isinstance(x, pysched.ReservationBackendUnavailable) for x in out), out
+    assert sorted(sched._session_map) == sessions_before
+    assert sched._session_map["old"].binding is binding and not sched._session_map["old"].held
+    assert sched.reservations.count() == 1
+    backend.down = False
+    assert [x.pool_id for x in sched.dispatch_many([("new", "zh", "en"), ("old", "zh", "en")])] == [
+        pools["de-en-zh"], pools["en-zh"]]
+
+
+def test_a_batch_that_places_no_job_of_a_new_session_leaves_no_session(make_scheduler, kernel_name):
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=1)
+    sched.dispatch("first", "zh", "en")  # a is full from here on
+    got = sched.dispatch_batch(["new", "first", "new", "other"], "zh", "en")
+    assert got.placed == 0 and got.reasons() == ["full"] * 4
+    assert sorted(sched._session_map) == ["first"]
+    assert not sched._session_map["first"].held
+    assert sched._fast.check_session_index() == (0 if kernel_name == "python" else 1)  # (the twin has none)
+    assert [type(x).__name__ for x in sched.dispatch_many([("new", "zh", "en")])] == ["NoNodeAvailable"]
+    assert sorted(sched._session_map) == ["first"]
+
+
 def test_empty_batch(make_scheduler):
     assert fleet(make_scheduler).dispatch_many([]) == []

@@ -325,6 +325,71 @@ def test_batches_and_dispatches_from_threads_never_over_commit(kernel_name):
     assert sched.reservations.count() == 0 and int(sched.reservations.inflight[:6].sum()) == 0
 
 
+def test_batches_and_dispatches_of_the_same_new_sessions_decide_each_binding_once(kernel_name):
+    """Two batches (in many passes), the one-call dispatch, the Python path and ``dispatch_many`` place jobs
+    of the same new sessions at once. A session's binding is decided one thread at a time, so every job of a
+    session lands in one pool, the one it is bound to, although a thread deciding alone would often pick the
+    other pool (the loads move with every job)."""
+    sched = pysched.Scheduler(kernel=kernel_name, seed=11)
+    for i in range(2):
+        sched.register_node(f"a{i}", ["zh", "en"], max_concurrency=100_000)
+        sched.register_node(f"b{i}", ["de", "en", "zh"], max_concurrency=100_000)
+    sched._fast.pass_size = 2  # many passes: a session is read and written back in different ones
+    rounds, per_round = 60, 12
+    placed: list[tuple[str, int]] = []  # (session id, pool id) of every job placed
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(5)
+
+    def batcher(k):
+        rng = np.random.default_rng(k)
+        try:
+            for r in range(rounds):
+                sids = [f"r{r}-{int(j)}" for j in rng.integers(0, per_round, 3 * per_round)]
+                barrier.wait(timeout=60)
+                got = sched.dispatch_batch(sids, "zh", "en")
+                placed.extend((sid, p) for sid, p in zip(sids, got.pool_id.tolist(), strict=True) if p >= 0)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def single(kwargs):
+        try:
+            for r in range(rounds):
+                barrier.wait(timeout=60)
+                for j in range(per_round):
+                    placed.append((f"r{r}-{j}", sched.dispatch(f"r{r}-{j}", "zh", "en", **kwargs).pool_id))
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    def many():
+        try:
+            for r in range(rounds):
+                barrier.wait(timeout=60)
+                reqs = [(f"r{r}-{j % per_round}", "zh", "en") for j in range(per_round - 1, -per_round, -1)]
+                for (sid, _, _), got in zip(reqs, sched.dispatch_many(reqs), strict=True):
+                    placed.append((sid, got.pool_id))
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=batcher, args=(k,)) for k in range(2)]
+    threads += [threading.Thread(target=single, args=(kw,)) for kw in ({}, {"exclude": []})]
+    threads.append(threading.Thread(target=many))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads) and not errors, errors[:3]
+    pools_of: dict[str, set[int]] = {}
+    for sid, pool in placed:
+        pools_of.setdefault(sid, set()).add(pool)
+    assert len(pools_of) == rounds * per_round
+    split = {sid: pools for sid, pools in pools_of.items() if len(pools) > 1}
+    assert not split, f"{len(split)} sessions placed in two pools, e.g. {list(split.items())[:3]}"
+    for sid, pools in pools_of.items():
+        assert sched._session_map[sid].binding[1] in pools and not sched._session_map[sid].held
+    assert len({pool for pools in pools_of.values() for pool in pools}) == 2  # both pools were chosen
+    assert sched.reservations.count() == len(placed)
+
+
 def test_reason_names():
     assert BATCH_REASONS[0] == "ok" and BATCH_REASONS[-2:] == ("no_pool", "no_nodes")
 

@@ -716,10 +716,12 @@ def test_server_outage_raises_unavailable_then_recovers(redis_server: Any) -> No
     client.close()
 
 
-def test_concurrent_jobs_of_a_new_session_share_one_pool_through_redis(redis_client: Any) -> None:
+@pytest.mark.parametrize("many", [False, True], ids=["dispatch", "with-dispatch_many"])
+def test_concurrent_jobs_of_a_new_session_share_one_pool_through_redis(redis_client: Any, many: bool) -> None:
     """Every reservation is a round trip that lets go of the GIL, and other sessions' jobs move the loads
     meanwhile: the session's lock still makes its jobs decide its binding one at a time, so all of them
-    follow the first one's pool."""
+    follow the first one's pool. With ``many``, half of them come two at a time through ``dispatch_many``,
+    which holds its sessions while it decides (pysched._holding)."""
     import pysched
 
     sched = pysched.Scheduler(reservations=RedisReservations(redis_client, namespace="session-race"), seed=7)
@@ -732,10 +734,14 @@ def test_concurrent_jobs_of_a_new_session_share_one_pool_through_redis(redis_cli
             out: list[Any] = []
             others: list[Any] = []
 
-            def job(start: threading.Barrier = start, out: list[Any] = out, session: str = f"s{round_no}") -> None:
+            def job(k: int, start: threading.Barrier = start, out: list[Any] = out,
+                    session: str = f"s{round_no}") -> None:
                 start.wait(30)
                 try:
-                    out.append(sched.dispatch(session, "zh", "en"))
+                    if many and k % 2:
+                        out.extend(sched.dispatch_many([(session, "zh", "en")] * 2))
+                    else:
+                        out.append(sched.dispatch(session, "zh", "en"))
                 except BaseException as e:  # reported below
                     out.append(e)
 
@@ -748,7 +754,7 @@ def test_concurrent_jobs_of_a_new_session_share_one_pool_through_redis(redis_cli
                     except BaseException as e:  # reported below
                         others.append(e)
 
-            threads = [threading.Thread(target=job) for _ in range(8)]
+            threads = [threading.Thread(target=job, args=(k,)) for k in range(8)]
             threads += [threading.Thread(target=noise, args=(k,)) for k in range(8)]
             for t in threads:
                 t.start()

@@ -594,6 +594,93 @@ def test_the_one_call_dispatch_leaves_a_session_being_decided_to_the_python_path
     assert out[0].node_id == "a" and out[0].pool_id == pools["en-zh"]
 
 
+@pytest.mark.parametrize("how", ["dispatch_batch", "dispatch_many"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-job", "later-job"])
+def test_a_batch_leaves_a_session_being_decided_to_the_python_path(make_scheduler, first, how):
+    """While the Python path decides a session's binding (its lock held, ``deciding`` set), a batch does not
+    read that binding: it waits for the decision, then follows it."""
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=8)
+    sched.register_node("b", ["de", "en", "zh"], max_concurrency=8)
+    sched.heartbeat("a", running=2)
+    sched.release(sched.dispatch("s", "zh", "en").job_id)  # bound to b's pool, the freer one
+    pools = {p.name: p.pool_id for p in sched.pools()}
+    state = sched._session_map["s"]
+    sids = ["s", "t", "s"] if first else ["t", "s", "s"]
+    out: list[object] = []
+    if how == "dispatch_batch":
+        worker = threading.Thread(target=lambda: out.append(sched.dispatch_batch(sids, "zh", "en").node_ids()))
+    else:
+        worker = threading.Thread(target=lambda: out.append(
+            [a.node_id for a in sched.dispatch_many([(sid, "zh", "en") for sid in sids])]))
+    assert state.lock.acquire(timeout=30)
+    state.deciding = True  # what the Python path does while it decides
+    try:
+        worker.start()
+        worker.join(0.2)  # room for the batch to run ahead, were it not held back (nothing is asserted on it)
+        state.binding = (("zh", "en"), pools["en-zh"])  # the decision: a's pool, the busier one
+    finally:
+        state.deciding = False
+        state.lock.release()
+    worker.join(30)
+    assert not worker.is_alive()
+    node_ids = out[0]
+    assert None not in node_ids
+    assert [node for node, sid in zip(node_ids, sids, strict=True) if sid == "s"] == ["a", "a"]
+    assert state.binding == (("zh", "en"), pools["en-zh"]) and not state.held
+    assert sched._session_map["t"].held is False
+
+
+@pytest.mark.parametrize("path", ["python", "one-call"])
+def test_a_dispatch_waits_for_a_batch_holding_the_session(make_scheduler, path):
+    """While a batch holds a session (it has read its binding and not yet written it back), neither the
+    Python path nor the one-call dispatch decides its binding: both wait, then follow the batch's."""
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=8)
+    sched.register_node("b", ["de", "en", "zh"], max_concurrency=8)
+    sched.heartbeat("a", running=2)
+    sched.release(sched.dispatch("s", "zh", "en").job_id)  # bound to b's pool, the freer one
+    pools = {p.name: p.pool_id for p in sched.pools()}
+    state = sched._session_map["s"]
+    kwargs = {"exclude": []} if path == "python" else {}
+    out: list[object] = []
+    worker = threading.Thread(target=lambda: out.append(sched.dispatch("s", "zh", "en", **kwargs)))
+    state.held = True  # what a batch's pass does from reading the binding to writing it back
+    try:
+        worker.start()
+        worker.join(0.2)  # room for the dispatch to run ahead, were it not held back (nothing is asserted on it)
+        state.binding = (("zh", "en"), pools["en-zh"])  # the batch's decision: a's pool, the busier one
+    finally:
+        state.held = False
+    worker.join(30)
+    assert not worker.is_alive()
+    assert out[0].node_id == "a" and out[0].pool_id == pools["en-zh"]
+    assert state.binding == (("zh", "en"), pools["en-zh"])
+
+
+def test_try_hold_holds_every_session_or_none(make_scheduler, clock):
+    """The quick hold of a batch's sessions (``Dispatcher.try_hold``) takes all of them or, when another call
+    is deciding one, none: nothing held, no state left behind; ``let_go`` drops the states it made unbound."""
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=4)
+    sched.dispatch("old", "zh", "en")
+    old = sched._session_map["old"]
+    assert old.lock.acquire(timeout=30)
+    old.deciding = True  # as the Python path, deciding its binding
+    try:
+        assert sched._fast.try_hold(["new", "old"], clock()) is None
+    finally:
+        old.deciding = False
+        old.lock.release()
+    assert sorted(sched._session_map) == ["old"] and not old.held
+    held, created = sched._fast.try_hold(["new", "old"], clock())
+    assert held == {"new": sched._session_map["new"], "old": old} and all(s.held for s in held.values())
+    assert created == [("new", held["new"])]
+    assert sched._fast.try_hold(["old"], clock()) is None  # held already
+    sched._fast.let_go(held, created)
+    assert sorted(sched._session_map) == ["old"] and not old.held and not held["new"].held
+
+
 def test_a_sweep_skips_a_session_whose_lock_is_held_without_waiting(make_scheduler, clock):
     sched = make_scheduler(session_ttl=10.0)
     sched.register_node("a", ["zh", "en"], max_concurrency=4)
