@@ -427,7 +427,7 @@ class BatchPass:
             with w.state.lock:
                 w.state.deciding = True
                 try:
-                    sched._await_session(w.state)
+                    sched._holds.await_unheld(w.state)
                     if w.state.binding is w.binding:
                         w.state.binding = w.before
                     if w.created and w.state.binding is None:

@@ -80,7 +80,8 @@ class Holds(Generic[SessionState]):
                  ) -> None:
         self._table = table
         self._new_state = new_state
-        self._await_unheld = await_unheld
+        #: waits until no batch holds a state (what a Python-path decision calls under the session's lock)
+        self.await_unheld = await_unheld
         self._try_hold = try_hold or self.try_hold
         self._on_forget = on_forget
         self._let_go = let_go or self._forget_and_free
@@ -110,7 +111,7 @@ class Holds(Generic[SessionState]):
                     with state.lock:
                         state.deciding = True
                         try:
-                            self._await_unheld(state)
+                            self.await_unheld(state)
                             if table.get(sid) is state:
                                 state.held = True
                                 break

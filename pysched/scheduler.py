@@ -179,7 +179,9 @@ class Scheduler:
         self.seed = seed
         self._clock = clock
         self._reservations = reservations
-        self._rng: Rng = self._kernel.Rng(seed)
+        # (Attributes are few on purpose: CPython 3.11 keeps an instance's attributes in its fast
+        # layout only while it has at most 29, and the Python path reads many. A test counts them.)
+        rng: Rng = self._kernel.Rng(seed)
         self._outcomes: Counters = self._kernel.Counters()
         self._mgmt = ManagementRegistry(
             pools=pools,
@@ -187,7 +189,7 @@ class Scheduler:
             resource_threshold=resource_threshold,
             max_pools=max_pools,
             clock=clock,
-            rng=self._rng,
+            rng=rng,
             reservations=reservations,
             core=self._kernel,
             forget_after=forget_after,
@@ -202,8 +204,6 @@ class Scheduler:
         self._shortlist = max(1, int(getattr(reservations, "shortlist", 1)))
         self._listeners: list[Listener] = []
         self._fast: Dispatcher | None = None
-        #: waits until no batch holds a session (pysched._holding): the compiled calls' own wait when they run
-        self._await_session: Callable[[SessionState], None] = await_unheld
         #: the in-process reservations when the compiled calls own them (job handles need them)
         self._local: LocalReservations | None = None
         self._new_job_id: Callable[[], str]
@@ -216,10 +216,10 @@ class Scheduler:
             seq = itertools.count(1)
             prefix = self._job_prefix
             self._new_job_id = lambda: f"{prefix}{next(seq)}"
-        #: how dispatch_many's passes hold their sessions (pysched._holding)
+        #: how a batch holds its sessions, and how a decision waits for such a hold (pysched._holding)
         fast = self._fast
         self._holds: Holds[SessionState] = Holds(
-            self._session_map, self._kernel.SessionState, self._await_session,
+            self._session_map, self._kernel.SessionState, await_unheld if fast is None else fast.await_session,
             None if fast is None else fast.try_hold, self._sessions.on_forget, None if fast is None else fast.let_go,
         )
 
@@ -248,7 +248,6 @@ class Scheduler:
         if cls.commit is Scheduler.commit:
             self.commit = fast.call_commit  # type: ignore[method-assign]  # the same signature, compiled
         self._new_job_id = fast.new_job_id
-        self._await_session = fast.await_session
 
     # ------------------------------------------------------------ properties
     @property
@@ -774,7 +773,7 @@ class Scheduler:
         # session already writes its binding back first (await_session). A session this call creates and
         # does not bind is dropped again, and a tentative binding is undone if the call fails: a failed call
         # leaves the session as it was.
-        sessions, session_map, await_session = self._sessions, self._session_map, self._await_session
+        sessions, session_map, await_session = self._sessions, self._session_map, self._holds.await_unheld
         session = session_map.get(session_id)
         created = False
         while True:
@@ -924,7 +923,7 @@ class Scheduler:
         with session.lock:
             session.deciding = True  # the one-call dispatch and batches wait: they see the session before or after
             try:
-                self._await_session(session)
+                self._holds.await_unheld(session)
                 if tentative is not None and session.binding is tentative:
                     session.binding = before
                 if created and session.binding is None:
