@@ -223,18 +223,32 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
     reads one node a level and compares no keys. Which way it goes is as
     random as ``r``: in a small tree (hot in cache) the step is computed
     without a branch, a mispredicted branch at every other level costing more
-    than the load it waits for; in a big one (cold) the branch stays, since
-    its speculation starts the next level's load early.
+    than the load it waits for, and two levels at a time (a node's count and
+    both its children's, loaded at once: measured, 4 ns of a 32-node pool's
+    batch job); in a big one (cold) the branch stays, since its speculation
+    starts the next level's load early (two levels a step measured no better there).
     """
-    cdef Py_ssize_t v = 1, right
+    cdef Py_ssize_t v = 1, right, right2
     cdef const order_node* nodes = t.nodes
-    cdef int64_t left
+    cdef int64_t left, left_a, left_b
     if nodes[1].ties == t.n:
         # every member ties (an idle pool, or one whose loads just evened out): the r-th is member r, and a
         # big tree's descent would be a chain of cold loads for nothing
         return <Py_ssize_t>r
     if t.size < PREFETCH_TREE:
-        while v < t.size:
+        # two levels a step while the node's children are inner nodes: their counts come with its own (three
+        # loads at once), which halves the chain of loads each waiting for the one before
+        while 2 * v < t.size:
+            left = nodes[v].left
+            left_a = nodes[2 * v].left
+            left_b = nodes[2 * v + 1].left
+            right = r >= left
+            r -= left & -(<int64_t>right)
+            left = left_a ^ ((left_a ^ left_b) & -(<int64_t>right))
+            right2 = r >= left
+            r -= left & -(<int64_t>right2)
+            v = 4 * v + 2 * right + right2
+        if v < t.size:
             left = nodes[v].left
             right = r >= left
             r -= left & -(<int64_t>right)
