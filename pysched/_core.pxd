@@ -363,6 +363,11 @@ cdef class SessionState:
     # set while the Python path decides the binding (it holds ``lock`` from reading the binding to recording
     # its choice); a compiled dispatch that finds it set hands its job to the Python path, which waits
     cdef public bint deciding
+    # set while a batch's pass has read the binding and not yet written it back (from numbering the session in
+    # pass ``batch`` until the pass's sessions are bound): every other decision of the binding waits for it
+    # to clear (public as ``deciding`` is: tests stand in for a batch with it). Next to ``deciding``: it takes
+    # the padding before the next pointer, so the state is no bigger for it
+    cdef public bint held
     # memo of the compiled calls: the pool index and pair key of ``seen_binding`` in snapshot ``seen_snap``
     cdef object seen_binding
     cdef object seen_pair              # seen_binding[0]: a memo hit reads no binding tuple
@@ -375,10 +380,6 @@ cdef class SessionState:
     # scratch of Dispatcher.batch: the session's number in batch ``batch`` (a batch holds the GIL)
     cdef uint64_t batch
     cdef Py_ssize_t batch_k
-    # set while a batch's pass has read the binding and not yet written it back (from numbering the session in
-    # pass ``batch`` until the pass's sessions are bound): every other decision of the binding waits for it
-    # to clear (public as ``deciding`` is: tests stand in for a batch with it)
-    cdef public bint held
     # the id the Dispatcher's session index files it under (None: not filed)
     cdef str indexed_id
 
