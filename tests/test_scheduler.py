@@ -567,17 +567,25 @@ def test_two_dispatches_of_one_session_decide_its_binding_one_at_a_time(make_sch
     assert sched.reservations.count() == 3
 
 
-def test_the_one_call_dispatch_leaves_a_session_being_decided_to_the_python_path(make_scheduler):
-    """While the Python path decides a session's binding (its lock held, ``deciding`` set), a plain dispatch
-    of the session does not decide on its own: it waits for the lock, then follows that decision."""
+def _bound_to_the_freer_pool(make_scheduler):
+    """A scheduler with two pools serving zh-en, a's (busier) and b's, and session "s" bound to b's.
+
+    Returns the scheduler, the pool ids by name and the session's state.
+    """
     sched = make_scheduler()
-    sched.register_node("a", ["zh", "en"], max_concurrency=4)
-    sched.register_node("b", ["de", "en", "zh"], max_concurrency=4)
+    sched.register_node("a", ["zh", "en"], max_concurrency=8)
+    sched.register_node("b", ["de", "en", "zh"], max_concurrency=8)
     sched.heartbeat("a", running=2)
     sched.release(sched.dispatch("s", "zh", "en").job_id)  # bound to b's pool, the freer one
     pools = {p.name: p.pool_id for p in sched.pools()}
     assert sched._session_map["s"].binding == (("zh", "en"), pools["de-en-zh"])
-    state = sched._session_map["s"]
+    return sched, pools, sched._session_map["s"]
+
+
+def test_the_one_call_dispatch_leaves_a_session_being_decided_to_the_python_path(make_scheduler):
+    """While the Python path decides a session's binding (its lock held, ``deciding`` set), a plain dispatch
+    of the session does not decide on its own: it waits for the lock, then follows that decision."""
+    sched, pools, state = _bound_to_the_freer_pool(make_scheduler)
     out: list[object] = []
     worker = threading.Thread(target=lambda: out.append(sched.dispatch("s", "zh", "en")))
     assert state.lock.acquire(timeout=30)
@@ -599,13 +607,7 @@ def test_the_one_call_dispatch_leaves_a_session_being_decided_to_the_python_path
 def test_a_batch_leaves_a_session_being_decided_to_the_python_path(make_scheduler, first, how):
     """While the Python path decides a session's binding (its lock held, ``deciding`` set), a batch does not
     read that binding: it waits for the decision, then follows it."""
-    sched = make_scheduler()
-    sched.register_node("a", ["zh", "en"], max_concurrency=8)
-    sched.register_node("b", ["de", "en", "zh"], max_concurrency=8)
-    sched.heartbeat("a", running=2)
-    sched.release(sched.dispatch("s", "zh", "en").job_id)  # bound to b's pool, the freer one
-    pools = {p.name: p.pool_id for p in sched.pools()}
-    state = sched._session_map["s"]
+    sched, pools, state = _bound_to_the_freer_pool(make_scheduler)
     sids = ["s", "t", "s"] if first else ["t", "s", "s"]
     out: list[object] = []
     if how == "dispatch_batch":
@@ -635,13 +637,7 @@ def test_a_batch_leaves_a_session_being_decided_to_the_python_path(make_schedule
 def test_a_dispatch_waits_for_a_batch_holding_the_session(make_scheduler, path):
     """While a batch holds a session (it has read its binding and not yet written it back), neither the
     Python path nor the one-call dispatch decides its binding: both wait, then follow the batch's."""
-    sched = make_scheduler()
-    sched.register_node("a", ["zh", "en"], max_concurrency=8)
-    sched.register_node("b", ["de", "en", "zh"], max_concurrency=8)
-    sched.heartbeat("a", running=2)
-    sched.release(sched.dispatch("s", "zh", "en").job_id)  # bound to b's pool, the freer one
-    pools = {p.name: p.pool_id for p in sched.pools()}
-    state = sched._session_map["s"]
+    sched, pools, state = _bound_to_the_freer_pool(make_scheduler)
     kwargs = {"exclude": []} if path == "python" else {}
     out: list[object] = []
     worker = threading.Thread(target=lambda: out.append(sched.dispatch("s", "zh", "en", **kwargs)))
