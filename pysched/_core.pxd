@@ -436,6 +436,7 @@ cdef class Dispatcher:
                                   PyObject** state_of, Py_ssize_t* n_sessions) noexcept nogil
     cdef int _session_file(self, str session_id, SessionState state) except -1
     cdef int _await_unheld(self, SessionState state) except -1
+    cdef SessionState _state_of(self, object session_id, double now, list created)
     cdef int _release_sessions(self, list states, list created) except -1
     cdef void _session_put(self, Py_hash_t h, PyObject* state) noexcept
     cdef Py_ssize_t _batch(self, list session_ids, object src, object tgt, uint64_t service_mask, int need,

@@ -35,6 +35,7 @@ import numpy as np
 cnp.import_array()
 
 from pysched import _layout
+from pysched._holding import HELD_POLL
 from pysched._layout import LOAD_DTYPE, NODE_DTYPE, REASONS, STATUS_CODES, check_record_arrays, validate_kernel_arrays
 
 # The same public names as the pure-Python twin (pysched._pycore).

@@ -99,9 +99,6 @@ cdef const char* _DIGIT_PAIRS = (b"000102030405060708091011121314151617181920212
                                  b"8081828384858687888990919293949596979899")  # "00" .. "99", for _job_id
 
 cdef object _UNSET = object()  # "argument not given" (None is a value the Python path validates)
-# seconds between two looks of a thread waiting for a batch to let go of a session (a pass of PASS_SIZE
-# jobs lasts a few hundred microseconds; the wait is rare: the same session in a batch and a dispatch at once)
-cdef double HELD_POLL = 50e-6
 
 
 @cython.final
@@ -533,7 +530,7 @@ cdef class Dispatcher:
         # read with the GIL and no pass running: a pass that numbered the session has set ``held`` by then
         self.gate.wait()
         while state.held:
-            time.sleep(HELD_POLL)  # the batch writes back right after its pass (and tells nobody)
+            time.sleep(HELD_POLL)  # (pysched._holding) the batch writes back right after its pass, and tells nobody
             self.gate.wait()
         return 0
 
@@ -554,14 +551,7 @@ cdef class Dispatcher:
         _enter(self.gate)
         try:
             for sid in session_ids:
-                entry = _get(self.sessions, sid)
-                if entry != NULL:
-                    state = <SessionState?>entry
-                else:
-                    fresh = _new_session(now)
-                    state = <SessionState?>self.sessions.setdefault(sid, fresh)
-                    if state is fresh:
-                        created.append((sid, state))
+                state = self._state_of(sid, now, created)
                 if state.deciding or state.held:
                     free = False
                     break
@@ -575,6 +565,18 @@ cdef class Dispatcher:
             if not free:
                 self._release_sessions(list(held.values()), created)
         return (held, created) if free else None
+
+    cdef SessionState _state_of(self, object session_id, double now, list created):
+        """The session's state in the table; a new session's made now (setdefault, as dispatch: a state
+        another thread made meanwhile is kept), and listed with its id in ``created``."""
+        cdef PyObject* entry = _get(self.sessions, session_id)
+        if entry != NULL:
+            return <SessionState?>entry
+        fresh = _new_session(now)
+        state = <SessionState?>self.sessions.setdefault(session_id, fresh)
+        if state is fresh:
+            created.append((session_id, state))
+        return state
 
     def let_go(self, dict held not None, list created not None):
         """End a hold that :meth:`try_hold` (or ``Holds.hold``) took: each state it made and left unbound
@@ -1206,18 +1208,10 @@ cdef class Dispatcher:
                                 break  # this job on: the pass resolves them
                             gil_until = i + SESSIONS_WITH_GIL
                         if entry == NULL:
-                            entry = _get(self.sessions, sid)
-                            if entry != NULL:
-                                state = <SessionState>entry
-                            else:
-                                # a new session: its state is made now, so that the pass holds it as any
-                                # other (dropped again at the pass's end if no job bound it, as a failed
-                                # dispatch leaves none; setdefault, as dispatch: a state another thread made
-                                # meanwhile is kept)
-                                fresh = _new_session(now)
-                                state = <SessionState>self.sessions.setdefault(sid, fresh)
-                                if state is fresh:
-                                    created.append((sid, state))
+                            # a new session's state is made now, so that the pass holds it as any other
+                            # (dropped again at the pass's end if no job bound it, as a failed dispatch
+                            # leaves none)
+                            state = self._state_of(sid, now, created)
                             self._session_file(<str>sid, state)
                         else:
                             state = <SessionState>entry

@@ -67,15 +67,13 @@ class Holds(Generic[SessionState]):
     :param try_hold: holds every session at once if none is being decided,
         without waiting, or returns ``None`` (the compiled
         ``Dispatcher.try_hold``, atomic under the GIL); :meth:`try_hold` unless given.
-    :param on_forget: told of every state a hold made and then dropped.
     :param let_go: ends a hold (the compiled ``Dispatcher.let_go``, which
-        tells its own index); :meth:`let_go` unless given.
+        also drops a state it made from its session index); :meth:`let_go` unless given.
     """
 
     def __init__(self, table: dict[str, SessionState], new_state: Callable[[float], SessionState],
                  await_unheld: Callable[[SessionState], None] = await_unheld,
                  try_hold: Callable[[Collection[str], float], Held[SessionState] | None] | None = None,
-                 on_forget: Callable[[SessionState], None] | None = None,
                  let_go: Callable[[dict[str, SessionState], list[tuple[str, SessionState]]], None] | None = None,
                  ) -> None:
         self._table = table
@@ -83,7 +81,6 @@ class Holds(Generic[SessionState]):
         #: waits until no batch holds a state (what a Python-path decision calls under the session's lock)
         self.await_unheld = await_unheld
         self._try_hold = try_hold or self.try_hold
-        self._on_forget = on_forget
         self._let_go = let_go or self._forget_and_free
 
     def hold(self, session_ids: Collection[str], now: float) -> Held[SessionState]:
@@ -164,9 +161,9 @@ class Holds(Generic[SessionState]):
 
     def _forget_and_free(self, held: dict[str, SessionState], created: list[tuple[str, SessionState]]) -> None:
         """:meth:`let_go` in Python (where no compiled ``Dispatcher.let_go`` is given)."""
-        table, on_forget = self._table, self._on_forget
+        table = self._table
         for sid, state in created:
-            if state.binding is None and table.get(sid) is state and table.pop(sid, None) is state and on_forget:
-                on_forget(state)
+            if state.binding is None and table.get(sid) is state:
+                table.pop(sid, None)
         for state in held.values():
             state.held = False

@@ -220,7 +220,7 @@ class Scheduler:
         fast = self._fast
         self._holds: Holds[SessionState] = Holds(
             self._session_map, self._kernel.SessionState, await_unheld if fast is None else fast.await_session,
-            None if fast is None else fast.try_hold, self._sessions.on_forget, None if fast is None else fast.let_go,
+            None if fast is None else fast.try_hold, None if fast is None else fast.let_go,
         )
 
     def _connect_compiled(self, reservations: LocalReservations) -> None:
