@@ -692,6 +692,7 @@ cdef class Dispatcher:
         cdef int64_t found, limit, running
         cdef int32_t h
         cdef tuple binding, pair = None
+        cdef object was = None, fresh
         cdef bint memo
         if (type(session_id) is not str or PyUnicode_GET_LENGTH(session_id) == 0 or type(src) is not str
                 or type(tgt) is not str):
@@ -748,12 +749,13 @@ cdef class Dispatcher:
                 # another thread is deciding this session's binding: the Python path (holding its lock,
                 # under which it may have let go of the GIL) or a batch's pass. The Python path waits for
                 # both, so the decisions come one at a time. (Checked here, after the code probes, which
-                # may call into Python and so let another thread run: from here to the binding written
-                # below no Python code runs, short of a finalizer that an allocation's collection runs.)
+                # may call into Python and so let another thread run; checked again, with the binding,
+                # once everything below that allocates is done: see "read it back" below.)
                 return None
             if state.binding is not None and state.last_used < now - self.session_ttl:
                 state.binding = None  # idle past its TTL: forgotten at lookup
             state.last_used = now
+            was = state.binding
             if state.binding is not None:
                 if memo:
                     pair = <tuple>state.seen_pair
@@ -788,15 +790,39 @@ cdef class Dispatcher:
         self.seq += 1
         job_id = self._job_id(self.seq)
         kernel._capacity(slot, &limit, &running)
+        # Everything that may allocate a tracked object comes first: the new binding, a new session's
+        # state, room in the job table. Such an allocation may start a collection, whose finalizers run
+        # Python code and may let another thread run, and decide this very session meanwhile.
+        fresh = None
+        if state is None:
+            fresh = _new_session(now)
+            binding = (pair, pool_id)
+        elif bound != pidx or was is None:
+            binding = (pair, pool_id)
+        else:
+            binding = None
+        if self.jobs.n_free == 0:
+            self.jobs._grow_jobs()
+        # Then read it back: from here to the binding written, no Python code runs (the reservation and the
+        # session table's insert of a str key call none, and allocate no tracked object), so the session is
+        # decided once, by this call. A session made, bound or being decided by another call meanwhile goes
+        # to the Python path, which waits for that decision and follows it (the job id drawn is not used).
+        if state is None:
+            if _get(self.sessions, session_id) != NULL:
+                return None
+        elif state.deciding or state.held or state.binding is not was:
+            return None
         h = self.jobs._reserve(job_id, self.seq, slot, limit, running, pool_id, session_id, now + self.ttl, pair)
         if h < 0:
             return None
         if state is None:
-            state = <SessionState>self.sessions.setdefault(session_id, _new_session(now))
-            self._session_file(<str>session_id, state)
-        if bound != pidx or state.binding is None:
-            state.binding = (pair, pool_id)
+            state = <SessionState>fresh
+            self.sessions[session_id] = state  # (a dict: PyDict_SetItem, no Python code for a str key)
+        if binding is not None:
+            state.binding = binding
         state.last_used = now
+        if fresh is not None:
+            self._session_file(<str>session_id, state)  # (may wait for a batch's pass: decided already)
         self.outcomes.values[0] += 1
         if self.own_assignment:
             return _assignment(<str>kernel.node_ids[slot], pool_id, job_id, <str>session_id, s, t)

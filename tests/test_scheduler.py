@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -652,6 +654,72 @@ def test_a_dispatch_waits_for_a_batch_holding_the_session(make_scheduler, path):
     assert not worker.is_alive()
     assert out[0].node_id == "a" and out[0].pool_id == pools["en-zh"]
     assert state.binding == (("zh", "en"), pools["en-zh"])
+
+
+class _Trap:
+    """Garbage in a reference cycle whose finalizer calls ``fire``: the collection that finds it runs Python
+    code in the middle of whatever allocation started it."""
+
+    def __init__(self, fire):
+        self.fire = fire
+        self.me = self
+
+    def __del__(self):
+        fire, self.fire = self.fire, None
+        if fire is not None:
+            fire()
+
+
+def test_a_finalizer_run_inside_a_dispatch_cannot_split_a_session(make_scheduler, kernel_name):
+    """A collection started by an allocation inside ``dispatch`` may run a finalizer, and a finalizer may let
+    another thread run (here it waits for one). That thread's dispatch of the same new session decides its
+    binding; the interrupted dispatch must then follow that decision, not write its own over it, so every
+    job of the session is in one pool.
+
+    The interrupted call prefers a's pool, the other thread b's (it first makes a busier). Where exactly the
+    collection comes (or whether it does: Python 3.12 and later run collections between bytecodes, never
+    inside a compiled call's allocation) decides only whether the race happens, never the assertions.
+    """
+    sched = make_scheduler()
+    sched.register_node("a", ["zh", "en"], max_concurrency=8)
+    sched.register_node("b", ["de", "en", "zh"], max_concurrency=8)
+    pools = {p.name: p.pool_id for p in sched.pools()}
+    rounds = 8 if kernel_name == "compiled" else 2
+    # the twin decides under locks: the other thread waits for them, and so would this finalizer, for the bound
+    wait = 30.0 if kernel_name == "compiled" else 0.3
+    for i in range(rounds):
+        sid = f"new-{i}"
+        sched.heartbeat("a", running=0)
+        sched.heartbeat("b", running=2)  # the interrupted call prefers a's pool
+        other: list[object] = []
+
+        def race(sid=sid, other=other):
+            sched.heartbeat("a", running=4)  # now b's pool is the freer one
+            other.append(sched.dispatch(sid, "zh", "en"))
+
+        def fire(race=race):
+            worker = threading.Thread(target=race)
+            worker.start()
+            worker.join(wait)
+
+        thresholds = gc.get_threshold()
+        gc.collect()
+        gc.set_threshold(1)  # the next allocation of a tracked object collects
+        try:
+            _Trap(fire)
+            first = sched.dispatch(sid, "zh", "en")
+        finally:
+            gc.set_threshold(*thresholds)
+        deadline = time.monotonic() + 30
+        while not other and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert other, "the other thread's dispatch did not return"
+        second = other[0]
+        binding = sched._session_map[sid].binding
+        assert first.pool_id == second.pool_id == binding[1], (i, first, second, binding, pools)
+        sched.release(first.job_id)
+        sched.release(second.job_id)
+    assert sched.reservations.count() == 0
 
 
 def test_try_hold_holds_every_session_or_none(make_scheduler, clock):
