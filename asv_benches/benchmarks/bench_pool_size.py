@@ -7,6 +7,15 @@ so all of them tie and the random tie-break chooses among N; ``"varied"``:
 each node reports 0-3 running jobs and 0-60 % GPU use.
 
 Each ``time_*`` makes ``INNER`` (1,000) calls: divide by 1,000 for one.
+
+Two classes, as what comes before a timed call matters at 10,000 nodes.
+asv re-runs ``setup`` before every timed call, and ``DispatchPoolSize``'s
+sends a heartbeat to every node there (its fleet must not time out): at
+10,000 nodes that leaves the caches holding the heartbeats' data, so its
+figure is dispatch right after a full round of heartbeats.
+``DispatchPoolSizeWarm`` builds its fleet with a heartbeat timeout longer
+than any run and sends none, so its timed calls follow one another: its
+figure is dispatch's own cost against the pool size.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ import pysched
 from .common import INNER, cached
 
 
-def _fleet(n_nodes: int, loads: str):
-    sched = pysched.Scheduler(seed=1)
+def _fleet(n_nodes: int, loads: str, heartbeat_timeout: float = 45.0):
+    sched = pysched.Scheduler(seed=1, heartbeat_timeout=heartbeat_timeout)
     rng = random.Random(3)
     for i in range(n_nodes):
         sched.register_node(f"node-{i}", languages=["en", "zh"], max_concurrency=1_000_000)
@@ -60,4 +69,32 @@ class DispatchPoolSize:
     def time_dispatch(self, n_nodes, loads):
         dispatch = self.sched.dispatch
         # asv may call this several times per sample: every job is kept and released in teardown
+        self.jobs.extend([dispatch(sid, src, tgt).job_id for sid, src, tgt in self.requests[INNER: 2 * INNER]])
+
+
+class DispatchPoolSizeWarm:
+    """dispatch (+ release) as in :class:`DispatchPoolSize`, with no heartbeat round before each timed call."""
+
+    params = ([10, 100, 1000, 10000], ["idle", "varied"])
+    param_names = ["pool_size", "loads"]
+    timeout = 300
+
+    def setup(self, n_nodes, loads):
+        # a day's heartbeat timeout: the cached fleet stays online without a heartbeat in setup
+        self.sched, self.requests = cached(("pool_size_warm", n_nodes, loads),
+                                           lambda: _fleet(n_nodes, loads, heartbeat_timeout=86_400.0))
+        self.jobs = []
+
+    def teardown(self, n_nodes, loads):
+        release = self.sched.release
+        for job in self.jobs:
+            release(job)
+
+    def time_dispatch_release(self, n_nodes, loads):
+        dispatch, release = self.sched.dispatch, self.sched.release
+        for sid, src, tgt in self.requests[:INNER]:
+            release(dispatch(sid, src, tgt).job_id)
+
+    def time_dispatch(self, n_nodes, loads):
+        dispatch = self.sched.dispatch
         self.jobs.extend([dispatch(sid, src, tgt).job_id for sid, src, tgt in self.requests[INNER: 2 * INNER]])
