@@ -183,6 +183,7 @@ cdef class Ordering:
     cdef int _resize(self, Py_ssize_t n) except -1
     cdef int32_t _new_tree_id(self, pool_tree* t) noexcept nogil
     cdef pool_tree* tree_of(self, Py_ssize_t pool) noexcept nogil
+    cdef pool_tree* _tree_build(self, Py_ssize_t pool) noexcept nogil
     cdef void _link(self, int32_t tree_id) noexcept nogil
     cdef void _drop_tree(self, int32_t tree_id) noexcept nogil
     cdef int _match_trees(self, const int32_t* pool_off, const int32_t* members, Py_ssize_t n_pools,
