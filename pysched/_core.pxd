@@ -251,6 +251,7 @@ cdef class SnapshotKernel:
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
     cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
+    cdef int32_t _choose_scanning(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef bint _ordered(self) noexcept nogil
     cdef void _capacity(self, Py_ssize_t slot, int64_t* limit, int64_t* running) noexcept nogil
     cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state,
@@ -265,6 +266,8 @@ cdef class SnapshotKernel:
     cdef bint _serves(self, Py_ssize_t key, Py_ssize_t pool) noexcept nogil
     cdef int64_t _select(self, Py_ssize_t key, Py_ssize_t bound, Py_ssize_t tenant, const request_t* req,
                          uint64_t* state) noexcept nogil
+    cdef int64_t _select_new(self, Py_ssize_t key, Py_ssize_t bound, Py_ssize_t tenant, const request_t* req,
+                             uint64_t* state) noexcept nogil
     cdef Gate _gate(self)
     cdef int32_t _most_free(self, Py_ssize_t key, const request_t* req) noexcept nogil
 

@@ -811,9 +811,12 @@ cdef class SnapshotKernel:
 
     cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil:
         """The decision in one pool: by the ordering when it describes this kernel, else by scanning."""
-        cdef int32_t found
         if self._ordered() and req.inflight == self.inflight:
             return self._choose_ordered(pool, req, state, self.ordering)
+        return self._choose_scanning(pool, req, state)
+
+    cdef int32_t _choose_scanning(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil:
+        cdef int32_t found
         with gil:
             found = self._choose_scan(pool, req, state, self.ordering)
         return found
@@ -1072,7 +1075,7 @@ cdef class SnapshotKernel:
         _free_request(&req, stack)
         return found
 
-    cdef bint _serves(self, Py_ssize_t key, Py_ssize_t pool) noexcept nogil:
+    cdef inline bint _serves(self, Py_ssize_t key, Py_ssize_t pool) noexcept nogil:
         cdef Py_ssize_t j
         for j in range(self.pair_off[key], self.pair_off[key + 1]):
             if self.pair_pools[j] == pool:
@@ -1087,14 +1090,19 @@ cdef class SnapshotKernel:
         session would (the tenant's pool, else the most free capacity), not
         to whichever pool happens to come next in the index.
         """
-        cdef Py_ssize_t j, begin = self.pair_off[key], end = self.pair_off[key + 1], pref
-        cdef int32_t pool, found
+        cdef int32_t found
         if bound >= 0 and self._serves(key, bound):
             found = self._choose(bound, req, state)
             if found >= 0:
                 return (<int64_t>bound << 32) | found
-        else:
-            bound = -1
+            return self._select_new(key, bound, tenant, req, state)
+        return self._select_new(key, -1, tenant, req, state)
+
+    cdef int64_t _select_new(self, Py_ssize_t key, Py_ssize_t bound, Py_ssize_t tenant, const request_t* req,
+                             uint64_t* state) noexcept nogil:
+        """``_select`` past the bound pool (``bound``, -1 for none: already tried and left out)."""
+        cdef Py_ssize_t j, begin = self.pair_off[key], end = self.pair_off[key + 1], pref
+        cdef int32_t pool, found
         if tenant >= 0 and self._serves(key, tenant):
             pref = tenant
         elif end - begin == 1:

@@ -1444,7 +1444,17 @@ cdef class Dispatcher:
             k = session_of[i]
             bound = bound_index[k] if bound_key[k] == key else -1
             stream = kernel.rng.next_stream()
-            found = kernel._select(key, bound, tenant, req, &stream)
+            if bound >= 0 and kernel._ordered() and req.inflight == kernel.inflight and kernel._serves(key, bound):
+                # kernel._select's first case, its calls taken apart: a job of a session bound to a pool the
+                # ordering describes, the batch's common case (the two calls' entries and exits were a tenth
+                # of a job's instructions)
+                found = kernel._choose_ordered(bound, req, &stream, kernel.ordering)
+                if found >= 0:
+                    found |= <int64_t>bound << 32
+                else:
+                    found = kernel._select_new(key, bound, tenant, req, &stream)
+            else:
+                found = kernel._select(key, bound, tenant, req, &stream)
             if found < 0:
                 continue
             slot = <Py_ssize_t>(found & <int64_t>0xFFFFFFFF)
