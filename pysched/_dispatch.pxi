@@ -174,6 +174,20 @@ cdef class SessionState:
         return None if self.binding is None else self.binding[1]
 
 
+cdef inline int64_t _select_bound(SnapshotKernel kernel, Py_ssize_t key, Py_ssize_t bound, Py_ssize_t tenant,
+                                  const request_t* req, uint64_t* state) noexcept nogil:
+    """``kernel._select``, its calls taken apart for the common case: a session bound to a pool the ordering
+    describes. A dispatch and a batch's job then call the ordered choice directly (the two calls' entries and
+    exits in between were a tenth of a batch job's instructions, callgrind)."""
+    cdef int32_t found
+    if bound >= 0 and kernel._ordered() and req.inflight == kernel.inflight and kernel._serves(key, bound):
+        found = kernel._choose_ordered(bound, req, state, kernel.ordering)
+        if found >= 0:
+            return (<int64_t>bound << 32) | found
+        return kernel._select_new(key, bound, tenant, req, state)
+    return kernel._select(key, bound, tenant, req, state)
+
+
 cdef inline SessionState _new_session(double now):
     """``SessionState(now)`` without the Python-level constructor call (the compiled paths' own)."""
     cdef SessionState state = SessionState.__new__(SessionState)
@@ -778,7 +792,7 @@ cdef class Dispatcher:
         req.n_exclude = 0
         req.inflight = kernel.inflight
         stream = kernel.rng.next_stream()
-        found = kernel._select(key, bound, -1, &req, &stream)
+        found = _select_bound(kernel, key, bound, -1, &req, &stream)
         if found < 0:
             return (s, t, now)
         slot = <Py_ssize_t>(found & <int64_t>0xFFFFFFFF)
@@ -1444,17 +1458,7 @@ cdef class Dispatcher:
             k = session_of[i]
             bound = bound_index[k] if bound_key[k] == key else -1
             stream = kernel.rng.next_stream()
-            if bound >= 0 and kernel._ordered() and req.inflight == kernel.inflight and kernel._serves(key, bound):
-                # kernel._select's first case, its calls taken apart: a job of a session bound to a pool the
-                # ordering describes, the batch's common case (the two calls' entries and exits were a tenth
-                # of a job's instructions)
-                found = kernel._choose_ordered(bound, req, &stream, kernel.ordering)
-                if found >= 0:
-                    found |= <int64_t>bound << 32
-                else:
-                    found = kernel._select_new(key, bound, tenant, req, &stream)
-            else:
-                found = kernel._select(key, bound, tenant, req, &stream)
+            found = _select_bound(kernel, key, bound, tenant, req, &stream)
             if found < 0:
                 continue
             slot = <Py_ssize_t>(found & <int64_t>0xFFFFFFFF)
