@@ -72,29 +72,11 @@ class DispatchPoolSize:
         self.jobs.extend([dispatch(sid, src, tgt).job_id for sid, src, tgt in self.requests[INNER: 2 * INNER]])
 
 
-class DispatchPoolSizeWarm:
+class DispatchPoolSizeWarm(DispatchPoolSize):
     """dispatch (+ release) as in :class:`DispatchPoolSize`, with no heartbeat round before each timed call."""
-
-    params = ([10, 100, 1000, 10000], ["idle", "varied"])
-    param_names = ["pool_size", "loads"]
-    timeout = 300
 
     def setup(self, n_nodes, loads):
         # a day's heartbeat timeout: the cached fleet stays online without a heartbeat in setup
         self.sched, self.requests = cached(("pool_size_warm", n_nodes, loads),
                                            lambda: _fleet(n_nodes, loads, heartbeat_timeout=86_400.0))
         self.jobs = []
-
-    def teardown(self, n_nodes, loads):
-        release = self.sched.release
-        for job in self.jobs:
-            release(job)
-
-    def time_dispatch_release(self, n_nodes, loads):
-        dispatch, release = self.sched.dispatch, self.sched.release
-        for sid, src, tgt in self.requests[:INNER]:
-            release(dispatch(sid, src, tgt).job_id)
-
-    def time_dispatch(self, n_nodes, loads):
-        dispatch = self.sched.dispatch
-        self.jobs.extend([dispatch(sid, src, tgt).job_id for sid, src, tgt in self.requests[INNER: 2 * INNER]])
