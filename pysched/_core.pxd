@@ -251,8 +251,8 @@ cdef class SnapshotKernel:
     cdef int32_t scan_pool(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef int32_t _scan(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept
     cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
-    cdef int32_t _choose_scanning(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil
     cdef bint _ordered(self) noexcept nogil
+    cdef bint _orders(self, const request_t* req) noexcept nogil
     cdef void _capacity(self, Py_ssize_t slot, int64_t* limit, int64_t* running) noexcept nogil
     cdef int32_t _choose_ordered(self, Py_ssize_t pool, const request_t* req, uint64_t* state,
                                  Ordering o) noexcept nogil

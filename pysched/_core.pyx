@@ -795,6 +795,11 @@ cdef class SnapshotKernel:
         """The ordering describes this kernel's arrays (its keys are this kernel's records, loads, counts)."""
         return self.ordering is not None and self.ordering.ready and self.ordering.epoch == self.ordering_epoch
 
+    cdef inline bint _orders(self, const request_t* req) noexcept nogil:
+        """The ordering decides ``req``: it describes this kernel, and the request counts this kernel's
+        in-flight jobs (a batch's scratch counts are scanned)."""
+        return self._ordered() and req.inflight == self.inflight
+
     cdef inline void _capacity(self, Py_ssize_t slot, int64_t* limit, int64_t* running) noexcept nogil:
         """``slot``'s max and reported running jobs, what reserving on it checks against.
 
@@ -811,12 +816,9 @@ cdef class SnapshotKernel:
 
     cdef int32_t _choose(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil:
         """The decision in one pool: by the ordering when it describes this kernel, else by scanning."""
-        if self._ordered() and req.inflight == self.inflight:
-            return self._choose_ordered(pool, req, state, self.ordering)
-        return self._choose_scanning(pool, req, state)
-
-    cdef int32_t _choose_scanning(self, Py_ssize_t pool, const request_t* req, uint64_t* state) noexcept nogil:
         cdef int32_t found
+        if self._orders(req):
+            return self._choose_ordered(pool, req, state, self.ordering)
         with gil:
             found = self._choose_scan(pool, req, state, self.ordering)
         return found

@@ -180,7 +180,7 @@ cdef inline int64_t _select_bound(SnapshotKernel kernel, Py_ssize_t key, Py_ssiz
     describes. A dispatch and a batch's job then call the ordered choice directly (the two calls' entries and
     exits in between were a tenth of a batch job's instructions, callgrind)."""
     cdef int32_t found
-    if bound >= 0 and kernel._ordered() and req.inflight == kernel.inflight and kernel._serves(key, bound):
+    if bound >= 0 and kernel._orders(req) and kernel._serves(key, bound):
         found = kernel._choose_ordered(bound, req, state, kernel.ordering)
         if found >= 0:
             return (<int64_t>bound << 32) | found
@@ -707,6 +707,7 @@ cdef class Dispatcher:
         cdef int32_t h
         cdef tuple binding, pair = None
         cdef object was = None, fresh
+        cdef tuple rebinding
         cdef bint memo
         if (type(session_id) is not str or PyUnicode_GET_LENGTH(session_id) == 0 or type(src) is not str
                 or type(tgt) is not str):
@@ -810,11 +811,11 @@ cdef class Dispatcher:
         fresh = None
         if state is None:
             fresh = _new_session(now)
-            binding = (pair, pool_id)
+            rebinding = (pair, pool_id)
         elif bound != pidx or was is None:
-            binding = (pair, pool_id)
+            rebinding = (pair, pool_id)
         else:
-            binding = None
+            rebinding = None
         if self.jobs.n_free == 0:
             self.jobs._grow_jobs()
         # Then read it back: from here to the binding written, no Python code runs (the reservation and the
@@ -832,8 +833,8 @@ cdef class Dispatcher:
         if state is None:
             state = <SessionState>fresh
             self.sessions[session_id] = state  # (a dict: PyDict_SetItem, no Python code for a str key)
-        if binding is not None:
-            state.binding = binding
+        if rebinding is not None:
+            state.binding = rebinding
         state.last_used = now
         if fresh is not None:
             self._session_file(<str>session_id, state)  # (may wait for a batch's pass: decided already)
