@@ -710,6 +710,9 @@ def test_a_finalizer_run_inside_a_dispatch_cannot_split_a_session(make_scheduler
             first = sched.dispatch(sid, "zh", "en")
         finally:
             gc.set_threshold(*thresholds)
+        # no collection came inside dispatch (its allocations may all fall before the count's next step): the
+        # trap fires now, and the other thread's dispatch comes after this one
+        gc.collect()
         deadline = time.monotonic() + 30
         while not other and time.monotonic() < deadline:
             time.sleep(0.01)
