@@ -84,6 +84,8 @@ def test_every_implementation_dispatches(report):
         if r.rate > 0:
             # the heartbeat thread runs until the deadline and sends at least the first heartbeat
             assert r.heartbeat_elapsed >= cfg.duration * 0.999 and r.heartbeat_ratio is not None
+            # the rate's time ends with the last burst, which began before the deadline
+            assert 0 < r.heartbeat_active <= r.heartbeat_elapsed
             assert r.heartbeats >= 1 and r.heartbeat_errors == 0
             assert r.heartbeat_cpu_s >= 0
         else:
@@ -371,6 +373,47 @@ def test_heartbeat_pacing_on_a_fake_clock(monkeypatch):
     assert 200 <= sent <= 202, sent
     assert beats.applied == sched.heartbeats and beats.errors == sent // 10 + (sent % 10 > 0)
     assert pacer.elapsed_ns >= window.deadline_ns and pacer.cpu_ns == sent * 100_000
+    assert window.deadline_ns - 600_000 <= pacer.active_ns <= pacer.elapsed_ns
+
+
+class _StarvedTime(_FakeTime):
+    """A sleep from ``after_ns`` on lasts ``stall_ns``: the thread waits for the interpreter past the deadline."""
+
+    def __init__(self, after_ns: int, stall_ns: int) -> None:
+        super().__init__()
+        self.after_ns, self.stall_ns = after_ns, stall_ns
+
+    def sleep(self, seconds: float) -> None:
+        self.ns += self.stall_ns if self.ns >= self.after_ns else int(seconds * 1e9)
+
+
+def _paced(monkeypatch, fake: _FakeTime, step_ns: int, rate: float) -> tuple[harness.PacedHeartbeats, int]:
+    """Pace heartbeats costing ``step_ns`` each at ``rate`` over a 0.1 s window on ``fake``; the pacer and what it applied."""
+    monkeypatch.setattr(harness, "time", fake)
+    sched = _CountingScheduler(fake, step_ns=step_ns)
+    window = harness.Window()
+    window.open(0, 100_000_000)
+    beats = workload.TableHeartbeats(sched, [(f"n{k}", 0, 1.0, 1.0, 1.0) for k in range(1024)])
+    pacer = harness.PacedHeartbeats(window, rate, beats)
+    pacer()
+    return pacer, beats.applied
+
+
+def test_a_wait_after_the_last_burst_is_not_the_rates_time(monkeypatch):
+    """A thread that waits past the deadline after its last burst applied everything due until then: 100 %."""
+    pacer, applied = _paced(monkeypatch, _StarvedTime(after_ns=70_000_000, stall_ns=40_000_000), 10_000, 2000.0)
+    assert pacer.elapsed_ns >= 110_000_000  # it ran past the deadline...
+    assert 70_000_000 <= pacer.active_ns < 71_000_000  # ...but its last burst ended at 70 ms
+    rate = applied / (pacer.active_ns / 1e9)
+    assert 0.99 * 2000 <= rate <= 1.01 * 2000, rate
+
+
+def test_a_scheduler_slower_than_the_rate_shows_in_it(monkeypatch):
+    """Heartbeats costing 1 ms at 2,000/s: half of what is due gets applied, and the rate says so."""
+    pacer, applied = _paced(monkeypatch, _FakeTime(), 1_000_000, 2000.0)
+    assert pacer.active_ns >= 100_000_000  # the last burst ends at or after the deadline
+    rate = applied / (pacer.active_ns / 1e9)
+    assert 0.45 * 2000 <= rate <= 0.55 * 2000, rate
 
 
 def _recorder(cap: int, seed: int = 1) -> harness.LatencyRecorder:

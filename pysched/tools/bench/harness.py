@@ -233,6 +233,16 @@ class PacedHeartbeats:
     run. The first heartbeat is sent even when the thread first runs after
     the deadline (a saturated machine).
 
+    For the same reason the rate is taken over ``active_ns``, from the
+    window's start to the end of the last burst, not over the thread's whole
+    span: after its last burst the thread only waited (for its sleep, then
+    for the interpreter while the dispatching threads held it) and sent
+    nothing, and no later burst came to catch that wait up. On a 2-core
+    machine with four dispatching threads that wait was up to 80 ms, a third
+    of a 0.25 s smoke scenario. A scheduler too slow for the rate still
+    shows: its bursts fall behind what is due, and their end moves with
+    them.
+
     ``send(now_ns, count)`` sends one burst: ``count`` heartbeats, with
     ``time.perf_counter_ns()`` read at the start of the burst. What a
     heartbeat is, and what it counts, is the tool's business; one call per
@@ -253,6 +263,7 @@ class PacedHeartbeats:
         self.send = send
         self.sent = 0  #: heartbeats sent (in bursts that completed)
         self.elapsed_ns = 0  #: from the window's start to the thread's end
+        self.active_ns = 0  #: from the window's start to the end of the last burst (the rate's time)
         self.cpu_ns = 0  #: CPU time the thread used (time.thread_time_ns)
 
     def __call__(self) -> None:
@@ -282,6 +293,7 @@ class PacedHeartbeats:
                 send(now, burst)
                 done += burst
                 now = perf()
+                self.active_ns = now - start
                 if now >= deadline or errors:
                     break
         finally:

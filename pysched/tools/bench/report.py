@@ -55,6 +55,9 @@ class ScenarioResult:
     dispatch_cpu_s: float = 0.0
     heartbeats: int = 0  #: heartbeats applied in the window
     heartbeat_elapsed: float = 0.0  #: seconds the heartbeat thread ran
+    #: seconds from the window's start to the end of the heartbeat thread's last burst (the rate's time:
+    #: :class:`~.harness.PacedHeartbeats`)
+    heartbeat_active: float = 0.0
     heartbeat_errors: int = 0  #: heartbeats the implementation refused
     heartbeat_cpu_s: float = 0.0  #: CPU seconds the heartbeat thread used
     setup_s: float = 0.0  #: building the scheduler and registering the nodes
@@ -74,8 +77,8 @@ class ScenarioResult:
 
     @property
     def heartbeat_rate(self) -> float:
-        """Heartbeats actually applied per second."""
-        return self.heartbeats / self.heartbeat_elapsed if self.heartbeat_elapsed > 0 else 0.0
+        """Heartbeats actually applied per second, up to the heartbeat thread's last burst."""
+        return self.heartbeats / self.heartbeat_active if self.heartbeat_active > 0 else 0.0
 
     @property
     def heartbeat_ratio(self) -> float | None:

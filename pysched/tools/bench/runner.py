@@ -114,6 +114,7 @@ def run_scenario(impl: Implementation, workload: Workload, rate: float, threads:
         result.heartbeats = beats.applied
         result.heartbeat_errors = beats.errors
         result.heartbeat_elapsed = hb.elapsed_ns / 1e9
+        result.heartbeat_active = hb.active_ns / 1e9
         result.heartbeat_cpu_s = hb.cpu_ns / 1e9
     latency = summarise(w.latency for w in workers)
     result.samples = latency.samples
