@@ -127,7 +127,12 @@ ctypedef struct pool_tree:
     int32_t n                  # members
     int32_t* slots             # member slots, in member order
     int64_t* next              # per member: the next leaf of the same slot (tree id << 32 | position), or -1
-    order_node* nodes          # 2 * size; nodes[1] is the root, member i's leaf is nodes[size + i]
+    order_node* nodes          # 2 * size; nodes[1] is the root, member i's leaf is nodes[size + i] (a flat
+                               # tree keeps only those two levels: its masks stand for the rest)
+    uint64_t in_mask           # while flat: bit i set while member i's leaf is in
+    uint64_t best_mask         # while flat: the members in whose key ties with the best
+    int32_t streak             # changes in a row that spoke for the other shape (see FLAT_TREE)
+    uint8_t flat               # 1: flat (masks), 0: inner nodes; only a tree of <= FLAT_TREE leaves is flat
 
 
 cdef class SnapshotKernel
@@ -184,6 +189,7 @@ cdef class Ordering:
     cdef int32_t _new_tree_id(self, pool_tree* t) noexcept nogil
     cdef pool_tree* tree_of(self, Py_ssize_t pool) noexcept nogil
     cdef pool_tree* _tree_build(self, Py_ssize_t pool) noexcept nogil
+    cdef pool_tree* _tree_checked(self, Py_ssize_t pool) except NULL
     cdef void _link(self, int32_t tree_id) noexcept nogil
     cdef void _drop_tree(self, int32_t tree_id) noexcept nogil
     cdef int _match_trees(self, const int32_t* pool_off, const int32_t* members, Py_ssize_t n_pools,

@@ -53,6 +53,21 @@ cdef extern from *:
     # a hint to start loading a cache line the call will need soon (no effect on results)
     void _prefetch "PYSCHED_PREFETCH"(const void* p) noexcept nogil
 
+cdef extern from *:
+    """
+    static inline int pysched_ctz64(uint64_t x) {
+    #if defined(__GNUC__) || defined(__clang__)
+        return __builtin_ctzll(x);
+    #else
+        int n = 0;
+        while (!(x & 1)) { x >>= 1; n++; }
+        return n;
+    #endif
+    }
+    """
+    # the position of the lowest set bit of x (x != 0)
+    int _ctz64 "pysched_ctz64"(uint64_t x) noexcept nogil
+
 
 cdef enum:
     MAX_STACK_EXCLUDE = 32

@@ -58,6 +58,20 @@ cdef enum:
     # a tree of this many leaves or more counts as big, i.e. cold in cache: a repair prefetches its path
     # first (_tree_set), a descent keeps its branch (_tree_nth)
     PREFETCH_TREE = 256
+    # A tree of at most this many leaves can be flat: two masks (which members are in, which of those
+    # tie with the best key) stand for its inner nodes. A decision then draws among the best by clearing
+    # set bits, and a change is a bit or two, a comparison at most; but the members are scanned again
+    # when the last of the best ones gets worse or leaves. With k best of n members that is a scan of n
+    # keys per k reservations: cheaper than the inner nodes' repairs (one per reservation and one per
+    # release, log2 n levels each) while k is a good part of n (tied fleets: integer loads, equal
+    # nodes), dearer when one node is best alone (varied loads and GPU figures). So the tree takes the
+    # shape its changes speak for: flat while its scans find k >= n / FLAT_SPREAD best, of inner nodes
+    # after FLAT_STREAK scans in a row find fewer, and flat again after TREE_STREAK changes in a row
+    # found the root with that many ties. Either shape gives the same answers; only the cost differs.
+    FLAT_TREE = 64
+    FLAT_SPREAD = 8
+    FLAT_STREAK = 4
+    TREE_STREAK = 32
 cdef int64_t LEAF_POS = 0xFFFFFFFF  # a leaf reference is tree id << 32 | position
 
 
@@ -103,6 +117,129 @@ cdef inline order_node _combine(const order_node* nodes, const order_key* keys, 
     return n
 
 
+cdef void _flat_scan(pool_tree* t, const order_key* keys) noexcept nogil:
+    """A flat tree's best members, their count and the first of them (the root), from its members in."""
+    cdef uint64_t m = t.in_mask, best, bit
+    cdef int32_t n = 1
+    cdef int c
+    cdef const order_key* top
+    cdef const order_key* k
+    if not m:
+        t.best_mask = 0
+        t.nodes[1].ties = 0
+        t.nodes[1].win = -1
+        return
+    best = m & (~m + 1)  # the first member in: best until a better one comes
+    top = &keys[t.slots[_ctz64(m)]]
+    m ^= best
+    while m:
+        bit = m & (~m + 1)
+        k = &keys[t.slots[_ctz64(m)]]
+        m ^= bit
+        c = _key_cmp(k, top)
+        if c < 0:
+            top = k
+            best = bit
+            n = 1
+        elif c == 0:
+            best |= bit
+            n += 1
+    t.best_mask = best
+    t.nodes[1].ties = n
+    t.nodes[1].win = t.slots[_ctz64(best)]
+
+
+cdef void _tree_inner(pool_tree* t, const order_key* keys) noexcept nogil:
+    """Give a flat tree its inner nodes again, from its leaves (kept up to date in both shapes)."""
+    cdef Py_ssize_t v
+    for v in range(t.size - 1, 0, -1):
+        t.nodes[v] = _combine(t.nodes, keys, v)
+    t.flat = 0
+    t.streak = 0
+
+
+cdef void _tree_flatten(pool_tree* t, const order_key* keys, Py_ssize_t skip) noexcept nogil:
+    """Make a tree of at most FLAT_TREE leaves flat: its masks from its leaves, its root from a scan.
+
+    Member ``skip`` (or none: -1) is left out: in the middle of its change its
+    key is already the new one, while its leaf and the masks must say what was
+    before, for ``_flat_set`` to put it in as the change says.
+    """
+    cdef Py_ssize_t i
+    t.in_mask = 0
+    for i in range(t.n):
+        if t.nodes[t.size + i].win >= 0 and i != skip:
+            t.in_mask |= (<uint64_t>1) << i
+    _flat_scan(t, keys)
+    t.flat = 1
+    t.streak = 0
+
+
+cdef inline void _flat_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win, int rel) noexcept nogil:
+    """``_tree_set`` for a flat tree: the leaf, the masks and the root."""
+    cdef uint64_t bit = (<uint64_t>1) << pos
+    cdef bint was_in = (t.in_mask & bit) != 0
+    cdef order_node* root = &t.nodes[1]
+    t.nodes[t.size + pos].win = win  # (the leaf, which decisions read: before the root, which is the
+    t.nodes[t.size + pos].ties = 1 if win >= 0 else 0  # same node in a tree of one leaf)
+    if win < 0:
+        if not was_in:
+            return
+        t.in_mask ^= bit
+        rel = 1
+    elif not was_in:
+        t.in_mask |= bit
+        rel = -1
+    if rel > 0:
+        # worse, or out: one best fewer, if it was one; when it was the last, the next best are found again
+        if t.best_mask & bit:
+            t.best_mask ^= bit
+            if t.best_mask:
+                root.ties -= 1
+                root.win = t.slots[_ctz64(t.best_mask)]
+            else:
+                _flat_scan(t, keys)
+                # few best for the scan's cost, FLAT_STREAK times in a row: inner nodes from here on
+                if root.ties * FLAT_SPREAD < t.n:
+                    t.streak += 1
+                    if t.streak >= FLAT_STREAK:
+                        _tree_inner(t, keys)
+                else:
+                    t.streak = 0
+    elif rel < 0:
+        # better, or in: best alone when it was one (its key was the best) or beats the best, one more on a tie
+        if t.best_mask & bit or not t.best_mask:
+            rel = -1
+        else:
+            rel = _key_cmp(&keys[win], &keys[root.win])
+        if rel < 0:
+            t.best_mask = bit
+            root.ties = 1
+            root.win = win
+        elif rel == 0:
+            t.best_mask |= bit
+            root.ties += 1
+            root.win = t.slots[_ctz64(t.best_mask)]
+
+
+cdef bint _small_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win, int rel) noexcept nogil:
+    """``_tree_set`` for a tree that may be flat: True when it took the change (flat), False for the inner nodes.
+
+    (Apart from ``_tree_set``, so that a big tree's repair is the code it was.)
+    """
+    if not t.flat:
+        # ties at the root worth the flat shape's scans, TREE_STREAK changes in a row: flat from here on
+        if t.nodes[1].ties * FLAT_SPREAD < t.n:
+            t.streak = 0
+            return False
+        t.streak += 1
+        if t.streak < TREE_STREAK:
+            return False
+        _tree_flatten(t, keys, pos)  # (this member as out: _flat_set puts it in, if it is in)
+    _flat_set(t, keys, pos, win, rel)
+    return True
+
+
 cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win, int rel) noexcept nogil:
     """Set member ``pos``'s leaf (its slot, or -1 to leave it out) and repair its path to the root.
 
@@ -138,6 +275,8 @@ cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t
     cdef order_node nn
     cdef order_node* n
     cdef order_node* o
+    if t.size <= FLAT_TREE and _small_set(t, keys, pos, win, rel):
+        return
     if nodes[v].win < 0:
         if win < 0:
             return
@@ -259,6 +398,13 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
         # every member ties (an idle pool, or one whose loads just evened out): the r-th is member r, and a
         # big tree's descent would be a chain of cold loads for nothing
         return <Py_ssize_t>r
+    cdef uint64_t m
+    if t.flat:
+        m = t.best_mask
+        while r > 0:  # (clear the r lowest best)
+            m &= m - 1
+            r -= 1
+        return _ctz64(m)
     if t.size < PREFETCH_TREE:
         # two levels a step while the node's children are inner nodes: their counts come with its own (three
         # loads at once), which halves the chain of loads each waiting for the one before
@@ -332,7 +478,7 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
     t.n = <int32_t>n
     t.slots = <int32_t*>malloc((n if n > 0 else 1) * sizeof(int32_t))
     t.next = <int64_t*>malloc((n if n > 0 else 1) * sizeof(int64_t))
-    t.nodes = <order_node*>malloc(2 * size * sizeof(order_node))
+    t.nodes = <order_node*>calloc(2 * size, sizeof(order_node))
     if t.slots == NULL or t.next == NULL or t.nodes == NULL:
         _tree_free(t)
         return NULL
@@ -346,8 +492,10 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
     t.nodes[0].win = -1
     t.nodes[0].ties = 0
     t.nodes[0].left = 0
-    for v in range(size - 1, 0, -1):
-        t.nodes[v] = _combine(t.nodes, keys, v)
+    if size <= FLAT_TREE:
+        _tree_flatten(t, keys, -1)  # (a new tree starts flat: its first scans tell whether it stays so)
+    else:
+        _tree_inner(t, keys)
     return t
 
 
@@ -409,12 +557,38 @@ cdef class Ordering:
     def best(self, Py_ssize_t pool) -> tuple:
         """``(a best candidate slot or -1, how many candidates tie with it)`` in ``pool``."""
         cdef _Held _held = _hold(self.gate)  # the gate (_gate.pxi): released on return
+        cdef pool_tree* t = self._tree_checked(pool)
+        return (t.nodes[1].win, t.nodes[1].ties)
+
+    def shape(self, Py_ssize_t pool) -> str:
+        """``"flat"`` or ``"tree"``: the shape ``pool``'s tree has now (see FLAT_TREE in ``_ordering.pxi``)."""
+        cdef _Held _held = _hold(self.gate)  # the gate (_gate.pxi): released on return
+        return "flat" if self._tree_checked(pool).flat else "tree"
+
+    def set_shape(self, Py_ssize_t pool, str shape not None) -> None:
+        """Give ``pool``'s tree this shape (tests; ``"flat"`` needs at most 64 members), until its changes
+        speak for the other one. The same answers either way."""
+        cdef _Held _held = _hold(self.gate)  # the gate (_gate.pxi): released on return
+        cdef pool_tree* t = self._tree_checked(pool)
+        if shape == "flat":
+            if t.size > FLAT_TREE:
+                raise ValueError(f"pool {pool}: {t.n} members, too many for a flat tree")
+            _tree_flatten(t, self.keys, -1)
+        elif shape == "tree":
+            if t.flat:
+                _tree_inner(t, self.keys)
+            t.streak = 0
+        else:
+            raise ValueError(f"shape must be 'flat' or 'tree', got {shape!r}")
+
+    cdef pool_tree* _tree_checked(self, Py_ssize_t pool) except NULL:
+        """``pool``'s current tree (built on first use); ValueError when there is none. The caller holds the gate."""
         if not self.ready or pool < 0 or pool >= self.n_pools:
             raise ValueError(f"pool {pool}: the ordering has no current tree for it")
         cdef pool_tree* t = self.tree_of(pool)
         if t == NULL:
             raise MemoryError()
-        return (t.nodes[1].win, t.nodes[1].ties)
+        return t
 
     def check(self) -> None:
         """Recompute every key and tree from the arrays; AssertionError on any difference (tests)."""
@@ -445,10 +619,15 @@ cdef class Ordering:
             if fresh == NULL:
                 raise MemoryError()
             try:
-                for v in range(1, 2 * t.size):
+                if fresh.flat and not t.flat:
+                    _tree_inner(fresh, self.keys)  # (compared in the shape the tree has)
+                for v in range(1 if not t.flat else t.size, 2 * t.size):  # (a flat tree's inner nodes are stale)
                     if (fresh.nodes[v].win != t.nodes[v].win or fresh.nodes[v].ties != t.nodes[v].ties
                             or fresh.nodes[v].left != t.nodes[v].left):
                         raise AssertionError(f"ordering: the tree of pool {p} differs at node {v}")
+                if (fresh.nodes[1].win != t.nodes[1].win or fresh.nodes[1].ties != t.nodes[1].ties or t.flat and (
+                        fresh.in_mask != t.in_mask or fresh.best_mask != t.best_mask)):
+                    raise AssertionError(f"ordering: the tree of pool {p} differs at its root or masks")
             finally:
                 _tree_free(fresh)
 

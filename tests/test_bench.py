@@ -388,7 +388,10 @@ class _StarvedTime(_FakeTime):
 
 
 def _paced(monkeypatch, fake: _FakeTime, step_ns: int, rate: float) -> tuple[harness.PacedHeartbeats, int]:
-    """Pace heartbeats costing ``step_ns`` each at ``rate`` over a 0.1 s window on ``fake``; the pacer and what it applied."""
+    """Pace heartbeats costing ``step_ns`` each at ``rate`` over a 0.1 s window on ``fake``.
+
+    Returns the pacer and how many heartbeats it got applied.
+    """
     monkeypatch.setattr(harness, "time", fake)
     sched = _CountingScheduler(fake, step_ns=step_ns)
     window = harness.Window()

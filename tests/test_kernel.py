@@ -51,6 +51,8 @@ def test_struct_layout_matches_dtypes() -> None:
 # Public methods only the compiled kernel has, and why the twin has none.
 _COMPILED_ONLY = {
     ("Ordering", "best"): "inspects the tournament trees, which the twin (deciding by scanning) does not keep",
+    ("Ordering", "shape"): "the shape of a tournament tree (flat or of inner nodes): the twin keeps none",
+    ("Ordering", "set_shape"): "gives a tournament tree a shape (tests): the twin keeps none",
 }
 
 

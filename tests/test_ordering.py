@@ -98,11 +98,15 @@ def _fleet(data: st.DataObject, n: int) -> NDArray[np.void]:
     return recs
 
 
-def _pools(data: st.DataObject, n: int) -> list[list[int]]:
+def _pools(data: st.DataObject, n: int, big: bool = False) -> list[list[int]]:
+    """1-3 pools of random members; ``big``: the first has all but a few of the ``n`` nodes."""
     draw = data.draw
     n_pools = draw(st.integers(1, 3))
     # overlapping pools (manual mode) and empty ones happen too
-    return [sorted(draw(st.sets(st.integers(0, n - 1), max_size=n))) for _ in range(n_pools)]
+    pools = [sorted(draw(st.sets(st.integers(0, n - 1), max_size=n))) for _ in range(n_pools)]
+    if big:
+        pools[0] = sorted(set(range(n)) - draw(st.sets(st.integers(0, n - 1), max_size=8)))
+    return pools
 
 
 # what an older kernel was built with: its pools and records
@@ -160,13 +164,20 @@ def _check_decision(
     _ordering(tc.kernel).check()
 
 
+@pytest.mark.parametrize("big", [False, True], ids=["flat", "tree"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_random_operations_keep_both_kernels_exact_and_equal(data: st.DataObject) -> None:
+@given(data=st.data())
+def test_random_operations_keep_both_kernels_exact_and_equal(big: bool, data: st.DataObject) -> None:
+    """Random changes and decisions on both kernels: the same decisions, each one of the best, trees exact.
+
+    Pools of up to 64 members are flat trees (masks of the members in and of
+    the best ones); ``tree``: a pool of 65-96 members,
+    which is a tree of inner nodes.
+    """
     draw = data.draw
-    n = draw(st.integers(1, 24), label="nodes")
+    n = draw(st.integers(73, 96) if big else st.integers(1, 24), label="nodes")
     recs = _fleet(data, n)
-    pools = _pools(data, n)
+    pools = _pools(data, n, big)
     seed = draw(st.integers(0, 2**32))
     fleets = (Twin(_core, n, pools, recs, seed), Twin(_pycore, n, pools, recs, seed))
     now = 1000.0
@@ -177,7 +188,8 @@ def test_random_operations_keep_both_kernels_exact_and_equal(data: st.DataObject
     old: _Old | None = None
     for _ in range(draw(st.integers(1, 60), label="operations")):
         op = draw(st.sampled_from(["reserve", "reserve", "release", "heartbeat", "heartbeat", "status",
-                                   "members", "time", "decide", "decide", "decide", "old", "grow", "batch"]))
+                                   "members", "time", "decide", "decide", "decide", "old", "grow", "batch",
+                                   "shape"]))
         if op == "reserve":
             s = draw(st.integers(0, n - 1))
             lim = int(fleets[0].recs[s]["max_concurrency"])
@@ -206,8 +218,19 @@ def test_random_operations_keep_both_kernels_exact_and_equal(data: st.DataObject
                 t.recs[s]["status"], t.recs[s]["max_concurrency"], t.recs[s]["flags"] = status, mx, flags
                 t.recs[s]["service_mask"] = services  # no part of the key: the slot's brief must follow it
                 t.republish([s] if hint else None)
+        elif op == "shape":
+            # a tree changes shape by itself only after many changes in a row: here at any point, to drive
+            # both shapes and the changes between them (the same answers either way)
+            pool = draw(st.integers(0, len(fleets[0].pools) - 1))
+            shape = draw(st.sampled_from(["flat", "tree"]))
+            if len(fleets[0].pools[pool]) > 64:
+                shape = "tree"
+            ordering = _ordering(fleets[0].kernel)
+            ordering.set_shape(pool, shape)
+            assert ordering.shape(pool) == shape
+            ordering.check()
         elif op == "members":
-            pools = _pools(data, n)
+            pools = _pools(data, n, big)
             for t in fleets:
                 t.pools = [list(p) for p in pools]
                 t.kernel = t.build()
@@ -554,6 +577,48 @@ def test_scheduler_with_silent_nodes_and_churn_agrees_between_kernels(seed: int)
                 except pysched.NoNodeAvailable as e:
                     out.append(("none", e.best_reason))
         results.append(out)
+    assert results[0] == results[1]
+
+
+def _dispatch_new_sessions(sched: pysched.Scheduler, k: int, out: list[object], jobs: list[str]) -> None:
+    """``k`` dispatches en -> zh, each for a new session: nodes into ``out``, job ids into ``jobs``."""
+    for _ in range(k):
+        a = sched.dispatch(f"s{len(out)}", "en", "zh")
+        out.append(a.node_id)
+        jobs.append(a.job_id)
+
+
+def test_a_small_pool_takes_the_shape_its_loads_speak_for() -> None:
+    """A pool of at most 64 nodes is a flat tree while many of them tie, one of inner nodes once a single
+    node is best scan after scan, and flat again when they tie again; the decisions stay the twin's."""
+    results = []
+    shapes: list[str] = []
+    for kernel in ("compiled", "python"):
+        sched = pysched.Scheduler(seed=5, kernel=kernel)
+        names = [f"n{i}" for i in range(32)]
+        for name in names:
+            sched.register_node(name, languages=["en", "zh"], max_concurrency=1000)
+        out: list[object] = []
+        jobs: list[str] = []
+        _dispatch_new_sessions(sched, 40, out, jobs)  # idle: all 32 tie, then the 24 with one job
+        if kernel == "compiled":
+            shapes.append(_ordering(sched.snapshot.kernel).shape(0))
+        for i, name in enumerate(names):
+            sched.heartbeat(name, gpu=float(i))  # one best at a time: each reservation of it, a scan
+        _dispatch_new_sessions(sched, 40, out, jobs)
+        if kernel == "compiled":
+            _ordering(sched.snapshot.kernel).check()
+            shapes.append(_ordering(sched.snapshot.kernel).shape(0))
+        for name in names:
+            sched.heartbeat(name, gpu=0.0)
+        for job in jobs:
+            sched.release(job)
+        _dispatch_new_sessions(sched, 80, out, jobs)  # all tie again
+        if kernel == "compiled":
+            _ordering(sched.snapshot.kernel).check()
+            shapes.append(_ordering(sched.snapshot.kernel).shape(0))
+        results.append(out)
+    assert shapes == ["flat", "tree", "flat"]
     assert results[0] == results[1]
 
 
