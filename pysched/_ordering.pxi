@@ -18,6 +18,9 @@ a best leaf below it (keys compared exactly: ``eff_a * max_b`` against
 ``eff_b * max_a``, then GPU use) and how many leaves below tie with it, so the
 root gives the best key and the number of candidates that share it, and
 :func:`_tree_nth` finds the r-th of them, in member order, in one descent.
+A tree of at most 64 members may be *flat* instead (see ``FLAT_TREE``): two
+masks, the members in and those tied with the best, stand for its inner
+nodes, as long as its changes show many ties.
 
 Who changes it, and why that is atomic. In-flight counts change only in
 ``SlotCounts.c_try_add`` / ``c_add`` (every count change, the job table's
