@@ -129,10 +129,15 @@ ctypedef struct pool_tree:
     int64_t* next              # per member: the next leaf of the same slot (tree id << 32 | position), or -1
     order_node* nodes          # 2 * size; nodes[1] is the root, member i's leaf is nodes[size + i] (a flat
                                # tree keeps only those two levels: its masks stand for the rest)
-    uint64_t in_mask           # while flat: bit i set while member i's leaf is in
-    uint64_t best_mask         # while flat: the members in whose key ties with the best
+    uint64_t* masks            # while flat, 2 * words: [0, words) the members in (member i: bit i & 63 of
+                               # word i >> 6), [words, 2 * words) those whose key ties with the best;
+                               # NULL for a tree of more than FLAT_TREE leaves, which is never flat
+    uint16_t* counts           # while flat: per word, how many of its members tie with the best, then the
+                               # same per group of 16 words (a draw finds the r-th best by them)
+    int32_t words              # the masks' words: size / 64 rounded up
+    int32_t first              # while flat: the position of the first best member, -1 when none is in
     int32_t streak             # changes in a row that spoke for the other shape (see FLAT_TREE)
-    uint8_t flat               # 1: flat (masks), 0: inner nodes; only a tree of <= FLAT_TREE leaves is flat
+    uint8_t flat               # 1: flat (masks), 0: inner nodes
 
 
 cdef class SnapshotKernel

@@ -18,9 +18,9 @@ a best leaf below it (keys compared exactly: ``eff_a * max_b`` against
 ``eff_b * max_a``, then GPU use) and how many leaves below tie with it, so the
 root gives the best key and the number of candidates that share it, and
 :func:`_tree_nth` finds the r-th of them, in member order, in one descent.
-A tree of at most 64 members may be *flat* instead (see ``FLAT_TREE``): two
-masks, the members in and those tied with the best, stand for its inner
-nodes, as long as its changes show many ties.
+A tree of at most 16,384 leaves may be *flat* instead (see ``FLAT_TREE``):
+two bit masks, the members in and those tied with the best, stand for its
+inner nodes, as long as its changes show many ties.
 
 Who changes it, and why that is atomic. In-flight counts change only in
 ``SlotCounts.c_try_add`` / ``c_add`` (every count change, the job table's
@@ -61,20 +61,24 @@ cdef enum:
     # a tree of this many leaves or more counts as big, i.e. cold in cache: a repair prefetches its path
     # first (_tree_set), a descent keeps its branch (_tree_nth)
     PREFETCH_TREE = 256
-    # A tree of at most this many leaves can be flat: two masks (which members are in, which of those
-    # tie with the best key) stand for its inner nodes. A decision then draws among the best by clearing
-    # set bits, and a change is a bit or two, a comparison at most; but the members are scanned again
+    # A tree of at most this many leaves can be flat: two bit masks (which members are in, which of those
+    # tie with the best key) stand for its inner nodes, with counts of the best per mask word and per 16
+    # words. A decision then finds the r-th best by those counts (at most 16 groups, 16 words and 8 bytes
+    # of a word: small adjacent arrays, not a chain of cold lines), and a change is a bit and two counts,
+    # a comparison at most; but the members are scanned again
     # when the last of the best ones gets worse or leaves. With k best of n members that is a scan of n
     # keys per k reservations: cheaper than the inner nodes' repairs (one per reservation and one per
     # release, log2 n levels each) while k is a good part of n (tied fleets: integer loads, equal
     # nodes), dearer when one node is best alone (varied loads and GPU figures). So the tree takes the
     # shape its changes speak for: flat while its scans find k >= n / FLAT_SPREAD best, of inner nodes
     # after FLAT_STREAK scans in a row find fewer, and flat again after TREE_STREAK changes in a row
-    # found the root with that many ties. Either shape gives the same answers; only the cost differs.
-    FLAT_TREE = 64
+    # found the root with that many ties (and at least n / TREE_STREAK_SHARE: the switch is O(n)). Either
+    # shape gives the same answers; only the cost differs.
+    FLAT_TREE = 16384
     FLAT_SPREAD = 8
     FLAT_STREAK = 4
     TREE_STREAK = 32
+    TREE_STREAK_SHARE = 4
 cdef int64_t LEAF_POS = 0xFFFFFFFF  # a leaf reference is tree id << 32 | position
 
 
@@ -120,36 +124,63 @@ cdef inline order_node _combine(const order_node* nodes, const order_key* keys, 
     return n
 
 
+cdef inline Py_ssize_t _groups(const pool_tree* t) noexcept nogil:
+    """A flat tree's groups of 16 mask words, whose best counts follow the words' (pool_tree.counts)."""
+    return (t.words + 15) >> 4
+
+
+cdef inline void _count(pool_tree* t, Py_ssize_t w, int d) noexcept nogil:
+    """Word ``w``'s count of best members, and its group's, by ``d``."""
+    t.counts[w] += d
+    t.counts[t.words + (w >> 4)] += d
+
+
+cdef inline void _drop_best(pool_tree* t, Py_ssize_t first) noexcept nogil:
+    """No member is best any more (``first``: the first that was; none is before it)."""
+    cdef uint64_t* best = t.masks + t.words
+    cdef Py_ssize_t v
+    for v in range(first >> 6, t.words):
+        best[v] = 0
+        t.counts[v] = 0
+    for v in range((first >> 6) >> 4, _groups(t)):  # (a group's words before ``first``'s have none)
+        t.counts[t.words + v] = 0
+
+
 cdef void _flat_scan(pool_tree* t, const order_key* keys) noexcept nogil:
-    """A flat tree's best members, their count and the first of them (the root), from its members in."""
-    cdef uint64_t m = t.in_mask, best, bit
-    cdef int32_t n = 1
-    cdef int c
-    cdef const order_key* top
+    """A flat tree's best members (mask and counts), their number, the first of them and the root, scanning
+    its members in."""
+    cdef uint64_t* best = t.masks + t.words
+    cdef uint64_t m, bit
+    cdef Py_ssize_t w, v, i, first = -1
+    cdef int32_t n = 0
+    cdef const order_key* top = NULL
     cdef const order_key* k
-    if not m:
-        t.best_mask = 0
-        t.nodes[1].ties = 0
-        t.nodes[1].win = -1
-        return
-    best = m & (~m + 1)  # the first member in: best until a better one comes
-    top = &keys[t.slots[_ctz64(m)]]
-    m ^= best
-    while m:
-        bit = m & (~m + 1)
-        k = &keys[t.slots[_ctz64(m)]]
-        m ^= bit
-        c = _key_cmp(k, top)
-        if c < 0:
-            top = k
-            best = bit
-            n = 1
-        elif c == 0:
-            best |= bit
-            n += 1
-    t.best_mask = best
+    for w in range(t.words + _groups(t)):
+        t.counts[w] = 0
+    for w in range(t.words):
+        best[w] = 0
+    for w in range(t.words):
+        m = t.masks[w]
+        while m:
+            bit = m & (~m + 1)
+            i = (w << 6) + _ctz64(m)
+            m ^= bit
+            k = &keys[t.slots[i]]
+            if n and _key_cmp(k, top) == 0:
+                best[w] |= bit
+                _count(t, w, 1)
+                n += 1
+            elif n == 0 or _key_cmp(k, top) < 0:
+                if n:
+                    _drop_best(t, first)
+                best[w] = bit
+                _count(t, w, 1)
+                n = 1
+                top = k
+                first = i  # the first best in member order: ties found later come after it
+    t.first = <int32_t>first
     t.nodes[1].ties = n
-    t.nodes[1].win = t.slots[_ctz64(best)]
+    t.nodes[1].win = t.slots[first] if n else -1
 
 
 cdef void _tree_inner(pool_tree* t, const order_key* keys) noexcept nogil:
@@ -169,38 +200,41 @@ cdef void _tree_flatten(pool_tree* t, const order_key* keys, Py_ssize_t skip) no
     before, for ``_flat_set`` to put it in as the change says.
     """
     cdef Py_ssize_t i
-    t.in_mask = 0
+    for i in range(t.words):
+        t.masks[i] = 0
     for i in range(t.n):
         if t.nodes[t.size + i].win >= 0 and i != skip:
-            t.in_mask |= (<uint64_t>1) << i
+            t.masks[i >> 6] |= (<uint64_t>1) << (i & 63)
     _flat_scan(t, keys)
     t.flat = 1
     t.streak = 0
 
 
 cdef inline void _flat_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win, int rel) noexcept nogil:
-    """``_tree_set`` for a flat tree: the leaf, the masks and the root."""
-    cdef uint64_t bit = (<uint64_t>1) << pos
-    cdef bint was_in = (t.in_mask & bit) != 0
+    """``_tree_set`` for a flat tree: the leaf, the masks, the counts and the root."""
+    cdef Py_ssize_t w = pos >> 6, v
+    cdef uint64_t bit = (<uint64_t>1) << (pos & 63), m
+    cdef uint64_t* best = t.masks + t.words
+    cdef bint was_in = (t.masks[w] & bit) != 0
     cdef order_node* root = &t.nodes[1]
-    t.nodes[t.size + pos].win = win  # (the leaf, which decisions read: before the root, which is the
-    t.nodes[t.size + pos].ties = 1 if win >= 0 else 0  # same node in a tree of one leaf)
+    cdef int32_t ties = root.ties  # (read before the leaf is written: in a tree of one leaf it is the root)
+    t.nodes[t.size + pos].win = win  # the leaf, which decisions read
+    t.nodes[t.size + pos].ties = 1 if win >= 0 else 0
     if win < 0:
         if not was_in:
             return
-        t.in_mask ^= bit
+        t.masks[w] ^= bit
         rel = 1
     elif not was_in:
-        t.in_mask |= bit
+        t.masks[w] |= bit
         rel = -1
     if rel > 0:
         # worse, or out: one best fewer, if it was one; when it was the last, the next best are found again
-        if t.best_mask & bit:
-            t.best_mask ^= bit
-            if t.best_mask:
-                root.ties -= 1
-                root.win = t.slots[_ctz64(t.best_mask)]
-            else:
+        if best[w] & bit:
+            best[w] ^= bit
+            _count(t, w, -1)
+            ties -= 1
+            if ties == 0:
                 _flat_scan(t, keys)
                 # few best for the scan's cost, FLAT_STREAK times in a row: inner nodes from here on
                 if root.ties * FLAT_SPREAD < t.n:
@@ -209,20 +243,36 @@ cdef inline void _flat_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, 
                         _tree_inner(t, keys)
                 else:
                     t.streak = 0
+                return
+            if pos == t.first:  # the next best after it (every other best is)
+                m = best[w] & (~(<uint64_t>0) << (pos & 63))
+                while not m:
+                    w += 1
+                    m = best[w]
+                t.first = <int32_t>((w << 6) + _ctz64(m))
+                root.win = t.slots[t.first]
     elif rel < 0:
         # better, or in: best alone when it was one (its key was the best) or beats the best, one more on a tie
-        if t.best_mask & bit or not t.best_mask:
+        if best[w] & bit or not ties:
             rel = -1
         else:
             rel = _key_cmp(&keys[win], &keys[root.win])
         if rel < 0:
-            t.best_mask = bit
-            root.ties = 1
+            if ties:
+                _drop_best(t, t.first)
+            best[w] = bit
+            _count(t, w, 1)
+            ties = 1
+            t.first = <int32_t>pos
             root.win = win
         elif rel == 0:
-            t.best_mask |= bit
-            root.ties += 1
-            root.win = t.slots[_ctz64(t.best_mask)]
+            best[w] |= bit
+            _count(t, w, 1)
+            ties += 1
+            if pos < t.first:
+                t.first = <int32_t>pos
+                root.win = win
+    root.ties = ties
 
 
 cdef bint _small_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t win, int rel) noexcept nogil:
@@ -231,12 +281,13 @@ cdef bint _small_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_
     (Apart from ``_tree_set``, so that a big tree's repair is the code it was.)
     """
     if not t.flat:
-        # ties at the root worth the flat shape's scans, TREE_STREAK changes in a row: flat from here on
+        # ties at the root worth the flat shape's scans for a while (TREE_STREAK changes in a row, and at
+        # least n / TREE_STREAK_SHARE, which pays for the switch's O(n)): flat from here on
         if t.nodes[1].ties * FLAT_SPREAD < t.n:
             t.streak = 0
             return False
         t.streak += 1
-        if t.streak < TREE_STREAK:
+        if t.streak < TREE_STREAK or t.streak * TREE_STREAK_SHARE < t.n:
             return False
         _tree_flatten(t, keys, pos)  # (this member as out: _flat_set puts it in, if it is in)
     _flat_set(t, keys, pos, win, rel)
@@ -401,13 +452,31 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
         # every member ties (an idle pool, or one whose loads just evened out): the r-th is member r, and a
         # big tree's descent would be a chain of cold loads for nothing
         return <Py_ssize_t>r
-    cdef uint64_t m
+    cdef uint64_t m, c
+    cdef Py_ssize_t w = 0, b = 0
+    cdef const uint16_t* group
     if t.flat:
-        m = t.best_mask
-        while r > 0:  # (clear the r lowest best)
+        # the group of 16 words, then the word, then the byte of the r-th best, by their counts
+        group = t.counts + t.words
+        while r >= group[w]:
+            r -= group[w]
+            w += 1
+        w <<= 4
+        while r >= t.counts[w]:
+            r -= t.counts[w]
+            w += 1
+        m = t.masks[t.words + w]
+        c = m - ((m >> 1) & <uint64_t>0x5555555555555555)  # the word's bits counted per byte (no popcnt
+        c = (c & <uint64_t>0x3333333333333333) + ((c >> 2) & <uint64_t>0x3333333333333333)  # instruction in
+        c = (c + (c >> 4)) & <uint64_t>0x0F0F0F0F0F0F0F0F  # the baseline x86-64 a wheel is built for)
+        while r >= <int64_t>((c >> b) & 0xFF):
+            r -= <int64_t>((c >> b) & 0xFF)
+            b += 8
+        m >>= b
+        while r > 0:  # (clear the r lowest of the byte's)
             m &= m - 1
             r -= 1
-        return _ctz64(m)
+        return (w << 6) + b + _ctz64(m)
     if t.size < PREFETCH_TREE:
         # two levels a step while the node's children are inner nodes: their counts come with its own (three
         # loads at once), which halves the chain of loads each waiting for the one before
@@ -466,6 +535,8 @@ cdef void _tree_free(pool_tree* t) noexcept nogil:
         free(t.slots)
         free(t.next)
         free(t.nodes)
+        free(t.masks)
+        free(t.counts)
         free(t)
 
 
@@ -482,6 +553,13 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
     t.slots = <int32_t*>malloc((n if n > 0 else 1) * sizeof(int32_t))
     t.next = <int64_t*>malloc((n if n > 0 else 1) * sizeof(int64_t))
     t.nodes = <order_node*>calloc(2 * size, sizeof(order_node))
+    if size <= FLAT_TREE:  # (a bigger tree is never flat: no masks)
+        t.words = <int32_t>((size + 63) >> 6)
+        t.masks = <uint64_t*>calloc(2 * t.words, sizeof(uint64_t))
+        t.counts = <uint16_t*>calloc(t.words + _groups(t), sizeof(uint16_t))
+        if t.masks == NULL or t.counts == NULL:
+            _tree_free(t)
+            return NULL
     if t.slots == NULL or t.next == NULL or t.nodes == NULL:
         _tree_free(t)
         return NULL
@@ -569,12 +647,12 @@ cdef class Ordering:
         return "flat" if self._tree_checked(pool).flat else "tree"
 
     def set_shape(self, Py_ssize_t pool, str shape not None) -> None:
-        """Give ``pool``'s tree this shape (tests; ``"flat"`` needs at most 64 members), until its changes
+        """Give ``pool``'s tree this shape (tests; ``"flat"`` needs at most 16,384 members), until its changes
         speak for the other one. The same answers either way."""
         cdef _Held _held = _hold(self.gate)  # the gate (_gate.pxi): released on return
         cdef pool_tree* t = self._tree_checked(pool)
         if shape == "flat":
-            if t.size > FLAT_TREE:
+            if t.masks == NULL:
                 raise ValueError(f"pool {pool}: {t.n} members, too many for a flat tree")
             _tree_flatten(t, self.keys, -1)
         elif shape == "tree":
@@ -627,9 +705,12 @@ cdef class Ordering:
                 for v in range(1 if not t.flat else t.size, 2 * t.size):  # (a flat tree's inner nodes are stale)
                     if (fresh.nodes[v].win != t.nodes[v].win or fresh.nodes[v].ties != t.nodes[v].ties
                             or fresh.nodes[v].left != t.nodes[v].left):
-                        raise AssertionError(f"ordering: the tree of pool {p} differs at node {v}")
-                if (fresh.nodes[1].win != t.nodes[1].win or fresh.nodes[1].ties != t.nodes[1].ties or t.flat and (
-                        fresh.in_mask != t.in_mask or fresh.best_mask != t.best_mask)):
+                        raise AssertionError(f"ordering: the tree of pool {p} differs at node {v}: "
+                                             f"{t.nodes[v]} against {fresh.nodes[v]} rebuilt")
+                if fresh.nodes[1].win != t.nodes[1].win or fresh.nodes[1].ties != t.nodes[1].ties or t.flat and (
+                        fresh.first != t.first
+                        or memcmp(fresh.masks, t.masks, 2 * t.words * sizeof(uint64_t)) != 0
+                        or memcmp(fresh.counts, t.counts, (t.words + _groups(t)) * sizeof(uint16_t)) != 0):
                     raise AssertionError(f"ordering: the tree of pool {p} differs at its root or masks")
             finally:
                 _tree_free(fresh)

@@ -164,15 +164,15 @@ def _check_decision(
     _ordering(tc.kernel).check()
 
 
-@pytest.mark.parametrize("big", [False, True], ids=["flat", "tree"])
+@pytest.mark.parametrize("big", [False, True], ids=["small", "big"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_operations_keep_both_kernels_exact_and_equal(big: bool, data: st.DataObject) -> None:
     """Random changes and decisions on both kernels: the same decisions, each one of the best, trees exact.
 
-    Pools of up to 64 members are flat trees (masks of the members in and of
-    the best ones); ``tree``: a pool of 65-96 members,
-    which is a tree of inner nodes.
+    Trees start flat (masks of the members in and of the best ones) and take
+    either shape at random points; ``big``: a pool of 65-96 members, whose
+    masks are two words.
     """
     draw = data.draw
     n = draw(st.integers(73, 96) if big else st.integers(1, 24), label="nodes")
@@ -223,8 +223,6 @@ def test_random_operations_keep_both_kernels_exact_and_equal(big: bool, data: st
             # both shapes and the changes between them (the same answers either way)
             pool = draw(st.integers(0, len(fleets[0].pools) - 1))
             shape = draw(st.sampled_from(["flat", "tree"]))
-            if len(fleets[0].pools[pool]) > 64:
-                shape = "tree"
             ordering = _ordering(fleets[0].kernel)
             ordering.set_shape(pool, shape)
             assert ordering.shape(pool) == shape
@@ -580,6 +578,48 @@ def test_scheduler_with_silent_nodes_and_churn_agrees_between_kernels(seed: int)
     assert results[0] == results[1]
 
 
+def test_only_trees_of_at_most_16384_leaves_are_ever_flat() -> None:
+    """A pool of 16,384 members starts flat; one more member makes 32,768 leaves, never flat."""
+    for n, shape in ((16384, "flat"), (16385, "tree")):
+        recs = np.zeros(n, dtype=L.NODE_DTYPE)
+        recs["service_mask"], recs["max_concurrency"], recs["flags"] = 0b11, 2, 3
+        t = Twin(_core, n, [list(range(n))], recs, 1)
+        for s in range(n):
+            t.loads.update(s, 1000.0, 10.0, 10.0, 10.0, 0)
+        ordering = _ordering(t.kernel)
+        assert ordering.shape(0) == shape
+        assert ordering.best(0) == (0, n)
+        if shape == "tree":
+            with pytest.raises(ValueError, match="too many for a flat tree"):
+                ordering.set_shape(0, "flat")
+        ordering.check()
+
+
+def test_a_flat_tree_over_several_words_stays_exact() -> None:
+    """Best members across three mask words: one getting better clears them all, the first best moves on."""
+    n = 150
+    recs = np.zeros(n, dtype=L.NODE_DTYPE)
+    recs["service_mask"], recs["max_concurrency"], recs["flags"] = 0b11, 4, 3
+    t = Twin(_core, n, [list(range(n))], recs, 1)
+    for s in range(n):
+        t.loads.update(s, 1000.0, 10.0, 10.0, 10.0, 0)
+    ordering = _ordering(t.kernel)
+    assert ordering.shape(0) == "flat" and ordering.best(0) == (0, n)
+    for s in range(n):
+        assert t.counts.try_add(s, 4, 0)  # all at one job: still all tied
+    assert ordering.best(0) == (0, n)
+    t.counts.add(100, -1)  # better than every other: best alone, in the second word
+    assert ordering.best(0) == (100, 1)
+    ordering.check()
+    assert t.counts.try_add(100, 4, 0)  # tied with all again (the masks are scanned again)
+    assert ordering.best(0) == (0, n)
+    for s in range(70):
+        assert t.counts.try_add(s, 4, 0)  # the first best moves on, word by word
+        assert ordering.best(0) == (s + 1, n - s - 1)
+    ordering.check()
+    assert {t.kernel.pick(0, 0b11, 3, 1000.0) for _ in range(200)} <= set(range(70, n))
+
+
 def _dispatch_new_sessions(sched: pysched.Scheduler, k: int, out: list[object], jobs: list[str]) -> None:
     """``k`` dispatches en -> zh, each for a new session: nodes into ``out``, job ids into ``jobs``."""
     for _ in range(k):
@@ -589,7 +629,7 @@ def _dispatch_new_sessions(sched: pysched.Scheduler, k: int, out: list[object], 
 
 
 def test_a_small_pool_takes_the_shape_its_loads_speak_for() -> None:
-    """A pool of at most 64 nodes is a flat tree while many of them tie, one of inner nodes once a single
+    """A pool of at most 16,384 nodes is a flat tree while many of them tie, one of inner nodes once a single
     node is best scan after scan, and flat again when they tie again; the decisions stay the twin's."""
     results = []
     shapes: list[str] = []
