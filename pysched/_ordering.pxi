@@ -130,9 +130,11 @@ cdef inline Py_ssize_t _groups(const pool_tree* t) noexcept nogil:
 
 
 cdef inline void _count(pool_tree* t, Py_ssize_t w, int d) noexcept nogil:
-    """Word ``w``'s count of best members, and its group's, by ``d``."""
-    t.counts[w] += d
-    t.counts[t.words + (w >> 4)] += d
+    """Word ``w``'s count of best members, and its group's, by ``d`` (a tree of one word keeps none: its draw
+    counts the word's bits)."""
+    if t.words > 1:
+        t.counts[w] += d
+        t.counts[t.words + (w >> 4)] += d
 
 
 cdef inline void _drop_best(pool_tree* t, Py_ssize_t first) noexcept nogil:
@@ -153,6 +155,7 @@ cdef void _flat_scan(pool_tree* t, const order_key* keys) noexcept nogil:
     cdef uint64_t m, bit
     cdef Py_ssize_t w, v, i, first = -1
     cdef int32_t n = 0
+    cdef int c
     cdef const order_key* top = NULL
     cdef const order_key* k
     for w in range(t.words + _groups(t)):
@@ -166,11 +169,12 @@ cdef void _flat_scan(pool_tree* t, const order_key* keys) noexcept nogil:
             i = (w << 6) + _ctz64(m)
             m ^= bit
             k = &keys[t.slots[i]]
-            if n and _key_cmp(k, top) == 0:
+            c = _key_cmp(k, top) if n else -1
+            if c == 0:
                 best[w] |= bit
                 _count(t, w, 1)
                 n += 1
-            elif n == 0 or _key_cmp(k, top) < 0:
+            elif c < 0:
                 if n:
                     _drop_best(t, first)
                 best[w] = bit
@@ -456,6 +460,12 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
     cdef Py_ssize_t w = 0, b = 0
     cdef const uint16_t* group
     if t.flat:
+        if t.words == 1:  # (a small pool: the r lowest best cleared, fewer steps than counting)
+            m = t.masks[1]
+            while r > 0:
+                m &= m - 1
+                r -= 1
+            return _ctz64(m)
         # the group of 16 words, then the word, then the byte of the r-th best, by their counts
         group = t.counts + t.words
         while r >= group[w]:
@@ -535,8 +545,6 @@ cdef void _tree_free(pool_tree* t) noexcept nogil:
         free(t.slots)
         free(t.next)
         free(t.nodes)
-        free(t.masks)
-        free(t.counts)
         free(t)
 
 
@@ -545,7 +553,11 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
     cdef Py_ssize_t size = 1, i, v
     while size < n:
         size <<= 1
-    cdef pool_tree* t = <pool_tree*>calloc(1, sizeof(pool_tree))
+    # A tree that can be flat has its masks and counts in the same block, right after it: a change reads
+    # the tree and its masks, and in a small pool that is one line more, the next one, not one elsewhere.
+    cdef Py_ssize_t words = (size + 63) >> 6 if size <= FLAT_TREE else 0  # (a bigger tree is never flat)
+    cdef pool_tree* t = <pool_tree*>calloc(
+        1, sizeof(pool_tree) + 2 * words * sizeof(uint64_t) + (words + ((words + 15) >> 4)) * sizeof(uint16_t))
     if t == NULL:
         return NULL
     t.size = <int32_t>size
@@ -553,13 +565,10 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
     t.slots = <int32_t*>malloc((n if n > 0 else 1) * sizeof(int32_t))
     t.next = <int64_t*>malloc((n if n > 0 else 1) * sizeof(int64_t))
     t.nodes = <order_node*>calloc(2 * size, sizeof(order_node))
-    if size <= FLAT_TREE:  # (a bigger tree is never flat: no masks)
-        t.words = <int32_t>((size + 63) >> 6)
-        t.masks = <uint64_t*>calloc(2 * t.words, sizeof(uint64_t))
-        t.counts = <uint16_t*>calloc(t.words + _groups(t), sizeof(uint16_t))
-        if t.masks == NULL or t.counts == NULL:
-            _tree_free(t)
-            return NULL
+    if words:
+        t.words = <int32_t>words
+        t.masks = <uint64_t*>(t + 1)  # (sizeof(pool_tree) is a multiple of 8)
+        t.counts = <uint16_t*>(t.masks + 2 * words)
     if t.slots == NULL or t.next == NULL or t.nodes == NULL:
         _tree_free(t)
         return NULL
