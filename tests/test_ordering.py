@@ -578,15 +578,20 @@ def test_scheduler_with_silent_nodes_and_churn_agrees_between_kernels(seed: int)
     assert results[0] == results[1]
 
 
+def _idle_pool(n: int, max_concurrency: int) -> tuple[Twin, _core_types.Ordering]:
+    """One compiled pool of ``n`` idle candidates (heard from at 1000.0), and its ordering."""
+    recs = np.zeros(n, dtype=L.NODE_DTYPE)
+    recs["service_mask"], recs["max_concurrency"], recs["flags"] = 0b11, max_concurrency, 3
+    t = Twin(_core, n, [list(range(n))], recs, 1)
+    for s in range(n):
+        t.loads.update(s, 1000.0, 10.0, 10.0, 10.0, 0)
+    return t, _ordering(t.kernel)
+
+
 def test_only_trees_of_at_most_16384_leaves_are_ever_flat() -> None:
     """A pool of 16,384 members starts flat; one more member makes 32,768 leaves, never flat."""
     for n, shape in ((16384, "flat"), (16385, "tree")):
-        recs = np.zeros(n, dtype=L.NODE_DTYPE)
-        recs["service_mask"], recs["max_concurrency"], recs["flags"] = 0b11, 2, 3
-        t = Twin(_core, n, [list(range(n))], recs, 1)
-        for s in range(n):
-            t.loads.update(s, 1000.0, 10.0, 10.0, 10.0, 0)
-        ordering = _ordering(t.kernel)
+        _, ordering = _idle_pool(n, 2)
         assert ordering.shape(0) == shape
         assert ordering.best(0) == (0, n)
         if shape == "tree":
@@ -598,12 +603,7 @@ def test_only_trees_of_at_most_16384_leaves_are_ever_flat() -> None:
 def test_a_flat_tree_over_several_words_stays_exact() -> None:
     """Best members across three mask words: one getting better clears them all, the first best moves on."""
     n = 150
-    recs = np.zeros(n, dtype=L.NODE_DTYPE)
-    recs["service_mask"], recs["max_concurrency"], recs["flags"] = 0b11, 4, 3
-    t = Twin(_core, n, [list(range(n))], recs, 1)
-    for s in range(n):
-        t.loads.update(s, 1000.0, 10.0, 10.0, 10.0, 0)
-    ordering = _ordering(t.kernel)
+    t, ordering = _idle_pool(n, 4)
     assert ordering.shape(0) == "flat" and ordering.best(0) == (0, n)
     for s in range(n):
         assert t.counts.try_add(s, 4, 0)  # all at one job: still all tied
