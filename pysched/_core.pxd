@@ -122,18 +122,17 @@ ctypedef struct order_node:
     int32_t ties               # candidates below whose key equals win's
     int32_t left               # how many of those are in the left half (they come first in member order)
 
+# A tree of at most FLAT_TREE leaves may be flat (_ordering.pxi): then only its root and leaves are kept,
+# and masks stand for the rest. Member i is bit i & 63 of mask word i >> 6. ``masks`` and ``counts`` lie in
+# the tree's own block, right after it; a bigger tree, never flat, has none (NULL).
 ctypedef struct pool_tree:
     int32_t size               # leaves: a power of two >= n
     int32_t n                  # members
     int32_t* slots             # member slots, in member order
     int64_t* next              # per member: the next leaf of the same slot (tree id << 32 | position), or -1
-    order_node* nodes          # 2 * size; nodes[1] is the root, member i's leaf is nodes[size + i] (a flat
-                               # tree keeps only those two levels: its masks stand for the rest)
-    uint64_t* masks            # while flat, 2 * words: [0, words) the members in (member i: bit i & 63 of
-                               # word i >> 6), [words, 2 * words) those whose key ties with the best;
-                               # NULL for a tree of more than FLAT_TREE leaves, which is never flat
-    uint16_t* counts           # while flat: per word, how many of its members tie with the best, then the
-                               # same per group of 16 words (a draw finds the r-th best by them)
+    order_node* nodes          # 2 * size; nodes[1] is the root, member i's leaf is nodes[size + i]
+    uint64_t* masks            # while flat: words [0, words) the members in, [words, 2 words) the best
+    uint16_t* counts           # while flat: the best per word, then per group of 16 words (none: one word)
     int32_t words              # the masks' words: size / 64 rounded up
     int32_t first              # while flat: the position of the first best member, -1 when none is in
     int32_t streak             # changes in a row that spoke for the other shape (see FLAT_TREE)
