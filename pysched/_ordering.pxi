@@ -124,9 +124,10 @@ cdef inline order_node _combine(const order_node* nodes, const order_key* keys, 
     return n
 
 
-cdef inline Py_ssize_t _groups(const pool_tree* t) noexcept nogil:
-    """A flat tree's groups of 16 mask words, whose best counts follow the words' (pool_tree.counts)."""
-    return (t.words + 15) >> 4
+cdef inline Py_ssize_t _groups(Py_ssize_t words) noexcept nogil:
+    """The groups of 16 mask words of a flat tree of ``words`` words, whose best counts follow the words'
+    (pool_tree.counts)."""
+    return (words + 15) >> 4
 
 
 cdef inline void _count(pool_tree* t, Py_ssize_t w, int d) noexcept nogil:
@@ -144,7 +145,7 @@ cdef inline void _drop_best(pool_tree* t, Py_ssize_t first) noexcept nogil:
     for v in range(first >> 6, t.words):
         best[v] = 0
         t.counts[v] = 0
-    for v in range((first >> 6) >> 4, _groups(t)):  # (a group's words before ``first``'s have none)
+    for v in range((first >> 6) >> 4, _groups(t.words)):  # (a group's words before ``first``'s have none)
         t.counts[t.words + v] = 0
 
 
@@ -158,7 +159,7 @@ cdef void _flat_scan(pool_tree* t, const order_key* keys) noexcept nogil:
     cdef int c
     cdef const order_key* top = NULL
     cdef const order_key* k
-    for w in range(t.words + _groups(t)):
+    for w in range(t.words + _groups(t.words)):
         t.counts[w] = 0
     for w in range(t.words):
         best[w] = 0
@@ -557,7 +558,7 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
     # the tree and its masks, and in a small pool that is one line more, the next one, not one elsewhere.
     cdef Py_ssize_t words = (size + 63) >> 6 if size <= FLAT_TREE else 0  # (a bigger tree is never flat)
     cdef pool_tree* t = <pool_tree*>calloc(
-        1, sizeof(pool_tree) + 2 * words * sizeof(uint64_t) + (words + ((words + 15) >> 4)) * sizeof(uint16_t))
+        1, sizeof(pool_tree) + 2 * words * sizeof(uint64_t) + (words + _groups(words)) * sizeof(uint16_t))
     if t == NULL:
         return NULL
     t.size = <int32_t>size
@@ -582,7 +583,7 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
     t.nodes[0].win = -1
     t.nodes[0].ties = 0
     t.nodes[0].left = 0
-    if size <= FLAT_TREE:
+    if words:
         _tree_flatten(t, keys, -1)  # (a new tree starts flat: its first scans tell whether it stays so)
     else:
         _tree_inner(t, keys)
@@ -719,7 +720,7 @@ cdef class Ordering:
                 if fresh.nodes[1].win != t.nodes[1].win or fresh.nodes[1].ties != t.nodes[1].ties or t.flat and (
                         fresh.first != t.first
                         or memcmp(fresh.masks, t.masks, 2 * t.words * sizeof(uint64_t)) != 0
-                        or memcmp(fresh.counts, t.counts, (t.words + _groups(t)) * sizeof(uint16_t)) != 0):
+                        or memcmp(fresh.counts, t.counts, (t.words + _groups(t.words)) * sizeof(uint16_t)) != 0):
                     raise AssertionError(f"ordering: the tree of pool {p} differs at its root or masks")
             finally:
                 _tree_free(fresh)
