@@ -280,6 +280,7 @@ class PacedHeartbeats:
         cpu0 = time.thread_time_ns()
         done = 0
         now = perf()
+        last = start  # the end of the last burst
         try:
             while True:
                 due = int((now - start) * per_ns) + 1 - done
@@ -292,12 +293,12 @@ class PacedHeartbeats:
                 burst = due if due < _BURST else _BURST
                 send(now, burst)
                 done += burst
-                now = perf()
-                self.active_ns = now - start
+                now = last = perf()
                 if now >= deadline or errors:
                     break
         finally:
             self.sent = done
+            self.active_ns = last - start
             self.elapsed_ns = now - start
             self.cpu_ns = time.thread_time_ns() - cpu0
 
