@@ -662,6 +662,29 @@ def test_a_small_pool_takes_the_shape_its_loads_speak_for() -> None:
     assert results[0] == results[1]
 
 
+@pytest.mark.parametrize(("gpu_step", "shape"), [(0.0, "flat"), (1.0, "tree")])
+def test_a_new_tree_starts_in_the_shape_its_loads_speak_for(gpu_step: float, shape: str) -> None:
+    """A pool's tree made anew (a node joins) starts flat only when enough of its members tie for best:
+    with one node best alone (distinct GPU figures) it has inner nodes from the start, without first
+    paying a flat tree's scans. Its decisions are the twin's either way."""
+    picks = []
+    for kernel in ("compiled", "python"):
+        sched = pysched.Scheduler(seed=2, kernel=kernel)
+        for i in range(200):
+            sched.register_node(f"n{i}", languages=["en", "zh"], max_concurrency=1000)
+            sched.heartbeat(f"n{i}", gpu=gpu_step * (i % 90))
+        sched.register_node("late", languages=["en", "zh"], max_concurrency=1000)  # a new tree for the pool
+        sched.heartbeat("late", gpu=gpu_step * 95)
+        out: list[object] = []
+        _dispatch_new_sessions(sched, 3, out, [])
+        if kernel == "compiled":
+            ordering = _ordering(sched.snapshot.kernel)
+            assert ordering.shape(0) == shape
+            ordering.check()
+        picks.append(out)
+    assert picks[0] == picks[1]
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_tied_pools_small_and_big_stay_exact_and_agree_between_kernels(seed: int) -> None:
     """Many ties (small maxima, integer loads, few GPU figures) in a 40-node and a 300-node pool.
