@@ -21,6 +21,8 @@ figure is dispatch's own cost against the pool size.
 from __future__ import annotations
 
 import random
+import statistics
+import time
 
 import pysched
 
@@ -80,3 +82,43 @@ class DispatchPoolSizeWarm(DispatchPoolSize):
         self.sched, self.requests = cached(("pool_size_warm", n_nodes, loads),
                                            lambda: _fleet(n_nodes, loads, heartbeat_timeout=86_400.0))
         self.jobs = []
+
+
+class DispatchPoolSizeRatio:
+    """The pool-size ratio itself: ``DispatchPoolSizeWarm.time_dispatch`` at 10,000 nodes over 10, side by side.
+
+    Separate asv samples of the two sizes are taken minutes apart, while this
+    kind of shared machine's speed drifts by 30-50 %: their ratio moves with
+    the drift. Here rounds of ``INNER`` dispatches alternate between the
+    10-node and the 10,000-node fleet (``DispatchPoolSizeWarm``'s), and the
+    figure is the ratio of the two median rounds (the goal: at most 1.5).
+    Before each round its fleet releases its previous round's jobs, as asv's
+    teardown does before a ``DispatchPoolSizeWarm`` sample: what comes before
+    a round is its own fleet's work, for both sizes.
+    """
+
+    params = [["idle", "varied"]]
+    param_names = ["loads"]
+    unit = "x"
+    timeout = 600
+    ROUNDS = 25
+
+    def setup(self, loads):
+        self.fleets = [cached(("pool_size_warm", n, loads),
+                              lambda n=n: _fleet(n, loads, heartbeat_timeout=86_400.0)) for n in (10, 10_000)]
+
+    def track_pool_size_ratio(self, loads):
+        rounds: tuple[list[float], list[float]] = ([], [])
+        jobs: list[list[str]] = [[], []]
+        for _ in range(self.ROUNDS):
+            for k, (sched, requests) in enumerate(self.fleets):
+                release, dispatch = sched.release, sched.dispatch
+                for job in jobs[k]:
+                    release(job)
+                t = time.perf_counter()
+                jobs[k] = [dispatch(sid, src, tgt).job_id for sid, src, tgt in requests[INNER: 2 * INNER]]
+                rounds[k].append(time.perf_counter() - t)
+        for k, (sched, _) in enumerate(self.fleets):
+            for job in jobs[k]:
+                sched.release(job)
+        return statistics.median(rounds[1]) / statistics.median(rounds[0])
