@@ -200,10 +200,9 @@ cdef inline SessionState _new_session(double now):
 cdef enum:
     # jobs per placement pass of a batch at most (Dispatcher.pass_size): between two passes the batch
     # takes the GIL back for its sessions' bookkeeping, and another thread's batch does its own then,
-    # while this one's next pass runs without the GIL. That bookkeeping grows with the pass (one pass
-    # for a whole big batch, in the first version, left another thread's batch waiting for the GIL as
-    # long as it took), and each pass boundary is a hand-over of the GIL, which another thread's batch
-    # may hold then: measured side by side
+    # while this one's next pass runs without the GIL. (One pass for a whole big batch left another
+    # thread's batch waiting for the GIL as long as this one's bookkeeping took.) Each pass boundary is
+    # also a hand-over of the GIL, which another thread's batch may hold then: measured side by side
     # (two threads, one scheduler and 10,000-job batches each, 32-node pools; the pass sizes alternating
     # in one process), two threads did 1.26-1.84x one thread's work with passes of 8,192 (median 1.63x)
     # and 1.20-1.65x with passes of 2,048 (median 1.46x), the longer passes ahead in each of seven runs.
