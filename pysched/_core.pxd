@@ -148,9 +148,7 @@ cdef class Gate:
     cdef PyThread_type_lock lock       # held by the batch for its pass without the GIL
     cdef bint busy                     # that pass is running
     cdef Py_ssize_t active             # entry points under way (a batch then keeps the GIL)
-    cdef int n_waiting                 # entries waiting for the pass: read by it without the GIL (atomics)
     cdef int wait(self) except -1
-    cdef bint waited(self) noexcept nogil
     cdef int begin_pass(self) except -1
     cdef void end_pass(self, bint free) noexcept
 
@@ -459,12 +457,6 @@ cdef class Dispatcher:
                            object tenant_pool, double now, int32_t[::1] out_slot, int64_t[::1] out_pool,
                            int64_t[::1] out_handle, int64_t[::1] out_key, Py_ssize_t start,
                            Py_ssize_t* done) except -1
-    cdef Py_ssize_t _pass(self, SnapshotKernel kernel, Gate gate, bint free, Py_ssize_t lo, Py_ssize_t* hi,
-                          Py_ssize_t resolved, PyObject** sids, PyObject* snap, double now, uint64_t mark,
-                          const int64_t* keys, int32_t* session_of, int32_t* bound_key, int32_t* bound_index,
-                          PyObject** state_of, Py_ssize_t* n_sessions, uint8_t* rebound, const int64_t* pool_ids,
-                          Py_ssize_t tenant, request_t* req, double expires_at, int32_t group, int32_t* out_slot,
-                          int64_t* out_pool, int64_t* out_handle) noexcept nogil
     cdef Py_ssize_t _place(self, SnapshotKernel kernel, Py_ssize_t lo, Py_ssize_t hi, const int64_t* keys,
                            const int32_t* session_of, int32_t* bound_key, int32_t* bound_index, uint8_t* rebound,
                            const int64_t* pool_ids, Py_ssize_t tenant, request_t* req, double expires_at,

@@ -60,10 +60,6 @@ class Gate:
 
     @property
     def state(self) -> tuple[bool, int]: ...
-    @property
-    def waiting(self) -> int: ...
-    @waiting.setter
-    def waiting(self, value: int) -> None: ...
 
 @final
 class SlotCounts:

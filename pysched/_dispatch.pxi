@@ -198,19 +198,11 @@ cdef inline SessionState _new_session(double now):
 
 
 cdef enum:
-    # jobs per placement pass of a batch at most (Dispatcher.pass_size): between two passes the batch
-    # takes the GIL back for its sessions' bookkeeping, and another thread's batch does its own then,
-    # while this one's next pass runs without the GIL. (One pass for a whole big batch left another
-    # thread's batch waiting for the GIL as long as this one's bookkeeping took.) Each pass boundary is
-    # also a hand-over of the GIL, which another thread's batch may hold then: measured side by side
-    # (two threads, one scheduler and 10,000-job batches each, 32-node pools; the pass sizes alternating
-    # in one process), two threads did 1.26-1.84x one thread's work with passes of 8,192 (median 1.63x)
-    # and 1.20-1.65x with passes of 2,048 (median 1.46x), the longer passes ahead in each of seven runs.
-    PASS_SIZE = 8192
-    # A pass without the GIL resolves and places its jobs PASS_CUT at a time, and ends at a cut where
-    # another call into this scheduler waits for it (Gate.wait): a call waits for about PASS_CUT jobs
-    # at most, as it did when passes were that long. A pass holding the GIL ends at its first cut.
-    PASS_CUT = 2048
+    # jobs per placement pass of a batch (Dispatcher.pass_size): between two passes the batch takes
+    # the GIL back for its sessions' bookkeeping, and another thread's batch does its own then, while
+    # this one's next pass runs without the GIL. (One pass for a whole big batch left another thread's
+    # batch waiting for the GIL as long as this one's bookkeeping took.)
+    PASS_SIZE = 2048
     CODE_MEMO = 64  # entries of a batch's per-job code memo, per direction (2 ** 6: see _memo_find)
     MEMO_PROBES = 4
     # a batch of this many jobs or more checks them without the GIL (_checked_run), so that another
@@ -341,7 +333,7 @@ cdef class Dispatcher:
 
     @property
     def pass_size(self) -> int:
-        """Jobs per placement pass of a batch at most (see :meth:`batch`); >= 1, 8,192 unless set."""
+        """Jobs per placement pass of a batch (see :meth:`batch`); >= 1, 2,048 unless set."""
         return self.pass_jobs
 
     @pass_size.setter
@@ -1033,12 +1025,10 @@ cdef class Dispatcher:
         and pair key (-1: no pool speaks both codes); returns the number
         placed.
 
-        The jobs are placed in passes of up to ``pass_size`` (8,192) jobs. Each
+        The jobs are placed in passes of up to ``pass_size`` (2,048) jobs. Each
         pass releases the GIL when no other entry into this scheduler's
         reservation state is under way (see _gate.pxi), and holds it
         otherwise; either way no other change of that state overlaps a pass.
-        A pass without the GIL ends early, at a multiple of PASS_CUT (2,048)
-        jobs, when another call waits for it; one holding the GIL always does.
         Each pass finds its jobs' sessions in the session index and reads
         their bindings itself; a session that needs Python (new to the index,
         past its TTL, its binding not memoised in this snapshot) is read
@@ -1323,16 +1313,18 @@ cdef class Dispatcher:
                 if free_pass:
                     self.passes_without_gil += 1
                     with nogil:
-                        got = self._pass(kernel, gate, 1, lo, &hi, resolved, sid_items, <PyObject*>snap, now, mark,
-                                         &out_key[0], session_of, bound_key, bound_index, state_of, &n_sessions,
-                                         rebound, pool_c, tenant, &req, now + self.ttl, group, &out_slot[0],
-                                         &out_pool[0], &out_handle[0])
+                        hi = self._resolved_run(resolved, hi, sid_items, <PyObject*>snap, now, mark, session_of,
+                                                bound_key, bound_index, state_of, &n_sessions)
+                        got = self._place(kernel, lo, hi, &out_key[0], session_of, bound_key, bound_index,
+                                          rebound, pool_c, tenant, &req, now + self.ttl, group, &out_slot[0],
+                                          &out_pool[0], &out_handle[0])
                 else:
-                    got = self._pass(kernel, gate, 0, lo, &hi, resolved, sid_items, <PyObject*>snap, now, mark,
-                                     &out_key[0], session_of, bound_key, bound_index, state_of, &n_sessions,
-                                     rebound, pool_c, tenant, &req, now + self.ttl, group, &out_slot[0],
-                                     &out_pool[0], &out_handle[0])
-                gate.end_pass(free_pass)  # _pass raises nothing: no finally needed
+                    hi = self._resolved_run(resolved, hi, sid_items, <PyObject*>snap, now, mark, session_of,
+                                            bound_key, bound_index, state_of, &n_sessions)
+                    got = self._place(kernel, lo, hi, &out_key[0], session_of, bound_key, bound_index, rebound,
+                                      pool_c, tenant, &req, now + self.ttl, group, &out_slot[0], &out_pool[0],
+                                      &out_handle[0])
+                gate.end_pass(free_pass)  # _place raises nothing: no finally needed
                 self.resolved_in_pass += hi - resolved
                 if got == 0:
                     self.jobs._free_group(group)  # no job joined it
@@ -1372,34 +1364,6 @@ cdef class Dispatcher:
             free(pair_number)
             free(state_of)
         return placed
-
-    cdef Py_ssize_t _pass(self, SnapshotKernel kernel, Gate gate, bint free, Py_ssize_t lo, Py_ssize_t* hi,
-                          Py_ssize_t resolved, PyObject** sids, PyObject* snap, double now, uint64_t mark,
-                          const int64_t* keys, int32_t* session_of, int32_t* bound_key, int32_t* bound_index,
-                          PyObject** state_of, Py_ssize_t* n_sessions, uint8_t* rebound, const int64_t* pool_ids,
-                          Py_ssize_t tenant, request_t* req, double expires_at, int32_t group, int32_t* out_slot,
-                          int64_t* out_pool, int64_t* out_handle) noexcept nogil:
-        """A batch's step 4, jobs ``lo`` to ``hi[0]`` (numbered from ``resolved`` on by the pass itself),
-        PASS_CUT jobs at a time: each cut's sessions resolved (_resolved_run), then its jobs placed (_place).
-
-        The pass ends at the end of a cut where resolving stopped (a session
-        that needs Python), where another call waits for it (``free``: the
-        GIL released; ``Gate.waited``), or, holding the GIL, after its first
-        cut. Sets ``hi[0]`` to the first job it did not handle; returns how
-        many it placed. A cut is no boundary for the batch's sessions: all of
-        the pass's stay numbered, and bound in ``bound_key``, to its end.
-        """
-        cdef Py_ssize_t got = 0, at = lo, cut, end
-        while True:
-            cut = at + PASS_CUT if hi[0] - at > PASS_CUT else hi[0]
-            end = self._resolved_run(resolved if resolved > at else at, cut, sids, snap, now, mark, session_of,
-                                     bound_key, bound_index, state_of, n_sessions)
-            got += self._place(kernel, at, end, keys, session_of, bound_key, bound_index, rebound, pool_ids,
-                               tenant, req, expires_at, group, out_slot, out_pool, out_handle)
-            if end < cut or end == hi[0] or not free or gate.waited():
-                hi[0] = end
-                return got
-            at = end
 
     cdef Py_ssize_t _resolved_run(self, Py_ssize_t i, Py_ssize_t hi, PyObject** sids, PyObject* snap, double now,
                                   uint64_t mark, int32_t* session_of, int32_t* bound_key, int32_t* bound_index,

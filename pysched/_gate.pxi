@@ -33,29 +33,9 @@
 # updates need no atomics. A free-threaded build would make ``busy`` and
 # ``active`` a reader-writer lock (entries share it, a batch takes it alone)
 # and give the counts and trees per-pool locks.
-#
-# * ``n_waiting``: how many entries wait for the pass now. The pass reads it
-#   without the GIL (``waited``) at each of its cuts and ends there when an
-#   entry waits (see PASS_CUT in _dispatch.pxi), so it is changed and read
-#   with relaxed atomic operations; nothing else is ordered by it.
 
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK, NOWAIT_LOCK)
-
-
-cdef extern from *:
-    """
-    /* Gate.n_waiting: changed holding the GIL, read by a pass without it */
-    #if defined(__GNUC__) || defined(__clang__)
-    #define pysched_relaxed_load(p) __atomic_load_n((p), __ATOMIC_RELAXED)
-    #define pysched_relaxed_add(p, v) ((void)__atomic_fetch_add((p), (v), __ATOMIC_RELAXED))
-    #else
-    #define pysched_relaxed_load(p) (*(volatile const int*)(p))
-    #define pysched_relaxed_add(p, v) ((void)(*(volatile int*)(p) += (v)))
-    #endif
-    """
-    int pysched_relaxed_load(const int* p) noexcept nogil
-    void pysched_relaxed_add(int* p, int v) noexcept nogil
 
 
 @cython.final
@@ -68,25 +48,18 @@ cdef class Gate:
             raise MemoryError()
         self.busy = 0
         self.active = 0
-        self.n_waiting = 0
 
     def __dealloc__(self):
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
 
     cdef int wait(self) except -1:
-        """Wait, without the GIL, until no batch pass is running (counted in ``n_waiting`` meanwhile)."""
+        """Wait, without the GIL, until no batch pass is running."""
         while self.busy:
-            pysched_relaxed_add(&self.n_waiting, 1)
             with nogil:
                 PyThread_acquire_lock(self.lock, WAIT_LOCK)
                 PyThread_release_lock(self.lock)
-            pysched_relaxed_add(&self.n_waiting, -1)
         return 0
-
-    cdef bint waited(self) noexcept nogil:
-        """An entry waits for the running pass (read by the pass, without the GIL)."""
-        return pysched_relaxed_load(&self.n_waiting) != 0
 
     cdef int begin_pass(self) except -1:
         """A batch's pass starts (GIL held): 1 if it may run without the GIL, 0 if it must hold it.
@@ -114,18 +87,6 @@ cdef class Gate:
     def state(self) -> tuple:
         """``(busy, active)``: for tests and debugging."""
         return (bool(self.busy), self.active)
-
-    @property
-    def waiting(self) -> int:
-        """Entries waiting for the running pass now. Settable (tests): a count set stands for that many
-        waiting entries, so a batch's passes end at their first cut."""
-        return pysched_relaxed_load(&self.n_waiting)
-
-    @waiting.setter
-    def waiting(self, int value):
-        if value < 0:
-            raise ValueError(f"waiting must be >= 0, got {value}")
-        pysched_relaxed_add(&self.n_waiting, value - pysched_relaxed_load(&self.n_waiting))
 
 
 cdef inline int _enter(Gate g) except -1:

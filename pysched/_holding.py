@@ -38,9 +38,8 @@ SessionState = TypeVar("SessionState", bound=_Session)
 
 __all__ = ["HELD_POLL", "Held", "Holds", "await_unheld"]
 
-#: seconds between two looks of a thread waiting for a batch to let go of a session (a compiled pass ends at
-#: its next 2,048 jobs, a few hundred microseconds, once a call waits for it; the wait is rare: the same
-#: session in a batch and a dispatch at once)
+#: seconds between two looks of a thread waiting for a batch to let go of a session (a compiled pass of 2,048
+#: jobs lasts a few hundred microseconds; the wait is rare: the same session in a batch and a dispatch at once)
 HELD_POLL = 50e-6
 
 

@@ -1129,7 +1129,7 @@ class Dispatcher:
         self._view: _View | None = None
         self.default_mask = -1  # unknown until every default service has a bit
         self.next_sweep = float("inf")
-        self._pass_size = 8192
+        self._pass_size = 2048
         # one Assignment type per process, whichever kernel made it (the compiled one when built)
         from pysched._impl import kernel as default_kernel
 
@@ -1141,9 +1141,9 @@ class Dispatcher:
 
     @property
     def pass_size(self) -> int:
-        """Jobs per placement pass of a batch at most; >= 1, 8,192 unless set.
+        """Jobs per placement pass of a batch; >= 1, 2,048 unless set.
 
-        The compiled batch places up to that many jobs per pass without the GIL;
+        The compiled batch places that many jobs per pass without the GIL;
         the twin places a whole batch under its lock, which gives the same
         decisions (passes decide nothing), so here it is only checked and kept.
         """

@@ -1028,13 +1028,10 @@ class Scheduler:
         placed in order exactly as that many :meth:`dispatch` calls with the
         same seed would place them (sessions' bindings and every earlier
         job's load included); instead of job id strings each placed job gets
-        an integer handle. The jobs are placed in passes of up to 8,192, each
+        an integer handle. The jobs are placed in passes of up to 2,048, each
         without the GIL (unless another call into this scheduler's
         reservations is under way, then holding it); either way no other
-        reservation change overlaps a pass: they wait for it, and a pass
-        ends at its next multiple of 2,048 jobs when one does (one holding
-        the GIL ends at its first), so that no call waits for more than about
-        2,048 jobs' placement. A pass reads
+        reservation change overlaps a pass: they wait for it. A pass reads
         the sessions the compiled calls know itself; one that needs Python
         (new, past its TTL, or bound in an earlier snapshot) is read holding
         the GIL before a pass, which then ends at the next such job. Between

@@ -542,7 +542,7 @@ def test_pass_size_below_one_is_refused(make_scheduler, pass_size):
     sched = make_scheduler()
     with pytest.raises(ValueError, match="pass_size"):
         sched._fast.pass_size = pass_size
-    assert sched._fast.pass_size == 8192
+    assert sched._fast.pass_size == 2048
 
 
 def test_a_fleet_change_between_two_passes_is_seen_from_the_next_pass_on():
@@ -607,32 +607,6 @@ def test_a_batch_alone_places_without_the_gil_and_leaves_the_gate_open():
     assert sched.release_batch(got.handle) == 20
     assert _gate(sched).state == (False, 0)
     assert sched.reservations.count() == 0 and int(sched.reservations.inflight[:8].sum()) == 0
-
-
-@pytest.mark.parametrize("waiting", [0, 1])
-def test_a_pass_ends_at_its_next_cut_only_when_a_call_waits_for_it(waiting):
-    """10,000 jobs of known sessions: a pass of 8,192 jobs and one of the rest when no call waits for the
-    scheduler; with one waiting (a count set on the gate stands for it), every pass ends at its first
-    2,048 jobs. Either way the jobs are placed as one-by-one dispatch places them."""
-    n = 10_000
-    sids = [f"s{i % 3000}" for i in range(n)]
-    seq, bat = (pysched.Scheduler(kernel="compiled", seed=4) for _ in range(2))
-    for sched in (seq, bat):
-        for i in range(40):
-            sched.register_node(f"n{i}", ["zh", "en"], max_concurrency=1000)
-        sched.release_batch(sched.dispatch_batch(sids, "zh", "en").handle)  # every session known and bound
-    expected = [a.node_id for a in one_by_one(seq, sids, ["zh"] * n, ["en"] * n)]
-    fast, gate = bat._fast, _gate(bat)
-    before = fast.passes_without_gil
-    gate.waiting = waiting
-    try:
-        got = bat.dispatch_batch(sids, "zh", "en")
-    finally:
-        gate.waiting = 0
-    assert fast.passes_without_gil - before == (5 if waiting else 2)
-    assert got.node_ids() == expected
-    assert gate.state == (False, 0) and gate.waiting == 0
-    assert bat.release_batch(got.handle) == n and bat.reservations.count() == 0
 
 
 def test_a_batch_started_inside_another_entry_keeps_the_gil_and_does_not_wait_on_itself():
