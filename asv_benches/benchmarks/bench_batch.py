@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 
 import pysched
 
-from .common import build_fleet, cached, sessions_for
+from .common import build_fleet, cached, median, sessions_for
 
 
 def _fleet(n_nodes):
@@ -239,4 +238,4 @@ class DispatchBatchThreadsSpeedup:
             self.go.wait()
             self.done.wait()
             two.append(time.perf_counter() - t)
-        return statistics.median(one) / statistics.median(two)
+        return median(one) / median(two)

@@ -21,12 +21,11 @@ figure is dispatch's own cost against the pool size.
 from __future__ import annotations
 
 import random
-import statistics
 import time
 
 import pysched
 
-from .common import INNER, cached
+from .common import INNER, cached, median
 
 
 def _fleet(n_nodes: int, loads: str, heartbeat_timeout: float = 45.0):
@@ -121,4 +120,4 @@ class DispatchPoolSizeRatio:
         for k, (sched, _) in enumerate(self.fleets):
             for job in jobs[k]:
                 sched.release(job)
-        return statistics.median(rounds[1]) / statistics.median(rounds[0])
+        return median(rounds[1]) / median(rounds[0])

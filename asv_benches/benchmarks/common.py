@@ -47,6 +47,13 @@ def build_fleet(n_nodes: int, n_pools: int = 50, max_concurrency: int = 1_000_00
     return sched, sets, pairs
 
 
+def median(values: list[float]) -> float:
+    """The median of ``values`` (here, not ``statistics``: its imports would count in the peakmem benchmarks)."""
+    s = sorted(values)
+    k = len(s) // 2
+    return s[k] if len(s) % 2 else (s[k - 1] + s[k]) / 2
+
+
 _CACHE: dict = {}
 
 
