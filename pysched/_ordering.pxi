@@ -130,6 +130,11 @@ cdef inline Py_ssize_t _groups(Py_ssize_t words) noexcept nogil:
     return (words + 15) >> 4
 
 
+cdef inline bint _few_best(const pool_tree* t) noexcept nogil:
+    """The root's ties are too few a part of the members for the flat shape's scans (FLAT_SPREAD)."""
+    return t.nodes[1].ties * FLAT_SPREAD < t.n
+
+
 cdef inline void _count(pool_tree* t, Py_ssize_t w, int d) noexcept nogil:
     """Word ``w``'s count of best members, and its group's, by ``d`` (a tree of one word keeps none: its draw
     counts the word's bits)."""
@@ -242,7 +247,7 @@ cdef inline void _flat_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, 
             if ties == 0:
                 _flat_scan(t, keys)
                 # few best for the scan's cost, FLAT_STREAK times in a row: inner nodes from here on
-                if root.ties * FLAT_SPREAD < t.n:
+                if _few_best(t):
                     t.streak += 1
                     if t.streak >= FLAT_STREAK:
                         _tree_inner(t, keys)
@@ -288,7 +293,7 @@ cdef bint _small_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_
     if not t.flat:
         # ties at the root worth the flat shape's scans for a while (TREE_STREAK changes in a row, and at
         # least n / TREE_STREAK_SHARE, which pays for the switch's O(n)): flat from here on
-        if t.nodes[1].ties * FLAT_SPREAD < t.n:
+        if _few_best(t):
             t.streak = 0
             return False
         t.streak += 1
@@ -588,7 +593,7 @@ cdef pool_tree* _tree_new(const int32_t* slots, Py_ssize_t n, const order_key* k
         # a varied pool would pay FLAT_STREAK scans of its members first (measured, at 10,000 nodes: 4 scans
         # and a rebuild in its first ~170 dispatches after each publication that makes the tree anew)
         _tree_flatten(t, keys, -1)
-        if t.nodes[1].ties * FLAT_SPREAD < t.n:
+        if _few_best(t):
             _tree_inner(t, keys)
     else:
         _tree_inner(t, keys)
