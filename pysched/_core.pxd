@@ -378,7 +378,8 @@ cdef class SessionState:
     # its choice); a compiled dispatch that finds it set hands its job to the Python path, which waits
     cdef public bint deciding
     # set while a batch's pass has read the binding and not yet written it back (from numbering the session in
-    # pass ``batch`` until the pass's sessions are bound): every other decision of the binding waits for it
+    # pass ``batch`` until the pass ends, or, if the pass bound it anew, until that binding is written back
+    # after the pass): every other decision of the binding waits for it
     # to clear (public as ``deciding`` is: tests stand in for a batch with it). Next to ``deciding``: it takes
     # the padding before the next pointer, so the state is no bigger for it
     cdef public bint held

