@@ -150,6 +150,24 @@ def _stop_workers(bench):
         bench.workers = []
 
 
+def _speedup(bench):
+    """``bench.PAIRS`` pairs of rounds, alternating: this thread runs ``bench._run`` on each of ``bench.fleets``
+    in turn, then ``bench``'s workers (threads or processes) run it at once, one fleet each. The median
+    first round over the median second."""
+    one: list[float] = []
+    two: list[float] = []
+    for _ in range(bench.PAIRS):
+        t = time.perf_counter()
+        for fleet in bench.fleets:
+            bench._run(fleet)
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        bench.go.wait()
+        bench.done.wait()
+        two.append(time.perf_counter() - t)
+    return median(one) / median(two)
+
+
 class DispatchBatchStartedThreads(DispatchBatchThreads):
     """``DispatchBatchThreads`` with the two threads started in ``setup``: each round times the batches only.
 
@@ -229,18 +247,7 @@ class DispatchBatchThreadsSpeedup:
     _run = staticmethod(DispatchBatchThreadsSustained._run)
 
     def track_two_thread_speedup(self):
-        one: list[float] = []
-        two: list[float] = []
-        for _ in range(self.PAIRS):
-            t = time.perf_counter()
-            for fleet in self.fleets:
-                self._run(fleet)
-            one.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            self.go.wait()
-            self.done.wait()
-            two.append(time.perf_counter() - t)
-        return median(one) / median(two)
+        return _speedup(self)
 
 
 def _process_loop(bench, k):
@@ -292,15 +299,4 @@ class DispatchBatchProcessesSpeedup:
     _run = staticmethod(DispatchBatchThreadsSustained._run)
 
     def track_two_process_speedup(self):
-        one: list[float] = []
-        two: list[float] = []
-        for _ in range(self.PAIRS):
-            t = time.perf_counter()
-            for fleet in self.fleets:
-                self._run(fleet)
-            one.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            self.go.wait()
-            self.done.wait()
-            two.append(time.perf_counter() - t)
-        return median(one) / median(two)
+        return _speedup(self)
