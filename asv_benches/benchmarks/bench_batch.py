@@ -270,8 +270,8 @@ class DispatchBatchProcessesSpeedup:
     round. Two processes share no GIL, so next to the two-thread figure it
     tells what the host gives two busy CPUs at the time from what the GIL
     hand-overs between two threads cost (measured on this kind of 2-vCPU
-    VM: each hand-over a thread waits for took 0.2-0.7 ms while the host
-    was busy, and the threads reached about 0.8 of this figure).
+    VM with a busy host: each wait of a thread for the GIL took 0.1-0.5 ms,
+    and the two threads reached 0.7-1.0 of this figure).
     """
 
     unit = "x"
