@@ -152,7 +152,8 @@ class Ordering:
         self.horizon = float("-inf")
 
     def evicted_slots(self) -> list[int]:
-        return sorted(self.evicted)
+        with self.lock:  # a decision may evict meanwhile: never iterate the set unlocked
+            return sorted(self.evicted)
 
     def check(self) -> None:
         """Nothing to check: the twin keeps no trees."""
@@ -170,11 +171,16 @@ class Ordering:
         self.ready = False
 
     def retarget(self, kernel: SnapshotKernel) -> None:
-        n = kernel.n_slots
-        self.evicted = {s for s in self.evicted if s < n}
-        self.n_slots = n
-        self.epoch += 1
-        self.ready = True
+        # A publication retargets while dispatching threads decide, and a decision
+        # evicts (adds to the set) holding the lock: so must the copy below, or it
+        # iterates a set that changes size under it (the compiled retarget is one
+        # GIL-held call with no Python in it, so it cannot interleave with a decision).
+        with self.lock:
+            n = kernel.n_slots
+            self.evicted = {s for s in self.evicted if s < n}
+            self.n_slots = n
+            self.epoch += 1
+            self.ready = True
 
 
 class LoadTable:

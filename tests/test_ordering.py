@@ -330,6 +330,31 @@ def test_a_decision_older_than_an_eviction_still_sees_the_evicted_node() -> None
         assert f.kernel.pick(0, 0b11, 3, 144.0) == 0  # at 144 it was 44 s silent: still the best
 
 
+def test_the_twin_retargets_only_between_decisions() -> None:
+    """A publication's retarget copies the evicted set: it must wait for a decision, which may evict.
+
+    Unlocked, the copy raised "Set changed size during iteration" when a
+    dispatching thread evicted meanwhile (CI, the forget stress test). The
+    compiled retarget is one GIL-held call and cannot interleave. Holding the
+    ordering's lock stands for a decision in progress; the assertions hold
+    however the threads are scheduled (the publication cannot end while the
+    lock is held).
+    """
+    f = Twin(_pycore, 3, [[0, 1, 2]], np.zeros(3, dtype=L.NODE_DTYPE), 5)
+    o = _ordering(f.kernel)
+    epoch = o.epoch
+    published: list[Any] = []
+    publisher = threading.Thread(target=lambda: published.append(f.build()))
+    with o.lock:
+        publisher.start()
+        publisher.join(0.2)
+        assert publisher.is_alive() and not published and o.epoch == epoch
+        o.evict(1, 200.0)  # what a decision may do meanwhile
+    publisher.join(60)
+    assert not publisher.is_alive() and o.epoch == epoch + 1
+    assert _ordering(published[0]) is o and o.evicted_slots() == [1]
+
+
 def test_excluded_and_filtered_candidates_are_skipped_exactly() -> None:
     for core in CORES:
         n = 64
