@@ -880,11 +880,11 @@ cdef class SnapshotKernel:
                 slot = t.nodes[1].win
                 pos = -1
             else:
-                pos = _tree_nth(t, r)
-                _prefetch_path(t, pos)
                 # a tied leaf is in, so it holds its slot: the descent has (or has asked for) its line,
                 # while t.slots would be one more cold line in a big tree
-                slot = t.nodes[t.size + pos].win
+                slot = _tree_nth_slot(t, r, &pos)
+                if pos >= 0:
+                    _prefetch_path(t, pos)
             # what the check below and reserving it read (its key, brief and count): in a big fleet
             # these lines are cold, and this loads them in parallel instead of one after another
             o.prefetch(slot)

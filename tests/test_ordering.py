@@ -762,6 +762,42 @@ def test_tied_pools_small_and_big_stay_exact_and_agree_between_kernels(seed: int
     assert len({o for o in results[0] if isinstance(o, str)}) > 50  # the ties really spread the jobs
 
 
+@pytest.mark.parametrize("seed", [5, 11])
+def test_a_big_varied_pool_descends_to_the_same_tied_node_on_both_kernels(seed: int) -> None:
+    """A 1,000-node pool with varied loads: a few best among many, so its tree has inner nodes.
+
+    A draw of the r-th tied leaf stops its descent at the first node where
+    ``r`` is 0 (that node's own best); the twin counts the r-th tie in member
+    order. Both kernels must pick the very same node every time, every pick
+    one of the best, and every tie must come up.
+    """
+    results = []
+    for kernel in ("compiled", "python"):
+        rng = np.random.default_rng(seed)
+        sched = pysched.Scheduler(seed=seed, kernel=kernel, heartbeat_timeout=86_400.0)
+        names = [f"n{i}" for i in range(1000)]
+        for name in names:
+            sched.register_node(name, languages=["en", "zh"], max_concurrency=1_000)
+            sched.heartbeat(name, running=int(rng.integers(0, 4)), gpu=float(rng.integers(0, 41)))
+        out: list[str] = []
+        jobs: list[str] = []
+        for j in range(600):
+            if jobs and rng.random() < 0.3:
+                sched.release(jobs.pop(int(rng.integers(0, len(jobs)))))
+            a = sched.dispatch(f"s{j % 7}", "en", "zh")
+            out.append(a.node_id)
+            jobs.append(a.job_id)
+        if kernel == "compiled":
+            o = _ordering(sched.snapshot.kernel)
+            o.check()
+            assert o.shape(0) == "tree"  # the one pool
+        for job in jobs:
+            sched.release(job)
+        results.append(out)
+    assert results[0] == results[1]
+    assert len(set(results[0])) > 250  # the ties spread the jobs
+
+
 # ---------------------------------------------------------------- concurrency: the trees stay exact
 def test_trees_stay_exact_under_concurrent_dispatch_heartbeats_and_publications() -> None:
     """4 dispatching threads, 1 heartbeat thread, 1 thread publishing; then every tree is checked.
