@@ -55,6 +55,15 @@ cdef extern from *:
 
 cdef extern from *:
     """
+    static inline const void* pysched_item_address(PyObject* list, Py_ssize_t i) {
+        return list == Py_None ? NULL : (const void*)(((PyListObject*)list)->ob_item + i);
+    }
+    """
+    # where item i of a list lies (NULL for None): to prefetch it without loading it
+    const void* _item_address "pysched_item_address"(PyObject* lst, Py_ssize_t i) noexcept nogil
+
+cdef extern from *:
+    """
     static inline int pysched_ctz64(uint64_t x) {
     #if defined(__GNUC__) || defined(__clang__)
         return __builtin_ctzll(x);
@@ -888,6 +897,9 @@ cdef class SnapshotKernel:
             # what the check below and reserving it read (its key, brief and count): in a big fleet
             # these lines are cold, and this loads them in parallel instead of one after another
             o.prefetch(slot)
+            # and where its node id lies, which the Assignment reads: in a big fleet the list's line is
+            # cold too, and the caller's prefetch of the id would wait for it
+            _prefetch(_item_address(<PyObject*>self.node_ids, slot))
             b = &o.briefs[slot]
             if _eligible_key(&keys[slot], b, slot, req, self.heartbeat_timeout):
                 found = slot
