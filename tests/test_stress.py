@@ -128,14 +128,22 @@ class Fleet:
         """No node exceeds its max: per the backend, and per the test's own tally.
 
         Max concurrency only ever grows in these tests: if it shrank, jobs
-        already reserved could legitimately exceed the new limit.
+        already reserved could legitimately exceed the new limit. That is
+        also why the counts are read first and the maxima after them: a max
+        read before a count may trail one raised, and used by a dispatch, in
+        between (a false alarm seen once in CI: n29, the last node the loop
+        reads, held 5 against the max of 4 read before the loop began); read
+        after, it bounds the count.
         """
         res = self.sched.reservations
         with self.lock:
-            items = list(self.max.items())
+            node_ids = list(self.max)
+        counts = [(node_id, res.count(node_id)) for node_id in node_ids]
+        with self.lock:
+            maxima = dict(self.max)
             held = dict(self.held)
-        for node_id, max_c in items:
-            n = res.count(node_id)
+        for node_id, n in counts:
+            max_c = maxima[node_id]
             if n > max_c:
                 self.fail(f"{where}: node {node_id} holds {n} reservations > max {max_c}")
             if n < 0:
