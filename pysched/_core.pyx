@@ -891,7 +891,7 @@ cdef class SnapshotKernel:
             else:
                 # a tied leaf is in, so it holds its slot: the descent has (or has asked for) its line,
                 # while t.slots would be one more cold line in a big tree
-                slot = _tree_nth_slot(t, r, &pos)
+                slot = _tree_nth(t, r, &pos)
                 if pos >= 0:
                     _prefetch_path(t, pos)
             # what the check below and reserving it read (its key, brief and count): in a big fleet

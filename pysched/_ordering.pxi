@@ -443,8 +443,14 @@ cdef void _tree_set(pool_tree* t, const order_key* keys, Py_ssize_t pos, int32_t
         u_ties = cr
 
 
-cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
-    """Position of the ``r``-th (from 0, in member order) leaf tied with the root's best.
+cdef inline int32_t _leaf_at(const pool_tree* t, Py_ssize_t p, Py_ssize_t* pos) noexcept nogil:
+    """Member ``p``'s slot (its leaf, which is in), with ``*pos`` set to ``p``."""
+    pos[0] = p
+    return t.nodes[t.size + p].win
+
+
+cdef int32_t _tree_nth(const pool_tree* t, int64_t r, Py_ssize_t* pos) noexcept nogil:
+    """The slot of the ``r``-th (from 0, in member order) leaf tied with the root's best; ``*pos``: its position.
 
     Each node knows how many of its ties lie in its left half, so the descent
     reads one node a level and compares no keys. Which way it goes is as
@@ -454,6 +460,14 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
     both its children's, loaded at once: measured, 4 ns of a 32-node pool's
     batch job); in a big one (cold) the branch stays, since its speculation
     starts the next level's load early (two levels a step measured no better there).
+
+    A big tree's descent also stops at the first node where ``r`` is 0: the
+    answer is then that node's own best (the leftmost of its tied leaves), a
+    slot it holds, and ``*pos`` is -1 (the caller finds the position from
+    the slot when it needs it). Each level below is one more cold line read
+    after the one before, and with few ties among many leaves (varied loads
+    in a big pool) the r-th is alone in its subtree well above the leaves:
+    with 41 best of 10,000 members about half the levels are left out.
     """
     cdef Py_ssize_t v = 1, right, right2
     cdef const order_node* nodes = t.nodes
@@ -461,7 +475,7 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
     if nodes[1].ties == t.n:
         # every member ties (an idle pool, or one whose loads just evened out): the r-th is member r, and a
         # big tree's descent would be a chain of cold loads for nothing
-        return <Py_ssize_t>r
+        return _leaf_at(t, <Py_ssize_t>r, pos)
     cdef uint64_t m, c
     cdef Py_ssize_t w = 0, b = 0
     cdef const uint16_t* group
@@ -471,7 +485,7 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
             while r > 0:
                 m &= m - 1
                 r -= 1
-            return _ctz64(m)
+            return _leaf_at(t, _ctz64(m), pos)
         # the group of 16 words, then the word, then the byte of the r-th best, by their counts
         group = t.counts + t.words
         while r >= group[w]:
@@ -492,7 +506,7 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
         while r > 0:  # (clear the r lowest of the byte's)
             m &= m - 1
             r -= 1
-        return (w << 6) + b + _ctz64(m)
+        return _leaf_at(t, (w << 6) + b + _ctz64(m), pos)
     if t.size < PREFETCH_TREE:
         # two levels a step while the node's children are inner nodes: their counts come with its own (three
         # loads at once), which halves the chain of loads each waiting for the one before
@@ -511,32 +525,7 @@ cdef Py_ssize_t _tree_nth(const pool_tree* t, int64_t r) noexcept nogil:
             right = r >= left
             r -= left & -(<int64_t>right)
             v = 2 * v + right
-        return v - t.size
-    while v < t.size:
-        if r < nodes[v].left:
-            v = 2 * v
-        else:
-            r -= nodes[v].left
-            v = 2 * v + 1
-    return v - t.size
-
-
-cdef int32_t _tree_nth_slot(const pool_tree* t, int64_t r, Py_ssize_t* pos) noexcept nogil:
-    """The slot of the ``r``-th leaf tied with the root's best (as :func:`_tree_nth`), and its position.
-
-    In a big tree the descent stops at the first node where ``r`` is 0: the
-    answer is then that node's own best (the leftmost of its tied leaves), a
-    slot it holds, and ``*pos`` is -1 (the caller finds the position from
-    the slot when it needs it). Each level below is one more cold line read
-    one after another, and with few ties among many leaves (varied loads in
-    a big pool) the r-th is alone in its subtree well above the leaves:
-    with 41 best of 10,000 members about half the levels are left out.
-    """
-    cdef Py_ssize_t v = 1
-    cdef const order_node* nodes = t.nodes
-    if t.size < PREFETCH_TREE or t.flat or nodes[1].ties == t.n:
-        pos[0] = _tree_nth(t, r)
-        return nodes[t.size + pos[0]].win
+        return _leaf_at(t, v - t.size, pos)
     while r != 0:
         if r < nodes[v].left:
             v = 2 * v
